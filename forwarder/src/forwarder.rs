@@ -1,0 +1,477 @@
+//! The per-packet decisions, pure: what to do with a packet read from the TUN, and with a
+//! datagram read from the underlay. The driver does the I/O the verdict asks for.
+//!
+//! From the TUN (encapsulation side), in order:
+//! 1. parse the inner header (`bad_ip_header`) and trim trailing padding;
+//! 2. the source must be in our subnet (`tx_foreign_source`: a local pod spoofing);
+//! 3. look the destination up; a miss is `no_route` and gets ICMP destination-unreachable
+//!    written back into the TUN, as flannel does;
+//! 4. larger than the path to the peer: DF (or IPv6) gets ICMP frag-needed / packet-too-big,
+//!    otherwise `oversize`;
+//! 5. TTL (flannel udp decrements on both sides), then encapsulate and send.
+//!
+//! From the underlay (decapsulation side), cheapest check first, so garbage from strangers
+//! costs one hash probe (`reference/security.md` §1.3):
+//! 1. the outer source must be a known peer's endpoint (`unknown_sender`);
+//! 2. the format's header (`truncated`, format-specific reasons);
+//! 3. the inner packet must parse, lengths consistent (`bad_ip_header`);
+//! 4. the inner source must be in the *sending* peer's subnet (`foreign_source`);
+//! 5. the inner destination must be in *our* subnet (`not_local_destination`), never a
+//!    martian; nothing is ever re-encapsulated;
+//! 6. TTL, then deliver to the TUN.
+//!
+//! Nothing here allocates, locks, logs or reads a clock; `now` comes in for the ICMP limiter.
+
+#![deny(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::buf::PacketBuf;
+use crate::encap::Encap;
+use crate::ratelimit::IcmpLimiter;
+use crate::route::{PeerId, RouteTable};
+use crate::stats::{DropReason, IcmpCounter, WorkerStats};
+use crate::wire::WireError;
+use crate::wire::icmp::{self, IcmpKind};
+use crate::wire::ip::IpPacket;
+use crate::wire::ipv4::Ipv4Packet;
+use crate::wire::ipv6::Ipv6Packet;
+
+/// What to do with a packet read from the TUN.
+#[must_use]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum TunVerdict {
+    /// Send the packet as one UDP datagram to the peer's underlay endpoint.
+    Send {
+        /// The peer's endpoint.
+        to: SocketAddr,
+        /// The peer, for accounting.
+        peer: PeerId,
+    },
+    /// An ICMP error was written into the buffer; write it back into the TUN.
+    Reply,
+    /// Drop the packet (already counted).
+    Drop(DropReason),
+}
+
+/// What to do with a datagram read from the underlay.
+#[must_use]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum UnderlayVerdict {
+    /// The buffer now holds the inner packet; write it into the TUN.
+    Deliver {
+        /// The sending peer.
+        from: PeerId,
+    },
+    /// Drop the datagram (already counted).
+    Drop(DropReason),
+}
+
+/// This node's place in the overlay.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct LocalNode {
+    /// Our IPv4 subnet.
+    pub subnet_v4: Option<Ipv4Net>,
+    /// Our IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+}
+
+impl LocalNode {
+    /// The gateway: the first usable address of the subnet, held by the TUN.
+    pub fn gateway_v4(&self) -> Option<Ipv4Addr> {
+        self.subnet_v4.map(|n| Ipv4Addr::from(u32::from(n.network()).wrapping_add(1)))
+    }
+
+    /// The IPv6 gateway, likewise.
+    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
+        self.subnet_v6.map(|n| Ipv6Addr::from(u128::from(n.network()).wrapping_add(1)))
+    }
+
+    fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.subnet_v4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.subnet_v6.is_some_and(|n| n.contains(&a)),
+        }
+    }
+
+    /// A destination no overlay packet may be delivered to: loopback, multicast,
+    /// unspecified, limited broadcast, or our subnet's own broadcast address.
+    fn is_martian_dst(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => {
+                a.is_loopback()
+                    || a.is_multicast()
+                    || a.is_unspecified()
+                    || a.is_broadcast()
+                    || self.subnet_v4.is_some_and(|n| n.prefix_len() < 31 && a == n.broadcast())
+            }
+            IpAddr::V6(a) => a.is_loopback() || a.is_multicast() || a.is_unspecified(),
+        }
+    }
+}
+
+/// The data-plane core of one worker.
+#[derive(Debug)]
+pub struct Forwarder<E: Encap> {
+    encap: E,
+    local: LocalNode,
+    worker: usize,
+    stats: Arc<WorkerStats>,
+    icmp_limit: IcmpLimiter,
+}
+
+impl<E: Encap> Forwarder<E> {
+    /// A forwarder for worker number `worker`, counting into `stats`.
+    pub fn new(encap: E, local: LocalNode, worker: usize, stats: Arc<WorkerStats>) -> Self {
+        Self { encap, local, worker, stats, icmp_limit: IcmpLimiter::default() }
+    }
+
+    /// The counters this forwarder writes.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    #[inline]
+    fn drop_tun(&self, reason: DropReason) -> TunVerdict {
+        self.stats.count_drop(reason);
+        TunVerdict::Drop(reason)
+    }
+
+    #[inline]
+    fn drop_underlay(&self, reason: DropReason) -> UnderlayVerdict {
+        self.stats.count_drop(reason);
+        UnderlayVerdict::Drop(reason)
+    }
+
+    /// Decides the fate of a packet read from the TUN; see the module doc for the order.
+    pub fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
+            Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
+            Err(_) => return self.drop_tun(DropReason::BadIpHeader),
+        };
+        pkt.truncate(total);
+        if is_link_local_chatter(src, dst) {
+            return self.drop_tun(DropReason::Martian);
+        }
+        if !self.local.owns(src) {
+            return self.drop_tun(DropReason::TxForeignSource);
+        }
+        let Some((peer, hop)) = routes.lookup(dst) else {
+            let kind = if self.local.owns(dst) { IcmpKind::HostUnreachable } else { IcmpKind::NetUnreachable };
+            return self.reply_or_drop(pkt, kind, DropReason::NoRoute, now);
+        };
+        if pkt.len() > usize::from(hop.mtu) {
+            if dont_frag {
+                return self.reply_or_drop(pkt, IcmpKind::TooBig { mtu: hop.mtu }, DropReason::Oversize, now);
+            }
+            return self.drop_tun(DropReason::Oversize);
+        }
+        if E::DECREMENTS_TTL && decrement_ttl(pkt) == 0 {
+            return self.drop_tun(DropReason::TtlExpired);
+        }
+        let inner_len = pkt.len();
+        if let Err(reason) = self.encap.encap(pkt, hop) {
+            return self.drop_tun(reason);
+        }
+        hop.counters.tx(self.worker, inner_len);
+        TunVerdict::Send { to: hop.endpoint, peer }
+    }
+
+    /// Decides the fate of a datagram read from the underlay; see the module doc.
+    pub fn from_underlay(&mut self, routes: &RouteTable, src: SocketAddr, pkt: &mut PacketBuf<'_>) -> UnderlayVerdict {
+        let Some((peer, hop)) = routes.peer_by_source(src) else {
+            return self.drop_underlay(DropReason::UnknownSender);
+        };
+        if let Err(reason) = self.encap.decap(pkt) {
+            return self.drop_underlay(reason);
+        }
+        let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
+            Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
+            Err(WireError::Truncated) => return self.drop_underlay(DropReason::Truncated),
+            Err(WireError::Malformed) => return self.drop_underlay(DropReason::BadIpHeader),
+        };
+        pkt.truncate(total);
+        if !hop.owns(inner_src) {
+            return self.drop_underlay(DropReason::ForeignSource);
+        }
+        if self.local.is_martian_dst(inner_dst) {
+            return self.drop_underlay(DropReason::Martian);
+        }
+        if !self.local.owns(inner_dst) {
+            return self.drop_underlay(DropReason::NotLocalDestination);
+        }
+        if E::DECREMENTS_TTL && decrement_ttl(pkt) == 0 {
+            return self.drop_underlay(DropReason::TtlExpired);
+        }
+        hop.counters.rx(self.worker, pkt.len());
+        UnderlayVerdict::Deliver { from: peer }
+    }
+
+    /// Counts `reason` and, where RFC 1812 and the rate limit allow, turns the packet into
+    /// the ICMP error `kind` addressed back to its sender.
+    fn reply_or_drop(
+        &mut self,
+        pkt: &mut PacketBuf<'_>,
+        kind: IcmpKind,
+        reason: DropReason,
+        now: Instant,
+    ) -> TunVerdict {
+        self.stats.count_drop(reason);
+        let Ok(ip) = IpPacket::new_checked(pkt.as_slice()) else { return TunVerdict::Drop(reason) };
+        let (to, from) = (ip.src(), ip.dst());
+        let allowed = match &ip {
+            IpPacket::V4(p) => icmp::may_answer_v4(p),
+            IpPacket::V6(p) => icmp::may_answer_v6(p),
+        };
+        if !allowed {
+            return TunVerdict::Drop(reason);
+        }
+        if !self.icmp_limit.allow(to, now) {
+            self.stats.count_icmp(IcmpCounter::RateLimited);
+            return TunVerdict::Drop(reason);
+        }
+        let written = match (to, from) {
+            (IpAddr::V4(to), IpAddr::V4(from)) => {
+                let Some(gw) = self.local.gateway_v4() else { return TunVerdict::Drop(reason) };
+                // Linux ignores an error whose source is its own destination address, so a
+                // packet the host sent from the gateway is answered from where it was going.
+                let src = if to == gw { from } else { gw };
+                let quote = pkt.len().min(icmp::V4_ERROR_MAX - icmp::V4_ERROR_OVERHEAD);
+                pkt.truncate(quote);
+                match pkt.prepend(icmp::V4_ERROR_OVERHEAD) {
+                    Some(_) => {
+                        icmp::emit_v4_error(pkt.as_mut_slice(), src, to, kind);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            (IpAddr::V6(to), IpAddr::V6(from)) => {
+                let Some(gw) = self.local.gateway_v6() else { return TunVerdict::Drop(reason) };
+                let src = if to == gw { from } else { gw };
+                let quote = pkt.len().min(icmp::V6_ERROR_MAX - icmp::V6_ERROR_OVERHEAD);
+                pkt.truncate(quote);
+                match pkt.prepend(icmp::V6_ERROR_OVERHEAD) {
+                    Some(_) => {
+                        icmp::emit_v6_error(pkt.as_mut_slice(), src, to, kind);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        };
+        if !written {
+            return TunVerdict::Drop(reason);
+        }
+        self.stats.count_icmp(match (kind, to) {
+            (IcmpKind::TooBig { .. }, IpAddr::V4(_)) => IcmpCounter::FragNeeded,
+            (IcmpKind::TooBig { .. }, IpAddr::V6(_)) => IcmpCounter::PacketTooBig,
+            _ => IcmpCounter::Unreachable,
+        });
+        TunVerdict::Reply
+    }
+}
+
+/// Traffic the kernel sends on every link by itself (IPv6 router solicitations and MLD from
+/// a link-local address, multicast): never for a peer, and not a spoofing pod either.
+fn is_link_local_chatter(src: IpAddr, dst: IpAddr) -> bool {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => d.is_multicast() || s.is_unspecified() || s.is_unicast_link_local(),
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            d.is_multicast() || d.is_broadcast() || s.is_unspecified() || s.is_link_local()
+        }
+        _ => false,
+    }
+}
+
+/// Decrements TTL / hop limit of the (already checked) packet in `pkt`; 0 means expired.
+#[inline]
+fn decrement_ttl(pkt: &mut PacketBuf<'_>) -> u8 {
+    let b = pkt.as_mut_slice();
+    match b.first().map(|v| v >> 4) {
+        Some(4) => Ipv4Packet::new_checked(b).map_or(0, |mut p| p.decrement_ttl()),
+        Some(6) => Ipv6Packet::new_checked(b).map_or(0, |mut p| p.decrement_hop_limit()),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encap::UdpEncap;
+    use crate::testing::{Pair, icmp_echo, icmp_echo_v6};
+
+    #[test]
+    fn ping_between_two_nodes() {
+        let mut net = Pair::new();
+        let out = net.a_to_b(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56));
+        let delivered = out.expect("delivered");
+        let p = Ipv4Packet::new_checked(&delivered[..]).unwrap();
+        assert_eq!(p.ttl(), 62, "flannel udp decrements on both sides");
+        assert!(p.verify_checksum());
+        assert_eq!(net.drops_total(), 0);
+        let t = net.routes_a.peers()[0].counters.totals();
+        assert_eq!((t.tx_packets, t.tx_bytes), (1, 84));
+    }
+
+    #[test]
+    fn ipv6_ping_between_two_nodes() {
+        let mut net = Pair::new();
+        let out = net.a_to_b(&icmp_echo_v6("fd00:1::1", "fd00:2::1", 56));
+        assert!(out.is_some());
+    }
+
+    #[test]
+    fn unknown_destination_gets_net_unreachable_from_gateway() {
+        let mut net = Pair::new();
+        let mut slot = net.slot(&icmp_echo([10, 244, 1, 5], [10, 244, 77, 1], 56));
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Reply);
+        let ip = Ipv4Packet::new_checked(pkt.as_slice()).unwrap();
+        assert_eq!(ip.src(), Ipv4Addr::new(10, 244, 1, 1));
+        assert_eq!(ip.dst(), Ipv4Addr::new(10, 244, 1, 5));
+        assert_eq!(ip.payload()[..2], [3, 0]);
+        assert_eq!(net.a.stats().drops(DropReason::NoRoute), 1);
+        assert_eq!(net.a.stats().icmp_count(IcmpCounter::Unreachable), 1);
+    }
+
+    #[test]
+    fn oversize_df_gets_frag_needed_with_peer_mtu_and_non_df_is_dropped() {
+        let mut net = Pair::with_peer_mtu(1200);
+        let mut big = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 1300);
+        let mut slot = net.slot(&big);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Reply);
+        let ip = Ipv4Packet::new_checked(pkt.as_slice()).unwrap();
+        // From the host's own gateway address, so answered from the destination instead.
+        assert_eq!(ip.src(), Ipv4Addr::new(10, 244, 2, 1));
+        assert_eq!(ip.payload()[..2], [3, 4]);
+        assert_eq!(ip.payload()[6..8], 1200u16.to_be_bytes());
+        assert_eq!(net.a.stats().icmp_count(IcmpCounter::FragNeeded), 1);
+
+        big[6] &= !0x40; // clear DF
+        let c = crate::wire::checksum::checksum(&{
+            let mut h = big[..20].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        big[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut slot = net.slot(&big);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::Oversize));
+    }
+
+    #[test]
+    fn ipv6_oversize_gets_packet_too_big() {
+        let mut net = Pair::with_peer_mtu(1280);
+        let mut slot = net.slot(&icmp_echo_v6("fd00:1::5", "fd00:2::1", 1400));
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Reply);
+        assert_eq!(pkt.len(), icmp::V6_ERROR_MAX);
+        assert_eq!(net.a.stats().icmp_count(IcmpCounter::PacketTooBig), 1);
+    }
+
+    #[test]
+    fn spoofed_local_source_is_not_sent() {
+        let mut net = Pair::new();
+        let mut slot = net.slot(&icmp_echo([10, 244, 3, 5], [10, 244, 2, 1], 56));
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::TxForeignSource));
+    }
+
+    #[test]
+    fn link_local_chatter_is_martian_not_spoofing() {
+        let mut net = Pair::new();
+        let mut slot = net.slot(&icmp_echo_v6("fe80::1", "ff02::2", 8));
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::Martian));
+    }
+
+    #[test]
+    fn ttl_one_expires_on_send() {
+        let mut net = Pair::new();
+        let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+        p[8] = 1;
+        let c = crate::wire::checksum::checksum(&{
+            let mut h = p[..20].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut slot = net.slot(&p);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::TtlExpired));
+    }
+
+    /// Every decapsulation check, table-driven: (case, outer source, inner packet, reason).
+    #[test]
+    fn decap_checks_drop_and_count_each_reason() {
+        let peer = "198.18.0.1:8285";
+        let cases: Vec<(&str, &str, Vec<u8>, DropReason)> = vec![
+            ("stranger", "198.18.0.9:8285", icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8), DropReason::UnknownSender),
+            (
+                "peer, wrong port",
+                "198.18.0.1:9999",
+                icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8),
+                DropReason::UnknownSender,
+            ),
+            ("short", peer, vec![0x45; 12], DropReason::Truncated),
+            ("not ip", peer, vec![0x00; 40], DropReason::BadIpHeader),
+            (
+                "length lies",
+                peer,
+                {
+                    let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+                    p[3] += 1;
+                    p
+                },
+                DropReason::Truncated,
+            ),
+            ("third node's source", peer, icmp_echo([10, 244, 3, 1], [10, 244, 2, 1], 8), DropReason::ForeignSource),
+            ("our own source", peer, icmp_echo([10, 244, 2, 7], [10, 244, 2, 1], 8), DropReason::ForeignSource),
+            (
+                "loop to a third node",
+                peer,
+                icmp_echo([10, 244, 1, 1], [10, 244, 3, 1], 8),
+                DropReason::NotLocalDestination,
+            ),
+            ("to loopback", peer, icmp_echo([10, 244, 1, 1], [127, 0, 0, 1], 8), DropReason::Martian),
+            ("to subnet broadcast", peer, icmp_echo([10, 244, 1, 1], [10, 244, 2, 255], 8), DropReason::Martian),
+            ("to multicast", peer, icmp_echo([10, 244, 1, 1], [224, 0, 0, 1], 8), DropReason::Martian),
+        ];
+        for (name, src, payload, reason) in cases {
+            let mut net = Pair::new();
+            let mut slot = net.slot(&payload);
+            let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+            let v = net.b.from_underlay(&net.routes_b, src.parse().unwrap(), &mut pkt);
+            assert_eq!(v, UnderlayVerdict::Drop(reason), "{name}");
+            assert_eq!(net.b.stats().drops(reason), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn trailing_padding_is_trimmed() {
+        let mut net = Pair::new();
+        let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+        let len = p.len();
+        p.extend_from_slice(&[0xee; 10]);
+        let mut slot = net.slot(&p);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        let v = net.b.from_underlay(&net.routes_b, "198.18.0.1:8285".parse().unwrap(), &mut pkt);
+        assert!(matches!(v, UnderlayVerdict::Deliver { .. }));
+        assert_eq!(pkt.len(), len);
+    }
+
+    #[test]
+    fn forwarder_is_generic_over_the_format() {
+        fn assert_encap<E: Encap>() {}
+        assert_encap::<UdpEncap>();
+    }
+}

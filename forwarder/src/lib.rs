@@ -1,0 +1,34 @@
+//! weft's data plane.
+//!
+//! The crate has two halves. The **core** is sans-IO: typed packet views, the wire formats,
+//! the route table and the per-packet decisions are pure functions over byte slices, tested
+//! without a TUN, a socket or a clock. The **driver** (feature `io`, on by default) is the
+//! only place with syscalls or `unsafe`: it opens the TUN and the UDP sockets, owns the
+//! buffer pool, and runs one worker per queue on io_uring, or on recvmmsg/sendmmsg with
+//! epoll where io_uring is unavailable.
+//!
+//! Layers, each importing only from those before it:
+//! `wire` → `buf`, `stats`, `ratelimit`, `route` → `encap` → `forwarder` → `driver`.
+//! `cargo check -p weft-forwarder --no-default-features` proves the core touches no OS code.
+
+#![warn(missing_docs)]
+
+pub mod buf;
+pub mod encap;
+pub mod forwarder;
+pub mod ratelimit;
+pub mod route;
+pub mod stats;
+pub mod wire;
+
+#[cfg(feature = "io")]
+pub mod driver;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+
+pub use buf::PacketBuf;
+pub use encap::{Encap, EncapKind, UdpEncap};
+pub use forwarder::{Forwarder, LocalNode, TunVerdict, UnderlayVerdict};
+pub use route::{NextHop, PeerId, RouteError, RouteTable, RouteTableHandle};
+pub use stats::{DropReason, IcmpCounter, PeerCounters, PeerTotals, WorkerStats};

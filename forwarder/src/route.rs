@@ -1,0 +1,315 @@
+//! The route table: longest-prefix match from an inner destination to the peer that holds
+//! it, and the reverse map from an underlay source to the peer that may send from it.
+//!
+//! A [`RouteTable`] is an immutable snapshot, built off the hot path whenever peers change
+//! and published through a [`RouteTableHandle`] (`arc_swap`). A worker loads the snapshot
+//! once per batch and passes `&RouteTable` down, so the data path never takes a lock and the
+//! core never sees a swap.
+
+#![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use prefix_trie::PrefixMap;
+use rustc_hash::FxBuildHasher;
+
+use crate::stats::PeerCounters;
+
+/// Index of a peer within one [`RouteTable`] snapshot (not stable across snapshots).
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+pub struct PeerId(u16);
+
+impl PeerId {
+    /// The index into [`RouteTable::peers`].
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Where and how to send packets for one peer.
+#[derive(Clone, Debug)]
+pub struct NextHop {
+    /// The peer's node name, for status and logs.
+    pub name: Arc<str>,
+    /// The peer's underlay address and port.
+    pub endpoint: SocketAddr,
+    /// The peer's IPv4 overlay subnet.
+    pub subnet_v4: Option<Ipv4Net>,
+    /// The peer's IPv6 overlay subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// Largest inner packet the path to this peer carries, in bytes.
+    pub mtu: u16,
+    /// Traffic counters, carried across snapshots.
+    pub counters: Arc<PeerCounters>,
+}
+
+impl NextHop {
+    /// Whether `ip` lies in one of the peer's subnets: the cryptokey-routing analogue of
+    /// WireGuard, applied to the inner source of everything the peer sends us.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.subnet_v4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.subnet_v6.is_some_and(|n| n.contains(&a)),
+        }
+    }
+
+    fn subnets(&self) -> impl Iterator<Item = IpNet> {
+        self.subnet_v4.map(IpNet::V4).into_iter().chain(self.subnet_v6.map(IpNet::V6))
+    }
+}
+
+/// Why a set of peers cannot form a route table.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    /// Two peers claim overlapping subnets.
+    #[error("peer {a}: subnet {subnet_a} overlaps subnet {subnet_b} of peer {b}")]
+    Overlap {
+        /// First peer.
+        a: String,
+        /// Its subnet.
+        subnet_a: IpNet,
+        /// Second peer.
+        b: String,
+        /// Its subnet.
+        subnet_b: IpNet,
+    },
+    /// Two peers use the same underlay endpoint, so a sender could not be told apart.
+    #[error("peers {a} and {b} share the endpoint {endpoint}")]
+    DuplicateEndpoint {
+        /// First peer.
+        a: String,
+        /// Second peer.
+        b: String,
+        /// The shared endpoint.
+        endpoint: SocketAddr,
+    },
+    /// More peers than a [`PeerId`] can index.
+    #[error("too many peers: at most {max}")]
+    TooManyPeers {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// An immutable routing snapshot.
+pub struct RouteTable {
+    v4: PrefixMap<Ipv4Net, PeerId>,
+    v6: PrefixMap<Ipv6Net, PeerId>,
+    peers: Vec<NextHop>,
+    by_source: HashMap<SocketAddr, PeerId, FxBuildHasher>,
+    source_port_matters: bool,
+}
+
+impl fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteTable").field("peers", &self.peers).finish_non_exhaustive()
+    }
+}
+
+impl RouteTable {
+    /// Builds a snapshot from `peers`.
+    ///
+    /// `source_port_matters` says whether a peer is identified by its endpoint's address
+    /// *and* port (flannel `udp`: the peer sends from its bound port) or by address alone
+    /// (VXLAN: the source port is a flow hash).
+    ///
+    /// # Errors
+    /// [`RouteError`] when subnets overlap, endpoints repeat, or there are too many peers.
+    pub fn new(peers: Vec<NextHop>, source_port_matters: bool) -> Result<Self, RouteError> {
+        let mut t = Self {
+            v4: PrefixMap::new(),
+            v6: PrefixMap::new(),
+            peers: Vec::with_capacity(peers.len()),
+            by_source: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
+            source_port_matters,
+        };
+        for hop in peers {
+            let id = u16::try_from(t.peers.len())
+                .map(PeerId)
+                .map_err(|_| RouteError::TooManyPeers { max: usize::from(u16::MAX) + 1 })?;
+            for net in hop.subnets() {
+                if let Some(other) = t.overlapping(net) {
+                    return Err(RouteError::Overlap {
+                        a: hop.name.to_string(),
+                        subnet_a: net,
+                        b: other.name.to_string(),
+                        subnet_b: other.subnets().find(|o| o.contains(&net) || net.contains(o)).unwrap_or(net),
+                    });
+                }
+                match net {
+                    IpNet::V4(n) => t.v4.insert(n, id),
+                    IpNet::V6(n) => t.v6.insert(n, id),
+                };
+            }
+            let key = t.source_key(hop.endpoint);
+            if let Some(prev) = t.by_source.insert(key, id) {
+                let a = t.peers.get(prev.index()).map(|p| p.name.to_string()).unwrap_or_default();
+                return Err(RouteError::DuplicateEndpoint { a, b: hop.name.to_string(), endpoint: hop.endpoint });
+            }
+            t.peers.push(hop);
+        }
+        Ok(t)
+    }
+
+    /// An empty table: every destination misses, every sender is unknown.
+    pub fn empty(source_port_matters: bool) -> Self {
+        Self {
+            v4: PrefixMap::new(),
+            v6: PrefixMap::new(),
+            peers: Vec::new(),
+            by_source: HashMap::with_hasher(FxBuildHasher),
+            source_port_matters,
+        }
+    }
+
+    fn overlapping(&self, net: IpNet) -> Option<&NextHop> {
+        self.peers.iter().find(|p| p.subnets().any(|o| o.contains(&net) || net.contains(&o)))
+    }
+
+    fn source_key(&self, mut a: SocketAddr) -> SocketAddr {
+        if !self.source_port_matters {
+            a.set_port(0);
+        }
+        a
+    }
+
+    /// The peer whose subnet holds `dst` (longest prefix).
+    #[inline]
+    pub fn lookup(&self, dst: IpAddr) -> Option<(PeerId, &NextHop)> {
+        let id = match dst {
+            IpAddr::V4(a) => *self.v4.get_lpm(&Ipv4Net::from(a)).map(|(_, id)| id)?,
+            IpAddr::V6(a) => *self.v6.get_lpm(&Ipv6Net::from(a)).map(|(_, id)| id)?,
+        };
+        self.peers.get(id.index()).map(|h| (id, h))
+    }
+
+    /// The peer allowed to send from underlay address `src`; endpoints are never learned
+    /// from data packets.
+    #[inline]
+    pub fn peer_by_source(&self, src: SocketAddr) -> Option<(PeerId, &NextHop)> {
+        let id = *self.by_source.get(&self.source_key(src))?;
+        self.peers.get(id.index()).map(|h| (id, h))
+    }
+
+    /// The peer with this id.
+    pub fn peer(&self, id: PeerId) -> Option<&NextHop> {
+        self.peers.get(id.index())
+    }
+
+    /// All peers, in insertion order.
+    pub fn peers(&self) -> &[NextHop] {
+        &self.peers
+    }
+}
+
+/// The shared, atomically swapped pointer to the current [`RouteTable`].
+#[derive(Clone, Debug)]
+pub struct RouteTableHandle(Arc<ArcSwap<RouteTable>>);
+
+impl RouteTableHandle {
+    /// A handle publishing `table`.
+    pub fn new(table: RouteTable) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(table)))
+    }
+
+    /// The current snapshot; workers call this once per batch.
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.0.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for readers that keep it (status).
+    pub fn load_full(&self) -> Arc<RouteTable> {
+        self.0.load_full()
+    }
+
+    /// Publishes a new snapshot; batches in flight finish on the old one.
+    pub fn store(&self, table: RouteTable) {
+        self.0.store(Arc::new(table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hop(name: &str, subnet: &str, endpoint: &str) -> NextHop {
+        NextHop {
+            name: name.into(),
+            endpoint: endpoint.parse().unwrap(),
+            subnet_v4: Some(subnet.parse().unwrap()),
+            subnet_v6: None,
+            mtu: 1472,
+            counters: Arc::new(PeerCounters::new(1)),
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_sources_map_back() {
+        let t = RouteTable::new(
+            vec![hop("n2", "10.244.2.0/24", "198.18.0.2:8285"), hop("n3", "10.244.3.0/24", "198.18.0.3:8285")],
+            true,
+        )
+        .unwrap();
+        assert_eq!(&*t.lookup("10.244.3.9".parse().unwrap()).unwrap().1.name, "n3");
+        assert!(t.lookup("10.244.4.1".parse().unwrap()).is_none());
+        assert!(t.lookup("fd00::1".parse().unwrap()).is_none());
+        assert_eq!(&*t.peer_by_source("198.18.0.2:8285".parse().unwrap()).unwrap().1.name, "n2");
+        assert!(t.peer_by_source("198.18.0.2:9999".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn vxlan_style_ignores_source_port() {
+        let t = RouteTable::new(vec![hop("n2", "10.244.2.0/24", "198.18.0.2:8472")], false).unwrap();
+        assert!(t.peer_by_source("198.18.0.2:40001".parse().unwrap()).is_some());
+        assert!(t.peer_by_source("198.18.0.9:8472".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn rejects_overlaps_and_duplicate_endpoints() {
+        let err = RouteTable::new(
+            vec![hop("n2", "10.244.2.0/24", "198.18.0.2:8285"), hop("n3", "10.244.0.0/16", "198.18.0.3:8285")],
+            true,
+        )
+        .unwrap_err();
+        assert!(matches!(err, RouteError::Overlap { .. }), "{err}");
+        let err = RouteTable::new(
+            vec![hop("n2", "10.244.2.0/24", "198.18.0.2:8285"), hop("n3", "10.244.3.0/24", "198.18.0.2:8285")],
+            true,
+        )
+        .unwrap_err();
+        assert!(matches!(err, RouteError::DuplicateEndpoint { .. }), "{err}");
+    }
+
+    proptest! {
+        /// Differential test against a naive scan, as WireGuard's allowedips selftest does.
+        #[test]
+        fn lpm_matches_naive_scan(
+            subnets in proptest::collection::btree_set((0u8..=255, 16u8..=28), 1..40),
+            probes in proptest::collection::vec(proptest::num::u32::ANY, 200),
+        ) {
+            let mut hops = Vec::new();
+            for (i, (third, len)) in subnets.iter().enumerate() {
+                let net = Ipv4Net::new([10, 244, *third, 0].into(), *len).unwrap().trunc();
+                if hops.iter().any(|h: &NextHop| h.subnet_v4.is_some_and(|o| o.contains(&net) || net.contains(&o))) {
+                    continue;
+                }
+                let mut h = hop(&format!("p{i}"), &net.to_string(), &format!("198.18.1.{}:8285", i + 1));
+                h.subnet_v4 = Some(net);
+                hops.push(h);
+            }
+            let t = RouteTable::new(hops.clone(), true).unwrap();
+            for p in probes {
+                let a = std::net::Ipv4Addr::from(0x0af4_0000 | (p & 0xffff));
+                let naive = hops.iter().filter(|h| h.owns(a.into())).max_by_key(|h| h.subnet_v4.map(|n| n.prefix_len()));
+                prop_assert_eq!(t.lookup(a.into()).map(|(_, h)| h.name.clone()), naive.map(|h| h.name.clone()));
+            }
+        }
+    }
+}

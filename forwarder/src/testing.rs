@@ -1,0 +1,126 @@
+//! Test doubles: two forwarders wired back to back without a TUN or a socket
+//! (wireguard-go's channel TUN and bind, quinn's `Pair`), and packet builders.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::buf::{HEADROOM, PacketBuf};
+use crate::encap::UdpEncap;
+use crate::forwarder::{Forwarder, LocalNode, TunVerdict, UnderlayVerdict};
+use crate::route::{NextHop, RouteTable};
+use crate::stats::{DropReason, PeerCounters, WorkerStats};
+
+/// An IPv4 ICMP echo request with DF set and `payload` bytes of data.
+pub fn icmp_echo(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ipv4(src, dst, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut out, &vec![0x5a; payload])
+        .unwrap();
+    out[6] |= 0x40; // DF, as Linux ping sets it by default
+    let mut h = out[..20].to_vec();
+    h[10] = 0;
+    h[11] = 0;
+    let c = crate::wire::checksum::checksum(&h);
+    out[10..12].copy_from_slice(&c.to_be_bytes());
+    out
+}
+
+/// An ICMPv6 echo request.
+pub fn icmp_echo_v6(src: &str, dst: &str, payload: usize) -> Vec<u8> {
+    let s: std::net::Ipv6Addr = src.parse().unwrap();
+    let d: std::net::Ipv6Addr = dst.parse().unwrap();
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ipv6(s.octets(), d.octets(), 64)
+        .icmpv6_echo_request(7, 1)
+        .write(&mut out, &vec![0x5a; payload])
+        .unwrap();
+    out
+}
+
+/// Node A (10.244.1.0/24, fd00:1::/64, 198.18.0.1:8285) and node B (10.244.2.0/24,
+/// fd00:2::/64, 198.18.0.2:8285), each with the other as its only peer.
+pub struct Pair {
+    pub a: Forwarder<UdpEncap>,
+    pub b: Forwarder<UdpEncap>,
+    pub routes_a: RouteTable,
+    pub routes_b: RouteTable,
+    pub now: Instant,
+}
+
+pub const A_ENDPOINT: &str = "198.18.0.1:8285";
+pub const B_ENDPOINT: &str = "198.18.0.2:8285";
+
+fn node(third: u8) -> LocalNode {
+    LocalNode {
+        subnet_v4: Some(format!("10.244.{third}.0/24").parse().unwrap()),
+        subnet_v6: Some(format!("fd00:{third}::/64").parse().unwrap()),
+    }
+}
+
+fn hop(name: &str, third: u8, endpoint: &str, mtu: u16) -> NextHop {
+    let n = node(third);
+    NextHop {
+        name: name.into(),
+        endpoint: endpoint.parse().unwrap(),
+        subnet_v4: n.subnet_v4,
+        subnet_v6: n.subnet_v6,
+        mtu,
+        counters: Arc::new(PeerCounters::new(1)),
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pair {
+    pub fn new() -> Self {
+        Self::with_peer_mtu(1472)
+    }
+
+    /// A pair where A reaches B over a path of `mtu` bytes.
+    pub fn with_peer_mtu(mtu: u16) -> Self {
+        Self {
+            a: Forwarder::new(UdpEncap, node(1), 0, Arc::new(WorkerStats::default())),
+            b: Forwarder::new(UdpEncap, node(2), 0, Arc::new(WorkerStats::default())),
+            routes_a: RouteTable::new(vec![hop("b", 2, B_ENDPOINT, mtu)], true).unwrap(),
+            routes_b: RouteTable::new(vec![hop("a", 1, A_ENDPOINT, 1472)], true).unwrap(),
+            now: Instant::now(),
+        }
+    }
+
+    /// A slot holding `payload` at the standard headroom: (bytes, head, len).
+    pub fn slot(&self, payload: &[u8]) -> (Vec<u8>, usize, usize) {
+        let mut v = vec![0u8; HEADROOM + payload.len() + 64];
+        v[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
+        (v, HEADROOM, payload.len())
+    }
+
+    /// Sends `inner` from A's TUN; returns what B writes into its TUN, if anything.
+    pub fn a_to_b(&mut self, inner: &[u8]) -> Option<Vec<u8>> {
+        let (mut slot, head, len) = self.slot(inner);
+        let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
+        let TunVerdict::Send { to, .. } = self.a.from_tun(&self.routes_a, &mut pkt, self.now) else {
+            return None;
+        };
+        assert_eq!(to, B_ENDPOINT.parse::<SocketAddr>().unwrap());
+        let wire = pkt.as_slice().to_vec();
+        let (mut slot, head, len) = self.slot(&wire);
+        let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
+        match self.b.from_underlay(&self.routes_b, A_ENDPOINT.parse().unwrap(), &mut pkt) {
+            UnderlayVerdict::Deliver { .. } => Some(pkt.as_slice().to_vec()),
+            UnderlayVerdict::Drop(_) => None,
+        }
+    }
+
+    /// Drops counted by both nodes together.
+    pub fn drops_total(&self) -> u64 {
+        DropReason::ALL.iter().map(|r| self.a.stats().drops(*r) + self.b.stats().drops(*r)).sum()
+    }
+}
