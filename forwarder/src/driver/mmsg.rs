@@ -1,0 +1,278 @@
+//! The fallback worker, for hosts where io_uring is refused (Docker's and containerd's
+//! default seccomp profiles, `kernel.io_uring_disabled`): epoll on the TUN queue and the
+//! socket, `recvmmsg`/`sendmmsg` in batches of [`BATCH`], and TUN reads until `EAGAIN`.
+//!
+//! The TUN side still costs one `read` and one `write` per packet: a TUN has no batched
+//! interface until its offloads (virtio-net header) are on.
+
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::pool::BufPool;
+use super::sockaddr;
+use super::tun::TunQueue;
+use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
+use crate::encap::Encap;
+use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::route::RouteTableHandle;
+use crate::stats::DropReason;
+
+/// Packets per `recvmmsg` / `sendmmsg` and per TUN read burst.
+pub const BATCH: usize = 64;
+/// epoll wait, so the stop flag is noticed.
+const TICK_MS: i32 = 100;
+const TOKEN_TUN: u64 = 1;
+const TOKEN_UDP: u64 = 2;
+
+/// The fallback worker. Field order is drop order.
+pub(super) struct MmsgWorker<E: Encap> {
+    epoll: RawFd,
+    hdrs: Box<[libc::mmsghdr]>,
+    iovs: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    slots: Box<[u16]>,
+    pool: BufPool,
+    tun: TunQueue,
+    udp: UdpSocket,
+    fwd: Forwarder<E>,
+    routes: RouteTableHandle,
+    stop: Arc<AtomicBool>,
+}
+
+impl<E: Encap> Drop for MmsgWorker<E> {
+    fn drop(&mut self) {
+        // SAFETY: closes the epoll descriptor this worker created and owns.
+        unsafe { libc::close(self.epoll) };
+    }
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+impl<E: Encap> MmsgWorker<E> {
+    pub(super) fn new(
+        tun: TunQueue,
+        udp: UdpSocket,
+        fwd: Forwarder<E>,
+        routes: RouteTableHandle,
+        stop: Arc<AtomicBool>,
+        pool: BufPool,
+    ) -> io::Result<Self> {
+        tun.set_nonblocking(true)?;
+        udp.set_nonblocking(true)?;
+        // SAFETY: plain syscall; the result is checked.
+        let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        for (fd, token) in [(tun.fd(), TOKEN_TUN), (udp.as_raw_fd(), TOKEN_UDP)] {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+            // SAFETY: valid epoll and target descriptors, event struct on the stack.
+            if let Err(e) = cvt(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) }) {
+                // SAFETY: closing the descriptor created above.
+                unsafe { libc::close(epoll) };
+                return Err(e);
+            }
+        }
+        // SAFETY: all-zero is valid for these C structs.
+        let zeroed_hdr = unsafe { std::mem::zeroed::<libc::mmsghdr>() };
+        Ok(Self {
+            epoll,
+            hdrs: vec![zeroed_hdr; BATCH].into_boxed_slice(),
+            iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH].into_boxed_slice(),
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            addrs: vec![unsafe { std::mem::zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
+            slots: vec![0u16; BATCH].into_boxed_slice(),
+            pool,
+            tun,
+            udp,
+            fwd,
+            routes,
+            stop,
+        })
+    }
+
+    /// Forwards until the stop flag is set.
+    ///
+    /// # Errors
+    /// A failure of `epoll_wait` itself.
+    pub(super) fn run(mut self) -> io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        while !self.stop.load(Ordering::Relaxed) {
+            // SAFETY: the events array outlives the call and its length is passed.
+            let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), 2, TICK_MS) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                match ev.u64 {
+                    TOKEN_TUN => self.drain_tun(),
+                    TOKEN_UDP => self.drain_udp(),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to [`BATCH`] packets from the TUN, then sends every one bound for a peer with
+    /// a single `sendmmsg`.
+    fn drain_tun(&mut self) {
+        let routes = self.routes.load();
+        let now = Instant::now();
+        let tun_fd = self.tun.fd();
+        let mut staged = 0;
+        while staged < BATCH {
+            let Some(slot) = self.pool.alloc() else {
+                self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                break;
+            };
+            // SAFETY: the slot is ours; read writes at most SLOT_LEN - HEADROOM bytes into it.
+            let n = unsafe { libc::read(tun_fd, self.pool.slot_ptr(slot).add(HEADROOM).cast(), SLOT_LEN - HEADROOM) };
+            let Ok(n) = usize::try_from(n) else {
+                self.pool.release(slot);
+                break; // EAGAIN: drained (other errors surface again on the next wake)
+            };
+            // SAFETY: the slot is ours.
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
+                self.pool.release(slot);
+                continue;
+            };
+            match self.fwd.from_tun(&routes, &mut pkt, now) {
+                TunVerdict::Send { to, .. } => {
+                    let (head, len) = (pkt.head(), pkt.len());
+                    self.stage(staged, slot, head, len, Some(to));
+                    staged += 1;
+                }
+                TunVerdict::Reply => {
+                    let (head, len) = (pkt.head(), pkt.len());
+                    self.write_tun(slot, head, len);
+                    self.pool.release(slot);
+                }
+                TunVerdict::Drop(_) => self.pool.release(slot),
+            }
+        }
+        let mut sent = 0;
+        while sent < staged {
+            // SAFETY: hdrs[sent..staged] were staged above and point at owned slots.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    self.udp.as_raw_fd(),
+                    self.hdrs.as_mut_ptr().add(sent),
+                    (staged - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            match usize::try_from(rc) {
+                Ok(k) if k > 0 => sent += k,
+                _ => {
+                    // The first unsent datagram failed (EMSGSIZE, ENOBUFS, …): count it, go on.
+                    let e = io::Error::last_os_error();
+                    let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                        DropReason::Oversize
+                    } else {
+                        DropReason::IoError
+                    };
+                    self.fwd.stats().count_drop(reason);
+                    sent += 1;
+                }
+            }
+        }
+        for i in 0..staged {
+            if let Some(&slot) = self.slots.get(i) {
+                self.pool.release(slot);
+            }
+        }
+    }
+
+    /// Receives up to [`BATCH`] datagrams with one `recvmmsg` and writes the accepted ones
+    /// into the TUN.
+    fn drain_udp(&mut self) {
+        let mut armed = 0;
+        while armed < BATCH {
+            let Some(slot) = self.pool.alloc() else { break };
+            self.stage(armed, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
+            armed += 1;
+        }
+        if armed == 0 {
+            self.fwd.stats().count_drop(DropReason::PoolExhausted);
+            return;
+        }
+        // SAFETY: hdrs[..armed] point at owned slots and at `addrs`; no timeout pointer.
+        let rc = unsafe {
+            libc::recvmmsg(
+                self.udp.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                armed as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        let got = usize::try_from(rc).unwrap_or(0);
+        let routes = self.routes.load();
+        for i in 0..armed {
+            let Some(&slot) = self.slots.get(i) else { continue };
+            if i < got {
+                self.deliver(&routes, i, slot);
+            }
+            self.pool.release(slot);
+        }
+    }
+
+    fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16) {
+        let (Some(h), Some(a)) = (self.hdrs.get(i), self.addrs.get(i)) else { return };
+        let n = h.msg_len as usize;
+        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            self.fwd.stats().count_drop(DropReason::Truncated);
+            return;
+        }
+        let Some(from) = sockaddr::read(a) else { return };
+        // SAFETY: the receive completed, the slot is ours.
+        let buf = unsafe { self.pool.slot_mut(slot) };
+        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else { return };
+        if let UnderlayVerdict::Deliver { .. } = self.fwd.from_underlay(routes, from, &mut pkt) {
+            let (head, len) = (pkt.head(), pkt.len());
+            self.write_tun(slot, head, len);
+        }
+    }
+
+    fn write_tun(&mut self, slot: u16, head: usize, len: usize) {
+        // SAFETY: writes len bytes from inside the owned slot.
+        let rc = unsafe { libc::write(self.tun.fd(), self.pool.slot_ptr(slot).add(head).cast(), len) };
+        if rc < 0 {
+            self.fwd.stats().count_drop(DropReason::IoError);
+        }
+    }
+
+    /// Points batch entry `i` at `len` bytes from `head` of `slot`, with `to` as the
+    /// destination (send) or room for the source (receive).
+    fn stage(&mut self, i: usize, slot: u16, head: usize, len: usize, to: Option<std::net::SocketAddr>) {
+        let (Some(h), Some(iov), Some(addr), Some(s)) =
+            (self.hdrs.get_mut(i), self.iovs.get_mut(i), self.addrs.get_mut(i), self.slots.get_mut(i))
+        else {
+            return;
+        };
+        *s = slot;
+        // SAFETY (pointer arithmetic): head + len ≤ SLOT_LEN.
+        *iov = libc::iovec { iov_base: unsafe { self.pool.slot_ptr(slot).add(head) }.cast(), iov_len: len };
+        let namelen = match to {
+            Some(a) => sockaddr::write(a, addr),
+            None => std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        };
+        h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+        h.msg_hdr.msg_namelen = namelen;
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = std::ptr::null_mut();
+        h.msg_hdr.msg_controllen = 0;
+        h.msg_hdr.msg_flags = 0;
+        h.msg_len = 0;
+    }
+}

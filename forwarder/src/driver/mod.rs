@@ -1,0 +1,140 @@
+//! The OS-facing half of the data plane, and the only module with syscalls or `unsafe`.
+//!
+//! Contract (mio style): a worker owns one TUN queue, one UDP socket and one buffer pool,
+//! and runs on its own thread until its stop flag is set. It reads the route table through a
+//! [`RouteTableHandle`] once per batch and hands every packet to the sans-IO
+//! [`Forwarder`](crate::forwarder::Forwarder), then performs the I/O the verdict asks for.
+//! Every `unsafe` block says who owns the buffer it touches until the kernel is done with it.
+//!
+//! Two backends share the core and the pool and nothing else: [`Backend::Uring`] (the
+//! default where the kernel allows it) and [`Backend::Mmsg`] (epoll + recvmmsg/sendmmsg),
+//! chosen by [`probe`] at start.
+
+pub mod pool;
+pub mod sockaddr;
+pub mod tun;
+pub mod udp;
+
+mod mmsg;
+mod uring;
+
+use std::io;
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::encap::Encap;
+use crate::forwarder::Forwarder;
+use crate::route::RouteTableHandle;
+
+pub use pool::BufPool;
+pub use tun::TunQueue;
+
+/// Pool slots per worker: in-flight reads and receives plus room for sends and writes.
+pub const POOL_SLOTS: usize = 512;
+
+/// Which I/O backend a worker runs.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Backend {
+    /// io_uring with registered buffers and batched submission.
+    Uring,
+    /// epoll with recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+impl Backend {
+    /// The name in logs and status.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Mmsg => "mmsg",
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum IoPreference {
+    /// io_uring if the kernel allows it, else the fallback.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// The fallback, always.
+    Mmsg,
+}
+
+/// The outcome of [`probe`].
+#[derive(Debug)]
+pub struct ProbeResult {
+    /// The backend to run.
+    pub backend: Backend,
+    /// Why io_uring was not chosen under `Auto`, for the log and status.
+    pub fallback_reason: Option<String>,
+}
+
+/// Why the driver could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// `io = "uring"` was asked for and the kernel refused it.
+    #[error(
+        "io_uring is unavailable: {0} (seccomp profiles of Docker and containerd block it; set io = \"auto\" or \"mmsg\")"
+    )]
+    UringUnavailable(io::Error),
+    /// Setting up a worker's ring, pool or descriptors failed.
+    #[error("worker setup failed: {0}")]
+    Setup(io::Error),
+    /// The event loop itself failed.
+    #[error("worker loop failed: {0}")]
+    Loop(io::Error),
+}
+
+/// Chooses the backend: tries to create a ring and checks every opcode the worker uses.
+///
+/// # Errors
+/// [`DriverError::UringUnavailable`] when `pref` is `Uring` and the probe fails.
+pub fn probe(pref: IoPreference) -> Result<ProbeResult, DriverError> {
+    match pref {
+        IoPreference::Mmsg => Ok(ProbeResult { backend: Backend::Mmsg, fallback_reason: None }),
+        IoPreference::Uring => uring::probe()
+            .map(|()| ProbeResult { backend: Backend::Uring, fallback_reason: None })
+            .map_err(DriverError::UringUnavailable),
+        IoPreference::Auto => Ok(match uring::probe() {
+            Ok(()) => ProbeResult { backend: Backend::Uring, fallback_reason: None },
+            Err(e) => ProbeResult { backend: Backend::Mmsg, fallback_reason: Some(e.to_string()) },
+        }),
+    }
+}
+
+/// Everything one worker owns.
+#[derive(Debug)]
+pub struct WorkerIo {
+    /// Its TUN queue.
+    pub tun: TunQueue,
+    /// Its UDP socket (one of the `SO_REUSEPORT` group).
+    pub udp: UdpSocket,
+}
+
+/// Runs one worker on the calling thread until `stop` is set.
+///
+/// # Errors
+/// [`DriverError`] if setup fails or the event loop dies.
+pub fn run_worker<E: Encap>(
+    backend: Backend,
+    io: WorkerIo,
+    fwd: Forwarder<E>,
+    routes: RouteTableHandle,
+    stop: Arc<AtomicBool>,
+) -> Result<(), DriverError> {
+    let pool = BufPool::new(POOL_SLOTS).map_err(DriverError::Setup)?;
+    match backend {
+        Backend::Uring => uring::UringWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+            .map_err(DriverError::Setup)?
+            .run()
+            .map_err(DriverError::Loop),
+        Backend::Mmsg => mmsg::MmsgWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+            .map_err(DriverError::Setup)?
+            .run()
+            .map_err(DriverError::Loop),
+    }
+}

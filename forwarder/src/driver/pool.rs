@@ -1,0 +1,142 @@
+//! `BufPool`: one worker's packet buffers, a single anonymous mapping cut into
+//! [`SLOT_LEN`](crate::buf::SLOT_LEN) slots and registered with io_uring once.
+//!
+//! Ownership rule: a slot index is either on the free list, held by the worker while it
+//! processes a packet, or owned by the kernel between the SQE that names it and that SQE's
+//! CQE. Only the worker thread touches the pool, so the free list needs no lock.
+
+use std::io;
+use std::ptr::NonNull;
+
+use crate::buf::SLOT_LEN;
+
+/// Fixed-size packet buffers for one worker.
+#[derive(Debug)]
+pub struct BufPool {
+    base: NonNull<u8>,
+    slots: usize,
+    free: Vec<u16>,
+}
+
+// SAFETY: the mapping is owned by the pool and moves with it; nothing else aliases it.
+unsafe impl Send for BufPool {}
+
+impl BufPool {
+    /// Maps `slots` slots (at most 65 536). Pages are faulted in on first touch.
+    ///
+    /// # Errors
+    /// `mmap` failure, or a slot count of 0 or above 65 536.
+    pub fn new(slots: usize) -> io::Result<Self> {
+        if slots == 0 || slots > usize::from(u16::MAX) + 1 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "pool slots must be 1..=65536"));
+        }
+        let len = slots * SLOT_LEN;
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let mut free = Vec::with_capacity(slots);
+        // Hand out low indices first so a light load touches few pages.
+        free.extend((0..slots).rev().filter_map(|i| u16::try_from(i).ok()));
+        Ok(Self { base, slots, free })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots
+    }
+
+    /// Whether the pool has no slots (never true for a constructed pool).
+    pub fn is_empty(&self) -> bool {
+        self.slots == 0
+    }
+
+    /// Free slots right now.
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Takes a free slot.
+    #[inline]
+    pub fn alloc(&mut self) -> Option<u16> {
+        self.free.pop()
+    }
+
+    /// Returns a slot. The caller must own it (not in flight in the kernel).
+    #[inline]
+    pub fn release(&mut self, idx: u16) {
+        debug_assert!(usize::from(idx) < self.slots);
+        // Never grows past capacity: each index is released once per alloc.
+        if self.free.len() < self.slots {
+            self.free.push(idx);
+        }
+    }
+
+    /// Start of slot `idx`, for SQEs and iovecs.
+    #[inline]
+    pub fn slot_ptr(&self, idx: u16) -> *mut u8 {
+        let i = usize::from(idx).min(self.slots - 1);
+        // SAFETY: i < slots, so the offset stays inside the mapping.
+        unsafe { self.base.as_ptr().add(i * SLOT_LEN) }
+    }
+
+    /// The bytes of slot `idx`.
+    ///
+    /// # Safety
+    /// The caller must own the slot: no SQE naming it may be in flight.
+    #[inline]
+    pub unsafe fn slot_mut(&mut self, idx: u16) -> &mut [u8] {
+        // SAFETY: the slot lies inside the mapping; exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(idx), SLOT_LEN) }
+    }
+
+    /// One iovec per slot, in index order, for `IORING_REGISTER_BUFFERS`.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.slots)
+            .filter_map(|i| u16::try_from(i).ok())
+            .map(|i| libc::iovec { iov_base: self.slot_ptr(i).cast(), iov_len: SLOT_LEN })
+            .collect()
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; rings using it are dropped first
+        // (field order in the workers), and the kernel pins registered pages until unregistered.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.slots * SLOT_LEN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_release_round_trip() {
+        let mut p = BufPool::new(4).unwrap();
+        let a = p.alloc().unwrap();
+        assert_eq!(a, 0);
+        // SAFETY: slot a is ours.
+        unsafe { p.slot_mut(a)[SLOT_LEN - 1] = 7 };
+        let rest: Vec<_> = std::iter::from_fn(|| p.alloc()).collect();
+        assert_eq!(rest.len(), 3);
+        assert!(p.alloc().is_none());
+        p.release(a);
+        assert_eq!(p.available(), 1);
+        assert_eq!(p.iovecs().len(), 4);
+        assert!(BufPool::new(0).is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! The underlay UDP sockets: one per worker on the same address and port
+//! (`SO_REUSEPORT`), large buffers, and DF on every outer packet (RFC 7348 §4.3: a tunnel
+//! endpoint must not fragment; weft sends frag-needed inward instead).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Socket buffer size asked for (with `SO_*BUFFORCE` as root, else capped by the sysctls).
+/// Deep buffers keep io_uring sends from hitting `EAGAIN`, which would reorder packets.
+pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;
+
+/// Binds `count` sockets to `addr` with `SO_REUSEPORT`.
+///
+/// A probe bind without `SO_REUSEPORT` goes first, so another process holding the port is
+/// reported as `AddrInUse` instead of silently sharing it.
+///
+/// # Errors
+/// `AddrInUse` if the port is taken, `AddrNotAvailable` if `addr` is not local, or other
+/// socket errors.
+pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    drop(UdpSocket::bind(addr)?);
+    let first = bind_one(addr)?;
+    // With port 0 the kernel picked one; the other queues must share it.
+    let addr = first.local_addr()?;
+    let mut out = vec![first];
+    for _ in 1..count.max(1) {
+        out.push(bind_one(addr)?);
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    set_buffer(&s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    // PMTUDISC_PROBE: DF set, never fragment locally, ignore learned PMTU (the forwarder owns MTU).
+    let (level, opt, val) = match addr {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE),
+    };
+    setsockopt_int(&s, level, opt, val)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn set_buffer(s: &Socket, force: libc::c_int, plain: libc::c_int) {
+    let bytes = libc::c_int::try_from(SOCKET_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
+    if setsockopt_int(s, libc::SOL_SOCKET, force, bytes).is_err() {
+        // Without CAP_NET_ADMIN the kernel caps this at net.core.[rw]mem_max; best effort.
+        let _ = setsockopt_int(s, libc::SOL_SOCKET, plain, bytes);
+    }
+}
+
+fn setsockopt_int(s: &Socket, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_bind_reports_address_in_use() {
+        let a = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let port = a[0].local_addr().unwrap();
+        assert_eq!(a[1].local_addr().unwrap(), port, "reuseport sockets share the port");
+        let err = bind(port, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+}
