@@ -1,0 +1,526 @@
+//! The daemon's configuration: a TOML file, overridden field by field by command-line
+//! flags, then validated into a [`Config`] whose every field is known good. A bad value is
+//! refused with a message naming the field and saying what would be accepted.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+use weft_forwarder::driver::IoPreference;
+use weft_forwarder::encap::flannel_udp;
+
+/// Default cluster network, as flannel's and kubeadm's examples use.
+pub const DEFAULT_NETWORK: &str = "10.244.0.0/16";
+/// Default TUN name.
+pub const DEFAULT_TUN: &str = "weft0";
+/// Default API socket.
+pub const DEFAULT_API_SOCKET: &str = "/run/weft/weft.sock";
+/// Most workers a node may run.
+pub const MAX_WORKERS: usize = 64;
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// A required field is absent.
+    #[error("{field}: required (set it in the config file or with --{flag})")]
+    Missing {
+        /// The field.
+        field: &'static str,
+        /// The flag that sets it.
+        flag: &'static str,
+    },
+    /// A field has a value weft cannot use.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, with its index for list entries (`peers[1].subnet`).
+        field: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// The config file as written: every field optional, so flags can fill in.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This node's name, unique in the cluster.
+    pub node_name: Option<String>,
+    /// The underlay address the UDP socket binds to and peers send to.
+    pub public_ip: Option<String>,
+    /// The underlay UDP port (default 8285, flannel's udp port).
+    pub port: Option<u16>,
+    /// The cluster network, IPv4 CIDR.
+    pub network: Option<String>,
+    /// This node's subnet inside `network`.
+    pub subnet: Option<String>,
+    /// Optional IPv6 cluster network.
+    pub ipv6_network: Option<String>,
+    /// This node's IPv6 subnet inside `ipv6_network`.
+    pub ipv6_subnet: Option<String>,
+    /// The TUN device name.
+    pub tun_name: Option<String>,
+    /// Overlay MTU; default computed from the underlay interface.
+    pub mtu: Option<u16>,
+    /// Worker threads, one TUN queue and socket each.
+    pub workers: Option<usize>,
+    /// `auto`, `uring` or `mmsg`.
+    pub io: Option<String>,
+    /// Unix socket for `weft status`.
+    pub api_socket: Option<PathBuf>,
+    /// Static peers.
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+}
+
+/// A peer as written in the file or a `--peer` flag.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    /// Its node name.
+    pub name: String,
+    /// Its IPv4 subnet.
+    pub subnet: String,
+    /// Its IPv6 subnet.
+    pub ipv6_subnet: Option<String>,
+    /// `ip:port`, or `ip` for our own port.
+    pub endpoint: String,
+    /// Largest inner packet the path to it carries.
+    pub mtu: Option<u16>,
+}
+
+impl RawPeer {
+    /// Parses the `--peer` flag form `name=n2,subnet=10.244.2.0/24,endpoint=198.18.0.2:8285[,mtu=1400][,ipv6_subnet=…]`.
+    ///
+    /// # Errors
+    /// A message naming the unknown key or the missing one.
+    pub fn from_flag(s: &str) -> Result<Self, String> {
+        let mut p = RawPeer::default();
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("{kv:?} is not key=value"))?;
+            match k.trim() {
+                "name" => p.name = v.trim().to_string(),
+                "subnet" => p.subnet = v.trim().to_string(),
+                "endpoint" => p.endpoint = v.trim().to_string(),
+                "ipv6_subnet" => p.ipv6_subnet = Some(v.trim().to_string()),
+                "mtu" => p.mtu = Some(v.trim().parse().map_err(|_| format!("mtu: {v:?} is not a number"))?),
+                other => {
+                    return Err(format!("unknown key {other:?} (expected name, subnet, endpoint, mtu, ipv6_subnet)"));
+                }
+            }
+        }
+        for (k, v) in [("name", &p.name), ("subnet", &p.subnet), ("endpoint", &p.endpoint)] {
+            if v.is_empty() {
+                return Err(format!("{k}= is required"));
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl RawConfig {
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Fields set in `over` replace ours; peers given in `over` replace the whole list.
+    pub fn merge(mut self, over: RawConfig) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            node_name,
+            public_ip,
+            port,
+            network,
+            subnet,
+            ipv6_network,
+            ipv6_subnet,
+            tun_name,
+            mtu,
+            workers,
+            io,
+            api_socket
+        );
+        if !over.peers.is_empty() {
+            self.peers = over.peers;
+        }
+        self
+    }
+}
+
+/// A validated peer.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Peer {
+    /// Node name.
+    pub name: String,
+    /// IPv4 subnet.
+    pub subnet: Ipv4Net,
+    /// IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// Underlay endpoint.
+    pub endpoint: SocketAddr,
+    /// Path MTU override.
+    pub mtu: Option<u16>,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Config {
+    /// This node's name.
+    pub node_name: String,
+    /// Underlay address.
+    pub public_ip: IpAddr,
+    /// Underlay port.
+    pub port: u16,
+    /// Cluster network.
+    pub network: Ipv4Net,
+    /// Our subnet.
+    pub subnet: Ipv4Net,
+    /// IPv6 cluster network.
+    pub network_v6: Option<Ipv6Net>,
+    /// Our IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// TUN name.
+    pub tun_name: String,
+    /// Explicit overlay MTU.
+    pub mtu: Option<u16>,
+    /// Worker count.
+    pub workers: usize,
+    /// I/O backend preference.
+    pub io: IoPreference,
+    /// API socket path.
+    pub api_socket: PathBuf,
+    /// Static peers.
+    pub peers: Vec<Peer>,
+}
+
+fn parse_v4(field: &str, s: &str) -> Result<Ipv4Net, ConfigError> {
+    let net: Ipv4Net =
+        s.parse().map_err(|_| invalid(field, format!("{s:?} is not an IPv4 CIDR (example: \"10.244.0.0/16\")")))?;
+    if net.trunc() != net {
+        return Err(invalid(field, format!("{s:?} has host bits set (did you mean \"{}\"?)", net.trunc())));
+    }
+    Ok(net)
+}
+
+fn parse_v6(field: &str, s: &str) -> Result<Ipv6Net, ConfigError> {
+    let net: Ipv6Net =
+        s.parse().map_err(|_| invalid(field, format!("{s:?} is not an IPv6 CIDR (example: \"fd00:10:244::/56\")")))?;
+    if net.trunc() != net {
+        return Err(invalid(field, format!("{s:?} has host bits set (did you mean \"{}\"?)", net.trunc())));
+    }
+    Ok(net)
+}
+
+/// A node name: what flannel and Kubernetes accept, letters, digits, `.`, `_`, `-`.
+fn check_name(field: &str, s: &str) -> Result<(), ConfigError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{s:?} must be 1-63 letters, digits, '.', '_' or '-', starting alphanumeric")))
+    }
+}
+
+impl Config {
+    /// Validates a raw configuration.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found, naming its field.
+    pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let node_name = raw.node_name.ok_or(ConfigError::Missing { field: "node_name", flag: "node-name" })?;
+        check_name("node_name", &node_name)?;
+        let ip_s = raw.public_ip.ok_or(ConfigError::Missing { field: "public_ip", flag: "public-ip" })?;
+        let public_ip: IpAddr =
+            ip_s.parse().map_err(|_| invalid("public_ip", format!("{ip_s:?} is not an IP address")))?;
+        if public_ip.is_unspecified() || public_ip.is_multicast() {
+            return Err(invalid("public_ip", format!("{public_ip} is not a unicast address peers can send to")));
+        }
+        let port = raw.port.unwrap_or(flannel_udp::DEFAULT_PORT);
+        if port == 0 {
+            return Err(invalid("port", "0 is not a port peers can send to"));
+        }
+        let network = parse_v4("network", raw.network.as_deref().unwrap_or(DEFAULT_NETWORK))?;
+        if network.prefix_len() > 28 {
+            return Err(invalid("network", format!("{network} is too small to hold node subnets (at most /28)")));
+        }
+        let subnet_s = raw.subnet.ok_or(ConfigError::Missing { field: "subnet", flag: "subnet" })?;
+        let subnet = parse_v4("subnet", &subnet_s)?;
+        if !network.contains(&subnet) || subnet.prefix_len() <= network.prefix_len() {
+            return Err(invalid(
+                "subnet",
+                format!("{subnet} must lie inside network {network} and be smaller than it"),
+            ));
+        }
+        if subnet.prefix_len() > 30 {
+            return Err(invalid("subnet", format!("{subnet} leaves no room for a gateway and pods (at most /30)")));
+        }
+        let network_v6 = raw.ipv6_network.as_deref().map(|s| parse_v6("ipv6_network", s)).transpose()?;
+        let subnet_v6 = match (network_v6, raw.ipv6_subnet.as_deref()) {
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::Missing { field: "ipv6_subnet", flag: "ipv6-subnet" }),
+            (None, Some(_)) => return Err(ConfigError::Missing { field: "ipv6_network", flag: "ipv6-network" }),
+            (Some(n), Some(s)) => {
+                let sub = parse_v6("ipv6_subnet", s)?;
+                if !n.contains(&sub) || sub.prefix_len() <= n.prefix_len() || sub.prefix_len() > 126 {
+                    return Err(invalid(
+                        "ipv6_subnet",
+                        format!("{sub} must lie inside ipv6_network {n}, smaller than it, at most /126"),
+                    ));
+                }
+                Some(sub)
+            }
+        };
+        let tun_name = raw.tun_name.unwrap_or_else(|| DEFAULT_TUN.to_string());
+        if tun_name.is_empty()
+            || tun_name.len() > 15
+            || tun_name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+            || tun_name == "."
+            || tun_name == ".."
+        {
+            return Err(invalid(
+                "tun_name",
+                format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
+            ));
+        }
+        let min_mtu: u16 = if subnet_v6.is_some() { 1280 } else { 576 };
+        if let Some(m) = raw.mtu {
+            if m < min_mtu {
+                return Err(invalid("mtu", format!("{m} is below the minimum of {min_mtu} bytes")));
+            }
+        }
+        let workers = raw.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(invalid("workers", format!("{workers} must be between 1 and {MAX_WORKERS}")));
+        }
+        let io = match raw.io.as_deref().unwrap_or("auto") {
+            "auto" => IoPreference::Auto,
+            "uring" => IoPreference::Uring,
+            "mmsg" => IoPreference::Mmsg,
+            other => return Err(invalid("io", format!("{other:?} must be \"auto\", \"uring\" or \"mmsg\""))),
+        };
+        let api_socket = raw.api_socket.unwrap_or_else(|| DEFAULT_API_SOCKET.into());
+        let own = SocketAddr::new(public_ip, port);
+        let mut names = HashSet::new();
+        let mut peers = Vec::with_capacity(raw.peers.len());
+        for (i, p) in raw.peers.into_iter().enumerate() {
+            let f = |name: &str| format!("peers[{i}].{name}");
+            check_name(&f("name"), &p.name)?;
+            if p.name == node_name || !names.insert(p.name.clone()) {
+                return Err(invalid(f("name"), format!("{:?} is this node or another peer already", p.name)));
+            }
+            let psub = parse_v4(&f("subnet"), &p.subnet)?;
+            if !network.contains(&psub) {
+                return Err(invalid(f("subnet"), format!("{psub} lies outside the cluster network {network}")));
+            }
+            if psub.contains(&subnet) || subnet.contains(&psub) {
+                return Err(invalid(f("subnet"), format!("{psub} overlaps this node's subnet {subnet}")));
+            }
+            let psub6 = match (&p.ipv6_subnet, network_v6) {
+                (None, _) => None,
+                (Some(_), None) => return Err(invalid(f("ipv6_subnet"), "set, but this node has no ipv6_network")),
+                (Some(s), Some(n6)) => {
+                    let s6 = parse_v6(&f("ipv6_subnet"), s)?;
+                    if !n6.contains(&s6) {
+                        return Err(invalid(f("ipv6_subnet"), format!("{s6} lies outside ipv6_network {n6}")));
+                    }
+                    if subnet_v6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)) {
+                        return Err(invalid(f("ipv6_subnet"), format!("{s6} overlaps this node's IPv6 subnet")));
+                    }
+                    Some(s6)
+                }
+            };
+            let endpoint = match p.endpoint.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => match p.endpoint.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, port),
+                    Err(_) => {
+                        return Err(invalid(
+                            f("endpoint"),
+                            format!("{:?} is not ip:port or ip (example: \"198.18.0.2:8285\")", p.endpoint),
+                        ));
+                    }
+                },
+            };
+            if endpoint.is_ipv4() != public_ip.is_ipv4() {
+                return Err(invalid(
+                    f("endpoint"),
+                    format!("{endpoint} is not in the same address family as public_ip {public_ip}"),
+                ));
+            }
+            if endpoint == own || endpoint.port() == 0 || endpoint.ip().is_unspecified() {
+                return Err(invalid(
+                    f("endpoint"),
+                    format!("{endpoint} is this node's own address or not a usable endpoint"),
+                ));
+            }
+            if let Some(m) = p.mtu {
+                if m < 576 {
+                    return Err(invalid(f("mtu"), format!("{m} is below the minimum of 576 bytes")));
+                }
+            }
+            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mtu: p.mtu });
+        }
+        Ok(Self {
+            node_name,
+            public_ip,
+            port,
+            network,
+            subnet,
+            network_v6,
+            subnet_v6,
+            tun_name,
+            mtu: raw.mtu,
+            workers,
+            io,
+            api_socket,
+            peers,
+        })
+    }
+
+    /// The networks routed into the TUN.
+    pub fn cluster_networks(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(IpNet::V4(self.network)).chain(self.network_v6.map(IpNet::V6))
+    }
+
+    /// Fields whose change needs a restart, named, when comparing with a reloaded config.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        macro_rules! cmp {
+            ($($f:ident),*) => { $( if self.$f != new.$f { out.push(stringify!($f)); } )* };
+        }
+        cmp!(
+            node_name, public_ip, port, network, subnet, network_v6, subnet_v6, tun_name, mtu, workers, io, api_socket
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_name = "n1"
+public_ip = "198.18.0.1"
+subnet = "10.244.1.0/24"
+workers = 1
+[[peers]]
+name = "n2"
+subnet = "10.244.2.0/24"
+endpoint = "198.18.0.2:8285"
+[[peers]]
+name = "n3"
+subnet = "10.244.3.0/24"
+endpoint = "198.18.0.3"
+mtu = 1200
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::validate(
+            toml::from_str(s).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?,
+        )
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.port, 8285);
+        assert_eq!(c.network.to_string(), "10.244.0.0/16");
+        assert_eq!(c.tun_name, "weft0");
+        assert_eq!(c.peers[1].endpoint, "198.18.0.3:8285".parse().unwrap());
+        assert_eq!(c.peers[1].mtu, Some(1200));
+    }
+
+    /// Each bad value is refused with a message naming its field.
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("subnet = \"10.244.1.0/24\"", "subnet = \"10.244.1.7/24\"", "subnet: \"10.244.1.7/24\" has host bits set"),
+            (
+                "subnet = \"10.244.1.0/24\"",
+                "subnet = \"10.245.1.0/24\"",
+                "subnet: 10.245.1.0/24 must lie inside network",
+            ),
+            ("subnet = \"10.244.1.0/24\"", "subnet = \"banana\"", "subnet: \"banana\" is not an IPv4 CIDR"),
+            ("node_name = \"n1\"", "node_name = \"n 1\"", "node_name:"),
+            ("public_ip = \"198.18.0.1\"", "public_ip = \"0.0.0.0\"", "public_ip:"),
+            ("workers = 1", "workers = 0", "workers: 0 must be between"),
+            ("workers = 1", "workers = 1\nio = \"fast\"", "io: \"fast\""),
+            ("workers = 1", "workers = 1\ntun_name = \"a-very-long-tun-name\"", "tun_name:"),
+            ("endpoint = \"198.18.0.3\"", "endpoint = \"nowhere\"", "peers[1].endpoint:"),
+            (
+                "subnet = \"10.244.3.0/24\"",
+                "subnet = \"10.244.1.0/25\"",
+                "peers[1].subnet: 10.244.1.0/25 overlaps this node's subnet",
+            ),
+            ("subnet = \"10.244.3.0/24\"", "subnet = \"10.9.3.0/24\"", "peers[1].subnet: 10.9.3.0/24 lies outside"),
+            ("name = \"n3\"", "name = \"n2\"", "peers[1].name:"),
+            ("mtu = 1200", "mtu = 100", "peers[1].mtu: 100"),
+            ("workers = 1", "workers = 1\nbogus = 3", "unknown field `bogus`"),
+        ];
+        for (from, to, want) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: got {err:?}, want {want:?}");
+        }
+        let err = parse(&GOOD.replace("subnet = \"10.244.1.0/24\"\n", "")).unwrap_err().to_string();
+        assert!(err.starts_with("subnet: required"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_file_and_peer_flag_parses() {
+        let file: RawConfig = toml::from_str(GOOD).unwrap();
+        let flags = RawConfig {
+            port: Some(9000),
+            peers: vec![RawPeer::from_flag("name=n9,subnet=10.244.9.0/24,endpoint=198.18.0.9:9000,mtu=1300").unwrap()],
+            ..RawConfig::default()
+        };
+        let c = Config::validate(file.merge(flags)).unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].mtu, Some(1300));
+        assert!(RawPeer::from_flag("name=x,subnet=10.244.9.0/24").unwrap_err().contains("endpoint"));
+        assert!(RawPeer::from_flag("name=x,color=red").unwrap_err().contains("color"));
+    }
+
+    #[test]
+    fn restart_only_fields_are_named() {
+        let a = parse(GOOD).unwrap();
+        let mut b = a.clone();
+        b.peers.pop();
+        assert!(a.restart_only_changes(&b).is_empty());
+        b.port = 1;
+        assert_eq!(a.restart_only_changes(&b), vec!["port"]);
+    }
+}

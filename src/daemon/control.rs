@@ -1,0 +1,66 @@
+//! Peers → route table. This is the one place that maps the control plane's view of other
+//! nodes (static peers today, subnet leases later) onto the forwarder's [`RouteTable`], and
+//! carries each peer's counters over when the table is rebuilt.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use weft_forwarder::{Encap, NextHop, PeerCounters, RouteError, RouteTable};
+
+use crate::config::Peer;
+
+/// Builds a table for `peers`, reusing the counters of peers already in `old` (by name).
+///
+/// `mtu` is our overlay MTU; a peer's own `mtu` can only lower it for that peer.
+///
+/// # Errors
+/// [`RouteError`] when peers overlap or share an endpoint.
+pub fn build_table<E: Encap>(
+    peers: &[Peer],
+    mtu: u16,
+    workers: usize,
+    old: Option<&RouteTable>,
+) -> Result<RouteTable, RouteError> {
+    let previous: HashMap<&str, &Arc<PeerCounters>> =
+        old.map(|t| t.peers().iter().map(|h| (&*h.name, &h.counters)).collect()).unwrap_or_default();
+    let hops = peers
+        .iter()
+        .map(|p| NextHop {
+            name: p.name.as_str().into(),
+            endpoint: p.endpoint,
+            subnet_v4: Some(p.subnet),
+            subnet_v6: p.subnet_v6,
+            mtu: p.mtu.map_or(mtu, |m| m.min(mtu)),
+            counters: previous
+                .get(p.name.as_str())
+                .map_or_else(|| Arc::new(PeerCounters::new(workers)), |c| Arc::clone(c)),
+        })
+        .collect();
+    RouteTable::new(hops, E::SOURCE_PORT_MATTERS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_forwarder::UdpEncap;
+
+    fn peer(name: &str, third: u8) -> Peer {
+        Peer {
+            name: name.into(),
+            subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+            subnet_v6: None,
+            endpoint: format!("198.18.0.{third}:8285").parse().unwrap(),
+            mtu: if third == 3 { Some(9000) } else { None },
+        }
+    }
+
+    #[test]
+    fn counters_survive_a_rebuild_and_peer_mtu_is_capped() {
+        let t1 = build_table::<UdpEncap>(&[peer("n2", 2)], 1472, 2, None).unwrap();
+        t1.peers()[0].counters.tx(0, 100);
+        let t2 = build_table::<UdpEncap>(&[peer("n2", 2), peer("n3", 3)], 1472, 2, Some(&t1)).unwrap();
+        assert_eq!(t2.peers()[0].counters.totals().tx_bytes, 100);
+        assert_eq!(t2.peers()[1].counters.totals().tx_bytes, 0);
+        assert_eq!(t2.peers()[1].mtu, 1472);
+    }
+}

@@ -1,0 +1,319 @@
+//! `weft run`: start-up, the signal loop and shutdown.
+//!
+//! Start-up order: validated config → netlink (underlay interface, MTU) → I/O backend probe
+//! → TUN queues → UDP sockets → TUN address, link and routes → route table → workers → API
+//! socket. SIGHUP re-reads the config and swaps the route table while traffic flows;
+//! SIGTERM or SIGINT stop the workers, remove the routes and the TUN, and log the counters.
+
+pub mod api;
+pub mod control;
+pub mod netlink;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn};
+use weft_forwarder::driver::{self, DriverError, WorkerIo};
+use weft_forwarder::{Encap, Forwarder, LocalNode, RouteError, RouteTableHandle, UdpEncap, WorkerStats};
+
+use crate::config::{Config, ConfigError, RawConfig};
+use netlink::{Netlink, NetlinkError};
+
+/// Why the daemon could not start or had to stop. Each maps to a stable exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The peers cannot form a route table.
+    #[error("peers: {0}")]
+    Peers(#[from] RouteError),
+    /// The overlay MTU does not fit the underlay.
+    #[error("mtu: {0}")]
+    Mtu(String),
+    /// `/dev/net/tun` is missing.
+    #[error("cannot open /dev/net/tun: {0} (load the tun module, or pass the device into the container)")]
+    NoTunDevice(io::Error),
+    /// Not allowed to create the TUN or change links and routes.
+    #[error("not permitted: {0} (weft run needs root or CAP_NET_ADMIN)")]
+    NotPermitted(String),
+    /// The underlay port is taken.
+    #[error("address in use: {0} is already bound (another weft or flannel on this host? change port)")]
+    AddressInUse(SocketAddr),
+    /// The TUN could not be created for another reason.
+    #[error("tun_name: cannot create TUN {name:?}: {source}")]
+    Tun {
+        /// The name.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A socket could not be bound for another reason.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The I/O backend failed.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// Netlink failed.
+    #[error(transparent)]
+    Netlink(NetlinkError),
+    /// The API socket could not be bound.
+    #[error("api_socket: cannot listen on {path}: {source}")]
+    Api {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A worker thread could not be started.
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+}
+
+impl From<NetlinkError> for DaemonError {
+    fn from(e: NetlinkError) -> Self {
+        if e.is_permission() { Self::NotPermitted(e.to_string()) } else { Self::Netlink(e) }
+    }
+}
+
+impl DaemonError {
+    /// The process exit code: stable, documented in the README.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Peers(_) | Self::Mtu(_) => 3,
+            Self::Netlink(NetlinkError::AddressNotLocal(_)) => 3,
+            Self::NoTunDevice(_) | Self::NotPermitted(_) => 4,
+            Self::AddressInUse(_) => 5,
+            Self::Driver(DriverError::UringUnavailable(_)) => 6,
+            _ => 1,
+        }
+    }
+}
+
+/// Where a reload reads its configuration from: the file again, with the same flags on top.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    /// The config file, if any.
+    pub path: Option<PathBuf>,
+    /// Flag overrides.
+    pub flags: RawConfig,
+}
+
+impl ConfigSource {
+    /// Reads and validates the configuration.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let file = match &self.path {
+            Some(p) => RawConfig::from_file(p)?,
+            None => RawConfig::default(),
+        };
+        Config::validate(file.merge(self.flags.clone()))
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a worker failure.
+///
+/// # Errors
+/// [`DaemonError`] when start-up fails or a worker dies.
+pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
+    let cfg = source.load()?;
+    run_with::<UdpEncap>(cfg, source).await
+}
+
+async fn run_with<E: Encap + Clone + Default + Send + 'static>(
+    cfg: Config,
+    source: ConfigSource,
+) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let nl = Netlink::connect()?;
+    let underlay = nl.underlay_for(cfg.public_ip).await?;
+    let max_mtu = underlay.mtu.saturating_sub(E::KIND.overhead(cfg.public_ip.is_ipv6()) as u32);
+    let max_mtu = u16::try_from(max_mtu).unwrap_or(u16::MAX);
+    let mtu = match cfg.mtu {
+        Some(m) if m > max_mtu => {
+            return Err(DaemonError::Mtu(format!(
+                "{m} exceeds what {} (MTU {}) carries after {} bytes of {} encapsulation: at most {max_mtu}",
+                underlay.name,
+                underlay.mtu,
+                E::KIND.overhead(cfg.public_ip.is_ipv6()),
+                E::KIND.as_str()
+            )));
+        }
+        Some(m) => m,
+        None => max_mtu,
+    };
+    if mtu < 576 || (cfg.subnet_v6.is_some() && mtu < 1280) {
+        return Err(DaemonError::Mtu(format!(
+            "underlay {} has MTU {}, leaving only {mtu} for the overlay",
+            underlay.name, underlay.mtu
+        )));
+    }
+    let probe = driver::probe(cfg.io)?;
+    match &probe.fallback_reason {
+        Some(reason) => warn!(backend = "mmsg", reason = %reason, "io_uring unavailable, falling back"),
+        None => info!(backend = probe.backend.as_str(), "io backend chosen"),
+    }
+
+    let queues = driver::tun::open(&cfg.tun_name, cfg.workers).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
+        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name)),
+        _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
+    })?;
+    let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
+    let sockets = driver::udp::bind(bind_addr, cfg.workers).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => DaemonError::AddressInUse(bind_addr),
+        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("bind {bind_addr}: {e}")),
+        _ => DaemonError::Bind { addr: bind_addr, source: e },
+    })?;
+
+    let local = LocalNode { subnet_v4: Some(cfg.subnet), subnet_v6: cfg.subnet_v6 };
+    let gateways: Vec<IpAddr> =
+        local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
+    let tun_index = nl.link_index(&cfg.tun_name).await?;
+    nl.configure_tun(tun_index, &cfg.tun_name, mtu, &gateways).await?;
+    for (net, gw) in cfg.cluster_networks().zip(gateways.iter()) {
+        nl.add_device_route(net, tun_index, *gw).await?;
+        nl.add_fail_closed(net).await?;
+    }
+    info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
+
+    let table = control::build_table::<E>(&cfg.peers, mtu, cfg.workers, None)?;
+    for p in table.peers() {
+        info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
+    }
+    let routes = RouteTableHandle::new(table);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<(), DriverError>)>();
+    let mut threads = Vec::with_capacity(cfg.workers);
+    for (i, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
+        let fwd = Forwarder::new(E::default(), local, i, Arc::clone(&stats[i]));
+        let (routes, stop, done, backend) = (routes.clone(), Arc::clone(&stop), done_tx.clone(), probe.backend);
+        let t = std::thread::Builder::new()
+            .name(format!("weft-worker-{i}"))
+            .spawn(move || {
+                let span = info_span!("worker", id = i, io = backend.as_str());
+                let _g = span.enter();
+                let r = driver::run_worker(backend, WorkerIo { tun, udp }, fwd, routes, stop);
+                let _ = done.send((i, r));
+            })
+            .map_err(DaemonError::Thread)?;
+        threads.push(t);
+    }
+    drop(done_tx);
+
+    let state = Arc::new(api::ApiState {
+        cfg: cfg.clone(),
+        mtu,
+        underlay,
+        backend: probe.backend,
+        fallback_reason: probe.fallback_reason,
+        routes: routes.clone(),
+        stats,
+        started,
+        reloads: AtomicU64::new(0),
+        reload_failures: AtomicU64::new(0),
+    });
+    let listener =
+        api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
+    let api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
+    info!(node = %cfg.node_name, subnet = %cfg.subnet, public_ip = %cfg.public_ip, port = cfg.port, workers = cfg.workers,
+        backend = E::KIND.as_str(), io = probe.backend.as_str(), api = %cfg.api_socket.display(), "weft ready");
+
+    let outcome = signal_loop::<E>(&cfg, &source, &state, mtu, &mut done_rx).await;
+
+    stop.store(true, Ordering::Relaxed);
+    api_task.abort();
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    // The TUN (and with it its address and device route) vanished with the last queue.
+    for net in cfg.cluster_networks() {
+        if let Err(e) = nl.del_fail_closed(net).await {
+            warn!(error = %e, "could not remove fail-closed route");
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    let s = state.status();
+    let dropped: Vec<String> = s.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let (rx, tx) = s.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_packets, t + p.tx_packets));
+    info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), "weft stopped; tun and routes removed");
+    outcome
+}
+
+/// Waits for signals and worker exits; returns when the daemon should stop.
+async fn signal_loop<E: Encap>(
+    cfg: &Config,
+    source: &ConfigSource,
+    state: &api::ApiState,
+    mtu: u16,
+    done: &mut mpsc::UnboundedReceiver<(usize, Result<(), DriverError>)>,
+) -> Result<(), DaemonError> {
+    let sig = |k| signal(k).map_err(|e| DaemonError::NotPermitted(format!("signal handler: {e}")));
+    let (mut hup, mut term, mut int) =
+        (sig(SignalKind::hangup())?, sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let counter = if reload::<E>(cfg, source, &state.routes, mtu) { &state.reloads } else { &state.reload_failures };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()) }
+            Some((i, r)) = done.recv() => {
+                return match r {
+                    Ok(()) => Ok(()),
+                    Err(e) => { error!(worker = i, error = %e, "worker failed; stopping"); Err(e.into()) }
+                };
+            }
+        }
+    }
+}
+
+/// SIGHUP: re-reads the configuration and swaps in a new route table. Anything wrong is
+/// logged and the running table is kept; fields that need a restart are named and ignored.
+/// Returns whether the new peers were applied.
+fn reload<E: Encap>(cfg: &Config, source: &ConfigSource, routes: &RouteTableHandle, mtu: u16) -> bool {
+    let new = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "reload refused, keeping the running configuration");
+            return false;
+        }
+    };
+    let ignored = cfg.restart_only_changes(&new);
+    if !ignored.is_empty() {
+        warn!(fields = ?ignored, "reload: these fields need a restart and keep their running values");
+    }
+    let old = routes.load_full();
+    match control::build_table::<E>(&new.peers, mtu, cfg.workers, Some(&old)) {
+        Ok(table) => {
+            for p in table.peers().iter().filter(|p| !old.peers().iter().any(|o| o.name == p.name)) {
+                info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
+            }
+            for p in old.peers().iter().filter(|o| !table.peers().iter().any(|p| p.name == o.name)) {
+                info!(peer = %p.name, "peer removed");
+            }
+            routes.store(table);
+            info!(peers = new.peers.len(), "reloaded");
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "reload refused, keeping the running peers");
+            false
+        }
+    }
+}

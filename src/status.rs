@@ -1,0 +1,122 @@
+//! What `weft status` shows: the daemon's identity, its peers with their traffic, and every
+//! drop reason with its count. The daemon serialises a [`Status`] over the API socket; the
+//! CLI prints it as JSON or as a table for a person.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of a running daemon.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Status {
+    /// This node's name.
+    pub node_name: String,
+    /// Wire format (`udp`).
+    pub backend: String,
+    /// I/O backend in use (`uring` or `mmsg`).
+    pub io_backend: String,
+    /// Why io_uring was not used, when the fallback runs under `io = "auto"`.
+    pub io_fallback_reason: Option<String>,
+    /// Worker threads.
+    pub workers: usize,
+    /// Cluster network.
+    pub network: String,
+    /// This node's subnet.
+    pub subnet: String,
+    /// The TUN's address.
+    pub gateway: String,
+    /// TUN name.
+    pub tun: String,
+    /// Overlay MTU.
+    pub mtu: u16,
+    /// Underlay address and port.
+    pub public_ip: String,
+    /// Underlay UDP port.
+    pub port: u16,
+    /// Underlay interface the MTU was computed from.
+    pub underlay_interface: String,
+    /// Its MTU.
+    pub underlay_mtu: u32,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// The daemon's process id (unchanged by reloads).
+    pub pid: u32,
+    /// Configuration reloads applied (SIGHUP).
+    pub reloads: u64,
+    /// Reloads refused because the new configuration was invalid.
+    pub reload_failures: u64,
+    /// What the overlay does and does not protect against.
+    pub security: String,
+    /// Peers and their traffic.
+    pub peers: Vec<PeerStatus>,
+    /// Dropped packets by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// ICMP errors written into the TUN, and those suppressed by the rate limit.
+    pub icmp: BTreeMap<String, u64>,
+}
+
+/// One peer.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct PeerStatus {
+    /// Node name.
+    pub name: String,
+    /// IPv4 subnet.
+    pub subnet: String,
+    /// IPv6 subnet.
+    pub ipv6_subnet: Option<String>,
+    /// Underlay endpoint.
+    pub endpoint: String,
+    /// Path MTU.
+    pub mtu: u16,
+    /// Packets received and delivered.
+    pub rx_packets: u64,
+    /// Bytes received and delivered.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+/// Formats a status as aligned text for a terminal.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "node      {}  ({} subnet {}, gateway {})", s.node_name, s.network, s.subnet, s.gateway);
+    let _ = writeln!(
+        o,
+        "data      backend {} over {}:{} via {} (MTU {}), tun {} (MTU {})",
+        s.backend, s.public_ip, s.port, s.underlay_interface, s.underlay_mtu, s.tun, s.mtu
+    );
+    let io_note = s.io_fallback_reason.as_deref().map(|r| format!(" (io_uring unavailable: {r})")).unwrap_or_default();
+    let _ = writeln!(o, "io        {} x{} workers{}, up {}s", s.io_backend, s.workers, io_note, s.uptime_secs);
+    let _ = writeln!(o, "process   pid {}, {} reloads ({} refused)", s.pid, s.reloads, s.reload_failures);
+    let _ = writeln!(o, "security  {}", s.security);
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:<18} {:<22} {:>5} {:>12} {:>14} {:>12} {:>14}",
+        "PEER", "SUBNET", "ENDPOINT", "MTU", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"
+    );
+    for p in &s.peers {
+        let _ = writeln!(
+            o,
+            "{:<16} {:<18} {:<22} {:>5} {:>12} {:>14} {:>12} {:>14}",
+            p.name, p.subnet, p.endpoint, p.mtu, p.rx_packets, p.rx_bytes, p.tx_packets, p.tx_bytes
+        );
+    }
+    if s.peers.is_empty() {
+        let _ = writeln!(o, "(no peers)");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{:<24} {:>12}", "DROP REASON", "PACKETS");
+    for (k, v) in &s.drops {
+        let _ = writeln!(o, "{k:<24} {v:>12}");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{:<24} {:>12}", "ICMP WRITTEN TO TUN", "PACKETS");
+    for (k, v) in &s.icmp {
+        let _ = writeln!(o, "{k:<24} {v:>12}");
+    }
+    o
+}
