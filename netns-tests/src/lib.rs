@@ -1,0 +1,34 @@
+//! Harness for weft's network-namespace integration tests: RAII namespaces, an underlay
+//! topology, the real `weft` daemon, and traffic tools (ping, iperf3, tcpdump, crafted
+//! datagrams), all on addresses that never leave the namespaces (design.md convention 9).
+//!
+//! Underlay addresses are in 198.18.0.0/15, overlay addresses in 10.244.0.0/16. Every external
+//! command has a deadline, and every namespace and daemon is removed on drop, also when a test
+//! fails.
+
+#![warn(missing_docs)]
+
+pub mod capture;
+pub mod cmd;
+pub mod craft;
+pub mod netns;
+pub mod root;
+pub mod topology;
+pub mod traffic;
+pub mod weft;
+
+pub use capture::{Capture, Pcap};
+pub use cmd::{CmdOutput, Proc};
+pub use netns::Netns;
+pub use root::skip_unless_root;
+pub use topology::{Host, Topology};
+pub use traffic::{IperfServer, iperf3_tcp, ping, ping_all, ping_all_with, ping_with};
+pub use weft::{NodeConfig, PeerConfig, WeftNode, json_u64, peer_status};
+
+/// Prints a line on the process's stderr, bypassing libtest's output capture, for results that
+/// belong in the CI log even when the test passes (a throughput figure, a skip reason).
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    // Nothing useful can be done if stderr is gone.
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

@@ -1,0 +1,538 @@
+//! Running the real `weft` daemon in a host namespace: its config file, readiness, status,
+//! reload and graceful stop.
+//!
+//! Status is read as a loose [`serde_json::Value`] through dotted paths (`drops.no_route`), so
+//! the tests survive small changes in the shape of `weft status --json`.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::cmd::{self, Proc};
+use crate::netns::Netns;
+use crate::topology::{Host, Topology, underlay_ip};
+
+/// weft's default UDP port (flannel's `udp` backend port).
+pub const PORT: u16 = 8285;
+
+/// The cluster network every test uses.
+pub const NETWORK: &str = "10.244.0.0/16";
+
+/// The TUN name every test uses.
+pub const TUN: &str = "weft0";
+
+/// How long `start` waits for `weft status` to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often readiness is polled.
+const READY_POLL: Duration = Duration::from_millis(100);
+
+/// How long `stop` waits for a graceful exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline for one `weft status` call.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many log lines to print when a test fails.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Finds the `weft` binary: `$WEFT_BIN`, else `$CARGO_TARGET_DIR/{release,debug}/weft` if that
+/// variable is set, else `<workspace>/target/release/weft`, else `<workspace>/target/debug/weft`.
+///
+/// # Errors
+///
+/// Fails with the places looked at, and the build command, if none exists.
+pub fn weft_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("WEFT_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("WEFT_BIN={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("netns-tests has no parent directory")?;
+    let mut targets = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        targets.push(workspace.join(t));
+    }
+    targets.push(workspace.join("target"));
+    let candidates: Vec<PathBuf> =
+        targets.iter().flat_map(|t| [t.join("release/weft"), t.join("debug/weft")]).collect();
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    bail!("no weft binary (looked at $WEFT_BIN, {}); run `cargo build --release --bins` first", looked.join(", "))
+}
+
+/// One `[[peers]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Peer node name.
+    pub name: String,
+    /// The peer's subnet, `10.244.<i>.0/24`.
+    pub subnet: String,
+    /// The peer's underlay `ip:port`.
+    pub endpoint: String,
+    /// Per-peer overlay MTU, if smaller than ours.
+    pub mtu: Option<u32>,
+}
+
+impl PeerConfig {
+    /// The peer entry for numbered host `n<i>`: subnet `10.244.<i>.0/24`, endpoint
+    /// `198.18.0.<i>:8285`.
+    pub fn for_host(i: u8) -> Self {
+        Self {
+            name: format!("n{i}"),
+            subnet: format!("10.244.{i}.0/24"),
+            endpoint: format!("{}:{PORT}", underlay_ip(i)),
+            mtu: None,
+        }
+    }
+
+    /// Sets the per-peer overlay MTU.
+    pub fn mtu(mut self, mtu: u32) -> Self {
+        self.mtu = Some(mtu);
+        self
+    }
+}
+
+/// A `weft run` config file; [`NodeConfig::to_toml`] renders it (the socket path is per test,
+/// so it is supplied at render time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// `node_name`, also the [`Host`] the node runs on.
+    pub node_name: String,
+    /// Underlay address the socket binds.
+    pub public_ip: Ipv4Addr,
+    /// UDP port.
+    pub port: u16,
+    /// Cluster network.
+    pub network: String,
+    /// This node's subnet.
+    pub subnet: String,
+    /// TUN interface name.
+    pub tun_name: String,
+    /// Overlay MTU; `None` lets weft compute it from the underlay interface.
+    pub mtu: Option<u32>,
+    /// Forwarding workers; `None` lets weft choose.
+    pub workers: Option<u32>,
+    /// `io` backend (`auto`, `uring`, `mmsg`); `None` lets weft choose.
+    pub io: Option<String>,
+    /// Static peers.
+    pub peers: Vec<PeerConfig>,
+}
+
+impl NodeConfig {
+    /// The config for numbered host `n<i>`: `198.18.0.<i>`, subnet `10.244.<i>.0/24`, one
+    /// worker (the machines have 2 cores), no peers.
+    ///
+    /// `io` comes from `$WEFT_TEST_IO` when set, so the whole suite can be run once per I/O
+    /// backend.
+    pub fn for_host(i: u8) -> Self {
+        Self {
+            node_name: format!("n{i}"),
+            public_ip: underlay_ip(i),
+            port: PORT,
+            network: NETWORK.to_owned(),
+            subnet: format!("10.244.{i}.0/24"),
+            tun_name: TUN.to_owned(),
+            mtu: None,
+            workers: Some(1),
+            io: std::env::var("WEFT_TEST_IO").ok().filter(|s| !s.is_empty()),
+            peers: Vec::new(),
+        }
+    }
+
+    /// The config for `n<i>` peered with every other host of `n1..=n<hosts>`.
+    pub fn mesh(i: u8, hosts: u8) -> Self {
+        let others: Vec<u8> = (1..=hosts).filter(|&j| j != i).collect();
+        Self::for_host(i).with_peers(&others)
+    }
+
+    /// Adds numbered hosts as peers, with default settings.
+    pub fn with_peers(mut self, hosts: &[u8]) -> Self {
+        self.peers.extend(hosts.iter().map(|&i| PeerConfig::for_host(i)));
+        self
+    }
+
+    /// Adds one peer entry.
+    pub fn with_peer(mut self, peer: PeerConfig) -> Self {
+        self.peers.push(peer);
+        self
+    }
+
+    /// The gateway (TUN) address: the first usable address of `subnet`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `subnet` is not `a.b.c.d/len`.
+    pub fn gateway(&self) -> Result<Ipv4Addr> {
+        let (addr, _) =
+            self.subnet.split_once('/').with_context(|| format!("subnet {:?} has no prefix length", self.subnet))?;
+        let base: Ipv4Addr = addr.parse().with_context(|| format!("subnet {:?} is not IPv4", self.subnet))?;
+        Ok(Ipv4Addr::from(u32::from(base) + 1))
+    }
+
+    /// Renders the TOML file, with `api_socket` set to `socket`.
+    pub fn to_toml(&self, socket: &Path) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "node_name = {}", quote(&self.node_name));
+        let _ = writeln!(s, "public_ip = {}", quote(&self.public_ip.to_string()));
+        let _ = writeln!(s, "port = {}", self.port);
+        let _ = writeln!(s, "network = {}", quote(&self.network));
+        let _ = writeln!(s, "subnet = {}", quote(&self.subnet));
+        let _ = writeln!(s, "tun_name = {}", quote(&self.tun_name));
+        if let Some(mtu) = self.mtu {
+            let _ = writeln!(s, "mtu = {mtu}");
+        }
+        if let Some(w) = self.workers {
+            let _ = writeln!(s, "workers = {w}");
+        }
+        if let Some(io) = &self.io {
+            let _ = writeln!(s, "io = {}", quote(io));
+        }
+        let _ = writeln!(s, "api_socket = {}", quote(&socket.display().to_string()));
+        for p in &self.peers {
+            let _ = writeln!(s, "\n[[peers]]");
+            let _ = writeln!(s, "name = {}", quote(&p.name));
+            let _ = writeln!(s, "subnet = {}", quote(&p.subnet));
+            let _ = writeln!(s, "endpoint = {}", quote(&p.endpoint));
+            if let Some(mtu) = p.mtu {
+                let _ = writeln!(s, "mtu = {mtu}");
+            }
+        }
+        s
+    }
+}
+
+/// A TOML basic string (the values here never need more than `"` and `\` escaped).
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A `weft run` daemon inside a host's namespace.
+///
+/// Drop stops it (SIGTERM, then SIGKILL) and, if the test is panicking, prints the tail of its
+/// log so the failure explains itself.
+#[derive(Debug)]
+pub struct WeftNode<'t> {
+    host: &'t Host,
+    config: NodeConfig,
+    bin: PathBuf,
+    config_path: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl<'t> WeftNode<'t> {
+    /// Writes `config` into `dir`, starts `weft run` in `host`'s namespace and waits until
+    /// `weft status` answers (polling every 100 ms for up to 10 s).
+    ///
+    /// # Errors
+    ///
+    /// Fails if there is no weft binary, the daemon exits early or never answers; the error
+    /// carries the tail of its log.
+    pub fn start(host: &'t Host, dir: &Path, config: NodeConfig) -> Result<Self> {
+        let bin = weft_bin()?;
+        let name = config.node_name.clone();
+        let mut node = Self {
+            host,
+            config,
+            bin,
+            config_path: dir.join(format!("{name}.toml")),
+            socket: dir.join(format!("{name}.sock")),
+            log: dir.join(format!("{name}.log")),
+            proc: None,
+        };
+        node.write_config()?;
+        let config_arg = node.config_path.display().to_string();
+        node.proc = Some(host.ns().spawn(&node.bin, &["run", "--config", &config_arg], &node.log)?);
+        node.wait_ready().with_context(|| format!("weft {name} did not become ready"))?;
+        Ok(node)
+    }
+
+    /// Polls `weft status` until it answers, failing fast if the daemon exits.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.proc_mut()?.try_wait()? {
+                bail!("weft exited with {status} during startup; log tail:\n{}", self.log_tail(LOG_TAIL_LINES));
+            }
+            match self.status_json() {
+                Ok(_) => return Ok(()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(READY_POLL);
+        }
+        bail!(
+            "no answer from `weft status` within {READY_TIMEOUT:?}; last error: {last}\nlog tail:\n{}",
+            self.log_tail(LOG_TAIL_LINES)
+        )
+    }
+
+    fn write_config(&self) -> Result<()> {
+        std::fs::write(&self.config_path, self.config.to_toml(&self.socket))
+            .with_context(|| format!("writing {}", self.config_path.display()))
+    }
+
+    fn proc_mut(&mut self) -> Result<&mut Proc> {
+        self.proc.as_mut().with_context(|| format!("weft {} is not running", self.config.node_name))
+    }
+
+    /// `weft status --json`, parsed.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the command fails (daemon unreachable) or prints something that is not JSON.
+    pub fn status_json(&self) -> Result<Value> {
+        let socket = self.socket.display().to_string();
+        let bin = self.bin.display().to_string();
+        let out =
+            self.host.ns().exec_timeout(STATUS_TIMEOUT, &bin, &["status", "--socket", &socket, "--json"])?.ok()?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("`weft status --json` printed non-JSON:\n{}", out.stdout))
+    }
+
+    /// `weft status` (table form) as printed, for humans.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the command fails.
+    pub fn status_text(&self) -> Result<String> {
+        let socket = self.socket.display().to_string();
+        let bin = self.bin.display().to_string();
+        Ok(self.host.ns().exec_timeout(STATUS_TIMEOUT, &bin, &["status", "--socket", &socket])?.ok()?.stdout)
+    }
+
+    /// The number at dotted `path` in the status (`drops.unknown_sender`).
+    ///
+    /// # Errors
+    ///
+    /// Fails if status cannot be read or `path` is not an unsigned integer.
+    pub fn counter(&self, path: &str) -> Result<u64> {
+        json_u64(&self.status_json()?, path)
+    }
+
+    /// Polls the counter at `path` until `pred` holds (every 50 ms, up to `timeout`); returns
+    /// the last value read either way, so the caller can assert on it with a good message.
+    ///
+    /// # Errors
+    ///
+    /// Fails if status cannot be read or `path` is missing.
+    pub fn wait_counter(&self, path: &str, timeout: Duration, pred: impl Fn(u64) -> bool) -> Result<u64> {
+        let mut last = self.counter(path)?;
+        let found = cmd::poll_until(timeout, || {
+            last = self.counter(path)?;
+            Ok(pred(last).then_some(last))
+        })?;
+        Ok(found.unwrap_or(last))
+    }
+
+    /// Sends SIGHUP: weft re-reads its config file and swaps the peer table.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon is not running.
+    pub fn reload(&mut self) -> Result<()> {
+        self.proc_mut()?.signal("HUP")
+    }
+
+    /// Rewrites the config file with `config` and sends SIGHUP.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the file cannot be written or the daemon is not running.
+    pub fn reload_with(&mut self, config: NodeConfig) -> Result<()> {
+        self.config = config;
+        self.write_config()?;
+        self.reload()
+    }
+
+    /// SIGTERM, wait up to 10 s, and check the graceful-exit contract: exit status 0 and the
+    /// TUN gone from the namespace.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon is not running, does not exit in time, exits non-zero, or leaves
+    /// its TUN behind.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let name = self.config.node_name.clone();
+        let proc = self.proc_mut()?;
+        proc.signal("TERM")?;
+        let Some(status) = proc.wait_timeout(STOP_TIMEOUT)? else {
+            bail!("weft {name} still running {STOP_TIMEOUT:?} after SIGTERM");
+        };
+        self.proc = None;
+        if !status.success() {
+            bail!("weft {name} exited with {status} after SIGTERM; log tail:\n{}", self.log_tail(LOG_TAIL_LINES));
+        }
+        if self.host.ns().has_link(&self.config.tun_name)? {
+            bail!("weft {name} exited 0 but left {} in {}", self.config.tun_name, self.host.ns().name());
+        }
+        Ok(status)
+    }
+
+    /// The daemon's pid, while it runs under this guard.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Whether the daemon is still running (not exited, not stopped).
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// The config the daemon was last started or reloaded with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The host the daemon runs on.
+    pub fn host(&self) -> &'t Host {
+        self.host
+    }
+
+    /// The daemon's namespace.
+    pub fn ns(&self) -> &'t Netns {
+        self.host.ns()
+    }
+
+    /// The gateway (TUN) address from the config.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the configured subnet does not parse.
+    pub fn gateway(&self) -> Result<Ipv4Addr> {
+        self.config.gateway()
+    }
+
+    /// Path of the daemon's combined stdout/stderr log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `lines` lines of the daemon's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        cmd::tail(&self.log, lines)
+    }
+}
+
+impl Drop for WeftNode<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- weft {} log tail ({}) ----\n{}",
+                self.config.node_name,
+                self.log.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        // Dropping the Proc sends SIGTERM, then SIGKILL.
+        self.proc = None;
+    }
+}
+
+impl Topology {
+    /// Starts weft on the host named `config.node_name` with this topology's scratch dir.
+    ///
+    /// # Errors
+    ///
+    /// As [`WeftNode::start`], or if there is no such host.
+    pub fn start_weft(&self, config: NodeConfig) -> Result<WeftNode<'_>> {
+        let host = self.host(&config.node_name)?;
+        WeftNode::start(host, self.dir(), config)
+    }
+
+    /// Starts weft on `n1..=n<hosts>` with a full static peer mesh ([`NodeConfig::mesh`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`WeftNode::start`]; daemons already started are stopped again.
+    pub fn start_mesh(&self, hosts: u8) -> Result<Vec<WeftNode<'_>>> {
+        (1..=hosts).map(|i| self.start_weft(NodeConfig::mesh(i, hosts))).collect()
+    }
+}
+
+/// The value at dotted `path` (`drops.no_route`, `peers.0.tx_packets`) in `v`.
+pub fn json_path<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
+    path.split('.').try_fold(v, |v, key| match v {
+        Value::Array(a) => a.get(key.parse::<usize>().ok()?),
+        _ => v.get(key),
+    })
+}
+
+/// The unsigned integer at dotted `path` in `v`.
+///
+/// # Errors
+///
+/// Fails, showing the JSON, if `path` is missing or not an unsigned integer.
+pub fn json_u64(v: &Value, path: &str) -> Result<u64> {
+    json_path(v, path).and_then(Value::as_u64).with_context(|| format!("status has no unsigned integer at {path}: {v}"))
+}
+
+/// The entry of `status.peers` whose `name` is `peer`.
+pub fn peer_status<'v>(status: &'v Value, peer: &str) -> Option<&'v Value> {
+    status.get("peers")?.as_array()?.iter().find(|p| p.get("name").and_then(Value::as_str) == Some(peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_has_every_key_and_peer() {
+        let cfg = NodeConfig { io: Some("mmsg".into()), ..NodeConfig::for_host(1) }
+            .with_peers(&[2])
+            .with_peer(PeerConfig::for_host(3).mtu(1200));
+        let toml = cfg.to_toml(Path::new("/tmp/wt1-x/n1.sock"));
+        let expected = r#"node_name = "n1"
+public_ip = "198.18.0.1"
+port = 8285
+network = "10.244.0.0/16"
+subnet = "10.244.1.0/24"
+tun_name = "weft0"
+workers = 1
+io = "mmsg"
+api_socket = "/tmp/wt1-x/n1.sock"
+
+[[peers]]
+name = "n2"
+subnet = "10.244.2.0/24"
+endpoint = "198.18.0.2:8285"
+
+[[peers]]
+name = "n3"
+subnet = "10.244.3.0/24"
+endpoint = "198.18.0.3:8285"
+mtu = 1200
+"#;
+        assert_eq!(toml, expected);
+    }
+
+    #[test]
+    fn gateway_is_first_usable() {
+        assert_eq!(NodeConfig::for_host(7).gateway().unwrap(), Ipv4Addr::new(10, 244, 7, 1));
+    }
+
+    #[test]
+    fn json_paths() {
+        let v: Value = serde_json::json!({
+            "drops": {"no_route": 3},
+            "peers": [{"name": "n2", "tx_packets": 5}],
+        });
+        assert_eq!(json_u64(&v, "drops.no_route").unwrap(), 3);
+        assert_eq!(json_u64(&v, "peers.0.tx_packets").unwrap(), 5);
+        assert!(json_u64(&v, "drops.martian").is_err());
+        assert_eq!(peer_status(&v, "n2").and_then(|p| json_u64(p, "tx_packets").ok()), Some(5));
+        assert!(peer_status(&v, "n9").is_none());
+    }
+}
