@@ -381,6 +381,19 @@ impl<'t> WeftNode<'t> {
         Ok(status)
     }
 
+    /// Waits up to `timeout` for the daemon to exit by itself; `None` if it is still running.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon was already stopped through this guard.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let status = self.proc_mut()?.wait_timeout(timeout)?;
+        if status.is_some() {
+            self.proc = None;
+        }
+        Ok(status)
+    }
+
     /// The daemon's pid, while it runs under this guard.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)

@@ -112,7 +112,7 @@ impl<E: Encap> MmsgWorker<E> {
             }
             for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
                 match ev.u64 {
-                    TOKEN_TUN => self.drain_tun(),
+                    TOKEN_TUN => self.drain_tun()?,
                     TOKEN_UDP => self.drain_udp(),
                     _ => {}
                 }
@@ -123,7 +123,10 @@ impl<E: Encap> MmsgWorker<E> {
 
     /// Reads up to [`BATCH`] packets from the TUN, then sends every one bound for a peer with
     /// a single `sendmmsg`.
-    fn drain_tun(&mut self) {
+    ///
+    /// # Errors
+    /// A TUN read error that is not transient: the device is gone.
+    fn drain_tun(&mut self) -> io::Result<()> {
         let routes = self.routes.load();
         let now = Instant::now();
         let tun_fd = self.tun.fd();
@@ -136,8 +139,13 @@ impl<E: Encap> MmsgWorker<E> {
             // SAFETY: the slot is ours; read writes at most SLOT_LEN - HEADROOM bytes into it.
             let n = unsafe { libc::read(tun_fd, self.pool.slot_ptr(slot).add(HEADROOM).cast(), SLOT_LEN - HEADROOM) };
             let Ok(n) = usize::try_from(n) else {
+                let e = io::Error::last_os_error();
                 self.pool.release(slot);
-                break; // EAGAIN: drained (other errors surface again on the next wake)
+                if e.raw_os_error().is_some_and(super::is_transient) {
+                    break; // EAGAIN: drained
+                }
+                self.send_staged(staged);
+                return Err(e);
             };
             // SAFETY: the slot is ours.
             let buf = unsafe { self.pool.slot_mut(slot) };
@@ -159,6 +167,12 @@ impl<E: Encap> MmsgWorker<E> {
                 TunVerdict::Drop(_) => self.pool.release(slot),
             }
         }
+        self.send_staged(staged);
+        Ok(())
+    }
+
+    /// Sends the first `staged` batch entries with `sendmmsg` and frees their slots.
+    fn send_staged(&mut self, staged: usize) {
         let mut sent = 0;
         while sent < staged {
             // SAFETY: hdrs[sent..staged] were staged above and point at owned slots.

@@ -106,6 +106,12 @@ pub fn probe(pref: IoPreference) -> Result<ProbeResult, DriverError> {
     }
 }
 
+/// Whether an errno from a read or receive means "try again" rather than "the device or
+/// socket is gone".
+pub(crate) fn is_transient(errno: i32) -> bool {
+    matches!(errno, libc::EAGAIN | libc::EINTR | libc::ENOBUFS | libc::ENOMEM | libc::ECANCELED)
+}
+
 /// Everything one worker owns.
 #[derive(Debug)]
 pub struct WorkerIo {

@@ -201,9 +201,12 @@ impl<E: Encap> UringWorker<E> {
                     Op::TunRead => {
                         self.tun_reads -= 1;
                         let Ok(n) = usize::try_from(res) else {
-                            self.fwd.stats().count_drop(DropReason::IoError);
                             self.pool.release(slot);
-                            continue;
+                            if super::is_transient(-res) {
+                                continue;
+                            }
+                            // The TUN is gone (deleted under us): stop rather than spin.
+                            return Err(io::Error::from_raw_os_error(-res));
                         };
                         // SAFETY: the read completed, so the slot is ours again.
                         let buf = unsafe { self.pool.slot_mut(slot) };
