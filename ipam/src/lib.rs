@@ -1,0 +1,51 @@
+//! weft's control-plane state: which node holds which subnet, and which pod holds which address.
+//!
+//! Nodes lease subnets of one cluster network from a shared store exactly as flannel does (same
+//! net-conf JSON, same etcd keys and lease JSON, same acquire order, same `subnet.env`), so weft
+//! nodes and flannel nodes can share one etcd. The crate is layered so that the decisions can be
+//! tested without I/O (design.md §2.3, convention 6):
+//!
+//! 1. [`config`], [`lease`], [`subnet`]: plain data and arithmetic (net-conf, lease records, the
+//!    free-subnet pick).
+//! 2. [`keeper`]: the sans-IO lease state machine (acquire, renew, re-acquire, never overwrite);
+//!    time and randomness come in as arguments.
+//! 3. [`watch`]: lease events and the re-list-and-diff used after a watch loses history.
+//! 4. [`store`]: where leases live. [`store::FileStore`] (embedded default, one machine),
+//!    [`store::EtcdStore`] (feature `etcd`, across machines), [`store::MemStore`] (tests), all
+//!    behind [`store::LeaseStore`]; plus [`store::FilePodStore`] behind [`store::PodStore`].
+//! 5. [`lease_loop`]: the thin async step that runs one keeper action against a store.
+//! 6. [`pod`]: per-node pod address allocation over the leased subnet, and [`subnet_env`]: the
+//!    `subnet.env` hand-off file.
+//!
+//! The crate never touches the data plane: it depends on neither `weft-forwarder`, netlink nor
+//! TUN (design.md §2.5). The daemon maps leases to routes.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backoff;
+pub mod config;
+mod durable;
+pub mod keeper;
+pub mod lease;
+pub mod lease_loop;
+pub mod pod;
+pub mod store;
+pub mod subnet;
+pub mod subnet_env;
+pub mod watch;
+
+pub use backoff::Backoff;
+pub use config::{BackendConfig, BackendKind, ConfigError, NetworkConfig};
+pub use keeper::{AcquireSource, KeeperConfig, KeeperEvent, KeeperPhase, KeeperStatus, LeaseAction, LeaseKeeper};
+pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, SubnetLease};
+pub use pod::{Attachment, AttachmentError, ContainerId, IfName, PodAddress, PodAllocator, PodError};
+pub use store::{
+    AnyStore, FilePodStore, FileStore, LeaseSnapshot, LeaseStore, MemStore, PodRecord, PodStore, Revision, StoreError,
+    WatchBatch,
+};
+#[cfg(feature = "etcd")]
+pub use store::{EtcdOptions, EtcdStore};
+pub use subnet::SubnetRange;
+pub use subnet_env::{SubnetEnv, SubnetEnvError};
+pub use watch::LeaseEvent;

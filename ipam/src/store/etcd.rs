@@ -1,0 +1,461 @@
+//! The etcd v3 lease store, with flannel's key layout so weft and flannel nodes share one etcd.
+//!
+//! ```text
+//! <prefix>/config                   net-conf JSON          (prefix default /coreos.com/network)
+//! <prefix>/subnets/10.244.1.0-24    lease JSON, attached to an etcd lease with the TTL
+//! ```
+//!
+//! - **create** grants an etcd lease and puts the record in a Txn that only succeeds while the
+//!   key's `Version` is 0 (flannel's `createSubnet`), so two nodes can never both win a subnet.
+//! - **renew** re-puts the record with a freshly granted etcd lease (as flannel's `updateSubnet`
+//!   does, which also republishes changed attributes), inside a Txn conditioned on the record's
+//!   `ModRevision` after checking that its `PublicIP` is ours: an expired-and-retaken subnet is
+//!   reported, never overwritten (flannel#1289). The old etcd lease is then revoked.
+//! - A key without an etcd lease is a reservation and stays one.
+//! - **watch** watches the subnets prefix from a revision with `prev_kv`, resumes from its last
+//!   revision after a disconnect, and re-lists and diffs when that revision was compacted.
+//!
+//! Connecting is lazy: [`EtcdStore::connect`] succeeds while etcd is down (flannel#323), and
+//! each call fails with [`StoreError::Unavailable`] within `request_timeout` until it is back.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use futures::Stream;
+use ipnet::Ipv4Net;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tracing::{debug, warn};
+
+use super::{LeaseSnapshot, LeaseStore, Revision, StoreError, UnreadableLease, WatchBatch};
+use crate::backoff::Backoff;
+use crate::config::NetworkConfig;
+use crate::lease::{LeaseAttrs, LeaseKey, SubnetLease};
+use crate::watch::{LeaseEvent, resync};
+
+/// How to reach etcd and where the network lives in it.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`; all are used (balanced), so one down endpoint
+    /// does not stop the node.
+    pub endpoints: Vec<String>,
+    /// Key prefix of the network (flannel's `--etcd-prefix`).
+    pub prefix: String,
+    /// Deadline of each request; past it the call fails as unavailable.
+    pub request_timeout: Duration,
+    /// Deadline of establishing a connection.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keep-alive interval and timeout, so a silently dead connection (etcd stopped,
+    /// network black-holed) is noticed even by an idle watch.
+    pub keep_alive: (Duration, Duration),
+}
+
+impl EtcdOptions {
+    /// flannel's default prefix.
+    pub const DEFAULT_PREFIX: &'static str = "/coreos.com/network";
+
+    /// Defaults for `endpoints`: flannel's prefix, 5 s requests, 3 s connects, 5 s / 3 s
+    /// keep-alive.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            keep_alive: (Duration::from_secs(5), Duration::from_secs(3)),
+        }
+    }
+}
+
+/// The etcd v3 lease store (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Clients>,
+    prefix: Arc<str>,
+}
+
+/// etcd-client's `Client` is several kilobytes; keep it behind one pointer.
+struct Clients {
+    /// For unary calls, with a request timeout.
+    client: Client,
+    /// For watches: no request timeout (it would cut long-lived streams); keep-alive only.
+    watch_client: Client,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(op: &str, e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable { reason: format!("etcd {op}: {e}") }
+}
+
+fn ttl_secs(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX)
+}
+
+impl EtcdStore {
+    /// Sets up the clients. Does not wait for etcd: the first calls fail as unavailable until it
+    /// answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] for an empty or malformed endpoint list.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        let base = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_keep_alive(options.keep_alive.0, options.keep_alive.1)
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(&options.endpoints, Some(base.clone().with_timeout(options.request_timeout)))
+            .await
+            .map_err(|e| unavailable("connect", e))?;
+        let watch_client =
+            Client::connect(&options.endpoints, Some(base)).await.map_err(|e| unavailable("connect", e))?;
+        let prefix = options.prefix.trim_end_matches('/').into();
+        Ok(Self { inner: Arc::new(Clients { client, watch_client }), prefix })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    fn lease_key(&self, subnet: Ipv4Net) -> String {
+        format!("{}/subnets/{}", self.prefix, LeaseKey(subnet))
+    }
+
+    /// Parses a subnets-prefix record: `Ok((subnet, attrs))` or what to report as unreadable.
+    fn parse_kv(&self, kv: &KeyValue) -> Result<(Ipv4Net, LeaseAttrs), UnreadableLease> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let name = key.strip_prefix(&self.subnets_prefix()).unwrap_or(&key);
+        let subnet = match name.parse::<LeaseKey>() {
+            Ok(k) => k.subnet(),
+            Err(e) => return Err(UnreadableLease { key, subnet: None, reason: e.to_string() }),
+        };
+        LeaseAttrs::from_json(kv.value()).map(|attrs| (subnet, attrs)).map_err(|e| UnreadableLease {
+            key,
+            subnet: Some(subnet),
+            reason: e.to_string(),
+        })
+    }
+
+    /// When the etcd lease `id` expires, seen from `now`; `Ok(None)` for a reservation (id 0),
+    /// `Err(None)` when the lease is already gone.
+    async fn expiration(&self, id: i64, now: SystemTime) -> Result<Option<SystemTime>, Option<StoreError>> {
+        if id == 0 {
+            return Ok(None);
+        }
+        let mut c = self.inner.client.clone();
+        let resp = c.lease_time_to_live(id, None).await.map_err(|e| Some(unavailable("lease ttl", e)))?;
+        match u64::try_from(resp.ttl()) {
+            Ok(secs) if secs > 0 => Ok(Some(now + Duration::from_secs(secs))),
+            _ => Err(None),
+        }
+    }
+
+    async fn kv_to_lease(&self, kv: &KeyValue, now: SystemTime) -> Result<Option<SubnetLease>, StoreError> {
+        let (subnet, attrs) = match self.parse_kv(kv) {
+            Ok(x) => x,
+            Err(_) => return Ok(None),
+        };
+        match self.expiration(kv.lease(), now).await {
+            Ok(expiration) => Ok(Some(SubnetLease { subnet, attrs, expiration })),
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e),
+        }
+    }
+
+    async fn revoke_quietly(&self, id: i64) {
+        if id != 0 {
+            let mut c = self.inner.client.clone();
+            if let Err(e) = c.lease_revoke(id).await {
+                debug!(lease_id = id, error = %e, "revoking an unused etcd lease failed; it will expire");
+            }
+        }
+    }
+
+    async fn get_one(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut c = self.inner.client.clone();
+        let mut resp = c.get(key, None).await.map_err(|e| unavailable("get", e))?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+}
+
+impl LeaseStore for EtcdStore {
+    async fn get_config(&self) -> Result<NetworkConfig, StoreError> {
+        let key = self.config_key();
+        let Some(kv) = self.get_one(&key).await? else { return Err(StoreError::ConfigMissing { key }) };
+        NetworkConfig::from_json(&String::from_utf8_lossy(kv.value()))
+            .map_err(|source| StoreError::InvalidConfig { key, source })
+    }
+
+    async fn put_config(&self, config: &NetworkConfig) -> Result<(), StoreError> {
+        let mut c = self.inner.client.clone();
+        c.put(self.config_key(), config.to_json(), None).await.map_err(|e| unavailable("put config", e))?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<LeaseSnapshot, StoreError> {
+        let mut c = self.inner.client.clone();
+        let resp = c
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| unavailable("list", e))?;
+        let now = SystemTime::now();
+        let revision = Revision(resp.header().map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)));
+        let mut snap = LeaseSnapshot { revision, ..LeaseSnapshot::default() };
+        for kv in resp.kvs() {
+            match self.parse_kv(kv) {
+                Ok((subnet, attrs)) => match self.expiration(kv.lease(), now).await {
+                    Ok(expiration) => snap.leases.push(SubnetLease { subnet, attrs, expiration }),
+                    Err(None) => {} // expiring right now: etcd deletes the key momentarily
+                    Err(Some(e)) => return Err(e),
+                },
+                Err(unreadable) => {
+                    warn!(key = %unreadable.key, reason = %unreadable.reason, "ignoring unreadable lease record");
+                    snap.unreadable.push(unreadable);
+                }
+            }
+        }
+        snap.leases.sort_by_key(|l| l.subnet);
+        Ok(snap)
+    }
+
+    async fn create(&self, lease: &SubnetLease, ttl: Duration) -> Result<Option<SubnetLease>, StoreError> {
+        let key = self.lease_key(lease.subnet);
+        let now = SystemTime::now();
+        let mut c = self.inner.client.clone();
+        let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| unavailable("lease grant", e))?;
+        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key,
+            lease.attrs.to_json(),
+            Some(PutOptions::new().with_lease(granted.id())),
+        )]);
+        match c.txn(txn).await {
+            Ok(resp) if resp.succeeded() => Ok(Some(SubnetLease {
+                expiration: Some(now + Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0))),
+                ..lease.clone()
+            })),
+            Ok(_) => {
+                self.revoke_quietly(granted.id()).await;
+                Ok(None)
+            }
+            Err(e) => {
+                // If the Txn did commit and only the answer was lost, the record is ours and
+                // bound to this lease: keep it; the keeper finds it by PublicIP on the re-list.
+                Err(unavailable("create", e))
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &SubnetLease, ttl: Duration) -> Result<SubnetLease, StoreError> {
+        let key = self.lease_key(lease.subnet);
+        // A concurrent writer can move the record between the read and the Txn; look again.
+        for _ in 0..3 {
+            let Some(kv) = self.get_one(&key).await? else {
+                return Err(StoreError::LeaseGone { subnet: lease.subnet });
+            };
+            let current = LeaseAttrs::from_json(kv.value())
+                .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+            if current.public_ip != lease.attrs.public_ip {
+                return Err(StoreError::LeaseTaken { subnet: lease.subnet, holder: current.public_ip });
+            }
+            let now = SystemTime::now();
+            let mut c = self.inner.client.clone();
+            let (new_id, expiration) = if kv.lease() == 0 {
+                (0, None)
+            } else {
+                let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| unavailable("lease grant", e))?;
+                let secs = u64::try_from(granted.ttl()).unwrap_or(0);
+                (granted.id(), Some(now + Duration::from_secs(secs)))
+            };
+            let put_opts = (new_id != 0).then(|| PutOptions::new().with_lease(new_id));
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([TxnOp::put(key.clone(), lease.attrs.to_json(), put_opts)]);
+            match c.txn(txn).await {
+                Ok(resp) if resp.succeeded() => {
+                    self.revoke_quietly(kv.lease()).await;
+                    return Ok(SubnetLease { subnet: lease.subnet, attrs: lease.attrs.clone(), expiration });
+                }
+                Ok(_) => self.revoke_quietly(new_id).await,
+                Err(e) => return Err(unavailable("renew", e)),
+            }
+        }
+        Err(StoreError::Unavailable { reason: format!("{key}: record kept changing during renewal") })
+    }
+
+    async fn release(&self, lease: &SubnetLease) -> Result<bool, StoreError> {
+        let key = self.lease_key(lease.subnet);
+        let Some(kv) = self.get_one(&key).await? else { return Ok(false) };
+        let ours = LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a.public_ip == lease.attrs.public_ip);
+        if !ours {
+            return Ok(false);
+        }
+        let mut c = self.inner.client.clone();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+            .and_then([TxnOp::delete(key, None)]);
+        let resp = c.txn(txn).await.map_err(|e| unavailable("release", e))?;
+        if resp.succeeded() {
+            self.revoke_quietly(kv.lease()).await;
+        }
+        Ok(resp.succeeded())
+    }
+
+    async fn delete(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
+        let mut c = self.inner.client.clone();
+        let resp = c.delete(self.lease_key(subnet), None).await.map_err(|e| unavailable("delete", e))?;
+        Ok(resp.deleted() > 0)
+    }
+
+    fn watch(&self, from: &LeaseSnapshot) -> impl Stream<Item = Result<WatchBatch, StoreError>> + Send + 'static {
+        let state = Watch {
+            store: self.clone(),
+            known: from.leases.iter().map(|l| (l.subnet, l.clone())).collect(),
+            revision: i64::try_from(from.revision.0).unwrap_or(i64::MAX),
+            stream: None,
+            relist: false,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            rng: StdRng::seed_from_u64(rand::random()),
+            pause: None,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            let item = st.next_batch().await;
+            Some((item, st))
+        })
+    }
+}
+
+/// The state of one watch stream.
+struct Watch {
+    store: EtcdStore,
+    known: BTreeMap<Ipv4Net, SubnetLease>,
+    /// Last revision applied; the watch resumes after it.
+    revision: i64,
+    stream: Option<WatchStream>,
+    /// History was compacted past `revision`: re-list and diff before watching again.
+    relist: bool,
+    backoff: Backoff,
+    rng: StdRng,
+    /// Wait this long before the next attempt (set after a failure).
+    pause: Option<Duration>,
+}
+
+impl Watch {
+    fn fail(&mut self, e: StoreError) -> Result<WatchBatch, StoreError> {
+        self.stream = None;
+        self.pause = Some(self.backoff.next_delay(&mut self.rng));
+        Err(e)
+    }
+
+    async fn next_batch(&mut self) -> Result<WatchBatch, StoreError> {
+        loop {
+            if let Some(pause) = self.pause.take() {
+                tokio::time::sleep(pause).await;
+            }
+            if self.relist {
+                let snap = match self.store.list().await {
+                    Ok(s) => s,
+                    Err(e) => return self.fail(e),
+                };
+                self.relist = false;
+                let old: Vec<SubnetLease> = self.known.values().cloned().collect();
+                let events = resync(&old, &snap.leases);
+                self.known = snap.leases.into_iter().map(|l| (l.subnet, l)).collect();
+                self.revision = i64::try_from(snap.revision.0).unwrap_or(i64::MAX);
+                if !events.is_empty() {
+                    return Ok(WatchBatch { events, revision: snap.revision, resync: true });
+                }
+            }
+            if self.stream.is_none() {
+                let opts = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1).with_prev_key();
+                let mut c = self.store.inner.watch_client.clone();
+                match c.watch(self.store.subnets_prefix(), Some(opts)).await {
+                    Ok(s) => self.stream = Some(s),
+                    Err(e) => return self.fail(unavailable("watch", e)),
+                }
+            }
+            let Some(stream) = self.stream.as_mut() else { continue };
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return self.fail(StoreError::Unavailable { reason: "etcd watch: stream closed".into() });
+                }
+                Err(e) => return self.fail(unavailable("watch", e)),
+            };
+            if resp.compact_revision() > 0 || resp.canceled() {
+                warn!(
+                    from_revision = self.revision + 1,
+                    compacted = resp.compact_revision(),
+                    reason = resp.cancel_reason(),
+                    "lease watch lost its history; re-listing and diffing"
+                );
+                self.stream = None;
+                self.relist = true;
+                continue;
+            }
+            self.backoff.reset();
+            let now = SystemTime::now();
+            let mut events = Vec::new();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                self.revision = self.revision.max(kv.mod_revision());
+                let subnet = match self.store.parse_kv(kv) {
+                    Ok((subnet, _)) => subnet,
+                    Err(UnreadableLease { subnet: Some(subnet), key, reason }) => {
+                        // Unreadable now: whatever it was, we cannot route to it.
+                        warn!(key = %key, reason = %reason, "lease record became unreadable");
+                        if self.known.remove(&subnet).is_some() {
+                            events.push(LeaseEvent::Removed(subnet));
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                match ev.event_type() {
+                    EventType::Delete => {
+                        if self.known.remove(&subnet).is_some() {
+                            events.push(LeaseEvent::Removed(subnet));
+                        }
+                    }
+                    EventType::Put => {
+                        let lease = match self.store.kv_to_lease(kv, now).await {
+                            Ok(Some(lease)) => lease,
+                            Ok(None) => continue, // its etcd lease is already gone; a Delete follows
+                            Err(e) => {
+                                // Could not learn its TTL: re-list once the store answers.
+                                self.relist = true;
+                                return self.fail(e);
+                            }
+                        };
+                        let changed = self.known.get(&subnet).is_none_or(|k| k.attrs != lease.attrs);
+                        self.known.insert(subnet, lease.clone());
+                        if changed {
+                            events.push(LeaseEvent::Added(lease));
+                        }
+                    }
+                }
+            }
+            if !events.is_empty() {
+                let revision = Revision(u64::try_from(self.revision).unwrap_or(0));
+                return Ok(WatchBatch { events, revision, resync: false });
+            }
+        }
+    }
+}

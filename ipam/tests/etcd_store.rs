@@ -1,0 +1,390 @@
+//! The etcd store against a real etcd (Debian's `etcd-server`), started by each test on
+//! 127.0.0.1 with free ports and a temporary data dir, and killed when the test ends.
+//!
+//! Without an `etcd` binary the tests fail under `CI=true` and otherwise skip, saying so.
+
+#![cfg(feature = "etcd")]
+// Test harness code outside `#[test]` fns (process and etcd helpers): a failed setup should
+// fail the test loudly, which is what these lints exist to prevent elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use weft_ipam::keeper::AcquireSource;
+use weft_ipam::lease_loop::execute;
+use weft_ipam::store::{EtcdOptions, EtcdStore};
+use weft_ipam::{
+    KeeperConfig, KeeperEvent, LeaseAction, LeaseAttrs, LeaseEvent, LeaseKeeper, LeaseStore, NetworkConfig, StoreError,
+    SubnetLease,
+};
+
+/// One etcd process; killed (SIGKILL) and reaped on drop, data dir removed with the guard.
+struct Etcd {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    data: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// Starts etcd, or returns `None` (after saying why) when it is not installed and this is
+    /// not CI.
+    fn start() -> Option<Self> {
+        if Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+            let why = "etcd not found (Debian: apt-get install etcd-server)";
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why}; CI must run the etcd tests");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let mut etcd =
+            Self { child: None, client_port: free_port(), peer_port: free_port(), data: tempfile::tempdir().unwrap() };
+        etcd.spawn();
+        Some(etcd)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.data.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "weft-test", "--data-dir"])
+            .arg(self.data.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint(), "--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("weft-test={peer}"), "--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not listen; see {}", self.log_path().display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data.path().join("etcd.log")
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts on the same ports and data dir (what a crashed etcd does under systemd).
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn options(etcd: &Etcd) -> EtcdOptions {
+    EtcdOptions { request_timeout: Duration::from_secs(2), ..EtcdOptions::new([etcd.endpoint()]) }
+}
+
+async fn store(etcd: &Etcd) -> EtcdStore {
+    EtcdStore::connect(options(etcd)).await.unwrap()
+}
+
+/// A store with the config written, once etcd answers.
+async fn ready_store(etcd: &Etcd) -> EtcdStore {
+    let s = store(etcd).await;
+    let config = NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = s.put_config(&config).await {
+        assert!(Instant::now() < deadline, "etcd never answered: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s
+}
+
+fn keeper(range: weft_ipam::SubnetRange, host: u8, ttl: Duration) -> LeaseKeeper {
+    LeaseKeeper::new(KeeperConfig {
+        ttl,
+        renew_margin: ttl / 3,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_secs(1),
+        seed: u64::from(host),
+        ..KeeperConfig::new(range, LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, host), "udp"))
+    })
+}
+
+/// Runs the keeper's loop until `done` holds, sleeping as it asks (at most 200 ms at a time).
+async fn run_until(k: &mut LeaseKeeper, s: &EtcdStore, limit: Duration, done: impl Fn(&LeaseKeeper) -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done(k) {
+        assert!(Instant::now() < deadline, "gave up: {:?}", k.status(SystemTime::now()));
+        match k.poll(SystemTime::now()) {
+            LeaseAction::WaitUntil(t) => {
+                let nap = t.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_millis(200));
+                tokio::time::sleep(nap).await;
+            }
+            action => execute(k, s, action, SystemTime::now).await,
+        }
+    }
+}
+
+async fn acquire(k: &mut LeaseKeeper, s: &EtcdStore) -> SubnetLease {
+    run_until(k, s, Duration::from_secs(60), |k| k.is_ready(SystemTime::now())).await;
+    k.lease().unwrap().clone()
+}
+
+fn sources(k: &mut LeaseKeeper) -> Vec<AcquireSource> {
+    std::iter::from_fn(|| k.poll_event())
+        .filter_map(|e| match e {
+            KeeperEvent::Acquired { source, .. } => Some(source),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_acquisitions_get_fifty_distinct_subnets() {
+    let Some(etcd) = Etcd::start() else { return };
+    let range = ready_store(&etcd).await.get_config().await.unwrap().subnet_range();
+    let started = Instant::now();
+    let tasks: Vec<_> = (1..=50u8)
+        .map(|host| {
+            let opts = options(&etcd);
+            tokio::spawn(async move {
+                // Each node its own client, as separate machines would have.
+                let s = EtcdStore::connect(opts).await.unwrap();
+                let mut k = keeper(range, host, Duration::from_secs(60));
+                acquire(&mut k, &s).await.subnet
+            })
+        })
+        .collect();
+    let mut subnets = BTreeSet::new();
+    for t in tasks {
+        let subnet = t.await.unwrap();
+        assert!(subnets.insert(subnet), "{subnet} acquired twice");
+    }
+    let snap = store(&etcd).await.list().await.unwrap();
+    assert_eq!(snap.leases.len(), 50);
+    assert_eq!(snap.leases.iter().map(|l| l.subnet).collect::<BTreeSet<_>>(), subnets);
+    eprintln!("etcd: 50 concurrent nodes acquired 50 distinct subnets in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_its_subnet_and_uses_flannels_layout() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let range = s.get_config().await.unwrap().subnet_range();
+    let mut first = keeper(range, 7, Duration::from_secs(600));
+    let lease = acquire(&mut first, &s).await;
+    assert_eq!(sources(&mut first), vec![AcquireSource::NewSubnet]);
+
+    // What flannel (or etcdctl) sees.
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let key = format!("/coreos.com/network/subnets/{}-{}", lease.subnet.addr(), lease.subnet.prefix_len());
+    let got = raw.get(key.as_str(), None).await.unwrap();
+    let kv = &got.kvs()[0];
+    assert_eq!(kv.value_str().unwrap(), r#"{"PublicIP":"198.18.0.7","PublicIPv6":null,"BackendType":"udp"}"#);
+    let ttl = raw.lease_time_to_live(kv.lease(), None).await.unwrap().ttl();
+    assert!((590..=600).contains(&ttl), "bound to an etcd lease with the TTL, got {ttl}");
+
+    // The process restarts: a new keeper, a new connection, the same public IP.
+    drop(first);
+    let s2 = store(&etcd).await;
+    let mut second = keeper(range, 7, Duration::from_secs(600));
+    let again = acquire(&mut second, &s2).await;
+    assert_eq!(again.subnet, lease.subnet);
+    assert_eq!(sources(&mut second), vec![AcquireSource::OwnLease]);
+    assert_eq!(s2.list().await.unwrap().leases.len(), 1, "no second lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_reaches_a_watcher_within_one_second() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let range = s.get_config().await.unwrap().subnet_range();
+    let snap = s.list().await.unwrap();
+    let mut watch = Box::pin(s.watch(&snap));
+    let mut worst = Duration::ZERO;
+    for host in 1..=5u8 {
+        let mut k = keeper(range, host, Duration::from_secs(60));
+        let lease = acquire(&mut k, &store(&etcd).await).await;
+        let t = Instant::now();
+        let batch = tokio::time::timeout(Duration::from_secs(1), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("node {host} not seen within 1 s"))
+            .unwrap()
+            .unwrap();
+        worst = worst.max(t.elapsed());
+        assert!(!batch.resync);
+        assert!(
+            matches!(&batch.events[..], [LeaseEvent::Added(l)] if l.subnet == lease.subnet && l.attrs == lease.attrs)
+        );
+    }
+    eprintln!("etcd watch latency after create returned: worst {worst:?} over 5 nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_resyncs_with_a_diff_not_a_wipe() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let mk = |third: u8| SubnetLease {
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
+        attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp"),
+        expiration: None,
+    };
+    for third in 1..=3 {
+        s.create(&mk(third), Duration::from_secs(600)).await.unwrap().unwrap();
+    }
+    let old = s.list().await.unwrap();
+    // While "our watcher was away": one node leaves, one joins, then history is compacted.
+    assert!(s.delete(mk(2).subnet).await.unwrap());
+    let joined = s.create(&mk(4), Duration::from_secs(600)).await.unwrap().unwrap();
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let rev = raw.get("x", None).await.unwrap().header().unwrap().revision();
+    raw.compact(rev, None).await.unwrap();
+
+    let mut watch = Box::pin(s.watch(&old));
+    let batch = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+    assert!(batch.resync);
+    assert_eq!(batch.events.len(), 2, "{:?}", batch.events);
+    assert!(batch.events.contains(&LeaseEvent::Removed(mk(2).subnet)));
+    assert!(batch.events.iter().any(|e| matches!(e, LeaseEvent::Added(l) if l.subnet == joined.subnet)));
+    // And it keeps watching from the new revision.
+    s.create(&mk(5), Duration::from_secs(600)).await.unwrap().unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(2), watch.next()).await.unwrap().unwrap().unwrap();
+    assert!(!batch.resync);
+    assert!(matches!(&batch.events[..], [LeaseEvent::Added(l)] if l.subnet == mk(5).subnet));
+}
+
+/// flannel#1289 against real etcd: our lease expires while we are away, another node creates
+/// the subnet; renewing reports who holds it and re-creating fails cleanly. Nothing is
+/// overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_retaken_subnet_is_never_overwritten() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let snap = s.list().await.unwrap();
+    let mut watch = Box::pin(s.watch(&snap));
+    let subnet: Ipv4Net = "10.244.9.0/24".parse().unwrap();
+    let a = SubnetLease { subnet, attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1), "udp"), expiration: None };
+    let b = SubnetLease { attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 2), "udp"), ..a.clone() };
+    s.create(&a, Duration::from_secs(3)).await.unwrap().unwrap();
+    assert!(matches!(&watch.next().await.unwrap().unwrap().events[..], [LeaseEvent::Added(_)]));
+    // The etcd lease runs out; etcd deletes the key and the watch says so.
+    let gone = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(gone.events, vec![LeaseEvent::Removed(subnet)]);
+    assert!(matches!(s.renew(&a, Duration::from_secs(60)).await, Err(StoreError::LeaseGone { .. })));
+    // B takes it; A's renewal and re-creation must leave B's record alone.
+    s.create(&b, Duration::from_secs(60)).await.unwrap().unwrap();
+    assert!(matches!(
+        s.renew(&a, Duration::from_secs(60)).await,
+        Err(StoreError::LeaseTaken { holder, .. }) if holder == Ipv4Addr::new(198, 18, 0, 2)
+    ));
+    assert_eq!(s.create(&a, Duration::from_secs(60)).await.unwrap(), None);
+    assert!(!s.release(&a).await.unwrap());
+    let holder = s.list().await.unwrap().leases.into_iter().find(|l| l.subnet == subnet).unwrap();
+    assert_eq!(holder.attrs, b.attrs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_missing_invalid_and_written() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = store(&etcd).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let missing = loop {
+        match s.get_config().await {
+            Err(StoreError::Unavailable { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(missing, Err(StoreError::ConfigMissing { ref key }) if key == "/coreos.com/network/config"),
+        "{missing:?}"
+    );
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    raw.put("/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#, None).await.unwrap();
+    let err = s.get_config().await.unwrap_err().to_string();
+    assert_eq!(err, "/coreos.com/network/config: SubnetLen: 31 must be between 18 and 30 for Network 10.244.0.0/16");
+    // A flannel-written config is read as is.
+    raw.put("/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, None)
+        .await
+        .unwrap();
+    assert_eq!(s.get_config().await.unwrap().backend.vni(), 1);
+}
+
+/// etcd killed for a few seconds: calls fail as "unavailable" (quickly, not hanging), the
+/// watch reports errors and no spurious deletes, and everything recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_then_back_recovers_by_itself() {
+    let Some(mut etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let range = s.get_config().await.unwrap().subnet_range();
+    let mut k = keeper(range, 1, Duration::from_secs(30));
+    let lease = acquire(&mut k, &s).await;
+    let snap = s.list().await.unwrap();
+    let mut watch = Box::pin(s.watch(&snap));
+
+    etcd.kill();
+    let t = Instant::now();
+    let err = s.list().await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "failing took {:?}", t.elapsed());
+    let item = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap();
+    assert!(matches!(item, Err(StoreError::Unavailable { .. })), "{item:?}");
+    // The keeper's renewal fails and it backs off; it stays ready on its own lease meanwhile.
+    k.set_attrs(k.attrs().clone()); // force a renewal now
+    run_until(&mut k, &s, Duration::from_secs(10), |k| k.status(SystemTime::now()).failures >= 2).await;
+    assert!(k.is_ready(SystemTime::now()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    etcd.restart();
+    // The keeper renews by itself, keeping its subnet.
+    run_until(&mut k, &s, Duration::from_secs(30), |k| k.status(SystemTime::now()).failures == 0).await;
+    assert_eq!(k.lease().unwrap().subnet, lease.subnet);
+    assert!(k.is_ready(SystemTime::now()));
+    // The watch resumes: a node that joins now is seen, and nothing was removed meanwhile.
+    let mut other = keeper(range, 2, Duration::from_secs(30));
+    let joined = acquire(&mut other, &s).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "the watch did not resume");
+        match tokio::time::timeout(Duration::from_secs(20), watch.next()).await.unwrap().unwrap() {
+            Err(_) => continue,
+            Ok(batch) => {
+                assert!(
+                    !batch.events.iter().any(|e| matches!(e, LeaseEvent::Removed(_))),
+                    "spurious delete: {:?}",
+                    batch.events
+                );
+                if batch.events.iter().any(|e| matches!(e, LeaseEvent::Added(l) if l.subnet == joined.subnet)) {
+                    break;
+                }
+            }
+        }
+    }
+}
