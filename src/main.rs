@@ -40,9 +40,21 @@ struct RunArgs {
     /// Underlay address to bind and publish.
     #[arg(long)]
     public_ip: Option<String>,
-    /// Underlay UDP port [default: 8285].
+    /// Wire format: udp or vxlan [default: udp].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Underlay UDP port [default: 8285 for udp, 8472 for vxlan].
     #[arg(long)]
     port: Option<u16>,
+    /// VXLAN network identifier [default: 1].
+    #[arg(long)]
+    vni: Option<u32>,
+    /// Our VTEP MAC [default: derived from the node name].
+    #[arg(long)]
+    vtep_mac: Option<String>,
+    /// Send outer UDP checksums with VXLAN [default: false, as Linux vxlan].
+    #[arg(long)]
+    udp_checksum: Option<bool>,
     /// Cluster network [default: 10.244.0.0/16].
     #[arg(long)]
     network: Option<String>,
@@ -64,7 +76,7 @@ struct RunArgs {
     /// API socket path [default: /run/weft/weft.sock].
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mtu=M] (repeatable; replaces the file's list).
+    /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mac=MAC][,mtu=M] (repeatable; replaces the file's list).
     #[arg(long = "peer", value_parser = RawPeer::from_flag)]
     peers: Vec<RawPeer>,
     /// Log format: text or json.
@@ -98,7 +110,11 @@ fn run(args: RunArgs) -> ExitCode {
     let flags = RawConfig {
         node_name: args.node_name,
         public_ip: args.public_ip,
+        backend: args.backend,
         port: args.port,
+        vni: args.vni,
+        vtep_mac: args.vtep_mac,
+        udp_checksum: args.udp_checksum,
         network: args.network,
         subnet: args.subnet,
         tun_name: args.tun_name,

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump; do
+for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump tshark:tshark ethtool:ethtool setpriv:util-linux; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

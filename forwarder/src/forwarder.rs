@@ -24,14 +24,13 @@
 
 #![deny(unsafe_code)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ipnet::{Ipv4Net, Ipv6Net};
-
 use crate::buf::PacketBuf;
-use crate::encap::Encap;
+use crate::encap::{Decapsulated, Encap};
+use crate::node::LocalNode;
 use crate::ratelimit::IcmpLimiter;
 use crate::route::{PeerId, RouteTable};
 use crate::stats::{DropReason, IcmpCounter, WorkerStats};
@@ -51,6 +50,9 @@ pub enum TunVerdict {
         to: SocketAddr,
         /// The peer, for accounting.
         peer: PeerId,
+        /// A hash of the inner flow, for formats whose outer source port follows it
+        /// ([`Encap::FLOW_SOURCE_PORT`]); 0 otherwise.
+        flow: u32,
     },
     /// An ICMP error was written into the buffer; write it back into the TUN.
     Reply,
@@ -67,51 +69,13 @@ pub enum UnderlayVerdict {
         /// The sending peer.
         from: PeerId,
     },
+    /// The buffer now holds the answer to a neighbour request; send it back to `to`.
+    Reply {
+        /// The peer that asked.
+        to: SocketAddr,
+    },
     /// Drop the datagram (already counted).
     Drop(DropReason),
-}
-
-/// This node's place in the overlay.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub struct LocalNode {
-    /// Our IPv4 subnet.
-    pub subnet_v4: Option<Ipv4Net>,
-    /// Our IPv6 subnet.
-    pub subnet_v6: Option<Ipv6Net>,
-}
-
-impl LocalNode {
-    /// The gateway: the first usable address of the subnet, held by the TUN.
-    pub fn gateway_v4(&self) -> Option<Ipv4Addr> {
-        self.subnet_v4.map(|n| Ipv4Addr::from(u32::from(n.network()).wrapping_add(1)))
-    }
-
-    /// The IPv6 gateway, likewise.
-    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
-        self.subnet_v6.map(|n| Ipv6Addr::from(u128::from(n.network()).wrapping_add(1)))
-    }
-
-    fn owns(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => self.subnet_v4.is_some_and(|n| n.contains(&a)),
-            IpAddr::V6(a) => self.subnet_v6.is_some_and(|n| n.contains(&a)),
-        }
-    }
-
-    /// A destination no overlay packet may be delivered to: loopback, multicast,
-    /// unspecified, limited broadcast, or our subnet's own broadcast address.
-    fn is_martian_dst(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => {
-                a.is_loopback()
-                    || a.is_multicast()
-                    || a.is_unspecified()
-                    || a.is_broadcast()
-                    || self.subnet_v4.is_some_and(|n| n.prefix_len() < 31 && a == n.broadcast())
-            }
-            IpAddr::V6(a) => a.is_loopback() || a.is_multicast() || a.is_unspecified(),
-        }
-    }
 }
 
 /// The data-plane core of one worker.
@@ -174,11 +138,12 @@ impl<E: Encap> Forwarder<E> {
             return self.drop_tun(DropReason::TtlExpired);
         }
         let inner_len = pkt.len();
+        let flow = if E::FLOW_SOURCE_PORT { flow_hash(pkt.as_slice()) } else { 0 };
         if let Err(reason) = self.encap.encap(pkt, hop) {
             return self.drop_tun(reason);
         }
         hop.counters.tx(self.worker, inner_len);
-        TunVerdict::Send { to: hop.endpoint, peer }
+        TunVerdict::Send { to: hop.endpoint, peer, flow }
     }
 
     /// Decides the fate of a datagram read from the underlay; see the module doc.
@@ -186,8 +151,18 @@ impl<E: Encap> Forwarder<E> {
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
-        if let Err(reason) = self.encap.decap(pkt) {
-            return self.drop_underlay(reason);
+        match self.encap.decap(pkt, hop) {
+            Ok(Decapsulated::Ip) => {}
+            Ok(Decapsulated::NeighbourRequest) => {
+                return match self.encap.answer(pkt, hop, &self.local) {
+                    Ok(()) => {
+                        self.stats.count_icmp(IcmpCounter::NeighbourReply);
+                        UnderlayVerdict::Reply { to: hop.endpoint }
+                    }
+                    Err(reason) => self.drop_underlay(reason),
+                };
+            }
+            Err(reason) => return self.drop_underlay(reason),
         }
         let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
@@ -277,6 +252,30 @@ impl<E: Encap> Forwarder<E> {
     }
 }
 
+/// A cheap hash of the inner flow (addresses, protocol, ports of an unfragmented TCP/UDP
+/// packet), so one flow keeps one outer source port and different flows spread.
+#[inline]
+fn flow_hash(p: &[u8]) -> u32 {
+    let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(p.first().map_or(5, |b| b & 0x0f)) * 4;
+            let unfragmented = p.get(6..8).is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff == 0);
+            (p.get(12..20), p.get(9).copied(), if unfragmented { p.get(ihl..ihl + 4) } else { None })
+        }
+        Some(6) => (p.get(8..40), p.get(6).copied(), p.get(40..44)),
+        _ => (None, None, None),
+    };
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |b: u8| h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    addrs.unwrap_or_default().iter().for_each(|b| mix(*b));
+    let proto = proto.unwrap_or(0);
+    mix(proto);
+    if matches!(proto, 6 | 17) {
+        l4.unwrap_or_default().iter().for_each(|b| mix(*b));
+    }
+    h
+}
+
 /// Traffic the kernel sends on every link by itself (IPv6 router solicitations and MLD from
 /// a link-local address, multicast): never for a peer, and not a spoofing pod either.
 fn is_link_local_chatter(src: IpAddr, dst: IpAddr) -> bool {
@@ -305,6 +304,7 @@ mod tests {
     use super::*;
     use crate::encap::UdpEncap;
     use crate::testing::{Pair, icmp_echo, icmp_echo_v6};
+    use std::net::Ipv4Addr;
 
     #[test]
     fn ping_between_two_nodes() {

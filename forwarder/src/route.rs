@@ -19,6 +19,7 @@ use prefix_trie::PrefixMap;
 use rustc_hash::FxBuildHasher;
 
 use crate::stats::PeerCounters;
+use crate::wire::ethernet::MacAddr;
 
 /// Index of a peer within one [`RouteTable`] snapshot (not stable across snapshots).
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
@@ -42,6 +43,9 @@ pub struct NextHop {
     pub subnet_v4: Option<Ipv4Net>,
     /// The peer's IPv6 overlay subnet.
     pub subnet_v6: Option<Ipv6Net>,
+    /// The peer's VTEP MAC (VXLAN): inner frames go to it, and frames from the peer must
+    /// come from it.
+    pub mac: Option<MacAddr>,
     /// Largest inner packet the path to this peer carries, in bytes.
     pub mtu: u16,
     /// Traffic counters, carried across snapshots.
@@ -245,6 +249,7 @@ mod tests {
             endpoint: endpoint.parse().unwrap(),
             subnet_v4: Some(subnet.parse().unwrap()),
             subnet_v6: None,
+            mac: None,
             mtu: 1472,
             counters: Arc::new(PeerCounters::new(1)),
         }

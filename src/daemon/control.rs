@@ -30,6 +30,7 @@ pub fn build_table<E: Encap>(
             endpoint: p.endpoint,
             subnet_v4: Some(p.subnet),
             subnet_v6: p.subnet_v6,
+            mac: p.mac,
             mtu: p.mtu.map_or(mtu, |m| m.min(mtu)),
             counters: previous
                 .get(p.name.as_str())
@@ -50,6 +51,7 @@ mod tests {
             subnet: format!("10.244.{third}.0/24").parse().unwrap(),
             subnet_v6: None,
             endpoint: format!("198.18.0.{third}:8285").parse().unwrap(),
+            mac: None,
             mtu: if third == 3 { Some(9000) } else { None },
         }
     }

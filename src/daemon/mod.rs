@@ -19,10 +19,11 @@ use std::time::Instant;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
+use weft_forwarder::driver::udp::OuterChecksum;
 use weft_forwarder::driver::{self, DriverError, WorkerIo};
-use weft_forwarder::{Encap, Forwarder, LocalNode, RouteError, RouteTableHandle, UdpEncap, WorkerStats};
+use weft_forwarder::{Encap, Forwarder, LocalNode, RouteError, RouteTableHandle, UdpEncap, VxlanEncap, WorkerStats};
 
-use crate::config::{Config, ConfigError, RawConfig};
+use crate::config::{Backend, Config, ConfigError, RawConfig};
 use netlink::{Netlink, NetlinkError};
 
 /// Why the daemon could not start or had to stop. Each maps to a stable exit code.
@@ -130,10 +131,19 @@ impl ConfigSource {
 /// [`DaemonError`] when start-up fails or a worker dies.
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let cfg = source.load()?;
-    run_with::<UdpEncap>(cfg, source).await
+    // The format is chosen once here; everything below is monomorphised per format, so the
+    // data path has no dynamic dispatch.
+    match cfg.backend {
+        Backend::Udp => run_with(UdpEncap, cfg, source).await,
+        Backend::Vxlan { vni, vtep_mac, .. } => run_with(VxlanEncap::new(vni, vtep_mac), cfg, source).await,
+    }
 }
 
-async fn run_with<E: Encap + Clone + Default + Send + 'static>(
+/// Send sockets per worker for formats whose outer source port follows the inner flow.
+const FLOW_SENDERS_PER_WORKER: usize = 8;
+
+async fn run_with<E: Encap + Clone + Send + 'static>(
+    encap: E,
     cfg: Config,
     source: ConfigSource,
 ) -> Result<(), DaemonError> {
@@ -173,12 +183,24 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
         _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
     })?;
     let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
-    let sockets = driver::udp::bind(bind_addr, cfg.workers).map_err(|e| match e.kind() {
+    let csum = match cfg.backend {
+        Backend::Vxlan { udp_checksum: false, .. } => OuterChecksum::Zero,
+        _ => OuterChecksum::On,
+    };
+    let sockets = driver::udp::bind(bind_addr, cfg.workers, csum).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => DaemonError::AddressInUse(bind_addr),
         io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("bind {bind_addr}: {e}")),
         _ => DaemonError::Bind { addr: bind_addr, source: e },
     })?;
 
+    let senders = if E::FLOW_SOURCE_PORT { FLOW_SENDERS_PER_WORKER } else { 0 };
+    let mut send_sets = Vec::with_capacity(cfg.workers);
+    for _ in 0..cfg.workers {
+        send_sets.push(
+            driver::udp::bind_senders(cfg.public_ip, senders, csum)
+                .map_err(|e| DaemonError::Bind { addr: SocketAddr::new(cfg.public_ip, 0), source: e })?,
+        );
+    }
     let local = LocalNode { subnet_v4: Some(cfg.subnet), subnet_v6: cfg.subnet_v6 };
     let gateways: Vec<IpAddr> =
         local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
@@ -199,15 +221,15 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<(), DriverError>)>();
     let mut threads = Vec::with_capacity(cfg.workers);
-    for (i, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
-        let fwd = Forwarder::new(E::default(), local, i, Arc::clone(&stats[i]));
+    for (i, ((tun, udp), send)) in queues.into_iter().zip(sockets).zip(send_sets).enumerate() {
+        let fwd = Forwarder::new(encap.clone(), local, i, Arc::clone(&stats[i]));
         let (routes, stop, done, backend) = (routes.clone(), Arc::clone(&stop), done_tx.clone(), probe.backend);
         let t = std::thread::Builder::new()
             .name(format!("weft-worker-{i}"))
             .spawn(move || {
                 let span = info_span!("worker", id = i, io = backend.as_str());
                 let _g = span.enter();
-                let r = driver::run_worker(backend, WorkerIo { tun, udp }, fwd, routes, stop);
+                let r = driver::run_worker(backend, WorkerIo { tun, udp, send }, fwd, routes, stop);
                 let _ = done.send((i, r));
             })
             .map_err(DaemonError::Thread)?;

@@ -20,6 +20,7 @@ mod uring;
 
 use std::io;
 use std::net::UdpSocket;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -106,6 +107,15 @@ pub fn probe(pref: IoPreference) -> Result<ProbeResult, DriverError> {
     }
 }
 
+/// The send socket for a packet of inner flow `flow`: one of `send` by hash, else `udp`.
+#[inline]
+pub(crate) fn pick_sender(udp: RawFd, send: &[RawFd], flow: u32) -> RawFd {
+    match send.len() {
+        0 => udp,
+        n => send.get(flow as usize % n).copied().unwrap_or(udp),
+    }
+}
+
 /// Whether an errno from a read or receive means "try again" rather than "the device or
 /// socket is gone".
 pub(crate) fn is_transient(errno: i32) -> bool {
@@ -117,8 +127,11 @@ pub(crate) fn is_transient(errno: i32) -> bool {
 pub struct WorkerIo {
     /// Its TUN queue.
     pub tun: TunQueue,
-    /// Its UDP socket (one of the `SO_REUSEPORT` group).
+    /// Its UDP socket (one of the `SO_REUSEPORT` group on the overlay port).
     pub udp: UdpSocket,
+    /// Sockets on ephemeral ports to send from, picked by inner-flow hash, so the outer
+    /// source port follows the flow as Linux vxlan's does. Empty: send from `udp`.
+    pub send: Vec<UdpSocket>,
 }
 
 /// Runs one worker on the calling thread until `stop` is set.
@@ -134,11 +147,11 @@ pub fn run_worker<E: Encap>(
 ) -> Result<(), DriverError> {
     let pool = BufPool::new(POOL_SLOTS).map_err(DriverError::Setup)?;
     match backend {
-        Backend::Uring => uring::UringWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+        Backend::Uring => uring::UringWorker::new(io, fwd, routes, stop, pool)
             .map_err(DriverError::Setup)?
             .run()
             .map_err(DriverError::Loop),
-        Backend::Mmsg => mmsg::MmsgWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+        Backend::Mmsg => mmsg::MmsgWorker::new(io, fwd, routes, stop, pool)
             .map_err(DriverError::Setup)?
             .run()
             .map_err(DriverError::Loop),

@@ -116,6 +116,7 @@ pub(super) struct UringWorker<E: Encap> {
     pool: BufPool,
     tun: TunQueue,
     udp: UdpSocket,
+    send: Vec<UdpSocket>,
     fwd: Forwarder<E>,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
@@ -127,15 +128,18 @@ impl<E: Encap> UringWorker<E> {
     /// Sets up the ring and registers the pool. Must run on the worker's own thread
     /// (`SINGLE_ISSUER`).
     pub(super) fn new(
-        tun: TunQueue,
-        udp: UdpSocket,
+        io: super::WorkerIo,
         fwd: Forwarder<E>,
         routes: RouteTableHandle,
         stop: Arc<AtomicBool>,
         pool: BufPool,
     ) -> io::Result<Self> {
+        let super::WorkerIo { tun, udp, send } = io;
         tun.set_nonblocking(false)?;
         udp.set_nonblocking(false)?;
+        for s in &send {
+            s.set_nonblocking(false)?;
+        }
         let ring = new_ring(SQ_ENTRIES)?;
         let iovecs = pool.iovecs();
         // SAFETY: the iovecs describe the pool's mapping, which outlives the ring (field
@@ -148,7 +152,7 @@ impl<E: Encap> UringWorker<E> {
                 unsafe { std::mem::zeroed::<MsgSlot>() }
             })
             .collect();
-        Ok(Self { ring, msgs, pool, tun, udp, fwd, routes, stop, tun_reads: 0, udp_recvs: 0 })
+        Ok(Self { ring, msgs, pool, tun, udp, send, fwd, routes, stop, tun_reads: 0, udp_recvs: 0 })
     }
 
     /// Forwards until the stop flag is set.
@@ -157,6 +161,7 @@ impl<E: Encap> UringWorker<E> {
     /// A failure of `io_uring_enter` itself (not of individual packets, which are counted).
     pub(super) fn run(mut self) -> io::Result<()> {
         let (tun_fd, udp_fd) = (self.tun.fd(), self.udp.as_raw_fd());
+        let send_fds: Vec<RawFd> = self.send.iter().map(AsRawFd::as_raw_fd).collect();
         let tick = types::Timespec::new().nsec(TICK_NS);
         let args = types::SubmitArgs::new().timespec(&tick);
         let (submitter, mut sq, mut cq) = self.ring.split();
@@ -215,10 +220,11 @@ impl<E: Encap> UringWorker<E> {
                             continue;
                         };
                         match self.fwd.from_tun(&routes, &mut pkt, now) {
-                            TunVerdict::Send { to, .. } => {
+                            TunVerdict::Send { to, flow, .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                let fd = super::pick_sender(udp_fd, &send_fds, flow);
+                                let e = opcode::SendMsg::new(types::Fd(fd), m)
                                     .build()
                                     .user_data(user_data(Op::UdpSend, slot));
                                 push(&submitter, &mut sq, &e)?;
@@ -251,6 +257,14 @@ impl<E: Encap> UringWorker<E> {
                             UnderlayVerdict::Deliver { .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
+                            }
+                            UnderlayVerdict::Reply { to } => {
+                                let (head, len) = (pkt.head(), pkt.len());
+                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
+                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                    .build()
+                                    .user_data(user_data(Op::UdpSend, slot));
+                                push(&submitter, &mut sq, &e)?;
                             }
                             UnderlayVerdict::Drop(_) => self.pool.release(slot),
                         }
