@@ -56,6 +56,9 @@ pub enum TunVerdict {
     },
     /// An ICMP error was written into the buffer; write it back into the TUN.
     Reply,
+    /// TAP mode: a broadcast, multicast or unknown-unicast frame, encapsulated; send a copy
+    /// to every peer (head-end replication).
+    Flood,
     /// Drop the packet (already counted).
     Drop(DropReason),
 }
@@ -76,6 +79,48 @@ pub enum UnderlayVerdict {
     },
     /// Drop the datagram (already counted).
     Drop(DropReason),
+}
+
+/// What a worker drives: the per-packet decisions of one mode (TUN: [`Forwarder`], TAP:
+/// [`Bridge`](crate::bridge::Bridge)). The drivers are generic over it, so each mode is
+/// monomorphised and the hot path has no dynamic dispatch.
+// `from_*` names the packet's direction (design convention 1), not a conversion.
+#[allow(clippy::wrong_self_convention)]
+pub trait PacketCore: Send {
+    /// A packet or frame read from the TUN/TAP.
+    fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict;
+    /// A datagram read from the underlay.
+    fn from_underlay(
+        &mut self,
+        routes: &RouteTable,
+        src: SocketAddr,
+        pkt: &mut PacketBuf<'_>,
+        now: Instant,
+    ) -> UnderlayVerdict;
+    /// The counters this core writes (the driver adds I/O failures).
+    fn stats(&self) -> &Arc<WorkerStats>;
+}
+
+impl<E: Encap + Send> PacketCore for Forwarder<E> {
+    #[inline]
+    fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        Forwarder::from_tun(self, routes, pkt, now)
+    }
+
+    #[inline]
+    fn from_underlay(
+        &mut self,
+        routes: &RouteTable,
+        src: SocketAddr,
+        pkt: &mut PacketBuf<'_>,
+        _now: Instant,
+    ) -> UnderlayVerdict {
+        Forwarder::from_underlay(self, routes, src, pkt)
+    }
+
+    fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
 }
 
 /// The data-plane core of one worker.
@@ -196,66 +241,76 @@ impl<E: Encap> Forwarder<E> {
         now: Instant,
     ) -> TunVerdict {
         self.stats.count_drop(reason);
-        let Ok(ip) = IpPacket::new_checked(pkt.as_slice()) else { return TunVerdict::Drop(reason) };
-        let (to, from) = (ip.src(), ip.dst());
-        let allowed = match &ip {
-            IpPacket::V4(p) => icmp::may_answer_v4(p),
-            IpPacket::V6(p) => icmp::may_answer_v6(p),
-        };
-        if !allowed {
-            return TunVerdict::Drop(reason);
+        if write_icmp_error(pkt, kind, &self.local, &mut self.icmp_limit, &self.stats, now) {
+            TunVerdict::Reply
+        } else {
+            TunVerdict::Drop(reason)
         }
-        if !self.icmp_limit.allow(to, now) {
-            self.stats.count_icmp(IcmpCounter::RateLimited);
-            return TunVerdict::Drop(reason);
-        }
-        let written = match (to, from) {
-            (IpAddr::V4(to), IpAddr::V4(from)) => {
-                let Some(gw) = self.local.gateway_v4() else { return TunVerdict::Drop(reason) };
-                // Linux ignores an error whose source is its own destination address, so a
-                // packet the host sent from the gateway is answered from where it was going.
-                let src = if to == gw { from } else { gw };
-                let quote = pkt.len().min(icmp::V4_ERROR_MAX - icmp::V4_ERROR_OVERHEAD);
-                pkt.truncate(quote);
-                match pkt.prepend(icmp::V4_ERROR_OVERHEAD) {
-                    Some(_) => {
-                        icmp::emit_v4_error(pkt.as_mut_slice(), src, to, kind);
-                        true
-                    }
-                    None => false,
-                }
+    }
+}
+
+/// Turns the IP packet in `pkt` into the ICMP error `kind` back to its sender, where RFC 1812
+/// and the rate limit allow; counts what it writes. `false` leaves the packet to be dropped.
+pub(crate) fn write_icmp_error(
+    pkt: &mut PacketBuf<'_>,
+    kind: IcmpKind,
+    local: &LocalNode,
+    limit: &mut IcmpLimiter,
+    stats: &WorkerStats,
+    now: Instant,
+) -> bool {
+    let Ok(ip) = IpPacket::new_checked(pkt.as_slice()) else { return false };
+    let (to, from) = (ip.src(), ip.dst());
+    let allowed = match &ip {
+        IpPacket::V4(p) => icmp::may_answer_v4(p),
+        IpPacket::V6(p) => icmp::may_answer_v6(p),
+    };
+    if !allowed {
+        return false;
+    }
+    if !limit.allow(to, now) {
+        stats.count_icmp(IcmpCounter::RateLimited);
+        return false;
+    }
+    let written = match (to, from) {
+        (IpAddr::V4(to), IpAddr::V4(from)) => {
+            let Some(gw) = local.gateway_v4() else { return false };
+            // Linux ignores an error whose source is its own destination address, so a
+            // packet the host sent from the gateway is answered from where it was going.
+            let src = if to == gw { from } else { gw };
+            let quote = pkt.len().min(icmp::V4_ERROR_MAX - icmp::V4_ERROR_OVERHEAD);
+            pkt.truncate(quote);
+            pkt.prepend(icmp::V4_ERROR_OVERHEAD).is_some() && {
+                icmp::emit_v4_error(pkt.as_mut_slice(), src, to, kind);
+                true
             }
-            (IpAddr::V6(to), IpAddr::V6(from)) => {
-                let Some(gw) = self.local.gateway_v6() else { return TunVerdict::Drop(reason) };
-                let src = if to == gw { from } else { gw };
-                let quote = pkt.len().min(icmp::V6_ERROR_MAX - icmp::V6_ERROR_OVERHEAD);
-                pkt.truncate(quote);
-                match pkt.prepend(icmp::V6_ERROR_OVERHEAD) {
-                    Some(_) => {
-                        icmp::emit_v6_error(pkt.as_mut_slice(), src, to, kind);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            _ => false,
-        };
-        if !written {
-            return TunVerdict::Drop(reason);
         }
-        self.stats.count_icmp(match (kind, to) {
+        (IpAddr::V6(to), IpAddr::V6(from)) => {
+            let Some(gw) = local.gateway_v6() else { return false };
+            let src = if to == gw { from } else { gw };
+            let quote = pkt.len().min(icmp::V6_ERROR_MAX - icmp::V6_ERROR_OVERHEAD);
+            pkt.truncate(quote);
+            pkt.prepend(icmp::V6_ERROR_OVERHEAD).is_some() && {
+                icmp::emit_v6_error(pkt.as_mut_slice(), src, to, kind);
+                true
+            }
+        }
+        _ => false,
+    };
+    if written {
+        stats.count_icmp(match (kind, to) {
             (IcmpKind::TooBig { .. }, IpAddr::V4(_)) => IcmpCounter::FragNeeded,
             (IcmpKind::TooBig { .. }, IpAddr::V6(_)) => IcmpCounter::PacketTooBig,
             _ => IcmpCounter::Unreachable,
         });
-        TunVerdict::Reply
     }
+    written
 }
 
 /// A cheap hash of the inner flow (addresses, protocol, ports of an unfragmented TCP/UDP
 /// packet), so one flow keeps one outer source port and different flows spread.
 #[inline]
-fn flow_hash(p: &[u8]) -> u32 {
+pub(crate) fn flow_hash(p: &[u8]) -> u32 {
     let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
         Some(4) => {
             let ihl = usize::from(p.first().map_or(5, |b| b & 0x0f)) * 4;

@@ -92,6 +92,16 @@ pub enum RouteError {
         /// The shared endpoint.
         endpoint: SocketAddr,
     },
+    /// Two peers claim the same VTEP MAC.
+    #[error("peers {a} and {b} share the VTEP MAC {mac}")]
+    DuplicateMac {
+        /// First peer.
+        a: String,
+        /// Second peer.
+        b: String,
+        /// The shared MAC.
+        mac: MacAddr,
+    },
     /// More peers than a [`PeerId`] can index.
     #[error("too many peers: at most {max}")]
     TooManyPeers {
@@ -106,6 +116,7 @@ pub struct RouteTable {
     v6: PrefixMap<Ipv6Net, PeerId>,
     peers: Vec<NextHop>,
     by_source: HashMap<SocketAddr, PeerId, FxBuildHasher>,
+    by_mac: HashMap<MacAddr, PeerId, FxBuildHasher>,
     source_port_matters: bool,
 }
 
@@ -130,6 +141,7 @@ impl RouteTable {
             v6: PrefixMap::new(),
             peers: Vec::with_capacity(peers.len()),
             by_source: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
+            by_mac: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
             source_port_matters,
         };
         for hop in peers {
@@ -155,6 +167,12 @@ impl RouteTable {
                 let a = t.peers.get(prev.index()).map(|p| p.name.to_string()).unwrap_or_default();
                 return Err(RouteError::DuplicateEndpoint { a, b: hop.name.to_string(), endpoint: hop.endpoint });
             }
+            if let Some(mac) = hop.mac {
+                if let Some(prev) = t.by_mac.insert(mac, id) {
+                    let a = t.peers.get(prev.index()).map(|p| p.name.to_string()).unwrap_or_default();
+                    return Err(RouteError::DuplicateMac { a, b: hop.name.to_string(), mac });
+                }
+            }
             t.peers.push(hop);
         }
         Ok(t)
@@ -167,6 +185,7 @@ impl RouteTable {
             v6: PrefixMap::new(),
             peers: Vec::new(),
             by_source: HashMap::with_hasher(FxBuildHasher),
+            by_mac: HashMap::with_hasher(FxBuildHasher),
             source_port_matters,
         }
     }
@@ -197,6 +216,13 @@ impl RouteTable {
     #[inline]
     pub fn peer_by_source(&self, src: SocketAddr) -> Option<(PeerId, &NextHop)> {
         let id = *self.by_source.get(&self.source_key(src))?;
+        self.peers.get(id.index()).map(|h| (id, h))
+    }
+
+    /// The peer whose VTEP MAC is `mac` (TAP mode forwards by MAC).
+    #[inline]
+    pub fn peer_by_mac(&self, mac: MacAddr) -> Option<(PeerId, &NextHop)> {
+        let id = *self.by_mac.get(&mac)?;
         self.peers.get(id.index()).map(|h| (id, h))
     }
 

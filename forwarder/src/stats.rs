@@ -50,13 +50,15 @@ pub enum DropReason {
     WrongSourceMac,
     /// VXLAN: an inner EtherType weft does not carry (VLAN tags included).
     BadEthertype,
+    /// TAP: a frame to replicate to every peer over the flood rate limit.
+    FloodLimited,
     /// The kernel refused a send or a TUN write.
     IoError,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -74,6 +76,7 @@ impl DropReason {
         Self::WrongInnerMac,
         Self::WrongSourceMac,
         Self::BadEthertype,
+        Self::FloodLimited,
         Self::IoError,
     ];
 
@@ -98,6 +101,7 @@ impl DropReason {
             Self::WrongInnerMac => "wrong_inner_mac",
             Self::WrongSourceMac => "wrong_source_mac",
             Self::BadEthertype => "bad_ethertype",
+            Self::FloodLimited => "flood_limited",
         }
     }
 }

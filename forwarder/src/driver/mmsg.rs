@@ -16,8 +16,7 @@ use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
-use crate::encap::Encap;
-use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::route::RouteTableHandle;
 use crate::stats::DropReason;
 
@@ -29,7 +28,7 @@ const TOKEN_TUN: u64 = 1;
 const TOKEN_UDP: u64 = 2;
 
 /// The fallback worker. Field order is drop order.
-pub(super) struct MmsgWorker<E: Encap> {
+pub(super) struct MmsgWorker<C: PacketCore> {
     epoll: RawFd,
     hdrs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
@@ -42,12 +41,12 @@ pub(super) struct MmsgWorker<E: Encap> {
     udp: UdpSocket,
     /// Keeps the send sockets open; their descriptors are in `send_fds`.
     _send: Vec<UdpSocket>,
-    fwd: Forwarder<E>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 }
 
-impl<E: Encap> Drop for MmsgWorker<E> {
+impl<C: PacketCore> Drop for MmsgWorker<C> {
     fn drop(&mut self) {
         // SAFETY: closes the epoll descriptor this worker created and owns.
         unsafe { libc::close(self.epoll) };
@@ -58,10 +57,10 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
-impl<E: Encap> MmsgWorker<E> {
+impl<C: PacketCore> MmsgWorker<C> {
     pub(super) fn new(
         io: super::WorkerIo,
-        fwd: Forwarder<E>,
+        fwd: C,
         routes: RouteTableHandle,
         stop: Arc<AtomicBool>,
         pool: BufPool,
@@ -178,6 +177,34 @@ impl<E: Encap> MmsgWorker<E> {
                     self.write_tun(slot, head, len);
                     self.pool.release(slot);
                 }
+                TunVerdict::Flood => {
+                    let (head, len) = (pkt.head(), pkt.len());
+                    let udp_fd = self.udp.as_raw_fd();
+                    for p in routes.peers() {
+                        if staged == BATCH {
+                            self.send_staged(staged);
+                            staged = 0;
+                        }
+                        let Some(copy) = self.pool.alloc() else {
+                            self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                            break;
+                        };
+                        // SAFETY: both slots are ours and distinct; the range lies inside each.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.pool.slot_ptr(slot).add(head),
+                                self.pool.slot_ptr(copy).add(head),
+                                len,
+                            );
+                        }
+                        self.stage(staged, copy, head, len, Some(p.endpoint));
+                        if let Some(s) = self.senders.get_mut(staged) {
+                            *s = udp_fd;
+                        }
+                        staged += 1;
+                    }
+                    self.pool.release(slot);
+                }
                 TunVerdict::Drop(_) => self.pool.release(slot),
             }
         }
@@ -246,16 +273,17 @@ impl<E: Encap> MmsgWorker<E> {
         };
         let got = usize::try_from(rc).unwrap_or(0);
         let routes = self.routes.load();
+        let now = Instant::now();
         for i in 0..armed {
             let Some(&slot) = self.slots.get(i) else { continue };
             if i < got {
-                self.deliver(&routes, i, slot);
+                self.deliver(&routes, i, slot, now);
             }
             self.pool.release(slot);
         }
     }
 
-    fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16) {
+    fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16, now: Instant) {
         let (Some(h), Some(a)) = (self.hdrs.get(i), self.addrs.get(i)) else { return };
         let n = h.msg_len as usize;
         if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -266,7 +294,7 @@ impl<E: Encap> MmsgWorker<E> {
         // SAFETY: the receive completed, the slot is ours.
         let buf = unsafe { self.pool.slot_mut(slot) };
         let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else { return };
-        match self.fwd.from_underlay(routes, from, &mut pkt) {
+        match self.fwd.from_underlay(routes, from, &mut pkt, now) {
             UnderlayVerdict::Deliver { .. } => {
                 let (head, len) = (pkt.head(), pkt.len());
                 self.write_tun(slot, head, len);

@@ -24,8 +24,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::encap::Encap;
-use crate::forwarder::Forwarder;
+use crate::forwarder::PacketCore;
 use crate::route::RouteTableHandle;
 
 pub use pool::BufPool;
@@ -125,7 +124,7 @@ pub(crate) fn is_transient(errno: i32) -> bool {
 /// Everything one worker owns.
 #[derive(Debug)]
 pub struct WorkerIo {
-    /// Its TUN queue.
+    /// Its TUN (or TAP) queue.
     pub tun: TunQueue,
     /// Its UDP socket (one of the `SO_REUSEPORT` group on the overlay port).
     pub udp: UdpSocket,
@@ -138,10 +137,10 @@ pub struct WorkerIo {
 ///
 /// # Errors
 /// [`DriverError`] if setup fails or the event loop dies.
-pub fn run_worker<E: Encap>(
+pub fn run_worker<C: PacketCore>(
     backend: Backend,
     io: WorkerIo,
-    fwd: Forwarder<E>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DriverError> {

@@ -25,8 +25,7 @@ use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
-use crate::encap::Encap;
-use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::route::RouteTableHandle;
 use crate::stats::DropReason;
 
@@ -110,26 +109,26 @@ pub(super) fn probe() -> io::Result<()> {
 
 /// One io_uring worker. Field order is drop order: the ring goes before the memory its
 /// requests point into.
-pub(super) struct UringWorker<E: Encap> {
+pub(super) struct UringWorker<C: PacketCore> {
     ring: IoUring,
     msgs: Box<[MsgSlot]>,
     pool: BufPool,
     tun: TunQueue,
     udp: UdpSocket,
     send: Vec<UdpSocket>,
-    fwd: Forwarder<E>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
     tun_reads: usize,
     udp_recvs: usize,
 }
 
-impl<E: Encap> UringWorker<E> {
+impl<C: PacketCore> UringWorker<C> {
     /// Sets up the ring and registers the pool. Must run on the worker's own thread
     /// (`SINGLE_ISSUER`).
     pub(super) fn new(
         io: super::WorkerIo,
-        fwd: Forwarder<E>,
+        fwd: C,
         routes: RouteTableHandle,
         stop: Arc<AtomicBool>,
         pool: BufPool,
@@ -233,6 +232,40 @@ impl<E: Encap> UringWorker<E> {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
                             }
+                            TunVerdict::Flood => {
+                                let (head, len) = (pkt.head(), pkt.len());
+                                let mut peers = routes.peers().iter();
+                                let Some(first) = peers.next() else {
+                                    self.pool.release(slot);
+                                    continue;
+                                };
+                                // Copies for all peers but the first, which gets the original.
+                                for p in peers {
+                                    let Some(copy) = self.pool.alloc() else {
+                                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                                        break;
+                                    };
+                                    // SAFETY: both slots are ours (neither is in flight); the
+                                    // range lies inside each slot and the slots do not overlap.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(
+                                            self.pool.slot_ptr(slot).add(head),
+                                            self.pool.slot_ptr(copy).add(head),
+                                            len,
+                                        );
+                                    }
+                                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
+                                    let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                        .build()
+                                        .user_data(user_data(Op::UdpSend, copy));
+                                    push(&submitter, &mut sq, &e)?;
+                                }
+                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
+                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                    .build()
+                                    .user_data(user_data(Op::UdpSend, slot));
+                                push(&submitter, &mut sq, &e)?;
+                            }
                             TunVerdict::Drop(_) => self.pool.release(slot),
                         }
                     }
@@ -253,7 +286,7 @@ impl<E: Encap> UringWorker<E> {
                             self.pool.release(slot);
                             continue;
                         };
-                        match self.fwd.from_underlay(&routes, from, &mut pkt) {
+                        match self.fwd.from_underlay(&routes, from, &mut pkt, now) {
                             UnderlayVerdict::Deliver { .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;

@@ -27,6 +27,21 @@ pub const DEFAULT_PORT: u16 = 8472;
 /// Shortest Ethernet frame on the wire without FCS; replies are padded to it.
 const MIN_FRAME: usize = 60;
 
+/// Checks a VXLAN header as Linux does (I flag, reserved bits zero) and that it carries `vni`.
+///
+/// # Errors
+/// The drop reason naming the problem.
+#[inline]
+pub(crate) fn check_header(payload: &[u8], vni: Vni) -> Result<(), DropReason> {
+    match VxlanHeader::new_checked(payload) {
+        Ok(h) if h.vni() == vni => Ok(()),
+        Ok(_) => Err(DropReason::WrongVni),
+        Err(VxlanError::Truncated) => Err(DropReason::Truncated),
+        Err(VxlanError::BadFlags) => Err(DropReason::BadVxlanFlags),
+        Err(VxlanError::ReservedBits) => Err(DropReason::ReservedBitsSet),
+    }
+}
+
 /// The VXLAN codec for one VNI and one local VTEP MAC.
 #[derive(Clone, Copy, Debug)]
 pub struct VxlanEncap {
@@ -90,15 +105,7 @@ impl Encap for VxlanEncap {
 
     #[inline]
     fn decap(&self, pkt: &mut PacketBuf<'_>, peer: &NextHop) -> Result<Decapsulated, DropReason> {
-        let vni = match VxlanHeader::new_checked(pkt.as_slice()) {
-            Ok(h) => h.vni(),
-            Err(VxlanError::Truncated) => return Err(DropReason::Truncated),
-            Err(VxlanError::BadFlags) => return Err(DropReason::BadVxlanFlags),
-            Err(VxlanError::ReservedBits) => return Err(DropReason::ReservedBitsSet),
-        };
-        if vni != self.vni {
-            return Err(DropReason::WrongVni);
-        }
+        check_header(pkt.as_slice(), self.vni)?;
         pkt.strip(vxlan::HEADER_LEN);
         let frame = EthernetFrame::new_checked(pkt.as_slice()).map_err(|_| DropReason::Truncated)?;
         let (dst, src, ethertype) = (frame.dst(), frame.src(), frame.ethertype());
