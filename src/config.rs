@@ -91,6 +91,8 @@ pub struct RawConfig {
     pub ipv6_subnet: Option<String>,
     /// The TUN device name.
     pub tun_name: Option<String>,
+    /// `tun` (IP packets, the default) or `tap` (Ethernet frames; needs vxlan).
+    pub device: Option<String>,
     /// Overlay MTU; default computed from the underlay interface.
     pub mtu: Option<u16>,
     /// Worker threads, one TUN queue and socket each.
@@ -182,6 +184,7 @@ impl RawConfig {
             ipv6_network,
             ipv6_subnet,
             tun_name,
+            device,
             mtu,
             workers,
             io,
@@ -237,6 +240,15 @@ impl Backend {
     }
 }
 
+/// The kernel device the daemon reads and writes.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Device {
+    /// A TUN: IP packets; weft writes the Ethernet header for VXLAN itself.
+    Tun,
+    /// A TAP: Ethernet frames end to end (VXLAN only), with MAC learning and flooding.
+    Tap,
+}
+
 /// A stable VTEP MAC for a node: locally administered, from an FNV-1a hash of its name,
 /// so a restarted node keeps the MAC its peers' neighbour entries hold (flannel#1795).
 pub fn derived_vtep_mac(node_name: &str) -> MacAddr {
@@ -263,8 +275,10 @@ pub struct Config {
     pub network_v6: Option<Ipv6Net>,
     /// Our IPv6 subnet.
     pub subnet_v6: Option<Ipv6Net>,
-    /// TUN name.
+    /// TUN/TAP name.
     pub tun_name: String,
+    /// TUN or TAP.
+    pub device: Device,
     /// Explicit overlay MTU.
     pub mtu: Option<u16>,
     /// Worker count.
@@ -403,6 +417,12 @@ impl Config {
                 format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
             ));
         }
+        let device = match raw.device.as_deref().unwrap_or("tun") {
+            "tun" => Device::Tun,
+            "tap" if matches!(backend, Backend::Vxlan { .. }) => Device::Tap,
+            "tap" => return Err(invalid("device", "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)")),
+            other => return Err(invalid("device", format!("{other:?} must be \"tun\" or \"tap\""))),
+        };
         let min_mtu: u16 = if subnet_v6.is_some() { 1280 } else { 576 };
         if let Some(m) = raw.mtu {
             if m < min_mtu {
@@ -501,6 +521,7 @@ impl Config {
             network_v6,
             subnet_v6,
             tun_name,
+            device,
             mtu: raw.mtu,
             workers,
             io,
@@ -521,8 +542,8 @@ impl Config {
             ($($f:ident),*) => { $( if self.$f != new.$f { out.push(stringify!($f)); } )* };
         }
         cmp!(
-            node_name, public_ip, backend, port, network, subnet, network_v6, subnet_v6, tun_name, mtu, workers, io,
-            api_socket
+            node_name, public_ip, backend, port, network, subnet, network_v6, subnet_v6, tun_name, device, mtu,
+            workers, io, api_socket
         );
         out
     }

@@ -64,6 +64,9 @@ struct RunArgs {
     /// TUN device name [default: weft0].
     #[arg(long)]
     tun_name: Option<String>,
+    /// tun (IP packets) or tap (Ethernet frames; vxlan only) [default: tun].
+    #[arg(long)]
+    device: Option<String>,
     /// Overlay MTU [default: underlay MTU minus encapsulation overhead].
     #[arg(long)]
     mtu: Option<u16>,
@@ -118,6 +121,7 @@ fn run(args: RunArgs) -> ExitCode {
         network: args.network,
         subnet: args.subnet,
         tun_name: args.tun_name,
+        device: args.device,
         mtu: args.mtu,
         workers: args.workers,
         io: args.io,

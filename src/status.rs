@@ -30,8 +30,10 @@ pub struct Status {
     pub subnet: String,
     /// The TUN's address.
     pub gateway: String,
-    /// TUN name.
+    /// TUN/TAP name.
     pub tun: String,
+    /// `tun` or `tap`.
+    pub device: String,
     /// Overlay MTU.
     pub mtu: u16,
     /// Underlay address and port.
@@ -92,8 +94,8 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "node      {}  ({} subnet {}, gateway {})", s.node_name, s.network, s.subnet, s.gateway);
     let _ = writeln!(
         o,
-        "data      backend {} over {}:{} via {} (MTU {}), tun {} (MTU {})",
-        s.backend, s.public_ip, s.port, s.underlay_interface, s.underlay_mtu, s.tun, s.mtu
+        "data      backend {} over {}:{} via {} (MTU {}), {} {} (MTU {})",
+        s.backend, s.public_ip, s.port, s.underlay_interface, s.underlay_mtu, s.device, s.tun, s.mtu
     );
     if let (Some(vni), Some(mac)) = (s.vni, &s.vtep_mac) {
         let _ = writeln!(o, "vxlan     vni {vni}, vtep mac {mac}");

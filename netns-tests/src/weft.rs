@@ -140,6 +140,8 @@ pub struct NodeConfig {
     pub backend: Option<String>,
     /// Our VTEP MAC (VXLAN); `None` lets weft derive it.
     pub vtep_mac: Option<String>,
+    /// `tun` or `tap`; `None` is weft's default (tun).
+    pub device: Option<String>,
     /// Static peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -163,6 +165,7 @@ impl NodeConfig {
             io: std::env::var("WEFT_TEST_IO").ok().filter(|s| !s.is_empty()),
             backend: None,
             vtep_mac: None,
+            device: None,
             peers: Vec::new(),
         }
     }
@@ -230,6 +233,9 @@ impl NodeConfig {
         }
         if let Some(m) = &self.vtep_mac {
             let _ = writeln!(s, "vtep_mac = {}", quote(m));
+        }
+        if let Some(d) = &self.device {
+            let _ = writeln!(s, "device = {}", quote(d));
         }
         let _ = writeln!(s, "api_socket = {}", quote(&socket.display().to_string()));
         for p in &self.peers {

@@ -161,3 +161,28 @@ fn weft_vxlan_mesh_of_three() {
     assert!(bps > 0.0);
     drop(nodes);
 }
+
+/// TAP mode across three hosts: Ethernet end to end, ARP for each peer's gateway flooded to
+/// all peers and answered by the owner's kernel, then unicast by learned/configured MAC.
+#[test]
+fn weft_vxlan_tap_mesh_of_three() {
+    let Some(topo) = Topology::for_test("weft_vxlan_tap_mesh_of_three", "wtap", 3).expect("topology") else {
+        return;
+    };
+    let cfg = |i| NodeConfig { device: Some("tap".into()), ..NodeConfig::vxlan_mesh(i, 3) };
+    let nodes: Vec<_> = (1..=3).map(|i| topo.start_weft(cfg(i)).expect("weft")).collect();
+    for a in 1..=3u8 {
+        for b in (1..=3u8).filter(|&b| b != a) {
+            ping_all(topo.n(a.into()).ns(), &format!("10.244.{b}.1"), 2)
+                .unwrap_or_else(|e| panic!("n{a}->n{b}: {e:#}"));
+        }
+    }
+    // The kernel resolved each peer gateway to that peer's VTEP MAC, over the overlay.
+    let neigh = topo.n(1).ns().exec_ok("ip", &["neigh", "show", "dev", "weft0"]).unwrap().stdout;
+    assert!(neigh.contains(&vtep_mac(2)) && neigh.contains(&vtep_mac(3)), "n1 neighbours: {neigh}");
+    let status = nodes[0].status_json().unwrap();
+    assert_eq!(json_path(&status, "device").and_then(|v| v.as_str()), Some("tap"));
+    let _s = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf.log")).expect("server");
+    let bps = iperf3_tcp(topo.n(2).ns(), "10.244.1.1", 3).expect("iperf3 over TAP mode");
+    assert!(bps > 0.0);
+}

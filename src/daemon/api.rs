@@ -108,6 +108,10 @@ impl ApiState {
             subnet: self.cfg.subnet.to_string(),
             gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
             tun: self.cfg.tun_name.clone(),
+            device: match self.cfg.device {
+                crate::config::Device::Tun => "tun".into(),
+                crate::config::Device::Tap => "tap".into(),
+            },
             mtu: self.mtu,
             public_ip: self.cfg.public_ip.to_string(),
             port: self.cfg.port,
