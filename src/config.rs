@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use weft_forwarder::driver::IoPreference;
-use weft_forwarder::encap::flannel_udp;
+use weft_forwarder::encap::{flannel_udp, vxlan};
+use weft_forwarder::wire::ethernet::MacAddr;
+use weft_forwarder::wire::vxlan::Vni;
 
 /// Default cluster network, as flannel's and kubeadm's examples use.
 pub const DEFAULT_NETWORK: &str = "10.244.0.0/16";
@@ -69,8 +71,16 @@ pub struct RawConfig {
     pub node_name: Option<String>,
     /// The underlay address the UDP socket binds to and peers send to.
     pub public_ip: Option<String>,
-    /// The underlay UDP port (default 8285, flannel's udp port).
+    /// Wire format: `udp` (flannel's udp backend, the default) or `vxlan`.
+    pub backend: Option<String>,
+    /// The underlay UDP port (default 8285 for udp, 8472 for vxlan, as flannel).
     pub port: Option<u16>,
+    /// VXLAN network identifier (default 1, flannel's).
+    pub vni: Option<u32>,
+    /// Our VTEP MAC (default: derived from node_name, so stable across restarts).
+    pub vtep_mac: Option<String>,
+    /// Send outer UDP checksums (VXLAN; default false, as Linux vxlan on IPv4).
+    pub udp_checksum: Option<bool>,
     /// The cluster network, IPv4 CIDR.
     pub network: Option<String>,
     /// This node's subnet inside `network`.
@@ -81,6 +91,8 @@ pub struct RawConfig {
     pub ipv6_subnet: Option<String>,
     /// The TUN device name.
     pub tun_name: Option<String>,
+    /// `tun` (IP packets, the default) or `tap` (Ethernet frames; needs vxlan).
+    pub device: Option<String>,
     /// Overlay MTU; default computed from the underlay interface.
     pub mtu: Option<u16>,
     /// Worker threads, one TUN queue and socket each.
@@ -106,6 +118,8 @@ pub struct RawPeer {
     pub ipv6_subnet: Option<String>,
     /// `ip:port`, or `ip` for our own port.
     pub endpoint: String,
+    /// Its VTEP MAC (required with `backend = "vxlan"`).
+    pub mac: Option<String>,
     /// Largest inner packet the path to it carries.
     pub mtu: Option<u16>,
 }
@@ -124,9 +138,12 @@ impl RawPeer {
                 "subnet" => p.subnet = v.trim().to_string(),
                 "endpoint" => p.endpoint = v.trim().to_string(),
                 "ipv6_subnet" => p.ipv6_subnet = Some(v.trim().to_string()),
+                "mac" => p.mac = Some(v.trim().to_string()),
                 "mtu" => p.mtu = Some(v.trim().parse().map_err(|_| format!("mtu: {v:?} is not a number"))?),
                 other => {
-                    return Err(format!("unknown key {other:?} (expected name, subnet, endpoint, mtu, ipv6_subnet)"));
+                    return Err(format!(
+                        "unknown key {other:?} (expected name, subnet, endpoint, mac, mtu, ipv6_subnet)"
+                    ));
                 }
             }
         }
@@ -157,12 +174,17 @@ impl RawConfig {
         take!(
             node_name,
             public_ip,
+            backend,
             port,
+            vni,
+            vtep_mac,
+            udp_checksum,
             network,
             subnet,
             ipv6_network,
             ipv6_subnet,
             tun_name,
+            device,
             mtu,
             workers,
             io,
@@ -186,8 +208,52 @@ pub struct Peer {
     pub subnet_v6: Option<Ipv6Net>,
     /// Underlay endpoint.
     pub endpoint: SocketAddr,
+    /// VTEP MAC (VXLAN).
+    pub mac: Option<MacAddr>,
     /// Path MTU override.
     pub mtu: Option<u16>,
+}
+
+/// The wire format between nodes.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Backend {
+    /// flannel's `udp`: the bare inner packet as UDP payload.
+    Udp,
+    /// VXLAN (RFC 7348), interoperable with Linux's vxlan driver.
+    Vxlan {
+        /// The VNI.
+        vni: Vni,
+        /// Our VTEP MAC.
+        vtep_mac: MacAddr,
+        /// Whether to send outer UDP checksums.
+        udp_checksum: bool,
+    },
+}
+
+impl Backend {
+    /// The name in configs and status.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Vxlan { .. } => "vxlan",
+        }
+    }
+}
+
+/// The kernel device the daemon reads and writes.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Device {
+    /// A TUN: IP packets; weft writes the Ethernet header for VXLAN itself.
+    Tun,
+    /// A TAP: Ethernet frames end to end (VXLAN only), with MAC learning and flooding.
+    Tap,
+}
+
+/// A stable VTEP MAC for a node: locally administered, from an FNV-1a hash of its name,
+/// so a restarted node keeps the MAC its peers' neighbour entries hold (flannel#1795).
+pub fn derived_vtep_mac(node_name: &str) -> MacAddr {
+    let h = node_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    MacAddr::local_from_seed(h)
 }
 
 /// A validated configuration.
@@ -197,6 +263,8 @@ pub struct Config {
     pub node_name: String,
     /// Underlay address.
     pub public_ip: IpAddr,
+    /// Wire format.
+    pub backend: Backend,
     /// Underlay port.
     pub port: u16,
     /// Cluster network.
@@ -207,8 +275,10 @@ pub struct Config {
     pub network_v6: Option<Ipv6Net>,
     /// Our IPv6 subnet.
     pub subnet_v6: Option<Ipv6Net>,
-    /// TUN name.
+    /// TUN/TAP name.
     pub tun_name: String,
+    /// TUN or TAP.
+    pub device: Device,
     /// Explicit overlay MTU.
     pub mtu: Option<u16>,
     /// Worker count.
@@ -239,6 +309,15 @@ fn parse_v6(field: &str, s: &str) -> Result<Ipv6Net, ConfigError> {
     Ok(net)
 }
 
+fn parse_mac(field: &str, s: &str) -> Result<MacAddr, ConfigError> {
+    let m: MacAddr =
+        s.parse().map_err(|e: weft_forwarder::wire::ethernet::MacParseError| invalid(field, e.to_string()))?;
+    if !m.is_valid_source() {
+        return Err(invalid(field, format!("{m} is not a unicast MAC address")));
+    }
+    Ok(m)
+}
+
 /// A node name: what flannel and Kubernetes accept, letters, digits, `.`, `_`, `-`.
 fn check_name(field: &str, s: &str) -> Result<(), ConfigError> {
     let ok = !s.is_empty()
@@ -266,7 +345,32 @@ impl Config {
         if public_ip.is_unspecified() || public_ip.is_multicast() {
             return Err(invalid("public_ip", format!("{public_ip} is not a unicast address peers can send to")));
         }
-        let port = raw.port.unwrap_or(flannel_udp::DEFAULT_PORT);
+        let backend = match raw.backend.as_deref().unwrap_or("udp") {
+            "udp" => {
+                for (field, set) in [("vni", raw.vni.is_some()), ("vtep_mac", raw.vtep_mac.is_some())] {
+                    if set {
+                        return Err(invalid(field, "only applies to backend = \"vxlan\""));
+                    }
+                }
+                Backend::Udp
+            }
+            "vxlan" => {
+                let v = raw.vni.unwrap_or(1);
+                let vni =
+                    Vni::new(v).ok_or_else(|| invalid("vni", format!("{v} does not fit 24 bits (0..=16777215)")))?;
+                let vtep_mac = match raw.vtep_mac.as_deref() {
+                    Some(m) => parse_mac("vtep_mac", m)?,
+                    None => derived_vtep_mac(&node_name),
+                };
+                Backend::Vxlan { vni, vtep_mac, udp_checksum: raw.udp_checksum.unwrap_or(false) }
+            }
+            other => return Err(invalid("backend", format!("{other:?} must be \"udp\" or \"vxlan\""))),
+        };
+        let default_port = match backend {
+            Backend::Udp => flannel_udp::DEFAULT_PORT,
+            Backend::Vxlan { .. } => vxlan::DEFAULT_PORT,
+        };
+        let port = raw.port.unwrap_or(default_port);
         if port == 0 {
             return Err(invalid("port", "0 is not a port peers can send to"));
         }
@@ -313,6 +417,12 @@ impl Config {
                 format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
             ));
         }
+        let device = match raw.device.as_deref().unwrap_or("tun") {
+            "tun" => Device::Tun,
+            "tap" if matches!(backend, Backend::Vxlan { .. }) => Device::Tap,
+            "tap" => return Err(invalid("device", "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)")),
+            other => return Err(invalid("device", format!("{other:?} must be \"tun\" or \"tap\""))),
+        };
         let min_mtu: u16 = if subnet_v6.is_some() { 1280 } else { 576 };
         if let Some(m) = raw.mtu {
             if m < min_mtu {
@@ -389,17 +499,29 @@ impl Config {
                     return Err(invalid(f("mtu"), format!("{m} is below the minimum of 576 bytes")));
                 }
             }
-            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mtu: p.mtu });
+            let mac = p.mac.as_deref().map(|m| parse_mac(&f("mac"), m)).transpose()?;
+            if let Backend::Vxlan { vtep_mac, .. } = backend {
+                match mac {
+                    None => return Err(invalid(f("mac"), "required with backend = \"vxlan\" (the peer's VTEP MAC)")),
+                    Some(m) if m == vtep_mac => {
+                        return Err(invalid(f("mac"), format!("{m} is this node's own VTEP MAC")));
+                    }
+                    Some(_) => {}
+                }
+            }
+            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mac, mtu: p.mtu });
         }
         Ok(Self {
             node_name,
             public_ip,
+            backend,
             port,
             network,
             subnet,
             network_v6,
             subnet_v6,
             tun_name,
+            device,
             mtu: raw.mtu,
             workers,
             io,
@@ -420,7 +542,8 @@ impl Config {
             ($($f:ident),*) => { $( if self.$f != new.$f { out.push(stringify!($f)); } )* };
         }
         cmp!(
-            node_name, public_ip, port, network, subnet, network_v6, subnet_v6, tun_name, mtu, workers, io, api_socket
+            node_name, public_ip, backend, port, network, subnet, network_v6, subnet_v6, tun_name, device, mtu,
+            workers, io, api_socket
         );
         out
     }
@@ -512,6 +635,41 @@ mtu = 1200
         assert_eq!(c.peers[0].mtu, Some(1300));
         assert!(RawPeer::from_flag("name=x,subnet=10.244.9.0/24").unwrap_err().contains("endpoint"));
         assert!(RawPeer::from_flag("name=x,color=red").unwrap_err().contains("color"));
+    }
+
+    #[test]
+    fn vxlan_defaults_and_checks() {
+        let text = GOOD
+            .replace("workers = 1", "workers = 1\nbackend = \"vxlan\"")
+            .replace("endpoint = \"198.18.0.2:8285\"", "endpoint = \"198.18.0.2:8472\"\nmac = \"02:00:00:00:00:02\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("peers[1].mac: required with backend = \"vxlan\""), "{err}");
+        let text = text.replace("mtu = 1200", "mtu = 1200\nmac = \"02:00:00:00:00:03\"");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.port, 8472);
+        let Backend::Vxlan { vni, vtep_mac, udp_checksum } = c.backend else { panic!("not vxlan") };
+        assert_eq!((vni.get(), udp_checksum), (1, false));
+        assert_eq!(vtep_mac, derived_vtep_mac("n1"));
+        assert_ne!(derived_vtep_mac("n1"), derived_vtep_mac("n2"));
+        for (from, to, want) in [
+            ("workers = 1", "workers = 1\nvni = 16777216", "vni: 16777216 does not fit 24 bits"),
+            (
+                "workers = 1",
+                "workers = 1\nvtep_mac = \"01:00:5e:00:00:01\"",
+                "vtep_mac: 01:00:5e:00:00:01 is not a unicast",
+            ),
+            (
+                "mac = \"02:00:00:00:00:03\"",
+                "mac = \"02:00:00:00:03\"",
+                "peers[1].mac: \"02:00:00:00:03\" is not a MAC",
+            ),
+            ("backend = \"vxlan\"", "backend = \"geneve\"", "backend: \"geneve\""),
+        ] {
+            let err = parse(&text.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+        let err = parse(&GOOD.replace("workers = 1", "workers = 1\nvni = 5")).unwrap_err().to_string();
+        assert!(err.contains("vni: only applies to backend = \"vxlan\""), "{err}");
     }
 
     #[test]

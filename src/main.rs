@@ -40,9 +40,21 @@ struct RunArgs {
     /// Underlay address to bind and publish.
     #[arg(long)]
     public_ip: Option<String>,
-    /// Underlay UDP port [default: 8285].
+    /// Wire format: udp or vxlan [default: udp].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Underlay UDP port [default: 8285 for udp, 8472 for vxlan].
     #[arg(long)]
     port: Option<u16>,
+    /// VXLAN network identifier [default: 1].
+    #[arg(long)]
+    vni: Option<u32>,
+    /// Our VTEP MAC [default: derived from the node name].
+    #[arg(long)]
+    vtep_mac: Option<String>,
+    /// Send outer UDP checksums with VXLAN [default: false, as Linux vxlan].
+    #[arg(long)]
+    udp_checksum: Option<bool>,
     /// Cluster network [default: 10.244.0.0/16].
     #[arg(long)]
     network: Option<String>,
@@ -52,6 +64,9 @@ struct RunArgs {
     /// TUN device name [default: weft0].
     #[arg(long)]
     tun_name: Option<String>,
+    /// tun (IP packets) or tap (Ethernet frames; vxlan only) [default: tun].
+    #[arg(long)]
+    device: Option<String>,
     /// Overlay MTU [default: underlay MTU minus encapsulation overhead].
     #[arg(long)]
     mtu: Option<u16>,
@@ -64,7 +79,7 @@ struct RunArgs {
     /// API socket path [default: /run/weft/weft.sock].
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mtu=M] (repeatable; replaces the file's list).
+    /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mac=MAC][,mtu=M] (repeatable; replaces the file's list).
     #[arg(long = "peer", value_parser = RawPeer::from_flag)]
     peers: Vec<RawPeer>,
     /// Log format: text or json.
@@ -98,10 +113,15 @@ fn run(args: RunArgs) -> ExitCode {
     let flags = RawConfig {
         node_name: args.node_name,
         public_ip: args.public_ip,
+        backend: args.backend,
         port: args.port,
+        vni: args.vni,
+        vtep_mac: args.vtep_mac,
+        udp_checksum: args.udp_checksum,
         network: args.network,
         subnet: args.subnet,
         tun_name: args.tun_name,
+        device: args.device,
         mtu: args.mtu,
         workers: args.workers,
         io: args.io,

@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 pub struct Status {
     /// This node's name.
     pub node_name: String,
-    /// Wire format (`udp`).
+    /// Wire format (`udp` or `vxlan`).
     pub backend: String,
+    /// VXLAN network identifier.
+    pub vni: Option<u32>,
+    /// Our VTEP MAC (VXLAN).
+    pub vtep_mac: Option<String>,
     /// I/O backend in use (`uring` or `mmsg`).
     pub io_backend: String,
     /// Why io_uring was not used, when the fallback runs under `io = "auto"`.
@@ -26,8 +30,10 @@ pub struct Status {
     pub subnet: String,
     /// The TUN's address.
     pub gateway: String,
-    /// TUN name.
+    /// TUN/TAP name.
     pub tun: String,
+    /// `tun` or `tap`.
+    pub device: String,
     /// Overlay MTU.
     pub mtu: u16,
     /// Underlay address and port.
@@ -52,7 +58,8 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
     pub drops: BTreeMap<String, u64>,
-    /// ICMP errors written into the TUN, and those suppressed by the rate limit.
+    /// ICMP errors written into the TUN, those suppressed by the rate limit, and neighbour
+    /// requests answered over VXLAN.
     pub icmp: BTreeMap<String, u64>,
 }
 
@@ -67,6 +74,8 @@ pub struct PeerStatus {
     pub ipv6_subnet: Option<String>,
     /// Underlay endpoint.
     pub endpoint: String,
+    /// VTEP MAC (VXLAN).
+    pub mac: Option<String>,
     /// Path MTU.
     pub mtu: u16,
     /// Packets received and delivered.
@@ -85,9 +94,12 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "node      {}  ({} subnet {}, gateway {})", s.node_name, s.network, s.subnet, s.gateway);
     let _ = writeln!(
         o,
-        "data      backend {} over {}:{} via {} (MTU {}), tun {} (MTU {})",
-        s.backend, s.public_ip, s.port, s.underlay_interface, s.underlay_mtu, s.tun, s.mtu
+        "data      backend {} over {}:{} via {} (MTU {}), {} {} (MTU {})",
+        s.backend, s.public_ip, s.port, s.underlay_interface, s.underlay_mtu, s.device, s.tun, s.mtu
     );
+    if let (Some(vni), Some(mac)) = (s.vni, &s.vtep_mac) {
+        let _ = writeln!(o, "vxlan     vni {vni}, vtep mac {mac}");
+    }
     let io_note = s.io_fallback_reason.as_deref().map(|r| format!(" (io_uring unavailable: {r})")).unwrap_or_default();
     let _ = writeln!(o, "io        {} x{} workers{}, up {}s", s.io_backend, s.workers, io_note, s.uptime_secs);
     let _ = writeln!(o, "process   pid {}, {} reloads ({} refused)", s.pid, s.reloads, s.reload_failures);

@@ -83,6 +83,7 @@ ensure_tools() {
   command -v ip >/dev/null || missing+=(iproute2)
   command -v ping >/dev/null || missing+=(iputils-ping)
   command -v iperf3 >/dev/null || missing+=(iperf3)
+  command -v protoc >/dev/null || missing+=(protobuf-compiler) # etcd-client builds its gRPC code with it
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update

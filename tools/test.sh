@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump; do
+for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump tshark:tshark ethtool:ethtool \
+  setpriv:util-linux protoc:protobuf-compiler etcd:etcd-server; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -22,8 +23,9 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy (deny warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
-echo "==> the forwarder core builds without any OS code"
+echo "==> the forwarder core builds without any OS code; ipam builds without etcd"
 cargo check -p weft-forwarder --no-default-features --release
+cargo check -p weft-ipam --no-default-features --release
 echo "==> layering"
 tools/check-layering.sh
 echo "==> build"

@@ -78,6 +78,18 @@ impl<'a> PacketBuf<'a> {
         true
     }
 
+    /// Sets the length to `len` bytes from the head, growing into the slot's tail if needed
+    /// (for replies longer than the request); `false` (unchanged) if the slot is too small.
+    pub fn set_len(&mut self, len: usize) -> bool {
+        match self.head.checked_add(len) {
+            Some(end) if end <= self.buf.len() => {
+                self.end = end;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Shortens the packet to `len` bytes; a longer `len` changes nothing.
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {

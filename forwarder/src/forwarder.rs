@@ -24,14 +24,13 @@
 
 #![deny(unsafe_code)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ipnet::{Ipv4Net, Ipv6Net};
-
 use crate::buf::PacketBuf;
-use crate::encap::Encap;
+use crate::encap::{Decapsulated, Encap};
+use crate::node::LocalNode;
 use crate::ratelimit::IcmpLimiter;
 use crate::route::{PeerId, RouteTable};
 use crate::stats::{DropReason, IcmpCounter, WorkerStats};
@@ -51,9 +50,15 @@ pub enum TunVerdict {
         to: SocketAddr,
         /// The peer, for accounting.
         peer: PeerId,
+        /// A hash of the inner flow, for formats whose outer source port follows it
+        /// ([`Encap::FLOW_SOURCE_PORT`]); 0 otherwise.
+        flow: u32,
     },
     /// An ICMP error was written into the buffer; write it back into the TUN.
     Reply,
+    /// TAP mode: a broadcast, multicast or unknown-unicast frame, encapsulated; send a copy
+    /// to every peer (head-end replication).
+    Flood,
     /// Drop the packet (already counted).
     Drop(DropReason),
 }
@@ -67,50 +72,54 @@ pub enum UnderlayVerdict {
         /// The sending peer.
         from: PeerId,
     },
+    /// The buffer now holds the answer to a neighbour request; send it back to `to`.
+    Reply {
+        /// The peer that asked.
+        to: SocketAddr,
+    },
     /// Drop the datagram (already counted).
     Drop(DropReason),
 }
 
-/// This node's place in the overlay.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub struct LocalNode {
-    /// Our IPv4 subnet.
-    pub subnet_v4: Option<Ipv4Net>,
-    /// Our IPv6 subnet.
-    pub subnet_v6: Option<Ipv6Net>,
+/// What a worker drives: the per-packet decisions of one mode (TUN: [`Forwarder`], TAP:
+/// [`Bridge`](crate::bridge::Bridge)). The drivers are generic over it, so each mode is
+/// monomorphised and the hot path has no dynamic dispatch.
+// `from_*` names the packet's direction (design convention 1), not a conversion.
+#[allow(clippy::wrong_self_convention)]
+pub trait PacketCore: Send {
+    /// A packet or frame read from the TUN/TAP.
+    fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict;
+    /// A datagram read from the underlay.
+    fn from_underlay(
+        &mut self,
+        routes: &RouteTable,
+        src: SocketAddr,
+        pkt: &mut PacketBuf<'_>,
+        now: Instant,
+    ) -> UnderlayVerdict;
+    /// The counters this core writes (the driver adds I/O failures).
+    fn stats(&self) -> &Arc<WorkerStats>;
 }
 
-impl LocalNode {
-    /// The gateway: the first usable address of the subnet, held by the TUN.
-    pub fn gateway_v4(&self) -> Option<Ipv4Addr> {
-        self.subnet_v4.map(|n| Ipv4Addr::from(u32::from(n.network()).wrapping_add(1)))
+impl<E: Encap + Send> PacketCore for Forwarder<E> {
+    #[inline]
+    fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        Forwarder::from_tun(self, routes, pkt, now)
     }
 
-    /// The IPv6 gateway, likewise.
-    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
-        self.subnet_v6.map(|n| Ipv6Addr::from(u128::from(n.network()).wrapping_add(1)))
+    #[inline]
+    fn from_underlay(
+        &mut self,
+        routes: &RouteTable,
+        src: SocketAddr,
+        pkt: &mut PacketBuf<'_>,
+        _now: Instant,
+    ) -> UnderlayVerdict {
+        Forwarder::from_underlay(self, routes, src, pkt)
     }
 
-    fn owns(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => self.subnet_v4.is_some_and(|n| n.contains(&a)),
-            IpAddr::V6(a) => self.subnet_v6.is_some_and(|n| n.contains(&a)),
-        }
-    }
-
-    /// A destination no overlay packet may be delivered to: loopback, multicast,
-    /// unspecified, limited broadcast, or our subnet's own broadcast address.
-    fn is_martian_dst(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => {
-                a.is_loopback()
-                    || a.is_multicast()
-                    || a.is_unspecified()
-                    || a.is_broadcast()
-                    || self.subnet_v4.is_some_and(|n| n.prefix_len() < 31 && a == n.broadcast())
-            }
-            IpAddr::V6(a) => a.is_loopback() || a.is_multicast() || a.is_unspecified(),
-        }
+    fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
     }
 }
 
@@ -174,11 +183,12 @@ impl<E: Encap> Forwarder<E> {
             return self.drop_tun(DropReason::TtlExpired);
         }
         let inner_len = pkt.len();
+        let flow = if E::FLOW_SOURCE_PORT { flow_hash(pkt.as_slice()) } else { 0 };
         if let Err(reason) = self.encap.encap(pkt, hop) {
             return self.drop_tun(reason);
         }
         hop.counters.tx(self.worker, inner_len);
-        TunVerdict::Send { to: hop.endpoint, peer }
+        TunVerdict::Send { to: hop.endpoint, peer, flow }
     }
 
     /// Decides the fate of a datagram read from the underlay; see the module doc.
@@ -186,8 +196,18 @@ impl<E: Encap> Forwarder<E> {
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
-        if let Err(reason) = self.encap.decap(pkt) {
-            return self.drop_underlay(reason);
+        match self.encap.decap(pkt, hop) {
+            Ok(Decapsulated::Ip) => {}
+            Ok(Decapsulated::NeighbourRequest) => {
+                return match self.encap.answer(pkt, hop, &self.local) {
+                    Ok(()) => {
+                        self.stats.count_icmp(IcmpCounter::NeighbourReply);
+                        UnderlayVerdict::Reply { to: hop.endpoint }
+                    }
+                    Err(reason) => self.drop_underlay(reason),
+                };
+            }
+            Err(reason) => return self.drop_underlay(reason),
         }
         let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
@@ -221,60 +241,94 @@ impl<E: Encap> Forwarder<E> {
         now: Instant,
     ) -> TunVerdict {
         self.stats.count_drop(reason);
-        let Ok(ip) = IpPacket::new_checked(pkt.as_slice()) else { return TunVerdict::Drop(reason) };
-        let (to, from) = (ip.src(), ip.dst());
-        let allowed = match &ip {
-            IpPacket::V4(p) => icmp::may_answer_v4(p),
-            IpPacket::V6(p) => icmp::may_answer_v6(p),
-        };
-        if !allowed {
-            return TunVerdict::Drop(reason);
+        if write_icmp_error(pkt, kind, &self.local, &mut self.icmp_limit, &self.stats, now) {
+            TunVerdict::Reply
+        } else {
+            TunVerdict::Drop(reason)
         }
-        if !self.icmp_limit.allow(to, now) {
-            self.stats.count_icmp(IcmpCounter::RateLimited);
-            return TunVerdict::Drop(reason);
-        }
-        let written = match (to, from) {
-            (IpAddr::V4(to), IpAddr::V4(from)) => {
-                let Some(gw) = self.local.gateway_v4() else { return TunVerdict::Drop(reason) };
-                // Linux ignores an error whose source is its own destination address, so a
-                // packet the host sent from the gateway is answered from where it was going.
-                let src = if to == gw { from } else { gw };
-                let quote = pkt.len().min(icmp::V4_ERROR_MAX - icmp::V4_ERROR_OVERHEAD);
-                pkt.truncate(quote);
-                match pkt.prepend(icmp::V4_ERROR_OVERHEAD) {
-                    Some(_) => {
-                        icmp::emit_v4_error(pkt.as_mut_slice(), src, to, kind);
-                        true
-                    }
-                    None => false,
-                }
+    }
+}
+
+/// Turns the IP packet in `pkt` into the ICMP error `kind` back to its sender, where RFC 1812
+/// and the rate limit allow; counts what it writes. `false` leaves the packet to be dropped.
+pub(crate) fn write_icmp_error(
+    pkt: &mut PacketBuf<'_>,
+    kind: IcmpKind,
+    local: &LocalNode,
+    limit: &mut IcmpLimiter,
+    stats: &WorkerStats,
+    now: Instant,
+) -> bool {
+    let Ok(ip) = IpPacket::new_checked(pkt.as_slice()) else { return false };
+    let (to, from) = (ip.src(), ip.dst());
+    let allowed = match &ip {
+        IpPacket::V4(p) => icmp::may_answer_v4(p),
+        IpPacket::V6(p) => icmp::may_answer_v6(p),
+    };
+    if !allowed {
+        return false;
+    }
+    if !limit.allow(to, now) {
+        stats.count_icmp(IcmpCounter::RateLimited);
+        return false;
+    }
+    let written = match (to, from) {
+        (IpAddr::V4(to), IpAddr::V4(from)) => {
+            let Some(gw) = local.gateway_v4() else { return false };
+            // Linux ignores an error whose source is its own destination address, so a
+            // packet the host sent from the gateway is answered from where it was going.
+            let src = if to == gw { from } else { gw };
+            let quote = pkt.len().min(icmp::V4_ERROR_MAX - icmp::V4_ERROR_OVERHEAD);
+            pkt.truncate(quote);
+            pkt.prepend(icmp::V4_ERROR_OVERHEAD).is_some() && {
+                icmp::emit_v4_error(pkt.as_mut_slice(), src, to, kind);
+                true
             }
-            (IpAddr::V6(to), IpAddr::V6(from)) => {
-                let Some(gw) = self.local.gateway_v6() else { return TunVerdict::Drop(reason) };
-                let src = if to == gw { from } else { gw };
-                let quote = pkt.len().min(icmp::V6_ERROR_MAX - icmp::V6_ERROR_OVERHEAD);
-                pkt.truncate(quote);
-                match pkt.prepend(icmp::V6_ERROR_OVERHEAD) {
-                    Some(_) => {
-                        icmp::emit_v6_error(pkt.as_mut_slice(), src, to, kind);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            _ => false,
-        };
-        if !written {
-            return TunVerdict::Drop(reason);
         }
-        self.stats.count_icmp(match (kind, to) {
+        (IpAddr::V6(to), IpAddr::V6(from)) => {
+            let Some(gw) = local.gateway_v6() else { return false };
+            let src = if to == gw { from } else { gw };
+            let quote = pkt.len().min(icmp::V6_ERROR_MAX - icmp::V6_ERROR_OVERHEAD);
+            pkt.truncate(quote);
+            pkt.prepend(icmp::V6_ERROR_OVERHEAD).is_some() && {
+                icmp::emit_v6_error(pkt.as_mut_slice(), src, to, kind);
+                true
+            }
+        }
+        _ => false,
+    };
+    if written {
+        stats.count_icmp(match (kind, to) {
             (IcmpKind::TooBig { .. }, IpAddr::V4(_)) => IcmpCounter::FragNeeded,
             (IcmpKind::TooBig { .. }, IpAddr::V6(_)) => IcmpCounter::PacketTooBig,
             _ => IcmpCounter::Unreachable,
         });
-        TunVerdict::Reply
     }
+    written
+}
+
+/// A cheap hash of the inner flow (addresses, protocol, ports of an unfragmented TCP/UDP
+/// packet), so one flow keeps one outer source port and different flows spread.
+#[inline]
+pub(crate) fn flow_hash(p: &[u8]) -> u32 {
+    let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(p.first().map_or(5, |b| b & 0x0f)) * 4;
+            let unfragmented = p.get(6..8).is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff == 0);
+            (p.get(12..20), p.get(9).copied(), if unfragmented { p.get(ihl..ihl + 4) } else { None })
+        }
+        Some(6) => (p.get(8..40), p.get(6).copied(), p.get(40..44)),
+        _ => (None, None, None),
+    };
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |b: u8| h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    addrs.unwrap_or_default().iter().for_each(|b| mix(*b));
+    let proto = proto.unwrap_or(0);
+    mix(proto);
+    if matches!(proto, 6 | 17) {
+        l4.unwrap_or_default().iter().for_each(|b| mix(*b));
+    }
+    h
 }
 
 /// Traffic the kernel sends on every link by itself (IPv6 router solicitations and MLD from
@@ -305,6 +359,7 @@ mod tests {
     use super::*;
     use crate::encap::UdpEncap;
     use crate::testing::{Pair, icmp_echo, icmp_echo_v6};
+    use std::net::Ipv4Addr;
 
     #[test]
     fn ping_between_two_nodes() {

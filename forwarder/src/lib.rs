@@ -8,14 +8,17 @@
 //! epoll where io_uring is unavailable.
 //!
 //! Layers, each importing only from those before it:
-//! `wire` → `buf`, `stats`, `ratelimit`, `route` → `encap` → `forwarder` → `driver`.
+//! `wire` → `buf`, `stats`, `ratelimit`, `node`, `route` → `encap` → `forwarder`, `bridge` →
+//! `driver`.
 //! `cargo check -p weft-forwarder --no-default-features` proves the core touches no OS code.
 
 #![warn(missing_docs)]
 
+pub mod bridge;
 pub mod buf;
 pub mod encap;
 pub mod forwarder;
+pub mod node;
 pub mod ratelimit;
 pub mod route;
 pub mod stats;
@@ -27,8 +30,13 @@ pub mod driver;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
+
+pub use bridge::Bridge;
 pub use buf::PacketBuf;
-pub use encap::{Encap, EncapKind, UdpEncap};
-pub use forwarder::{Forwarder, LocalNode, TunVerdict, UnderlayVerdict};
+pub use encap::{Decapsulated, Encap, EncapKind, UdpEncap, VxlanEncap};
+pub use forwarder::{Forwarder, PacketCore, TunVerdict, UnderlayVerdict};
+pub use node::LocalNode;
 pub use route::{NextHop, PeerId, RouteError, RouteTable, RouteTableHandle};
 pub use stats::{DropReason, IcmpCounter, PeerCounters, PeerTotals, WorkerStats};

@@ -19,6 +19,7 @@ use prefix_trie::PrefixMap;
 use rustc_hash::FxBuildHasher;
 
 use crate::stats::PeerCounters;
+use crate::wire::ethernet::MacAddr;
 
 /// Index of a peer within one [`RouteTable`] snapshot (not stable across snapshots).
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
@@ -42,6 +43,9 @@ pub struct NextHop {
     pub subnet_v4: Option<Ipv4Net>,
     /// The peer's IPv6 overlay subnet.
     pub subnet_v6: Option<Ipv6Net>,
+    /// The peer's VTEP MAC (VXLAN): inner frames go to it, and frames from the peer must
+    /// come from it.
+    pub mac: Option<MacAddr>,
     /// Largest inner packet the path to this peer carries, in bytes.
     pub mtu: u16,
     /// Traffic counters, carried across snapshots.
@@ -88,6 +92,16 @@ pub enum RouteError {
         /// The shared endpoint.
         endpoint: SocketAddr,
     },
+    /// Two peers claim the same VTEP MAC.
+    #[error("peers {a} and {b} share the VTEP MAC {mac}")]
+    DuplicateMac {
+        /// First peer.
+        a: String,
+        /// Second peer.
+        b: String,
+        /// The shared MAC.
+        mac: MacAddr,
+    },
     /// More peers than a [`PeerId`] can index.
     #[error("too many peers: at most {max}")]
     TooManyPeers {
@@ -102,6 +116,7 @@ pub struct RouteTable {
     v6: PrefixMap<Ipv6Net, PeerId>,
     peers: Vec<NextHop>,
     by_source: HashMap<SocketAddr, PeerId, FxBuildHasher>,
+    by_mac: HashMap<MacAddr, PeerId, FxBuildHasher>,
     source_port_matters: bool,
 }
 
@@ -126,6 +141,7 @@ impl RouteTable {
             v6: PrefixMap::new(),
             peers: Vec::with_capacity(peers.len()),
             by_source: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
+            by_mac: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
             source_port_matters,
         };
         for hop in peers {
@@ -151,6 +167,12 @@ impl RouteTable {
                 let a = t.peers.get(prev.index()).map(|p| p.name.to_string()).unwrap_or_default();
                 return Err(RouteError::DuplicateEndpoint { a, b: hop.name.to_string(), endpoint: hop.endpoint });
             }
+            if let Some(mac) = hop.mac {
+                if let Some(prev) = t.by_mac.insert(mac, id) {
+                    let a = t.peers.get(prev.index()).map(|p| p.name.to_string()).unwrap_or_default();
+                    return Err(RouteError::DuplicateMac { a, b: hop.name.to_string(), mac });
+                }
+            }
             t.peers.push(hop);
         }
         Ok(t)
@@ -163,6 +185,7 @@ impl RouteTable {
             v6: PrefixMap::new(),
             peers: Vec::new(),
             by_source: HashMap::with_hasher(FxBuildHasher),
+            by_mac: HashMap::with_hasher(FxBuildHasher),
             source_port_matters,
         }
     }
@@ -193,6 +216,13 @@ impl RouteTable {
     #[inline]
     pub fn peer_by_source(&self, src: SocketAddr) -> Option<(PeerId, &NextHop)> {
         let id = *self.by_source.get(&self.source_key(src))?;
+        self.peers.get(id.index()).map(|h| (id, h))
+    }
+
+    /// The peer whose VTEP MAC is `mac` (TAP mode forwards by MAC).
+    #[inline]
+    pub fn peer_by_mac(&self, mac: MacAddr) -> Option<(PeerId, &NextHop)> {
+        let id = *self.by_mac.get(&mac)?;
         self.peers.get(id.index()).map(|h| (id, h))
     }
 
@@ -245,6 +275,7 @@ mod tests {
             endpoint: endpoint.parse().unwrap(),
             subnet_v4: Some(subnet.parse().unwrap()),
             subnet_v6: None,
+            mac: None,
             mtu: 1472,
             counters: Arc::new(PeerCounters::new(1)),
         }

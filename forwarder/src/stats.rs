@@ -38,13 +38,27 @@ pub enum DropReason {
     Oversize,
     /// No free buffer.
     PoolExhausted,
+    /// VXLAN: the I flag is clear.
+    BadVxlanFlags,
+    /// VXLAN: a reserved bit is set (Linux drops these too).
+    ReservedBitsSet,
+    /// VXLAN: another VNI than ours.
+    WrongVni,
+    /// VXLAN: the inner destination MAC is not our VTEP's.
+    WrongInnerMac,
+    /// VXLAN: the inner source MAC is not the sending peer's VTEP MAC (or is ours: a loop).
+    WrongSourceMac,
+    /// VXLAN: an inner EtherType weft does not carry (VLAN tags included).
+    BadEthertype,
+    /// TAP: a frame to replicate to every peer over the flood rate limit.
+    FloodLimited,
     /// The kernel refused a send or a TUN write.
     IoError,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 19] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -56,6 +70,13 @@ impl DropReason {
         Self::TxForeignSource,
         Self::Oversize,
         Self::PoolExhausted,
+        Self::BadVxlanFlags,
+        Self::ReservedBitsSet,
+        Self::WrongVni,
+        Self::WrongInnerMac,
+        Self::WrongSourceMac,
+        Self::BadEthertype,
+        Self::FloodLimited,
         Self::IoError,
     ];
 
@@ -74,11 +95,19 @@ impl DropReason {
             Self::Oversize => "oversize",
             Self::PoolExhausted => "pool_exhausted",
             Self::IoError => "io_error",
+            Self::BadVxlanFlags => "bad_vxlan_flags",
+            Self::ReservedBitsSet => "reserved_bits_set",
+            Self::WrongVni => "wrong_vni",
+            Self::WrongInnerMac => "wrong_inner_mac",
+            Self::WrongSourceMac => "wrong_source_mac",
+            Self::BadEthertype => "bad_ethertype",
+            Self::FloodLimited => "flood_limited",
         }
     }
 }
 
-/// ICMP errors weft wrote into its TUN, and those the rate limit suppressed.
+/// ICMP errors weft wrote into its TUN, those the rate limit suppressed, and neighbour
+/// requests (ARP, NDP) it answered toward a peer.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 #[repr(u8)]
 pub enum IcmpCounter {
@@ -90,11 +119,14 @@ pub enum IcmpCounter {
     PacketTooBig,
     /// An error that was due but suppressed by the rate limit.
     RateLimited,
+    /// An ARP request or neighbour solicitation answered over VXLAN.
+    NeighbourReply,
 }
 
 impl IcmpCounter {
     /// Every counter, in order.
-    pub const ALL: [IcmpCounter; 4] = [Self::Unreachable, Self::FragNeeded, Self::PacketTooBig, Self::RateLimited];
+    pub const ALL: [IcmpCounter; 5] =
+        [Self::Unreachable, Self::FragNeeded, Self::PacketTooBig, Self::RateLimited, Self::NeighbourReply];
 
     /// The label in metrics and `weft status`.
     pub const fn as_str(self) -> &'static str {
@@ -103,6 +135,7 @@ impl IcmpCounter {
             Self::FragNeeded => "frag_needed",
             Self::PacketTooBig => "packet_too_big",
             Self::RateLimited => "rate_limited",
+            Self::NeighbourReply => "neighbour_reply",
         }
     }
 }

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::buf::{HEADROOM, PacketBuf};
-use crate::encap::UdpEncap;
-use crate::forwarder::{Forwarder, LocalNode, TunVerdict, UnderlayVerdict};
+use crate::encap::{Encap, UdpEncap, VxlanEncap};
+use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::node::LocalNode;
 use crate::route::{NextHop, RouteTable};
 use crate::stats::{DropReason, PeerCounters, WorkerStats};
+use crate::wire::ethernet::MacAddr;
+use crate::wire::vxlan::Vni;
 
 /// An IPv4 ICMP echo request with DF set and `payload` bytes of data.
 pub fn icmp_echo(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
@@ -41,11 +44,11 @@ pub fn icmp_echo_v6(src: &str, dst: &str, payload: usize) -> Vec<u8> {
     out
 }
 
-/// Node A (10.244.1.0/24, fd00:1::/64, 198.18.0.1:8285) and node B (10.244.2.0/24,
-/// fd00:2::/64, 198.18.0.2:8285), each with the other as its only peer.
-pub struct Pair {
-    pub a: Forwarder<UdpEncap>,
-    pub b: Forwarder<UdpEncap>,
+/// Node A (10.244.1.0/24, fd00:1::/64, 198.18.0.1:8285, VTEP MAC [`A_MAC`]) and node B
+/// (10.244.2.0/24, fd00:2::/64, 198.18.0.2:8285, [`B_MAC`]), each the other's only peer.
+pub struct Pair<E: Encap = UdpEncap> {
+    pub a: Forwarder<E>,
+    pub b: Forwarder<E>,
     pub routes_a: RouteTable,
     pub routes_b: RouteTable,
     pub now: Instant,
@@ -53,6 +56,15 @@ pub struct Pair {
 
 pub const A_ENDPOINT: &str = "198.18.0.1:8285";
 pub const B_ENDPOINT: &str = "198.18.0.2:8285";
+pub const A_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+pub const B_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
+/// VNI of [`Pair::vxlan`].
+pub const VNI: u32 = 1;
+
+/// Node `third`'s local view (10.244.<third>.0/24, fd00:<third>::/64).
+pub fn local(third: u8) -> LocalNode {
+    node(third)
+}
 
 fn node(third: u8) -> LocalNode {
     LocalNode {
@@ -61,13 +73,14 @@ fn node(third: u8) -> LocalNode {
     }
 }
 
-fn hop(name: &str, third: u8, endpoint: &str, mtu: u16) -> NextHop {
+fn hop(name: &str, third: u8, endpoint: &str, mtu: u16, mac: MacAddr) -> NextHop {
     let n = node(third);
     NextHop {
         name: name.into(),
         endpoint: endpoint.parse().unwrap(),
         subnet_v4: n.subnet_v4,
         subnet_v6: n.subnet_v6,
+        mac: Some(mac),
         mtu,
         counters: Arc::new(PeerCounters::new(1)),
     }
@@ -79,18 +92,33 @@ impl Default for Pair {
     }
 }
 
-impl Pair {
+impl Pair<UdpEncap> {
+    /// A flannel-udp pair.
     pub fn new() -> Self {
         Self::with_peer_mtu(1472)
     }
 
-    /// A pair where A reaches B over a path of `mtu` bytes.
+    /// A flannel-udp pair where A reaches B over a path of `mtu` bytes.
     pub fn with_peer_mtu(mtu: u16) -> Self {
+        Pair::build(UdpEncap, UdpEncap, mtu)
+    }
+}
+
+impl Pair<VxlanEncap> {
+    /// A VXLAN pair on VNI [`VNI`].
+    pub fn vxlan() -> Self {
+        let vni = Vni::new(VNI).unwrap();
+        Pair::build(VxlanEncap::new(vni, A_MAC), VxlanEncap::new(vni, B_MAC), 1450)
+    }
+}
+
+impl<E: Encap> Pair<E> {
+    fn build(a: E, b: E, mtu: u16) -> Self {
         Self {
-            a: Forwarder::new(UdpEncap, node(1), 0, Arc::new(WorkerStats::default())),
-            b: Forwarder::new(UdpEncap, node(2), 0, Arc::new(WorkerStats::default())),
-            routes_a: RouteTable::new(vec![hop("b", 2, B_ENDPOINT, mtu)], true).unwrap(),
-            routes_b: RouteTable::new(vec![hop("a", 1, A_ENDPOINT, 1472)], true).unwrap(),
+            a: Forwarder::new(a, node(1), 0, Arc::new(WorkerStats::default())),
+            b: Forwarder::new(b, node(2), 0, Arc::new(WorkerStats::default())),
+            routes_a: RouteTable::new(vec![hop("b", 2, B_ENDPOINT, mtu, B_MAC)], E::SOURCE_PORT_MATTERS).unwrap(),
+            routes_b: RouteTable::new(vec![hop("a", 1, A_ENDPOINT, 1472, A_MAC)], E::SOURCE_PORT_MATTERS).unwrap(),
             now: Instant::now(),
         }
     }
@@ -104,18 +132,28 @@ impl Pair {
 
     /// Sends `inner` from A's TUN; returns what B writes into its TUN, if anything.
     pub fn a_to_b(&mut self, inner: &[u8]) -> Option<Vec<u8>> {
+        let wire = self.a_encap(inner)?;
+        self.b_receives(&wire)
+    }
+
+    /// Runs `inner` through A's TUN side; returns the UDP payload A sends to B.
+    pub fn a_encap(&mut self, inner: &[u8]) -> Option<Vec<u8>> {
         let (mut slot, head, len) = self.slot(inner);
         let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
         let TunVerdict::Send { to, .. } = self.a.from_tun(&self.routes_a, &mut pkt, self.now) else {
             return None;
         };
         assert_eq!(to, B_ENDPOINT.parse::<SocketAddr>().unwrap());
-        let wire = pkt.as_slice().to_vec();
-        let (mut slot, head, len) = self.slot(&wire);
+        Some(pkt.as_slice().to_vec())
+    }
+
+    /// B receives `wire` from A's endpoint; returns what B writes into its TUN, if anything.
+    pub fn b_receives(&mut self, wire: &[u8]) -> Option<Vec<u8>> {
+        let (mut slot, head, len) = self.slot(wire);
         let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
         match self.b.from_underlay(&self.routes_b, A_ENDPOINT.parse().unwrap(), &mut pkt) {
             UnderlayVerdict::Deliver { .. } => Some(pkt.as_slice().to_vec()),
-            UnderlayVerdict::Drop(_) => None,
+            UnderlayVerdict::Drop(_) | UnderlayVerdict::Reply { .. } => None,
         }
     }
 

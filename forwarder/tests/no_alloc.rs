@@ -56,6 +56,7 @@ fn forwarding_allocates_nothing_per_packet() {
                 }
             }
             TunVerdict::Reply => replies += 1,
+            TunVerdict::Flood => unreachable!("TUN mode never floods"),
             TunVerdict::Drop(_) => {}
         }
     }

@@ -23,7 +23,7 @@ pub use netns::Netns;
 pub use root::skip_unless_root;
 pub use topology::{Host, Topology};
 pub use traffic::{IperfServer, iperf3_tcp, ping, ping_all, ping_all_with, ping_with};
-pub use weft::{NodeConfig, PeerConfig, WeftNode, json_path, json_u64, peer_status};
+pub use weft::{NodeConfig, PeerConfig, WeftNode, json_path, json_u64, peer_status, vtep_mac};
 
 /// Prints a line on the process's stderr, bypassing libtest's output capture, for results that
 /// belong in the CI log even when the test passes (a throughput figure, a skip reason).

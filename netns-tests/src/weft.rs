@@ -20,6 +20,9 @@ use crate::topology::{Host, Topology, underlay_ip};
 /// weft's default UDP port (flannel's `udp` backend port).
 pub const PORT: u16 = 8285;
 
+/// VXLAN port weft and Linux use by default (flannel's).
+pub const VXLAN_PORT: u16 = 8472;
+
 /// The cluster network every test uses.
 pub const NETWORK: &str = "10.244.0.0/16";
 
@@ -81,6 +84,8 @@ pub struct PeerConfig {
     pub endpoint: String,
     /// Per-peer overlay MTU, if smaller than ours.
     pub mtu: Option<u32>,
+    /// The peer's VTEP MAC (VXLAN).
+    pub mac: Option<String>,
 }
 
 impl PeerConfig {
@@ -92,7 +97,14 @@ impl PeerConfig {
             subnet: format!("10.244.{i}.0/24"),
             endpoint: format!("{}:{PORT}", underlay_ip(i)),
             mtu: None,
+            mac: None,
         }
+    }
+
+    /// The VXLAN peer entry for numbered host `n<i>`: endpoint `198.18.0.<i>:8472`, VTEP MAC
+    /// [`vtep_mac`]`(i)`.
+    pub fn vxlan_for_host(i: u8) -> Self {
+        Self { endpoint: format!("{}:{VXLAN_PORT}", underlay_ip(i)), mac: Some(vtep_mac(i)), ..Self::for_host(i) }
     }
 
     /// Sets the per-peer overlay MTU.
@@ -124,6 +136,12 @@ pub struct NodeConfig {
     pub workers: Option<u32>,
     /// `io` backend (`auto`, `uring`, `mmsg`); `None` lets weft choose.
     pub io: Option<String>,
+    /// Wire format (`udp`, `vxlan`); `None` is weft's default (udp).
+    pub backend: Option<String>,
+    /// Our VTEP MAC (VXLAN); `None` lets weft derive it.
+    pub vtep_mac: Option<String>,
+    /// `tun` or `tap`; `None` is weft's default (tun).
+    pub device: Option<String>,
     /// Static peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -145,8 +163,20 @@ impl NodeConfig {
             mtu: None,
             workers: Some(1),
             io: std::env::var("WEFT_TEST_IO").ok().filter(|s| !s.is_empty()),
+            backend: None,
+            vtep_mac: None,
+            device: None,
             peers: Vec::new(),
         }
+    }
+
+    /// `n<i>` speaking VXLAN on port 8472 with VTEP MAC [`vtep_mac`]`(i)`, peered over VXLAN
+    /// with every other host of `n1..=n<hosts>`.
+    pub fn vxlan_mesh(i: u8, hosts: u8) -> Self {
+        let mut c =
+            Self { port: VXLAN_PORT, backend: Some("vxlan".into()), vtep_mac: Some(vtep_mac(i)), ..Self::for_host(i) };
+        c.peers = (1..=hosts).filter(|&j| j != i).map(PeerConfig::vxlan_for_host).collect();
+        c
     }
 
     /// The config for `n<i>` peered with every other host of `n1..=n<hosts>`.
@@ -198,6 +228,15 @@ impl NodeConfig {
         if let Some(io) = &self.io {
             let _ = writeln!(s, "io = {}", quote(io));
         }
+        if let Some(b) = &self.backend {
+            let _ = writeln!(s, "backend = {}", quote(b));
+        }
+        if let Some(m) = &self.vtep_mac {
+            let _ = writeln!(s, "vtep_mac = {}", quote(m));
+        }
+        if let Some(d) = &self.device {
+            let _ = writeln!(s, "device = {}", quote(d));
+        }
         let _ = writeln!(s, "api_socket = {}", quote(&socket.display().to_string()));
         for p in &self.peers {
             let _ = writeln!(s, "\n[[peers]]");
@@ -207,9 +246,17 @@ impl NodeConfig {
             if let Some(mtu) = p.mtu {
                 let _ = writeln!(s, "mtu = {mtu}");
             }
+            if let Some(m) = &p.mac {
+                let _ = writeln!(s, "mac = {}", quote(m));
+            }
         }
         s
     }
+}
+
+/// The VTEP MAC the tests give numbered host `n<i>`.
+pub fn vtep_mac(i: u8) -> String {
+    format!("02:77:00:00:00:{i:02x}")
 }
 
 /// A TOML basic string (the values here never need more than `"` and `\` escaped).

@@ -76,6 +76,7 @@ impl ApiState {
                     subnet: h.subnet_v4.map(|n| n.to_string()).unwrap_or_default(),
                     ipv6_subnet: h.subnet_v6.map(|n| n.to_string()),
                     endpoint: h.endpoint.to_string(),
+                    mac: h.mac.map(|m| m.to_string()),
                     mtu: h.mtu,
                     rx_packets: t.rx_packets,
                     rx_bytes: t.rx_bytes,
@@ -91,7 +92,15 @@ impl ApiState {
         let gw = weft_forwarder::LocalNode { subnet_v4: Some(self.cfg.subnet), subnet_v6: None }.gateway_v4();
         Status {
             node_name: self.cfg.node_name.clone(),
-            backend: "udp".into(),
+            backend: self.cfg.backend.as_str().into(),
+            vni: match self.cfg.backend {
+                crate::config::Backend::Vxlan { vni, .. } => Some(vni.get()),
+                crate::config::Backend::Udp => None,
+            },
+            vtep_mac: match self.cfg.backend {
+                crate::config::Backend::Vxlan { vtep_mac, .. } => Some(vtep_mac.to_string()),
+                crate::config::Backend::Udp => None,
+            },
             io_backend: self.backend.as_str().into(),
             io_fallback_reason: self.fallback_reason.clone(),
             workers: self.cfg.workers,
@@ -99,6 +108,10 @@ impl ApiState {
             subnet: self.cfg.subnet.to_string(),
             gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
             tun: self.cfg.tun_name.clone(),
+            device: match self.cfg.device {
+                crate::config::Device::Tun => "tun".into(),
+                crate::config::Device::Tap => "tap".into(),
+            },
             mtu: self.mtu,
             public_ip: self.cfg.public_ip.to_string(),
             port: self.cfg.port,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use weft_forwarder::{Encap, NextHop, PeerCounters, RouteError, RouteTable};
+use weft_forwarder::{NextHop, PeerCounters, RouteError, RouteTable};
 
 use crate::config::Peer;
 
@@ -15,11 +15,13 @@ use crate::config::Peer;
 ///
 /// # Errors
 /// [`RouteError`] when peers overlap or share an endpoint.
-pub fn build_table<E: Encap>(
+/// `source_port_matters` is the wire format's [`Encap::SOURCE_PORT_MATTERS`](weft_forwarder::Encap::SOURCE_PORT_MATTERS).
+pub fn build_table(
     peers: &[Peer],
     mtu: u16,
     workers: usize,
     old: Option<&RouteTable>,
+    source_port_matters: bool,
 ) -> Result<RouteTable, RouteError> {
     let previous: HashMap<&str, &Arc<PeerCounters>> =
         old.map(|t| t.peers().iter().map(|h| (&*h.name, &h.counters)).collect()).unwrap_or_default();
@@ -30,19 +32,19 @@ pub fn build_table<E: Encap>(
             endpoint: p.endpoint,
             subnet_v4: Some(p.subnet),
             subnet_v6: p.subnet_v6,
+            mac: p.mac,
             mtu: p.mtu.map_or(mtu, |m| m.min(mtu)),
             counters: previous
                 .get(p.name.as_str())
                 .map_or_else(|| Arc::new(PeerCounters::new(workers)), |c| Arc::clone(c)),
         })
         .collect();
-    RouteTable::new(hops, E::SOURCE_PORT_MATTERS)
+    RouteTable::new(hops, source_port_matters)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_forwarder::UdpEncap;
 
     fn peer(name: &str, third: u8) -> Peer {
         Peer {
@@ -50,15 +52,16 @@ mod tests {
             subnet: format!("10.244.{third}.0/24").parse().unwrap(),
             subnet_v6: None,
             endpoint: format!("198.18.0.{third}:8285").parse().unwrap(),
+            mac: None,
             mtu: if third == 3 { Some(9000) } else { None },
         }
     }
 
     #[test]
     fn counters_survive_a_rebuild_and_peer_mtu_is_capped() {
-        let t1 = build_table::<UdpEncap>(&[peer("n2", 2)], 1472, 2, None).unwrap();
+        let t1 = build_table(&[peer("n2", 2)], 1472, 2, None, true).unwrap();
         t1.peers()[0].counters.tx(0, 100);
-        let t2 = build_table::<UdpEncap>(&[peer("n2", 2), peer("n3", 3)], 1472, 2, Some(&t1)).unwrap();
+        let t2 = build_table(&[peer("n2", 2), peer("n3", 3)], 1472, 2, Some(&t1), true).unwrap();
         assert_eq!(t2.peers()[0].counters.totals().tx_bytes, 100);
         assert_eq!(t2.peers()[1].counters.totals().tx_bytes, 0);
         assert_eq!(t2.peers()[1].mtu, 1472);

@@ -16,13 +16,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
+use weft_forwarder::driver::udp::OuterChecksum;
 use weft_forwarder::driver::{self, DriverError, WorkerIo};
-use weft_forwarder::{Encap, Forwarder, LocalNode, RouteError, RouteTableHandle, UdpEncap, WorkerStats};
+use weft_forwarder::wire::ethernet::MacAddr;
+use weft_forwarder::{
+    Bridge, Encap, EncapKind, Forwarder, LocalNode, PacketCore, RouteError, RouteTableHandle, UdpEncap, VxlanEncap,
+    WorkerStats,
+};
 
-use crate::config::{Config, ConfigError, RawConfig};
+use crate::config::{Backend, Config, ConfigError, Device, Peer, RawConfig};
 use netlink::{Netlink, NetlinkError};
 
 /// Why the daemon could not start or had to stop. Each maps to a stable exit code.
@@ -130,17 +136,64 @@ impl ConfigSource {
 /// [`DaemonError`] when start-up fails or a worker dies.
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let cfg = source.load()?;
-    run_with::<UdpEncap>(cfg, source).await
+    // The mode is chosen once here; everything below is monomorphised per core, so the data
+    // path has no dynamic dispatch.
+    match (cfg.backend, cfg.device) {
+        (Backend::Udp, Device::Tun) => {
+            run_with(Wire::of::<UdpEncap>(None), cfg, source, |i, local, stats| {
+                Forwarder::new(UdpEncap, local, i, stats)
+            })
+            .await
+        }
+        (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tun) => {
+            run_with(Wire::of::<VxlanEncap>(None), cfg, source, move |i, local, stats| {
+                Forwarder::new(VxlanEncap::new(vni, vtep_mac), local, i, stats)
+            })
+            .await
+        }
+        (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tap) => {
+            run_with(Wire::of::<VxlanEncap>(Some(vtep_mac)), cfg, source, move |i, local, stats| {
+                Bridge::new(vni, vtep_mac, local, i, stats)
+            })
+            .await
+        }
+        (Backend::Udp, Device::Tap) => Err(ConfigError::Invalid {
+            field: "device".into(),
+            message: "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)".into(),
+        }
+        .into()),
+    }
 }
 
-async fn run_with<E: Encap + Clone + Default + Send + 'static>(
+/// What start-up needs to know about the chosen wire format and device.
+#[derive(Clone, Copy, Debug)]
+struct Wire {
+    kind: EncapKind,
+    source_port_matters: bool,
+    flow_source_port: bool,
+    /// TAP mode, with the MAC the TAP carries (our VTEP MAC).
+    tap: Option<MacAddr>,
+}
+
+impl Wire {
+    fn of<E: Encap>(tap: Option<MacAddr>) -> Self {
+        Self { kind: E::KIND, source_port_matters: E::SOURCE_PORT_MATTERS, flow_source_port: E::FLOW_SOURCE_PORT, tap }
+    }
+}
+
+/// Send sockets per worker for formats whose outer source port follows the inner flow.
+const FLOW_SENDERS_PER_WORKER: usize = 8;
+
+async fn run_with<C: PacketCore + 'static>(
+    wire: Wire,
     cfg: Config,
     source: ConfigSource,
+    make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
     let nl = Netlink::connect()?;
     let underlay = nl.underlay_for(cfg.public_ip).await?;
-    let max_mtu = underlay.mtu.saturating_sub(E::KIND.overhead(cfg.public_ip.is_ipv6()) as u32);
+    let max_mtu = underlay.mtu.saturating_sub(wire.kind.overhead(cfg.public_ip.is_ipv6()) as u32);
     let max_mtu = u16::try_from(max_mtu).unwrap_or(u16::MAX);
     let mtu = match cfg.mtu {
         Some(m) if m > max_mtu => {
@@ -148,8 +201,8 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
                 "{m} exceeds what {} (MTU {}) carries after {} bytes of {} encapsulation: at most {max_mtu}",
                 underlay.name,
                 underlay.mtu,
-                E::KIND.overhead(cfg.public_ip.is_ipv6()),
-                E::KIND.as_str()
+                wire.kind.overhead(cfg.public_ip.is_ipv6()),
+                wire.kind.as_str()
             )));
         }
         Some(m) => m,
@@ -167,30 +220,47 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
         None => info!(backend = probe.backend.as_str(), "io backend chosen"),
     }
 
-    let queues = driver::tun::open(&cfg.tun_name, cfg.workers).map_err(|e| match e.kind() {
+    let queues = driver::tun::open(&cfg.tun_name, cfg.workers, wire.tap.is_some()).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
         io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name)),
         _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
     })?;
     let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
-    let sockets = driver::udp::bind(bind_addr, cfg.workers).map_err(|e| match e.kind() {
+    let csum = match cfg.backend {
+        Backend::Vxlan { udp_checksum: false, .. } => OuterChecksum::Zero,
+        _ => OuterChecksum::On,
+    };
+    let sockets = driver::udp::bind(bind_addr, cfg.workers, csum).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => DaemonError::AddressInUse(bind_addr),
         io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("bind {bind_addr}: {e}")),
         _ => DaemonError::Bind { addr: bind_addr, source: e },
     })?;
 
+    let senders = if wire.flow_source_port { FLOW_SENDERS_PER_WORKER } else { 0 };
+    let mut send_sets = Vec::with_capacity(cfg.workers);
+    for _ in 0..cfg.workers {
+        send_sets.push(
+            driver::udp::bind_senders(cfg.public_ip, senders, csum)
+                .map_err(|e| DaemonError::Bind { addr: SocketAddr::new(cfg.public_ip, 0), source: e })?,
+        );
+    }
     let local = LocalNode { subnet_v4: Some(cfg.subnet), subnet_v6: cfg.subnet_v6 };
     let gateways: Vec<IpAddr> =
         local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
     let tun_index = nl.link_index(&cfg.tun_name).await?;
-    nl.configure_tun(tun_index, &cfg.tun_name, mtu, &gateways).await?;
+    nl.configure_tun(tun_index, &cfg.tun_name, mtu, wire.tap, &gateways).await?;
     for (net, gw) in cfg.cluster_networks().zip(gateways.iter()) {
-        nl.add_device_route(net, tun_index, *gw).await?;
+        if wire.tap.is_none() {
+            nl.add_device_route(net, tun_index, *gw).await?;
+        }
         nl.add_fail_closed(net).await?;
+    }
+    if wire.tap.is_some() {
+        sync_tap_routes(&nl, tun_index, &[], &cfg.peers).await?;
     }
     info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
 
-    let table = control::build_table::<E>(&cfg.peers, mtu, cfg.workers, None)?;
+    let table = control::build_table(&cfg.peers, mtu, cfg.workers, None, wire.source_port_matters)?;
     for p in table.peers() {
         info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
     }
@@ -199,15 +269,15 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<(), DriverError>)>();
     let mut threads = Vec::with_capacity(cfg.workers);
-    for (i, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
-        let fwd = Forwarder::new(E::default(), local, i, Arc::clone(&stats[i]));
+    for (i, ((tun, udp), send)) in queues.into_iter().zip(sockets).zip(send_sets).enumerate() {
+        let fwd = make_core(i, local, Arc::clone(&stats[i]));
         let (routes, stop, done, backend) = (routes.clone(), Arc::clone(&stop), done_tx.clone(), probe.backend);
         let t = std::thread::Builder::new()
             .name(format!("weft-worker-{i}"))
             .spawn(move || {
                 let span = info_span!("worker", id = i, io = backend.as_str());
                 let _g = span.enter();
-                let r = driver::run_worker(backend, WorkerIo { tun, udp }, fwd, routes, stop);
+                let r = driver::run_worker(backend, WorkerIo { tun, udp, send }, fwd, routes, stop);
                 let _ = done.send((i, r));
             })
             .map_err(DaemonError::Thread)?;
@@ -231,9 +301,11 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
     let api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
     info!(node = %cfg.node_name, subnet = %cfg.subnet, public_ip = %cfg.public_ip, port = cfg.port, workers = cfg.workers,
-        backend = E::KIND.as_str(), io = probe.backend.as_str(), api = %cfg.api_socket.display(), "weft ready");
+        backend = wire.kind.as_str(), io = probe.backend.as_str(), api = %cfg.api_socket.display(), "weft ready");
 
-    let outcome = signal_loop::<E>(&cfg, &source, &state, mtu, &mut done_rx).await;
+    let mut ctl =
+        Control { cfg: &cfg, source: &source, state: &state, mtu, wire, nl: &nl, tun_index, peers: cfg.peers.clone() };
+    let outcome = signal_loop(&mut ctl, &mut done_rx).await;
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
@@ -254,12 +326,22 @@ async fn run_with<E: Encap + Clone + Default + Send + 'static>(
     outcome
 }
 
-/// Waits for signals and worker exits; returns when the daemon should stop.
-async fn signal_loop<E: Encap>(
-    cfg: &Config,
-    source: &ConfigSource,
-    state: &api::ApiState,
+/// What the signal loop and reloads act on.
+struct Control<'a> {
+    cfg: &'a Config,
+    source: &'a ConfigSource,
+    state: &'a api::ApiState,
     mtu: u16,
+    wire: Wire,
+    nl: &'a Netlink,
+    tun_index: u32,
+    /// The peers in force (TAP mode reconciles its routes against them on reload).
+    peers: Vec<Peer>,
+}
+
+/// Waits for signals and worker exits; returns when the daemon should stop.
+async fn signal_loop(
+    ctl: &mut Control<'_>,
     done: &mut mpsc::UnboundedReceiver<(usize, Result<(), DriverError>)>,
 ) -> Result<(), DaemonError> {
     let sig = |k| signal(k).map_err(|e| DaemonError::NotPermitted(format!("signal handler: {e}")));
@@ -268,7 +350,7 @@ async fn signal_loop<E: Encap>(
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let counter = if reload::<E>(cfg, source, &state.routes, mtu) { &state.reloads } else { &state.reload_failures };
+                let counter = if reload(ctl).await { &ctl.state.reloads } else { &ctl.state.reload_failures };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
@@ -283,11 +365,29 @@ async fn signal_loop<E: Encap>(
     }
 }
 
+/// TAP mode: makes the kernel's per-peer routes (`<peer subnet> via <peer gateway> onlink`)
+/// match `new`, removing those of peers in `old` that are gone.
+async fn sync_tap_routes(nl: &Netlink, index: u32, old: &[Peer], new: &[Peer]) -> Result<(), NetlinkError> {
+    for p in old.iter().filter(|o| !new.iter().any(|n| n.subnet == o.subnet)) {
+        nl.del_onlink_route(IpNet::V4(p.subnet), gateway_of(p.subnet).into(), index).await?;
+    }
+    for p in new {
+        nl.add_onlink_route(IpNet::V4(p.subnet), gateway_of(p.subnet).into(), index).await?;
+    }
+    Ok(())
+}
+
+/// A node's gateway: the first usable address of its subnet, which its TUN or TAP holds.
+fn gateway_of(subnet: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1))
+}
+
 /// SIGHUP: re-reads the configuration and swaps in a new route table. Anything wrong is
 /// logged and the running table is kept; fields that need a restart are named and ignored.
 /// Returns whether the new peers were applied.
-fn reload<E: Encap>(cfg: &Config, source: &ConfigSource, routes: &RouteTableHandle, mtu: u16) -> bool {
-    let new = match source.load() {
+async fn reload(ctl: &mut Control<'_>) -> bool {
+    let (cfg, routes) = (ctl.cfg, &ctl.state.routes);
+    let new = match ctl.source.load() {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "reload refused, keeping the running configuration");
@@ -299,21 +399,26 @@ fn reload<E: Encap>(cfg: &Config, source: &ConfigSource, routes: &RouteTableHand
         warn!(fields = ?ignored, "reload: these fields need a restart and keep their running values");
     }
     let old = routes.load_full();
-    match control::build_table::<E>(&new.peers, mtu, cfg.workers, Some(&old)) {
-        Ok(table) => {
-            for p in table.peers().iter().filter(|p| !old.peers().iter().any(|o| o.name == p.name)) {
-                info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
-            }
-            for p in old.peers().iter().filter(|o| !table.peers().iter().any(|p| p.name == o.name)) {
-                info!(peer = %p.name, "peer removed");
-            }
-            routes.store(table);
-            info!(peers = new.peers.len(), "reloaded");
-            true
-        }
+    let table = match control::build_table(&new.peers, ctl.mtu, cfg.workers, Some(&old), ctl.wire.source_port_matters) {
+        Ok(t) => t,
         Err(e) => {
             error!(error = %e, "reload refused, keeping the running peers");
-            false
+            return false;
+        }
+    };
+    for p in table.peers().iter().filter(|p| !old.peers().iter().any(|o| o.name == p.name)) {
+        info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
+    }
+    for p in old.peers().iter().filter(|o| !table.peers().iter().any(|p| p.name == o.name)) {
+        info!(peer = %p.name, "peer removed");
+    }
+    routes.store(table);
+    if ctl.wire.tap.is_some() {
+        if let Err(e) = sync_tap_routes(ctl.nl, ctl.tun_index, &ctl.peers, &new.peers).await {
+            error!(error = %e, "reload: could not update the per-peer routes");
         }
     }
+    info!(peers = new.peers.len(), "reloaded");
+    ctl.peers = new.peers;
+    true
 }

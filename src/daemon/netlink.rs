@@ -10,6 +10,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteMessage, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use weft_forwarder::wire::ethernet::MacAddr;
 
 /// Metric of the fail-closed `unreachable` route for the cluster network: far above the
 /// TUN's route (metric 0), so it only matters while the TUN is gone, and then it keeps pod
@@ -144,19 +145,35 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
     }
 
-    /// Sets the TUN's MTU, gives it `addrs` (host routes, /32 or /128) and brings it up.
+    /// Sets the TUN's (or TAP's) MTU and, for a TAP, its MAC; gives it `addrs` (host
+    /// routes, /32 or /128) and brings it up.
     /// Without an IPv6 address, IPv6 is switched off on the TUN first, so the kernel does not
     /// send router solicitations and MLD reports into it.
     ///
     /// # Errors
     /// The first request that fails.
-    pub async fn configure_tun(&self, index: u32, name: &str, mtu: u16, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
+    pub async fn configure_tun(
+        &self,
+        index: u32,
+        name: &str,
+        mtu: u16,
+        mac: Option<MacAddr>,
+        addrs: &[IpAddr],
+    ) -> Result<(), NetlinkError> {
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).build())
             .execute()
             .await
             .map_err(req(format!("set mtu {mtu}")))?;
+        if let Some(mac) = mac {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build())
+                .execute()
+                .await
+                .map_err(req(format!("set mac {mac}")))?;
+        }
         if !addrs.iter().any(IpAddr::is_ipv6) {
             disable_ipv6(name);
         }
@@ -198,6 +215,46 @@ impl Netlink {
             _ => return Ok(()),
         };
         self.handle.route().add(msg).replace().execute().await.map_err(req(format!("add route {net}")))
+    }
+
+    fn onlink(net: IpNet, via: IpAddr, index: u32) -> Option<RouteMessage> {
+        Some(match (net, via) {
+            (IpNet::V4(n), IpAddr::V4(v)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(v)
+                .output_interface(index)
+                .onlink()
+                .build(),
+            (IpNet::V6(n), IpAddr::V6(v)) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(v)
+                .output_interface(index)
+                .onlink()
+                .build(),
+            _ => return None,
+        })
+    }
+
+    /// TAP mode: routes `net` via `via` on interface `index` as on-link, as flannel's vxlan
+    /// backend routes each peer subnet via the peer's VTEP address.
+    ///
+    /// # Errors
+    /// A request failure.
+    pub async fn add_onlink_route(&self, net: IpNet, via: IpAddr, index: u32) -> Result<(), NetlinkError> {
+        let Some(msg) = Self::onlink(net, via, index) else { return Ok(()) };
+        self.handle.route().add(msg).replace().execute().await.map_err(req(format!("add route {net} via {via} onlink")))
+    }
+
+    /// Removes a route added by [`Netlink::add_onlink_route`]; absent is fine.
+    ///
+    /// # Errors
+    /// A request failure other than "no such route".
+    pub async fn del_onlink_route(&self, net: IpNet, via: IpAddr, index: u32) -> Result<(), NetlinkError> {
+        let Some(msg) = Self::onlink(net, via, index) else { return Ok(()) };
+        match self.handle.route().del(msg).execute().await {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.code.is_some_and(|c| c.get() == -libc::ESRCH) => Ok(()),
+            r => r.map_err(req(format!("delete route {net} via {via}"))),
+        }
     }
 
     fn unreachable(net: IpNet) -> RouteMessage {

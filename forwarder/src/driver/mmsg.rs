@@ -16,8 +16,7 @@ use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
-use crate::encap::Encap;
-use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::route::RouteTableHandle;
 use crate::stats::DropReason;
 
@@ -29,21 +28,25 @@ const TOKEN_TUN: u64 = 1;
 const TOKEN_UDP: u64 = 2;
 
 /// The fallback worker. Field order is drop order.
-pub(super) struct MmsgWorker<E: Encap> {
+pub(super) struct MmsgWorker<C: PacketCore> {
     epoll: RawFd,
     hdrs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
     slots: Box<[u16]>,
+    senders: Box<[RawFd]>,
+    send_fds: Box<[RawFd]>,
     pool: BufPool,
     tun: TunQueue,
     udp: UdpSocket,
-    fwd: Forwarder<E>,
+    /// Keeps the send sockets open; their descriptors are in `send_fds`.
+    _send: Vec<UdpSocket>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 }
 
-impl<E: Encap> Drop for MmsgWorker<E> {
+impl<C: PacketCore> Drop for MmsgWorker<C> {
     fn drop(&mut self) {
         // SAFETY: closes the epoll descriptor this worker created and owns.
         unsafe { libc::close(self.epoll) };
@@ -54,17 +57,20 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
-impl<E: Encap> MmsgWorker<E> {
+impl<C: PacketCore> MmsgWorker<C> {
     pub(super) fn new(
-        tun: TunQueue,
-        udp: UdpSocket,
-        fwd: Forwarder<E>,
+        io: super::WorkerIo,
+        fwd: C,
         routes: RouteTableHandle,
         stop: Arc<AtomicBool>,
         pool: BufPool,
     ) -> io::Result<Self> {
+        let super::WorkerIo { tun, udp, send } = io;
         tun.set_nonblocking(true)?;
         udp.set_nonblocking(true)?;
+        for s in &send {
+            s.set_nonblocking(true)?;
+        }
         // SAFETY: plain syscall; the result is checked.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         for (fd, token) in [(tun.fd(), TOKEN_TUN), (udp.as_raw_fd(), TOKEN_UDP)] {
@@ -85,9 +91,12 @@ impl<E: Encap> MmsgWorker<E> {
             // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { std::mem::zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
             slots: vec![0u16; BATCH].into_boxed_slice(),
+            senders: vec![0 as RawFd; BATCH].into_boxed_slice(),
+            send_fds: send.iter().map(AsRawFd::as_raw_fd).collect(),
             pool,
             tun,
             udp,
+            _send: send,
             fwd,
             routes,
             stop,
@@ -154,14 +163,46 @@ impl<E: Encap> MmsgWorker<E> {
                 continue;
             };
             match self.fwd.from_tun(&routes, &mut pkt, now) {
-                TunVerdict::Send { to, .. } => {
+                TunVerdict::Send { to, flow, .. } => {
                     let (head, len) = (pkt.head(), pkt.len());
                     self.stage(staged, slot, head, len, Some(to));
+                    let fd = self.sender(flow);
+                    if let Some(s) = self.senders.get_mut(staged) {
+                        *s = fd;
+                    }
                     staged += 1;
                 }
                 TunVerdict::Reply => {
                     let (head, len) = (pkt.head(), pkt.len());
                     self.write_tun(slot, head, len);
+                    self.pool.release(slot);
+                }
+                TunVerdict::Flood => {
+                    let (head, len) = (pkt.head(), pkt.len());
+                    let udp_fd = self.udp.as_raw_fd();
+                    for p in routes.peers() {
+                        if staged == BATCH {
+                            self.send_staged(staged);
+                            staged = 0;
+                        }
+                        let Some(copy) = self.pool.alloc() else {
+                            self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                            break;
+                        };
+                        // SAFETY: both slots are ours and distinct; the range lies inside each.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.pool.slot_ptr(slot).add(head),
+                                self.pool.slot_ptr(copy).add(head),
+                                len,
+                            );
+                        }
+                        self.stage(staged, copy, head, len, Some(p.endpoint));
+                        if let Some(s) = self.senders.get_mut(staged) {
+                            *s = udp_fd;
+                        }
+                        staged += 1;
+                    }
                     self.pool.release(slot);
                 }
                 TunVerdict::Drop(_) => self.pool.release(slot),
@@ -171,19 +212,20 @@ impl<E: Encap> MmsgWorker<E> {
         Ok(())
     }
 
-    /// Sends the first `staged` batch entries with `sendmmsg` and frees their slots.
+    /// The socket a packet of inner flow `flow` leaves from.
+    fn sender(&self, flow: u32) -> RawFd {
+        super::pick_sender(self.udp.as_raw_fd(), &self.send_fds, flow)
+    }
+
+    /// Sends the first `staged` batch entries, one `sendmmsg` per run of entries that leave
+    /// from the same socket, and frees their slots.
     fn send_staged(&mut self, staged: usize) {
         let mut sent = 0;
         while sent < staged {
-            // SAFETY: hdrs[sent..staged] were staged above and point at owned slots.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    self.udp.as_raw_fd(),
-                    self.hdrs.as_mut_ptr().add(sent),
-                    (staged - sent) as libc::c_uint,
-                    0,
-                )
-            };
+            let fd = self.senders.get(sent).copied().unwrap_or_else(|| self.udp.as_raw_fd());
+            let run = self.senders.get(sent..staged).map_or(1, |s| s.iter().take_while(|f| **f == fd).count()).max(1);
+            // SAFETY: hdrs[sent..sent + run] were staged above and point at owned slots.
+            let rc = unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr().add(sent), run as libc::c_uint, 0) };
             match usize::try_from(rc) {
                 Ok(k) if k > 0 => sent += k,
                 _ => {
@@ -231,16 +273,17 @@ impl<E: Encap> MmsgWorker<E> {
         };
         let got = usize::try_from(rc).unwrap_or(0);
         let routes = self.routes.load();
+        let now = Instant::now();
         for i in 0..armed {
             let Some(&slot) = self.slots.get(i) else { continue };
             if i < got {
-                self.deliver(&routes, i, slot);
+                self.deliver(&routes, i, slot, now);
             }
             self.pool.release(slot);
         }
     }
 
-    fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16) {
+    fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16, now: Instant) {
         let (Some(h), Some(a)) = (self.hdrs.get(i), self.addrs.get(i)) else { return };
         let n = h.msg_len as usize;
         if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -251,9 +294,37 @@ impl<E: Encap> MmsgWorker<E> {
         // SAFETY: the receive completed, the slot is ours.
         let buf = unsafe { self.pool.slot_mut(slot) };
         let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else { return };
-        if let UnderlayVerdict::Deliver { .. } = self.fwd.from_underlay(routes, from, &mut pkt) {
-            let (head, len) = (pkt.head(), pkt.len());
-            self.write_tun(slot, head, len);
+        match self.fwd.from_underlay(routes, from, &mut pkt, now) {
+            UnderlayVerdict::Deliver { .. } => {
+                let (head, len) = (pkt.head(), pkt.len());
+                self.write_tun(slot, head, len);
+            }
+            UnderlayVerdict::Reply { to } => {
+                let (head, len) = (pkt.head(), pkt.len());
+                self.send_one(slot, head, len, to);
+            }
+            UnderlayVerdict::Drop(_) => {}
+        }
+    }
+
+    /// One datagram from the overlay port (neighbour replies; rare, so no batching).
+    fn send_one(&mut self, slot: u16, head: usize, len: usize, to: std::net::SocketAddr) {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut addr = unsafe { std::mem::zeroed::<libc::sockaddr_storage>() };
+        let alen = sockaddr::write(to, &mut addr);
+        // SAFETY: sends len bytes from inside the owned slot to a valid address.
+        let rc = unsafe {
+            libc::sendto(
+                self.udp.as_raw_fd(),
+                self.pool.slot_ptr(slot).add(head).cast(),
+                len,
+                0,
+                (&addr as *const libc::sockaddr_storage).cast(),
+                alen,
+            )
+        };
+        if rc < 0 {
+            self.fwd.stats().count_drop(DropReason::IoError);
         }
     }
 

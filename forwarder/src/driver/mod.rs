@@ -20,11 +20,11 @@ mod uring;
 
 use std::io;
 use std::net::UdpSocket;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::encap::Encap;
-use crate::forwarder::Forwarder;
+use crate::forwarder::PacketCore;
 use crate::route::RouteTableHandle;
 
 pub use pool::BufPool;
@@ -106,6 +106,15 @@ pub fn probe(pref: IoPreference) -> Result<ProbeResult, DriverError> {
     }
 }
 
+/// The send socket for a packet of inner flow `flow`: one of `send` by hash, else `udp`.
+#[inline]
+pub(crate) fn pick_sender(udp: RawFd, send: &[RawFd], flow: u32) -> RawFd {
+    match send.len() {
+        0 => udp,
+        n => send.get(flow as usize % n).copied().unwrap_or(udp),
+    }
+}
+
 /// Whether an errno from a read or receive means "try again" rather than "the device or
 /// socket is gone".
 pub(crate) fn is_transient(errno: i32) -> bool {
@@ -115,30 +124,33 @@ pub(crate) fn is_transient(errno: i32) -> bool {
 /// Everything one worker owns.
 #[derive(Debug)]
 pub struct WorkerIo {
-    /// Its TUN queue.
+    /// Its TUN (or TAP) queue.
     pub tun: TunQueue,
-    /// Its UDP socket (one of the `SO_REUSEPORT` group).
+    /// Its UDP socket (one of the `SO_REUSEPORT` group on the overlay port).
     pub udp: UdpSocket,
+    /// Sockets on ephemeral ports to send from, picked by inner-flow hash, so the outer
+    /// source port follows the flow as Linux vxlan's does. Empty: send from `udp`.
+    pub send: Vec<UdpSocket>,
 }
 
 /// Runs one worker on the calling thread until `stop` is set.
 ///
 /// # Errors
 /// [`DriverError`] if setup fails or the event loop dies.
-pub fn run_worker<E: Encap>(
+pub fn run_worker<C: PacketCore>(
     backend: Backend,
     io: WorkerIo,
-    fwd: Forwarder<E>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DriverError> {
     let pool = BufPool::new(POOL_SLOTS).map_err(DriverError::Setup)?;
     match backend {
-        Backend::Uring => uring::UringWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+        Backend::Uring => uring::UringWorker::new(io, fwd, routes, stop, pool)
             .map_err(DriverError::Setup)?
             .run()
             .map_err(DriverError::Loop),
-        Backend::Mmsg => mmsg::MmsgWorker::new(io.tun, io.udp, fwd, routes, stop, pool)
+        Backend::Mmsg => mmsg::MmsgWorker::new(io, fwd, routes, stop, pool)
             .map_err(DriverError::Setup)?
             .run()
             .map_err(DriverError::Loop),

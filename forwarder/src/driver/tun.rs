@@ -30,14 +30,16 @@ impl TunQueue {
     }
 }
 
-/// Creates (or attaches to) the layer-3 TUN `name` with `queues` queues, `IFF_NO_PI` and
-/// `IFF_MULTI_QUEUE`, without offloads (the performance work adds `IFF_VNET_HDR`).
+/// Creates (or attaches to) the TUN `name` (a TAP when `tap`) with `queues` queues,
+/// `IFF_NO_PI` and `IFF_MULTI_QUEUE`, without offloads (the performance work adds
+/// `IFF_VNET_HDR`).
 ///
 /// # Errors
 /// `NotFound` when `/dev/net/tun` is missing, `PermissionDenied` without `CAP_NET_ADMIN`,
 /// or another error from `TUNSETIFF` (for instance a non-TUN device of that name).
-pub fn open(name: &str, queues: usize) -> io::Result<Vec<TunQueue>> {
-    let first = tun_rs::DeviceBuilder::new().name(name).multi_queue(true).build_sync()?;
+pub fn open(name: &str, queues: usize, tap: bool) -> io::Result<Vec<TunQueue>> {
+    let layer = if tap { tun_rs::Layer::L2 } else { tun_rs::Layer::L3 };
+    let first = tun_rs::DeviceBuilder::new().name(name).layer(layer).multi_queue(true).build_sync()?;
     let mut out = Vec::with_capacity(queues.max(1));
     for _ in 1..queues.max(1) {
         out.push(TunQueue { dev: first.try_clone()? });

@@ -3,7 +3,7 @@
 //! endpoint must not fragment; weft sends frag-needed inward instead).
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -11,6 +11,17 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Socket buffer size asked for (with `SO_*BUFFORCE` as root, else capped by the sysctls).
 /// Deep buffers keep io_uring sends from hitting `EAGAIN`, which would reorder packets.
 pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;
+
+/// How outer UDP checksums are sent.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum OuterChecksum {
+    /// Computed (the kernel default for UDP).
+    #[default]
+    On,
+    /// Zero on an IPv4 underlay (`SO_NO_CHECK`), as Linux vxlan sends by default (RFC 7348
+    /// §5 allows it). IPv6 always carries a checksum.
+    Zero,
+}
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`.
 ///
@@ -20,21 +31,36 @@ pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;
 /// # Errors
 /// `AddrInUse` if the port is taken, `AddrNotAvailable` if `addr` is not local, or other
 /// socket errors.
-pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+pub fn bind(addr: SocketAddr, count: usize, csum: OuterChecksum) -> io::Result<Vec<UdpSocket>> {
     drop(UdpSocket::bind(addr)?);
-    let first = bind_one(addr)?;
+    let first = bind_one(addr, true, csum)?;
     // With port 0 the kernel picked one; the other queues must share it.
     let addr = first.local_addr()?;
     let mut out = vec![first];
     for _ in 1..count.max(1) {
-        out.push(bind_one(addr)?);
+        out.push(bind_one(addr, true, csum)?);
     }
     Ok(out)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds `count` send-only sockets on ephemeral ports of `ip`: the kernel picks each port
+/// from `ip_local_port_range` (32768–60999 by default), the range Linux vxlan's flow-hashed
+/// source ports come from.
+///
+/// # Errors
+/// Socket errors.
+pub fn bind_senders(ip: IpAddr, count: usize, csum: OuterChecksum) -> io::Result<Vec<UdpSocket>> {
+    (0..count).map(|_| bind_one(SocketAddr::new(ip, 0), false, csum)).collect()
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool, csum: OuterChecksum) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_port(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if csum == OuterChecksum::Zero && addr.is_ipv4() {
+        setsockopt_int(&s, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)?;
+    }
     set_buffer(&s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
     set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     // PMTUDISC_PROBE: DF set, never fragment locally, ignore learned PMTU (the forwarder owns MTU).
@@ -75,10 +101,20 @@ mod tests {
 
     #[test]
     fn second_bind_reports_address_in_use() {
-        let a = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let a = bind("127.0.0.1:0".parse().unwrap(), 2, OuterChecksum::On).unwrap();
         let port = a[0].local_addr().unwrap();
         assert_eq!(a[1].local_addr().unwrap(), port, "reuseport sockets share the port");
-        let err = bind(port, 1).unwrap_err();
+        let err = bind(port, 1, OuterChecksum::Zero).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn senders_get_distinct_ephemeral_ports() {
+        let s = bind_senders("127.0.0.1".parse().unwrap(), 4, OuterChecksum::Zero).unwrap();
+        let mut ports: Vec<u16> = s.iter().map(|s| s.local_addr().unwrap().port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 4);
+        assert!(ports.iter().all(|p| *p >= 1024));
     }
 }

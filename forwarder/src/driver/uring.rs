@@ -25,8 +25,7 @@ use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
-use crate::encap::Encap;
-use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
+use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::route::RouteTableHandle;
 use crate::stats::DropReason;
 
@@ -110,32 +109,36 @@ pub(super) fn probe() -> io::Result<()> {
 
 /// One io_uring worker. Field order is drop order: the ring goes before the memory its
 /// requests point into.
-pub(super) struct UringWorker<E: Encap> {
+pub(super) struct UringWorker<C: PacketCore> {
     ring: IoUring,
     msgs: Box<[MsgSlot]>,
     pool: BufPool,
     tun: TunQueue,
     udp: UdpSocket,
-    fwd: Forwarder<E>,
+    send: Vec<UdpSocket>,
+    fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
     tun_reads: usize,
     udp_recvs: usize,
 }
 
-impl<E: Encap> UringWorker<E> {
+impl<C: PacketCore> UringWorker<C> {
     /// Sets up the ring and registers the pool. Must run on the worker's own thread
     /// (`SINGLE_ISSUER`).
     pub(super) fn new(
-        tun: TunQueue,
-        udp: UdpSocket,
-        fwd: Forwarder<E>,
+        io: super::WorkerIo,
+        fwd: C,
         routes: RouteTableHandle,
         stop: Arc<AtomicBool>,
         pool: BufPool,
     ) -> io::Result<Self> {
+        let super::WorkerIo { tun, udp, send } = io;
         tun.set_nonblocking(false)?;
         udp.set_nonblocking(false)?;
+        for s in &send {
+            s.set_nonblocking(false)?;
+        }
         let ring = new_ring(SQ_ENTRIES)?;
         let iovecs = pool.iovecs();
         // SAFETY: the iovecs describe the pool's mapping, which outlives the ring (field
@@ -148,7 +151,7 @@ impl<E: Encap> UringWorker<E> {
                 unsafe { std::mem::zeroed::<MsgSlot>() }
             })
             .collect();
-        Ok(Self { ring, msgs, pool, tun, udp, fwd, routes, stop, tun_reads: 0, udp_recvs: 0 })
+        Ok(Self { ring, msgs, pool, tun, udp, send, fwd, routes, stop, tun_reads: 0, udp_recvs: 0 })
     }
 
     /// Forwards until the stop flag is set.
@@ -157,6 +160,7 @@ impl<E: Encap> UringWorker<E> {
     /// A failure of `io_uring_enter` itself (not of individual packets, which are counted).
     pub(super) fn run(mut self) -> io::Result<()> {
         let (tun_fd, udp_fd) = (self.tun.fd(), self.udp.as_raw_fd());
+        let send_fds: Vec<RawFd> = self.send.iter().map(AsRawFd::as_raw_fd).collect();
         let tick = types::Timespec::new().nsec(TICK_NS);
         let args = types::SubmitArgs::new().timespec(&tick);
         let (submitter, mut sq, mut cq) = self.ring.split();
@@ -215,10 +219,11 @@ impl<E: Encap> UringWorker<E> {
                             continue;
                         };
                         match self.fwd.from_tun(&routes, &mut pkt, now) {
-                            TunVerdict::Send { to, .. } => {
+                            TunVerdict::Send { to, flow, .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                let fd = super::pick_sender(udp_fd, &send_fds, flow);
+                                let e = opcode::SendMsg::new(types::Fd(fd), m)
                                     .build()
                                     .user_data(user_data(Op::UdpSend, slot));
                                 push(&submitter, &mut sq, &e)?;
@@ -226,6 +231,40 @@ impl<E: Encap> UringWorker<E> {
                             TunVerdict::Reply => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
+                            }
+                            TunVerdict::Flood => {
+                                let (head, len) = (pkt.head(), pkt.len());
+                                let mut peers = routes.peers().iter();
+                                let Some(first) = peers.next() else {
+                                    self.pool.release(slot);
+                                    continue;
+                                };
+                                // Copies for all peers but the first, which gets the original.
+                                for p in peers {
+                                    let Some(copy) = self.pool.alloc() else {
+                                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                                        break;
+                                    };
+                                    // SAFETY: both slots are ours (neither is in flight); the
+                                    // range lies inside each slot and the slots do not overlap.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(
+                                            self.pool.slot_ptr(slot).add(head),
+                                            self.pool.slot_ptr(copy).add(head),
+                                            len,
+                                        );
+                                    }
+                                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
+                                    let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                        .build()
+                                        .user_data(user_data(Op::UdpSend, copy));
+                                    push(&submitter, &mut sq, &e)?;
+                                }
+                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
+                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                    .build()
+                                    .user_data(user_data(Op::UdpSend, slot));
+                                push(&submitter, &mut sq, &e)?;
                             }
                             TunVerdict::Drop(_) => self.pool.release(slot),
                         }
@@ -247,10 +286,18 @@ impl<E: Encap> UringWorker<E> {
                             self.pool.release(slot);
                             continue;
                         };
-                        match self.fwd.from_underlay(&routes, from, &mut pkt) {
+                        match self.fwd.from_underlay(&routes, from, &mut pkt, now) {
                             UnderlayVerdict::Deliver { .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
+                            }
+                            UnderlayVerdict::Reply { to } => {
+                                let (head, len) = (pkt.head(), pkt.len());
+                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
+                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
+                                    .build()
+                                    .user_data(user_data(Op::UdpSend, slot));
+                                push(&submitter, &mut sq, &e)?;
                             }
                             UnderlayVerdict::Drop(_) => self.pool.release(slot),
                         }

@@ -7,7 +7,7 @@
 
 #![deny(unsafe_code)]
 
-use super::{Encap, EncapKind};
+use super::{Decapsulated, Encap, EncapKind};
 use crate::buf::PacketBuf;
 use crate::route::NextHop;
 use crate::stats::DropReason;
@@ -24,6 +24,7 @@ impl Encap for UdpEncap {
     const HEADER_LEN: usize = 0;
     const SOURCE_PORT_MATTERS: bool = true;
     const DECREMENTS_TTL: bool = true;
+    const FLOW_SOURCE_PORT: bool = false;
 
     #[inline]
     fn encap(&self, _pkt: &mut PacketBuf<'_>, _hop: &NextHop) -> Result<(), DropReason> {
@@ -31,11 +32,11 @@ impl Encap for UdpEncap {
     }
 
     #[inline]
-    fn decap(&self, pkt: &mut PacketBuf<'_>) -> Result<(), DropReason> {
+    fn decap(&self, pkt: &mut PacketBuf<'_>, _peer: &NextHop) -> Result<Decapsulated, DropReason> {
         // flannel drops anything shorter than an IPv4 header before looking at it.
         if pkt.len() < 20 {
             return Err(DropReason::Truncated);
         }
-        Ok(())
+        Ok(Decapsulated::Ip)
     }
 }

@@ -5,18 +5,23 @@
 #![deny(unsafe_code)]
 
 pub mod flannel_udp;
+pub mod vxlan;
 
 use crate::buf::PacketBuf;
+use crate::node::LocalNode;
 use crate::route::NextHop;
 use crate::stats::DropReason;
 
 pub use flannel_udp::UdpEncap;
+pub use vxlan::VxlanEncap;
 
 /// The wire formats weft speaks.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum EncapKind {
     /// flannel's `udp` backend: the UDP payload is the bare inner IP packet.
     FlannelUdp,
+    /// VXLAN (RFC 7348) as Linux and flannel's `vxlan` backend speak it.
+    Vxlan,
 }
 
 impl EncapKind {
@@ -27,6 +32,7 @@ impl EncapKind {
         let outer = if underlay_v6 { 40 + 8 } else { 20 + 8 };
         match self {
             Self::FlannelUdp => outer + UdpEncap::HEADER_LEN,
+            Self::Vxlan => outer + VxlanEncap::HEADER_LEN,
         }
     }
 
@@ -34,8 +40,19 @@ impl EncapKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::FlannelUdp => "udp",
+            Self::Vxlan => "vxlan",
         }
     }
+}
+
+/// What a successful decapsulation left in the buffer.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Decapsulated {
+    /// The inner IP packet, to be checked and delivered.
+    Ip,
+    /// A neighbour request (ARP, IPv6 neighbour solicitation) the format answers itself,
+    /// through [`Encap::answer`].
+    NeighbourRequest,
 }
 
 /// One overlay wire format.
@@ -48,6 +65,9 @@ pub trait Encap {
     const SOURCE_PORT_MATTERS: bool;
     /// Whether the format decrements the inner TTL on both sides, as flannel's udp proxy does.
     const DECREMENTS_TTL: bool;
+    /// Whether the outer source port follows a hash of the inner flow, as Linux vxlan's
+    /// does, so ECMP and `SO_REUSEPORT` spread flows.
+    const FLOW_SOURCE_PORT: bool;
 
     /// Turns an inner packet into the UDP payload for `hop`, in place.
     ///
@@ -55,9 +75,19 @@ pub trait Encap {
     /// The [`DropReason`] when the packet cannot be encapsulated.
     fn encap(&self, pkt: &mut PacketBuf<'_>, hop: &NextHop) -> Result<(), DropReason>;
 
-    /// Validates the format's header of a UDP payload and strips it, leaving the inner packet.
+    /// Validates the format's headers of a UDP payload from `peer` and strips them.
     ///
     /// # Errors
     /// The [`DropReason`] naming what is wrong with the header.
-    fn decap(&self, pkt: &mut PacketBuf<'_>) -> Result<(), DropReason>;
+    fn decap(&self, pkt: &mut PacketBuf<'_>, peer: &NextHop) -> Result<Decapsulated, DropReason>;
+
+    /// Turns the neighbour request left by [`Encap::decap`] into the reply to send back to
+    /// `peer`, if it asks about an address in `local`'s subnets.
+    ///
+    /// # Errors
+    /// The [`DropReason`] when the request is not ours to answer. Formats without neighbour
+    /// discovery never produce a request, so the default refuses.
+    fn answer(&self, _pkt: &mut PacketBuf<'_>, _peer: &NextHop, _local: &LocalNode) -> Result<(), DropReason> {
+        Err(DropReason::BadEthertype)
+    }
 }

@@ -14,11 +14,15 @@
 
 #![deny(unsafe_code)]
 
+pub mod arp;
 pub mod checksum;
+pub mod ethernet;
 pub mod icmp;
 pub mod ip;
 pub mod ipv4;
 pub mod ipv6;
+pub mod ndp;
+pub mod vxlan;
 
 /// Why a view refused its bytes.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
