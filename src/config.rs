@@ -19,6 +19,14 @@ pub const DEFAULT_NETWORK: &str = "10.244.0.0/16";
 pub const DEFAULT_TUN: &str = "weft0";
 /// Default API socket.
 pub const DEFAULT_API_SOCKET: &str = "/run/weft/weft.sock";
+/// Default embedded store directory.
+pub const DEFAULT_STORE_DIR: &str = "/var/lib/weft/store";
+/// Default `subnet.env` path.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
+/// Default pod allocation directory.
+pub const DEFAULT_POD_DIR: &str = "/var/lib/weft/pods";
+/// Default etcd prefix: flannel's, so weft and flannel nodes can share a network.
+pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 /// Most workers a node may run.
 pub const MAX_WORKERS: usize = 64;
 
@@ -101,6 +109,22 @@ pub struct RawConfig {
     pub io: Option<String>,
     /// Unix socket for `weft status`.
     pub api_socket: Option<PathBuf>,
+    /// Lease mode: `file` (embedded, the default) or `etcd`.
+    pub store: Option<String>,
+    /// Lease mode, file store: its directory.
+    pub store_dir: Option<PathBuf>,
+    /// Lease mode, etcd store: client URLs.
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Lease mode, etcd store: key prefix (flannel's `--etcd-prefix`).
+    pub etcd_prefix: Option<String>,
+    /// Lease mode: where `subnet.env` is written (flannel's format).
+    pub subnet_file: Option<PathBuf>,
+    /// Lease lifetime in seconds (flannel: 86400).
+    pub lease_ttl_secs: Option<u64>,
+    /// Lease mode: release the lease on a graceful stop.
+    pub release_on_exit: Option<bool>,
+    /// Pod address allocations (served to the CNI plugin over the API socket).
+    pub pod_dir: Option<PathBuf>,
     /// Static peers.
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -188,7 +212,15 @@ impl RawConfig {
             mtu,
             workers,
             io,
-            api_socket
+            api_socket,
+            store,
+            store_dir,
+            etcd_endpoints,
+            etcd_prefix,
+            subnet_file,
+            lease_ttl_secs,
+            release_on_exit,
+            pod_dir
         );
         if !over.peers.is_empty() {
             self.peers = over.peers;
@@ -256,6 +288,176 @@ pub fn derived_vtep_mac(node_name: &str) -> MacAddr {
     MacAddr::local_from_seed(h)
 }
 
+/// Where the lease store lives.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum StoreSettings {
+    /// The embedded store: a directory (several daemons on one machine may share it).
+    File {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// etcd v3 with flannel's key layout.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+impl StoreSettings {
+    /// `file` or `etcd`, for status.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File { .. } => "file",
+            Self::Etcd { .. } => "etcd",
+        }
+    }
+
+    /// Validates the store fields of `raw` (used by `weft run`, `weft network init` and
+    /// `weft leases` alike).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the field.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        match raw.store.as_deref().unwrap_or("file") {
+            "file" => {
+                if raw.etcd_endpoints.is_some() || raw.etcd_prefix.is_some() {
+                    return Err(invalid("etcd_endpoints", "set, but store is \"file\" (set store = \"etcd\")"));
+                }
+                Ok(Self::File { dir: raw.store_dir.clone().unwrap_or_else(|| DEFAULT_STORE_DIR.into()) })
+            }
+            "etcd" => {
+                let endpoints = raw.etcd_endpoints.clone().unwrap_or_default();
+                if endpoints.is_empty() {
+                    return Err(ConfigError::Missing { field: "etcd_endpoints", flag: "etcd-endpoints" });
+                }
+                for (i, e) in endpoints.iter().enumerate() {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(invalid(
+                            format!("etcd_endpoints[{i}]"),
+                            format!("{e:?} is not a URL (example: \"http://127.0.0.1:2379\")"),
+                        ));
+                    }
+                }
+                let prefix = raw.etcd_prefix.clone().unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+                if !prefix.starts_with('/') || prefix.ends_with('/') {
+                    return Err(invalid("etcd_prefix", format!("{prefix:?} must start with '/' and not end with one")));
+                }
+                Ok(Self::Etcd { endpoints, prefix })
+            }
+            other => Err(invalid("store", format!("{other:?} must be \"file\" or \"etcd\""))),
+        }
+    }
+}
+
+/// Lease mode: the node leases its subnet from a store and learns its peers there.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct LeaseSettings {
+    /// The store.
+    pub store: StoreSettings,
+    /// `subnet.env` path.
+    pub subnet_file: PathBuf,
+    /// Lease lifetime.
+    pub ttl: std::time::Duration,
+    /// Release the lease on a graceful stop.
+    pub release_on_exit: bool,
+}
+
+/// A loaded configuration: complete (static peers), or waiting for its network settings and
+/// subnet from the lease store.
+#[derive(Clone, Debug)]
+pub enum Loaded {
+    /// `subnet` and `[[peers]]` are in the configuration.
+    Static(Box<Config>),
+    /// No `subnet`: lease it. [`resolve_leased`] completes the configuration.
+    Lease {
+        /// The configuration as written.
+        raw: Box<RawConfig>,
+        /// The lease settings.
+        lease: LeaseSettings,
+    },
+}
+
+/// Fields that come from the store's network config in lease mode and must not be set.
+const LEASE_MODE_FORBIDDEN: [&str; 5] = ["network", "backend", "port", "vni", "peers"];
+
+impl Loaded {
+    /// Sorts a raw configuration into static or lease mode and validates it.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the field.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        if raw.subnet.is_some() {
+            for (field, set) in [
+                ("store", raw.store.is_some()),
+                ("store_dir", raw.store_dir.is_some()),
+                ("etcd_endpoints", raw.etcd_endpoints.is_some()),
+                ("subnet_file", raw.subnet_file.is_some()),
+                ("release_on_exit", raw.release_on_exit.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(field, "only applies in lease mode (remove `subnet` and `peers` to lease)"));
+                }
+            }
+            return Config::validate(raw).map(|c| Loaded::Static(Box::new(c)));
+        }
+        let set = [
+            raw.network.is_some(),
+            raw.backend.is_some(),
+            raw.port.is_some(),
+            raw.vni.is_some(),
+            !raw.peers.is_empty(),
+        ];
+        if let Some((field, _)) = LEASE_MODE_FORBIDDEN.iter().zip(set).find(|(_, s)| *s) {
+            return Err(invalid(
+                *field,
+                "comes from the store's network config in lease mode (change it with `weft network init --force`), or set `subnet` for static peers",
+            ));
+        }
+        let store = StoreSettings::from_raw(&raw)?;
+        let ttl_secs = raw.lease_ttl_secs.unwrap_or(86_400);
+        if !(10..=30 * 86_400).contains(&ttl_secs) {
+            return Err(invalid("lease_ttl_secs", format!("{ttl_secs} must be between 10 and 2592000")));
+        }
+        let lease = LeaseSettings {
+            store,
+            subnet_file: raw.subnet_file.clone().unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
+            ttl: std::time::Duration::from_secs(ttl_secs),
+            release_on_exit: raw.release_on_exit.unwrap_or(false),
+        };
+        // Validate what can be validated now, with a stand-in subnet and the format whose
+        // options are a superset (vtep_mac, device = "tap"); the real values are leased.
+        let probe = RawConfig { subnet: Some("10.244.1.0/24".into()), backend: Some("vxlan".into()), ..raw.clone() };
+        Config::validate(probe)?;
+        Ok(Loaded::Lease { raw: Box::new(raw), lease })
+    }
+}
+
+/// Completes a lease-mode configuration with the store's network settings and our leased
+/// subnet (no static peers: they come from the store).
+///
+/// # Errors
+/// A [`ConfigError`] if the combination is invalid (e.g. a vtep_mac with a udp network).
+pub fn resolve_leased(
+    raw: &RawConfig,
+    network: Ipv4Net,
+    backend: &str,
+    port: u16,
+    vni: Option<u32>,
+    subnet: Ipv4Net,
+) -> Result<Config, ConfigError> {
+    Config::validate(RawConfig {
+        network: Some(network.to_string()),
+        backend: Some(backend.to_string()),
+        port: Some(port),
+        vni,
+        subnet: Some(subnet.to_string()),
+        peers: Vec::new(),
+        ..raw.clone()
+    })
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Config {
@@ -287,6 +489,8 @@ pub struct Config {
     pub io: IoPreference,
     /// API socket path.
     pub api_socket: PathBuf,
+    /// Pod allocation directory.
+    pub pod_dir: PathBuf,
     /// Static peers.
     pub peers: Vec<Peer>,
 }
@@ -440,6 +644,8 @@ impl Config {
             other => return Err(invalid("io", format!("{other:?} must be \"auto\", \"uring\" or \"mmsg\""))),
         };
         let api_socket = raw.api_socket.unwrap_or_else(|| DEFAULT_API_SOCKET.into());
+        // One directory per node by default, so several daemons on one host never share one.
+        let pod_dir = raw.pod_dir.unwrap_or_else(|| Path::new(DEFAULT_POD_DIR).join(&node_name));
         let own = SocketAddr::new(public_ip, port);
         let mut names = HashSet::new();
         let mut peers = Vec::with_capacity(raw.peers.len());
@@ -526,6 +732,7 @@ impl Config {
             workers,
             io,
             api_socket,
+            pod_dir,
             peers,
         })
     }
@@ -670,6 +877,53 @@ mtu = 1200
         }
         let err = parse(&GOOD.replace("workers = 1", "workers = 1\nvni = 5")).unwrap_err().to_string();
         assert!(err.contains("vni: only applies to backend = \"vxlan\""), "{err}");
+    }
+
+    #[test]
+    fn no_subnet_means_lease_mode_and_its_fields_are_checked() {
+        let lease = |extra: &str| {
+            let text = format!("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"\n{extra}");
+            Loaded::from_raw(toml::from_str(&text).unwrap())
+        };
+        let Ok(Loaded::Lease { lease: l, .. }) = lease("store_dir = \"/tmp/s\"\nlease_ttl_secs = 30\ndevice = \"tap\"")
+        else {
+            panic!("not lease mode")
+        };
+        assert_eq!(l.store, StoreSettings::File { dir: "/tmp/s".into() });
+        assert_eq!(l.ttl.as_secs(), 30);
+        for (extra, want) in [
+            ("network = \"10.244.0.0/16\"", "network: comes from the store"),
+            ("backend = \"vxlan\"", "backend: comes from the store"),
+            (
+                "[[peers]]\nname = \"n2\"\nsubnet = \"10.244.2.0/24\"\nendpoint = \"198.18.0.2\"",
+                "peers: comes from the store",
+            ),
+            ("store = \"etcd\"", "etcd_endpoints: required"),
+            (
+                "store = \"etcd\"\netcd_endpoints = [\"127.0.0.1:2379\"]",
+                "etcd_endpoints[0]: \"127.0.0.1:2379\" is not a URL",
+            ),
+            ("store = \"consul\"", "store: \"consul\""),
+            ("lease_ttl_secs = 5", "lease_ttl_secs: 5 must be between"),
+        ] {
+            let err = lease(extra).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{extra}: {err}");
+        }
+        let err = Loaded::from_raw(toml::from_str(&format!("store_dir = \"/tmp/s\"\n{GOOD}")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("store_dir: only applies in lease mode"), "{err}");
+        let c = resolve_leased(
+            &toml::from_str("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"").unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+            "vxlan",
+            8472,
+            Some(1),
+            "10.244.9.0/24".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!((c.subnet.to_string(), c.port), ("10.244.9.0/24".to_string(), 8472));
+        assert!(matches!(c.backend, Backend::Vxlan { .. }));
     }
 
     #[test]

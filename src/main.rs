@@ -1,8 +1,11 @@
-//! The `weft` command: `weft run` starts the daemon, `weft status` asks it how it is doing.
+//! The `weft` command: `weft run` starts the daemon, `weft status` asks it how it is doing,
+//! `weft network init` and `weft leases` manage the lease store, `weft ipam` asks the daemon
+//! for pod addresses.
 //!
 //! Exit codes (stable): 0 success, 1 runtime failure, 2 bad command line, 3 bad
 //! configuration, 4 missing privilege or `/dev/net/tun`, 5 address in use, 6 io_uring
-//! demanded but unavailable, 7 daemon not reachable.
+//! demanded but unavailable, 7 daemon not reachable, 8 the daemon refused (not ready, no free
+//! address, invalid container id…).
 
 #![forbid(unsafe_code)]
 
@@ -10,9 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use weft::config::{self, RawConfig, RawPeer};
+use weft::config::{self, RawConfig, RawPeer, StoreSettings};
 use weft::daemon::{self, ConfigSource, api};
 use weft::status;
+use weft_ipam::{LeaseStore, NetworkConfig, StoreError};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "Userspace overlay network for containers")]
@@ -27,6 +31,130 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show a running daemon's peers, counters and drop reasons.
     Status(StatusArgs),
+    /// Manage the cluster network config in the lease store.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCommand,
+    },
+    /// List the subnet leases in the store.
+    Leases(LeasesArgs),
+    /// Pod addresses from a running daemon (what the CNI plugin asks for).
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    /// Write the network config (flannel's net-conf JSON) into the store.
+    Init(NetworkInitArgs),
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// file (embedded) or etcd [default: file].
+    #[arg(long)]
+    store: Option<String>,
+    /// File store directory [default: /var/lib/weft/store].
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// etcd key prefix [default: /coreos.com/network].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+}
+
+impl StoreArgs {
+    fn raw(&self) -> RawConfig {
+        RawConfig {
+            store: self.store.clone(),
+            store_dir: self.store_dir.clone(),
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_prefix: self.etcd_prefix.clone(),
+            ..RawConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct NetworkInitArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Cluster network.
+    #[arg(long, default_value = config::DEFAULT_NETWORK)]
+    network: String,
+    /// Prefix length of node subnets [default: flannel's, 24].
+    #[arg(long)]
+    subnet_len: Option<u8>,
+    /// Wire format: udp or vxlan.
+    #[arg(long, default_value = "udp")]
+    backend: String,
+    /// VXLAN network identifier.
+    #[arg(long)]
+    vni: Option<u32>,
+    /// Underlay UDP port [default: 8285 udp, 8472 vxlan].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Use this net-conf JSON file instead of the flags.
+    #[arg(long, conflicts_with_all = ["subnet_len", "vni", "port"])]
+    json: Option<PathBuf>,
+    /// Replace an existing config.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct LeasesArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum IpamCommand {
+    /// An address for a container's interface (the same one again if it has one).
+    Allocate(IpamArgs),
+    /// The address a container's interface holds.
+    Get(IpamArgs),
+    /// Free a container's interface's address.
+    Release(IpamArgs),
+    /// Every allocation.
+    List(SocketArg),
+    /// Free every allocation not in --valid.
+    Gc(IpamGcArgs),
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// The daemon's API socket.
+    #[arg(long, default_value = config::DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct IpamArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// CNI_CONTAINERID.
+    #[arg(long)]
+    container_id: String,
+    /// CNI_IFNAME.
+    #[arg(long, default_value = "eth0")]
+    ifname: String,
+}
+
+#[derive(Debug, Args)]
+struct IpamGcArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Attachments still alive: CONTAINER/IFNAME, comma-separated (empty frees everything).
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    valid: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +210,30 @@ struct RunArgs {
     /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mac=MAC][,mtu=M] (repeatable; replaces the file's list).
     #[arg(long = "peer", value_parser = RawPeer::from_flag)]
     peers: Vec<RawPeer>,
+    /// Lease mode store: file (embedded) or etcd [default: file].
+    #[arg(long)]
+    store: Option<String>,
+    /// File store directory [default: /var/lib/weft/store].
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// etcd key prefix [default: /coreos.com/network].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// Where to write subnet.env [default: /run/weft/subnet.env].
+    #[arg(long)]
+    subnet_file: Option<PathBuf>,
+    /// Lease lifetime in seconds [default: 86400].
+    #[arg(long)]
+    lease_ttl_secs: Option<u64>,
+    /// Release the lease on a graceful stop.
+    #[arg(long)]
+    release_on_exit: bool,
+    /// Pod allocation directory [default: /var/lib/weft/pods/<node name>].
+    #[arg(long)]
+    pod_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -127,6 +279,14 @@ fn run(args: RunArgs) -> ExitCode {
         io: args.io,
         api_socket: args.api_socket,
         peers: args.peers,
+        store: args.store,
+        store_dir: args.store_dir,
+        etcd_endpoints: args.etcd_endpoints,
+        etcd_prefix: args.etcd_prefix,
+        subnet_file: args.subnet_file,
+        lease_ttl_secs: args.lease_ttl_secs,
+        release_on_exit: args.release_on_exit.then_some(true),
+        pod_dir: args.pod_dir,
         ..RawConfig::default()
     };
     let source = ConfigSource { path: args.config, flags };
@@ -170,10 +330,170 @@ fn status(args: StatusArgs) -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start runtime: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+fn store_exit_code(e: &StoreError) -> u8 {
+    if e.is_transient() { 1 } else { 3 }
+}
+
+fn network_init(a: NetworkInitArgs) -> ExitCode {
+    let settings = match StoreSettings::from_raw(&a.store.raw()) {
+        Ok(s) => s,
+        Err(e) => return fail(3, e),
+    };
+    let text = match &a.json {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => t,
+            Err(e) => return fail(3, format!("--json: cannot read {}: {e}", p.display())),
+        },
+        None => {
+            let mut backend = serde_json::json!({ "Type": a.backend });
+            if let Some(v) = a.vni {
+                backend["VNI"] = v.into();
+            }
+            if let Some(p) = a.port {
+                backend["Port"] = p.into();
+            }
+            let mut net = serde_json::json!({ "Network": a.network, "Backend": backend });
+            if let Some(l) = a.subnet_len {
+                net["SubnetLen"] = l.into();
+            }
+            net.to_string()
+        }
+    };
+    let net = match NetworkConfig::from_json(&text) {
+        Ok(n) => n,
+        Err(e) => return fail(3, e),
+    };
+    let Ok(rt) = runtime() else { return ExitCode::from(1) };
+    rt.block_on(async {
+        let store = match daemon::lease::open_store(&settings).await {
+            Ok(s) => s,
+            Err(e) => return fail(store_exit_code(&e), e),
+        };
+        if !a.force {
+            match store.get_config().await {
+                Ok(existing) => {
+                    return fail(
+                        3,
+                        format!(
+                            "the store already has a network config (use --force to replace it): {}",
+                            existing.to_json()
+                        ),
+                    );
+                }
+                Err(StoreError::ConfigMissing { .. }) => {}
+                Err(e) if e.is_transient() => return fail(1, e),
+                Err(_) => {}
+            }
+        }
+        match store.put_config(&net).await {
+            Ok(()) => {
+                println!("{}", net.to_json());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(store_exit_code(&e), e),
+        }
+    })
+}
+
+fn leases(a: LeasesArgs) -> ExitCode {
+    let settings = match StoreSettings::from_raw(&a.store.raw()) {
+        Ok(s) => s,
+        Err(e) => return fail(3, e),
+    };
+    let Ok(rt) = runtime() else { return ExitCode::from(1) };
+    rt.block_on(async {
+        let store = match daemon::lease::open_store(&settings).await {
+            Ok(s) => s,
+            Err(e) => return fail(store_exit_code(&e), e),
+        };
+        let snap = match store.list().await {
+            Ok(s) => s,
+            Err(e) => return fail(store_exit_code(&e), e),
+        };
+        let now = std::time::SystemTime::now();
+        let rows: Vec<serde_json::Value> = snap
+            .leases
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "subnet": l.subnet.to_string(),
+                    "public_ip": l.attrs.public_ip.to_string(),
+                    "backend_type": l.attrs.backend_type,
+                    "backend_data": l.attrs.backend_data,
+                    "expires_in_secs": l.expiration.map(|t| t.duration_since(now).map_or(0, |d| d.as_secs())),
+                })
+            })
+            .collect();
+        if a.json {
+            println!("{}", serde_json::Value::Array(rows));
+        } else {
+            println!("{:<20} {:<16} {:<8} {:>12}  BACKEND DATA", "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN");
+            for r in &rows {
+                let exp = r["expires_in_secs"].as_u64().map_or_else(|| "never".to_string(), |s| format!("{s}s"));
+                println!(
+                    "{:<20} {:<16} {:<8} {:>12}  {}",
+                    r["subnet"].as_str().unwrap_or_default(),
+                    r["public_ip"].as_str().unwrap_or_default(),
+                    r["backend_type"].as_str().unwrap_or_default(),
+                    exp,
+                    r["backend_data"]
+                );
+            }
+            for u in &snap.unreadable {
+                println!("unreadable record {u:?}");
+            }
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+fn ipam(c: IpamCommand) -> ExitCode {
+    let att = |a: &IpamArgs| api::AttachmentRef { container_id: a.container_id.clone(), ifname: a.ifname.clone() };
+    let (socket, req) = match &c {
+        IpamCommand::Allocate(a) => (&a.socket.socket, api::Request::Allocate(att(a))),
+        IpamCommand::Get(a) => (&a.socket.socket, api::Request::Get(att(a))),
+        IpamCommand::Release(a) => (&a.socket.socket, api::Request::Release(att(a))),
+        IpamCommand::List(s) => (&s.socket, api::Request::List),
+        IpamCommand::Gc(g) => {
+            let mut valid = Vec::new();
+            for v in g.valid.iter().filter(|v| !v.is_empty()) {
+                let Some((c, i)) = v.split_once('/') else {
+                    return fail(2, format!("--valid: {v:?} is not CONTAINER/IFNAME"));
+                };
+                valid.push(api::AttachmentRef { container_id: c.into(), ifname: i.into() });
+            }
+            (&g.socket.socket, api::Request::Gc { valid })
+        }
+    };
+    match api::request(socket, &req) {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(api::ClientError::Refused(e)) => fail(8, format!("{} ({})", e.message, e.code)),
+        Err(e) => fail(7, e),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(*a),
         Command::Status(a) => status(a),
+        Command::Network { command: NetworkCommand::Init(a) } => network_init(a),
+        Command::Leases(a) => leases(a),
+        Command::Ipam { command } => ipam(command),
     }
 }

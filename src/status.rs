@@ -54,6 +54,10 @@ pub struct Status {
     pub reload_failures: u64,
     /// What the overlay does and does not protect against.
     pub security: String,
+    /// `static` (peers from the config) or `lease` (subnet and peers from the store).
+    pub mode: String,
+    /// Lease mode: our lease.
+    pub lease: Option<crate::daemon::lease::LeaseView>,
     /// Peers and their traffic.
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
@@ -104,6 +108,23 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "io        {} x{} workers{}, up {}s", s.io_backend, s.workers, io_note, s.uptime_secs);
     let _ = writeln!(o, "process   pid {}, {} reloads ({} refused)", s.pid, s.reloads, s.reload_failures);
     let _ = writeln!(o, "security  {}", s.security);
+    match &s.lease {
+        Some(l) => {
+            let exp = l.expires_in_secs.map(|e| format!("expires in {e}s")).unwrap_or_else(|| "no expiry".into());
+            let up = if l.store_up { "up" } else { "UNREACHABLE" };
+            let _ = writeln!(
+                o,
+                "lease     {} {} ({exp}), {} store {up}, {} leases known, ready: {}",
+                l.subnet, l.phase, l.store, l.known_leases, l.ready
+            );
+            if let Some(e) = &l.last_error {
+                let _ = writeln!(o, "          last store error: {e}");
+            }
+        }
+        None => {
+            let _ = writeln!(o, "lease     none (static peers)");
+        }
+    }
     let _ = writeln!(o);
     let _ = writeln!(
         o,

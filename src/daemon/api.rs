@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -17,16 +17,78 @@ use tracing::{debug, warn};
 use weft_forwarder::driver::Backend;
 use weft_forwarder::{DropReason, IcmpCounter, RouteTableHandle, WorkerStats};
 
+use weft_ipam::{Attachment, FilePodStore, PodAllocator};
+
+use super::lease::LeaseView;
 use super::netlink::UnderlayLink;
 use crate::config::Config;
 use crate::status::{PeerStatus, Status};
 
 /// A request line.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     /// The daemon's status.
     Status,
+    /// Whether pod addresses can be handed out now.
+    Ready,
+    /// An address for (container, interface); the same one again if it already has one.
+    Allocate(AttachmentRef),
+    /// The address (container, interface) holds, if any.
+    Get(AttachmentRef),
+    /// Frees the address of (container, interface); freeing nothing is not an error.
+    Release(AttachmentRef),
+    /// Every allocation.
+    List,
+    /// Frees every allocation not in `valid` (older than the grace period).
+    Gc {
+        /// The attachments that are still alive.
+        valid: Vec<AttachmentRef>,
+    },
+}
+
+/// (container id, interface name), as the CNI runtime names an attachment.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AttachmentRef {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+impl AttachmentRef {
+    fn parse(&self) -> Result<Attachment, ApiError> {
+        Attachment::new(&self.container_id, &self.ifname).map_err(|e| ApiError::new("invalid", e.to_string()))
+    }
+}
+
+/// A refusal: a stable `code` for programs and a `message` for people.
+#[derive(Clone, Debug, Deserialize, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// `not_ready`, `invalid`, `exhausted`, `store` or `bad_request`.
+    pub code: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        Self { code: code.into(), message: message.into() }
+    }
+}
+
+/// An allocation as the API reports it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Allocation {
+    /// Container id.
+    pub container_id: String,
+    /// Interface name.
+    pub ifname: String,
+    /// Address with prefix length.
+    pub address: String,
+    /// Gateway.
+    pub gateway: String,
 }
 
 /// Largest request line accepted.
@@ -55,12 +117,93 @@ pub struct ApiState {
     pub reloads: AtomicU64,
     /// Reloads refused.
     pub reload_failures: AtomicU64,
+    /// Lease mode: the lease as the lease task last saw it.
+    pub lease: Option<Arc<Mutex<LeaseView>>>,
+    /// Pod address allocation over our subnet.
+    pub pods: Arc<PodAllocator<FilePodStore>>,
 }
 
 impl ApiState {
     /// Sums the drop counters of every worker.
     pub fn drops(&self) -> BTreeMap<String, u64> {
         DropReason::ALL.iter().map(|r| (r.as_str().to_string(), self.stats.iter().map(|s| s.drops(*r)).sum())).collect()
+    }
+
+    /// Whether pod addresses may be handed out: static mode always; lease mode while the lease
+    /// is held and not expired.
+    pub fn ready(&self) -> Result<(), ApiError> {
+        match &self.lease {
+            None => Ok(()),
+            Some(v) => match v.lock() {
+                Ok(v) if v.ready => Ok(()),
+                Ok(v) => Err(ApiError::new(
+                    "not_ready",
+                    format!("not ready: lease is {} ({})", v.phase, v.last_error.as_deref().unwrap_or("no error")),
+                )),
+                Err(_) => Err(ApiError::new("not_ready", "not ready: lease state unavailable")),
+            },
+        }
+    }
+
+    /// Answers one request (pod requests do blocking file I/O: call from a blocking thread).
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, ApiError> {
+        let json = |v: Result<serde_json::Value, serde_json::Error>| {
+            v.map_err(|e| ApiError::new("bad_request", e.to_string()))
+        };
+        let to_alloc = |who: &Attachment, p: &weft_ipam::PodAddress| Allocation {
+            container_id: who.container_id.as_str().into(),
+            ifname: who.if_name.as_str().into(),
+            address: p.address.to_string(),
+            gateway: p.gateway.to_string(),
+        };
+        let store_err = |e: weft_ipam::PodError| match e {
+            weft_ipam::PodError::Exhausted { .. } => ApiError::new("exhausted", e.to_string()),
+            other => ApiError::new("store", other.to_string()),
+        };
+        match req {
+            Request::Status => json(serde_json::to_value(self.status())),
+            Request::Ready => self.ready().map(|()| serde_json::json!({ "ready": true })),
+            Request::Allocate(a) => {
+                self.ready()?;
+                let who = a.parse()?;
+                let p = self.pods.allocate(&who).map_err(store_err)?;
+                json(serde_json::to_value(to_alloc(&who, &p)))
+            }
+            Request::Get(a) => {
+                let who = a.parse()?;
+                match self.pods.get(&who).map_err(store_err)? {
+                    Some(p) => json(serde_json::to_value(to_alloc(&who, &p))),
+                    None => Ok(serde_json::Value::Null),
+                }
+            }
+            Request::Release(a) => {
+                let who = a.parse()?;
+                let freed = self.pods.release(&who).map_err(store_err)?;
+                Ok(serde_json::json!({ "released": freed.iter().map(|ip| ip.to_string()).collect::<Vec<_>>() }))
+            }
+            Request::List => {
+                let gw = self.pods.gateway();
+                let prefix = self.pods.subnet().prefix_len();
+                let list: Vec<Allocation> = self
+                    .pods
+                    .allocations()
+                    .map_err(store_err)?
+                    .into_iter()
+                    .map(|r| Allocation {
+                        container_id: r.owner.as_ref().map(|o| o.container_id.as_str().to_string()).unwrap_or_default(),
+                        ifname: r.owner.as_ref().map(|o| o.if_name.as_str().to_string()).unwrap_or_default(),
+                        address: format!("{}/{prefix}", r.ip),
+                        gateway: gw.to_string(),
+                    })
+                    .collect();
+                json(serde_json::to_value(list))
+            }
+            Request::Gc { valid } => {
+                let valid = valid.iter().map(AttachmentRef::parse).collect::<Result<Vec<_>, _>>()?;
+                let freed = self.pods.gc(&valid, std::time::SystemTime::now()).map_err(store_err)?;
+                Ok(serde_json::json!({ "freed": freed.iter().map(|r| r.ip.to_string()).collect::<Vec<_>>() }))
+            }
+        }
     }
 
     /// A status snapshot.
@@ -122,6 +265,8 @@ impl ApiState {
             reloads: self.reloads.load(Ordering::Relaxed),
             reload_failures: self.reload_failures.load(Ordering::Relaxed),
             security: "cleartext: peers are checked by outer source address, which is not authenticated".into(),
+            mode: if self.lease.is_some() { "lease".into() } else { "static".into() },
+            lease: self.lease.as_ref().and_then(|v| v.lock().ok().map(|v| v.clone())),
             peers,
             drops: self.drops(),
             icmp,
@@ -165,8 +310,19 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
             let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
             let reply = match reader.read_line(&mut line).await {
                 Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
-                    Ok(Request::Status) => serde_json::to_string(&state.status()),
-                    Err(e) => serde_json::to_string(&serde_json::json!({ "error": format!("bad request: {e}") })),
+                    Ok(req) => {
+                        let st = Arc::clone(&state);
+                        match tokio::task::spawn_blocking(move || st.handle(req)).await {
+                            Ok(Ok(v)) => serde_json::to_string(&serde_json::json!({ "ok": v })),
+                            Ok(Err(e)) => serde_json::to_string(&serde_json::json!({ "error": e })),
+                            Err(e) => serde_json::to_string(
+                                &serde_json::json!({ "error": ApiError::new("store", e.to_string()) }),
+                            ),
+                        }
+                    }
+                    Err(e) => serde_json::to_string(
+                        &serde_json::json!({ "error": ApiError::new("bad_request", format!("bad request: {e}")) }),
+                    ),
                 },
                 Err(e) => {
                     debug!(error = %e, "api read failed");
@@ -200,6 +356,9 @@ pub enum ClientError {
         /// Why.
         source: std::io::Error,
     },
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Refused(ApiError),
     /// The daemon's answer did not parse.
     #[error("api socket {path}: unexpected answer: {message}")]
     Decode {
@@ -210,21 +369,35 @@ pub enum ClientError {
     },
 }
 
-/// Asks the daemon at `path` for its status (blocking, 5 s timeout).
+/// Sends `req` to the daemon at `path` (blocking, 10 s timeout) and returns its answer.
+///
+/// # Errors
+/// [`ClientError`]; a refusal by the daemon is [`ClientError::Refused`].
+pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    let io = |source| ClientError::Io { path: path.into(), source };
+    let decode = |message: String| ClientError::Decode { path: path.into(), message };
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|source| ClientError::Connect { path: path.into(), source })?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    let line = serde_json::to_string(req).map_err(|e| decode(e.to_string()))?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(io)?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&answer).map_err(|e| decode(format!("{e}: {}", answer.trim())))?;
+    if let Some(e) = v.get_mut("error") {
+        let e: ApiError = serde_json::from_value(e.take()).map_err(|e| decode(e.to_string()))?;
+        return Err(ClientError::Refused(e));
+    }
+    v.get_mut("ok").map(serde_json::Value::take).ok_or_else(|| decode(format!("no answer in {}", answer.trim())))
+}
+
+/// Asks the daemon at `path` for its status.
 ///
 /// # Errors
 /// [`ClientError`].
 pub fn query_status(path: &Path) -> Result<Status, ClientError> {
-    let io = |source| ClientError::Io { path: path.into(), source };
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .map_err(|source| ClientError::Connect { path: path.into(), source })?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    s.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    let req = serde_json::to_string(&Request::Status)
-        .map_err(|e| ClientError::Decode { path: path.into(), message: e.to_string() })?;
-    s.write_all(format!("{req}\n").as_bytes()).map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(io)?;
-    serde_json::from_str(&line)
-        .map_err(|e| ClientError::Decode { path: path.into(), message: format!("{e}: {}", line.trim()) })
+    let v = request(path, &Request::Status)?;
+    serde_json::from_value(v).map_err(|e| ClientError::Decode { path: path.into(), message: e.to_string() })
 }

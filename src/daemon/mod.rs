@@ -1,12 +1,15 @@
 //! `weft run`: start-up, the signal loop and shutdown.
 //!
-//! Start-up order: validated config → netlink (underlay interface, MTU) → I/O backend probe
-//! → TUN queues → UDP sockets → TUN address, link and routes → route table → workers → API
-//! socket. SIGHUP re-reads the config and swaps the route table while traffic flows;
-//! SIGTERM or SIGINT stop the workers, remove the routes and the TUN, and log the counters.
+//! Start-up order: validated config → (lease mode: store, network config, lease) → netlink
+//! (underlay interface, MTU) → I/O backend probe → TUN queues → UDP sockets → TUN address,
+//! link and routes → (lease mode: `subnet.env`, peers from the store) → route table →
+//! workers → API socket. In static mode SIGHUP re-reads the peers and swaps the route table
+//! while traffic flows; in lease mode peers follow the store. SIGTERM or SIGINT stop the
+//! workers, remove the routes and the TUN, optionally release the lease, and log the counters.
 
 pub mod api;
 pub mod control;
+pub mod lease;
 pub mod netlink;
 
 use std::io;
@@ -28,7 +31,7 @@ use weft_forwarder::{
     WorkerStats,
 };
 
-use crate::config::{Backend, Config, ConfigError, Device, Peer, RawConfig};
+use crate::config::{Backend, Config, ConfigError, Device, Loaded, Peer, RawConfig};
 use netlink::{Netlink, NetlinkError};
 
 /// Why the daemon could not start or had to stop. Each maps to a stable exit code.
@@ -85,6 +88,18 @@ pub enum DaemonError {
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
+    /// The lease store refused for good (no network config, an invalid one, …).
+    #[error("lease store: {0}")]
+    Store(#[from] weft_ipam::StoreError),
+    /// `subnet.env` could not be written.
+    #[error("subnet_file: cannot write {0}: {1}")]
+    SubnetEnv(PathBuf, String),
+    /// Pod allocations cannot be kept.
+    #[error("pod_dir: {0}")]
+    Pods(String),
+    /// A stop signal arrived before start-up finished.
+    #[error("stopped before start-up finished")]
+    Stopped,
 }
 
 impl From<NetlinkError> for DaemonError {
@@ -98,6 +113,8 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) | Self::Peers(_) | Self::Mtu(_) => 3,
+            Self::Store(e) if !e.is_transient() => 3,
+            Self::Stopped => 0,
             Self::Netlink(NetlinkError::AddressNotLocal(_)) => 3,
             Self::NoTunDevice(_) | Self::NotPermitted(_) => 4,
             Self::AddressInUse(_) => 5,
@@ -121,12 +138,12 @@ impl ConfigSource {
     ///
     /// # Errors
     /// [`ConfigError`].
-    pub fn load(&self) -> Result<Config, ConfigError> {
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
         let file = match &self.path {
             Some(p) => RawConfig::from_file(p)?,
             None => RawConfig::default(),
         };
-        Config::validate(file.merge(self.flags.clone()))
+        Loaded::from_raw(file.merge(self.flags.clone()))
     }
 }
 
@@ -135,24 +152,61 @@ impl ConfigSource {
 /// # Errors
 /// [`DaemonError`] when start-up fails or a worker dies.
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
-    let cfg = source.load()?;
+    let mut signals = Signals::new()?;
+    let (cfg, leased) = match source.load()? {
+        Loaded::Static(cfg) => (*cfg, None),
+        Loaded::Lease { raw, lease: settings } => {
+            let public_ip = match raw.public_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+                Some(Ok(std::net::IpAddr::V4(ip))) => ip,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        field: "public_ip".into(),
+                        message: "lease mode needs an IPv4 public_ip (flannel's lease record holds one)".into(),
+                    }
+                    .into());
+                }
+            };
+            let store = lease::open_store(&settings.store).await?;
+            let vtep = |n: &weft_ipam::NetworkConfig| match n.backend.kind {
+                weft_ipam::BackendKind::Vxlan => Some(match raw.vtep_mac.as_deref().map(str::parse::<MacAddr>) {
+                    Some(Ok(m)) => m,
+                    _ => crate::config::derived_vtep_mac(raw.node_name.as_deref().unwrap_or_default()),
+                }),
+                _ => None,
+            };
+            let mut stop = Box::pin(signals.stopped());
+            let leased = lease::acquire(store, &settings, public_ip, vtep, &mut stop).await?;
+            drop(stop);
+            let n = &leased.network;
+            let vni = matches!(n.backend.kind, weft_ipam::BackendKind::Vxlan).then(|| n.backend.vni());
+            let cfg = crate::config::resolve_leased(
+                &raw,
+                n.network,
+                n.backend.kind.as_str(),
+                n.backend.port(),
+                vni,
+                leased.lease.subnet,
+            )?;
+            (cfg, Some((leased, settings)))
+        }
+    };
     // The mode is chosen once here; everything below is monomorphised per core, so the data
     // path has no dynamic dispatch.
     match (cfg.backend, cfg.device) {
         (Backend::Udp, Device::Tun) => {
-            run_with(Wire::of::<UdpEncap>(None), cfg, source, |i, local, stats| {
+            run_with(Wire::of::<UdpEncap>(None), cfg, source, leased, signals, |i, local, stats| {
                 Forwarder::new(UdpEncap, local, i, stats)
             })
             .await
         }
         (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tun) => {
-            run_with(Wire::of::<VxlanEncap>(None), cfg, source, move |i, local, stats| {
+            run_with(Wire::of::<VxlanEncap>(None), cfg, source, leased, signals, move |i, local, stats| {
                 Forwarder::new(VxlanEncap::new(vni, vtep_mac), local, i, stats)
             })
             .await
         }
         (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tap) => {
-            run_with(Wire::of::<VxlanEncap>(Some(vtep_mac)), cfg, source, move |i, local, stats| {
+            run_with(Wire::of::<VxlanEncap>(Some(vtep_mac)), cfg, source, leased, signals, move |i, local, stats| {
                 Bridge::new(vni, vtep_mac, local, i, stats)
             })
             .await
@@ -162,6 +216,32 @@ pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
             message: "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)".into(),
         }
         .into()),
+    }
+}
+
+/// The signals the daemon reacts to, registered once at start.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, DaemonError> {
+        let sig = |k| signal(k).map_err(|e| DaemonError::NotPermitted(format!("signal handler: {e}")));
+        Ok(Self {
+            hup: sig(SignalKind::hangup())?,
+            term: sig(SignalKind::terminate())?,
+            int: sig(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Completes on SIGTERM or SIGINT.
+    async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM: stopping"),
+            _ = self.int.recv() => info!("SIGINT: stopping"),
+        }
     }
 }
 
@@ -188,6 +268,8 @@ async fn run_with<C: PacketCore + 'static>(
     wire: Wire,
     cfg: Config,
     source: ConfigSource,
+    leased: Option<(lease::Leased, crate::config::LeaseSettings)>,
+    mut signals: Signals,
     make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
@@ -260,11 +342,98 @@ async fn run_with<C: PacketCore + 'static>(
     }
     info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
 
+    // Lease mode: subnet.env, and the leases the store holds, before anyone is told we are up.
+    let mut lease_parts = None;
+    if let Some((leased, settings)) = leased {
+        let env = weft_ipam::SubnetEnv {
+            network: cfg.network,
+            subnet: cfg.subnet,
+            ipv6_network: None,
+            ipv6_subnet: None,
+            mtu: u32::from(mtu),
+            ipmasq: false,
+        };
+        lease::write_subnet_env(&settings.subnet_file, &env)?;
+        let snapshot = {
+            let mut stop = Box::pin(signals.stopped());
+            lease::first_snapshot(&leased.store, &mut stop).await
+        };
+        let Some(snapshot) = snapshot else {
+            for net in cfg.cluster_networks() {
+                let _ = nl.del_fail_closed(net).await;
+            }
+            return Ok(());
+        };
+        lease_parts = Some((leased, settings, snapshot, env));
+    }
+    let pods = weft_ipam::FilePodStore::open(cfg.pod_dir.clone())
+        .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
+        .and_then(|store| {
+            weft_ipam::PodAllocator::new(store, cfg.subnet)
+                .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
+        })?;
+
     let table = control::build_table(&cfg.peers, mtu, cfg.workers, None, wire.source_port_matters)?;
     for p in table.peers() {
         info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
     }
     let routes = RouteTableHandle::new(table);
+    let mut lease_task = None;
+    let mut lease_view = None;
+    if let Some((leased, settings, snapshot, env)) = lease_parts {
+        let view = Arc::new(std::sync::Mutex::new(lease::LeaseView {
+            subnet: cfg.subnet.to_string(),
+            phase: "held".into(),
+            expires_in_secs: None,
+            store: settings.store.kind().into(),
+            store_up: true,
+            renew_failures: 0,
+            last_error: None,
+            ready: true,
+            known_leases: snapshot.leases.len(),
+            resyncs: 0,
+        }));
+        let on_peers: Option<lease::PeersChanged> = wire.tap.map(|_| {
+            let nl = nl.clone();
+            let f: lease::PeersChanged = Box::new(move |old: Vec<Peer>, new: Vec<Peer>| {
+                let nl = nl.clone();
+                Box::pin(async move {
+                    if let Err(e) = sync_tap_routes(&nl, tun_index, &old, &new).await {
+                        error!(error = %e, "could not update the per-peer routes");
+                    }
+                })
+            });
+            f
+        });
+        let ctx = lease::LeaseContext {
+            routes: routes.clone(),
+            mtu,
+            workers: cfg.workers,
+            source_port_matters: wire.source_port_matters,
+            port: cfg.port,
+            public_ip: match cfg.public_ip {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+            },
+            backend: (
+                cfg.backend.as_str().to_string(),
+                match cfg.backend {
+                    Backend::Vxlan { vni, .. } => Some(vni.get()),
+                    Backend::Udp => None,
+                },
+            ),
+            subnet_env: (settings.subnet_file.clone(), env),
+            release_on_exit: settings.release_on_exit,
+            view: Arc::clone(&view),
+            on_peers,
+        };
+        // The first table from the snapshot, before the workers start.
+        let known = snapshot.leases.iter().map(|l| (l.subnet, l.clone())).collect();
+        let _ = lease::peers_now(&known, cfg.subnet, &ctx);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lease_task = Some((tx, tokio::spawn(lease::run(leased, snapshot, ctx, rx))));
+        lease_view = Some(view);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<(), DriverError>)>();
@@ -296,6 +465,8 @@ async fn run_with<C: PacketCore + 'static>(
         started,
         reloads: AtomicU64::new(0),
         reload_failures: AtomicU64::new(0),
+        lease: lease_view,
+        pods: Arc::new(pods),
     });
     let listener =
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
@@ -305,12 +476,16 @@ async fn run_with<C: PacketCore + 'static>(
 
     let mut ctl =
         Control { cfg: &cfg, source: &source, state: &state, mtu, wire, nl: &nl, tun_index, peers: cfg.peers.clone() };
-    let outcome = signal_loop(&mut ctl, &mut done_rx).await;
+    let outcome = signal_loop(&mut ctl, &mut signals, &mut done_rx).await;
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    if let Some((tx, task)) = lease_task {
+        let _ = tx.send(());
+        let _ = task.await;
     }
     // The TUN (and with it its address and device route) vanished with the last queue.
     for net in cfg.cluster_networks() {
@@ -342,11 +517,10 @@ struct Control<'a> {
 /// Waits for signals and worker exits; returns when the daemon should stop.
 async fn signal_loop(
     ctl: &mut Control<'_>,
+    signals: &mut Signals,
     done: &mut mpsc::UnboundedReceiver<(usize, Result<(), DriverError>)>,
 ) -> Result<(), DaemonError> {
-    let sig = |k| signal(k).map_err(|e| DaemonError::NotPermitted(format!("signal handler: {e}")));
-    let (mut hup, mut term, mut int) =
-        (sig(SignalKind::hangup())?, sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
+    let Signals { hup, term, int } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -388,7 +562,15 @@ fn gateway_of(subnet: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
 async fn reload(ctl: &mut Control<'_>) -> bool {
     let (cfg, routes) = (ctl.cfg, &ctl.state.routes);
     let new = match ctl.source.load() {
-        Ok(c) => c,
+        Ok(Loaded::Static(c)) if ctl.state.lease.is_none() => *c,
+        Ok(Loaded::Lease { .. }) if ctl.state.lease.is_some() => {
+            info!("reload: lease mode, peers follow the store; nothing to reload");
+            return true;
+        }
+        Ok(_) => {
+            error!("reload refused: switching between static and lease mode needs a restart");
+            return false;
+        }
         Err(e) => {
             error!(error = %e, "reload refused, keeping the running configuration");
             return false;
