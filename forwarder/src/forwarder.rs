@@ -173,6 +173,12 @@ impl<E: Encap> Forwarder<E> {
             let kind = if self.local.owns(dst) { IcmpKind::HostUnreachable } else { IcmpKind::NetUnreachable };
             return self.reply_or_drop(pkt, kind, DropReason::NoRoute, now);
         };
+        // A peer's subnet broadcast address is a martian there (it drops it): don't send it.
+        if let (IpAddr::V4(d), Some(n)) = (dst, hop.subnet_v4) {
+            if n.prefix_len() < 31 && d == n.broadcast() {
+                return self.drop_tun(DropReason::Martian);
+            }
+        }
         if pkt.len() > usize::from(hop.mtu) {
             if dont_frag {
                 return self.reply_or_drop(pkt, IcmpKind::TooBig { mtu: hop.mtu }, DropReason::Oversize, now);

@@ -58,3 +58,12 @@ fn udp_corpus_replays() {
         }
     }
 }
+
+#[test]
+fn tun_corpus_replays() {
+    // Packets as read from a TUN; `to_peer_subnet_broadcast.bin` is a fuzzer find: A used to
+    // send a packet for B's subnet broadcast address, which B drops as a martian.
+    for (_, data) in corpus("tun") {
+        let _ = fuzzing::from_tun_vxlan(&data);
+    }
+}
