@@ -210,18 +210,9 @@ struct RunArgs {
     /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mac=MAC][,mtu=M] (repeatable; replaces the file's list).
     #[arg(long = "peer", value_parser = RawPeer::from_flag)]
     peers: Vec<RawPeer>,
-    /// Lease mode store: file (embedded) or etcd [default: file].
-    #[arg(long)]
-    store: Option<String>,
-    /// File store directory [default: /var/lib/weft/store].
-    #[arg(long)]
-    store_dir: Option<PathBuf>,
-    /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    etcd_endpoints: Option<Vec<String>>,
-    /// etcd key prefix [default: /coreos.com/network].
-    #[arg(long)]
-    etcd_prefix: Option<String>,
+    /// Lease mode: where the store is.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Where to write subnet.env [default: /run/weft/subnet.env].
     #[arg(long)]
     subnet_file: Option<PathBuf>,
@@ -279,15 +270,11 @@ fn run(args: RunArgs) -> ExitCode {
         io: args.io,
         api_socket: args.api_socket,
         peers: args.peers,
-        store: args.store,
-        store_dir: args.store_dir,
-        etcd_endpoints: args.etcd_endpoints,
-        etcd_prefix: args.etcd_prefix,
         subnet_file: args.subnet_file,
         lease_ttl_secs: args.lease_ttl_secs,
         release_on_exit: args.release_on_exit.then_some(true),
         pod_dir: args.pod_dir,
-        ..RawConfig::default()
+        ..args.store.raw()
     };
     let source = ConfigSource { path: args.config, flags };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -65,12 +65,8 @@ impl<C: PacketCore> MmsgWorker<C> {
         stop: Arc<AtomicBool>,
         pool: BufPool,
     ) -> io::Result<Self> {
+        io.set_nonblocking(true)?;
         let super::WorkerIo { tun, udp, send } = io;
-        tun.set_nonblocking(true)?;
-        udp.set_nonblocking(true)?;
-        for s in &send {
-            s.set_nonblocking(true)?;
-        }
         // SAFETY: plain syscall; the result is checked.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         for (fd, token) in [(tun.fd(), TOKEN_TUN), (udp.as_raw_fd(), TOKEN_UDP)] {

@@ -133,6 +133,19 @@ pub struct WorkerIo {
     pub send: Vec<UdpSocket>,
 }
 
+impl WorkerIo {
+    /// Puts every descriptor in blocking (io_uring, which polls for us) or non-blocking
+    /// (epoll) mode.
+    ///
+    /// # Errors
+    /// `fcntl` failure.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.tun.set_nonblocking(on)?;
+        self.udp.set_nonblocking(on)?;
+        self.send.iter().try_for_each(|s| s.set_nonblocking(on))
+    }
+}
+
 /// Runs one worker on the calling thread until `stop` is set.
 ///
 /// # Errors

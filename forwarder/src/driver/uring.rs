@@ -133,12 +133,8 @@ impl<C: PacketCore> UringWorker<C> {
         stop: Arc<AtomicBool>,
         pool: BufPool,
     ) -> io::Result<Self> {
+        io.set_nonblocking(false)?;
         let super::WorkerIo { tun, udp, send } = io;
-        tun.set_nonblocking(false)?;
-        udp.set_nonblocking(false)?;
-        for s in &send {
-            s.set_nonblocking(false)?;
-        }
         let ring = new_ring(SQ_ENTRIES)?;
         let iovecs = pool.iovecs();
         // SAFETY: the iovecs describe the pool's mapping, which outlives the ring (field
