@@ -149,3 +149,20 @@ fn tun_deleted_under_daemon_exits_1() {
         assert!(n1.log_tail(20).contains("worker failed"), "{io}: {}", n1.log_tail(20));
     }
 }
+
+/// A daemon restarted right after a graceful stop binds its port again: the io_uring worker
+/// cancels and reaps its in-flight requests before exiting, so the kernel has dropped its
+/// references to the socket (ring teardown would otherwise release them in the background).
+#[test]
+fn immediate_restart_rebinds_the_port() {
+    let Some(topo) = Topology::for_test("immediate_restart_rebinds_the_port", "rebind", 2).expect("topology") else {
+        return;
+    };
+    for io in ["uring", "mmsg"] {
+        for round in 0..5 {
+            let cfg = NodeConfig { io: Some(io.into()), ..NodeConfig::mesh(1, 2) };
+            let mut n1 = topo.start_weft(cfg).unwrap_or_else(|e| panic!("{io} round {round}: {e:#}"));
+            n1.stop().unwrap_or_else(|e| panic!("{io} round {round}: {e:#}"));
+        }
+    }
+}

@@ -35,6 +35,10 @@ const TUN_READS: usize = 64;
 const UDP_RECVS: usize = 64;
 /// Submission queue entries; completions get 16× that.
 const SQ_ENTRIES: u32 = 256;
+/// `user_data` of the stop-time cancellation (decodes to no op, so it is never counted).
+const CANCEL_ALL: u64 = u64::MAX;
+/// How long a stopping worker waits for cancelled requests to complete.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long one wait may last before the stop flag is checked again.
 const TICK_NS: u32 = 100_000_000;
 
@@ -121,6 +125,8 @@ pub(super) struct UringWorker<C: PacketCore> {
     stop: Arc<AtomicBool>,
     tun_reads: usize,
     udp_recvs: usize,
+    /// SQEs submitted whose CQE has not been reaped yet (all kinds).
+    inflight: usize,
 }
 
 impl<C: PacketCore> UringWorker<C> {
@@ -147,7 +153,7 @@ impl<C: PacketCore> UringWorker<C> {
                 unsafe { std::mem::zeroed::<MsgSlot>() }
             })
             .collect();
-        Ok(Self { ring, msgs, pool, tun, udp, send, fwd, routes, stop, tun_reads: 0, udp_recvs: 0 })
+        Ok(Self { ring, msgs, pool, tun, udp, send, fwd, routes, stop, tun_reads: 0, udp_recvs: 0, inflight: 0 })
     }
 
     /// Forwards until the stop flag is set.
@@ -173,14 +179,14 @@ impl<C: PacketCore> UringWorker<C> {
                 )
                 .build()
                 .user_data(user_data(Op::TunRead, slot));
-                push(&submitter, &mut sq, &entry)?;
+                push(&submitter, &mut sq, &entry, &mut self.inflight)?;
                 self.tun_reads += 1;
             }
             while self.udp_recvs < UDP_RECVS {
                 let Some(slot) = self.pool.alloc() else { break };
                 let m = arm_msg(&mut self.msgs, &self.pool, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
                 let entry = opcode::RecvMsg::new(types::Fd(udp_fd), m).build().user_data(user_data(Op::UdpRecv, slot));
-                push(&submitter, &mut sq, &entry)?;
+                push(&submitter, &mut sq, &entry, &mut self.inflight)?;
                 self.udp_recvs += 1;
             }
             sq.sync();
@@ -196,6 +202,7 @@ impl<C: PacketCore> UringWorker<C> {
             cq.sync();
             for cqe in &mut cq {
                 let Some((op, slot)) = decode(cqe.user_data()) else { continue };
+                self.inflight -= 1;
                 let res = cqe.result();
                 match op {
                     Op::TunRead => {
@@ -222,11 +229,16 @@ impl<C: PacketCore> UringWorker<C> {
                                 let e = opcode::SendMsg::new(types::Fd(fd), m)
                                     .build()
                                     .user_data(user_data(Op::UdpSend, slot));
-                                push(&submitter, &mut sq, &e)?;
+                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             TunVerdict::Reply => {
                                 let (head, len) = (pkt.head(), pkt.len());
-                                push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
+                                push(
+                                    &submitter,
+                                    &mut sq,
+                                    &tun_write(&self.pool, tun_fd, slot, head, len),
+                                    &mut self.inflight,
+                                )?;
                             }
                             TunVerdict::Flood => {
                                 let (head, len) = (pkt.head(), pkt.len());
@@ -254,13 +266,13 @@ impl<C: PacketCore> UringWorker<C> {
                                     let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
                                         .build()
                                         .user_data(user_data(Op::UdpSend, copy));
-                                    push(&submitter, &mut sq, &e)?;
+                                    push(&submitter, &mut sq, &e, &mut self.inflight)?;
                                 }
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
                                 let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
                                     .build()
                                     .user_data(user_data(Op::UdpSend, slot));
-                                push(&submitter, &mut sq, &e)?;
+                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             TunVerdict::Drop(_) => self.pool.release(slot),
                         }
@@ -285,7 +297,12 @@ impl<C: PacketCore> UringWorker<C> {
                         match self.fwd.from_underlay(&routes, from, &mut pkt, now) {
                             UnderlayVerdict::Deliver { .. } => {
                                 let (head, len) = (pkt.head(), pkt.len());
-                                push(&submitter, &mut sq, &tun_write(&self.pool, tun_fd, slot, head, len))?;
+                                push(
+                                    &submitter,
+                                    &mut sq,
+                                    &tun_write(&self.pool, tun_fd, slot, head, len),
+                                    &mut self.inflight,
+                                )?;
                             }
                             UnderlayVerdict::Reply { to } => {
                                 let (head, len) = (pkt.head(), pkt.len());
@@ -293,7 +310,7 @@ impl<C: PacketCore> UringWorker<C> {
                                 let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
                                     .build()
                                     .user_data(user_data(Op::UdpSend, slot));
-                                push(&submitter, &mut sq, &e)?;
+                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             UnderlayVerdict::Drop(_) => self.pool.release(slot),
                         }
@@ -309,20 +326,44 @@ impl<C: PacketCore> UringWorker<C> {
                 }
             }
         }
+        // Cancel what is still in flight and reap it, so the kernel drops its references to
+        // the socket and the TUN now, not when it tears the ring down in the background: a
+        // daemon restarted right away would otherwise find its port still bound.
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL_ALL);
+        let mut not_counted = 0;
+        push(&submitter, &mut sq, &cancel, &mut not_counted)?;
+        sq.sync();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.inflight > 0 && Instant::now() < deadline {
+            match submitter.submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            cq.sync();
+            for cqe in &mut cq {
+                if let Some((_, slot)) = decode(cqe.user_data()) {
+                    self.inflight -= 1;
+                    self.pool.release(slot);
+                }
+            }
+        }
         Ok(())
     }
 }
 
-/// Pushes one SQE, submitting first if the queue is full.
+/// Pushes one SQE, submitting first if the queue is full, and counts it in `inflight`.
 fn push(
     submitter: &io_uring::Submitter<'_>,
     sq: &mut io_uring::SubmissionQueue<'_>,
     e: &squeue::Entry,
+    inflight: &mut usize,
 ) -> io::Result<()> {
     loop {
         // SAFETY: every SQE we build points into the pool or `msgs`, both of which outlive
         // the ring, and names a slot that stays owned by the kernel until its CQE.
         if unsafe { sq.push(e) }.is_ok() {
+            *inflight += 1;
             return Ok(());
         }
         sq.sync();
