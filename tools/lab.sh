@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # A three-host weft lab in network namespaces, the README's first command.
 #
-# Builds weft, puts three hosts on a bridged underlay, starts `weft run` on each with a full
-# static peer mesh, pings every pair over the overlay, runs iperf3 TCP n2 -> n1 for 5 s,
-# prints n1's `weft status`, then tears everything down (also on failure or Ctrl-C).
+# Builds weft, puts three hosts on a bridged underlay, writes the cluster network config into
+# an embedded file store (`weft network init`), starts `weft run` on each host in lease mode
+# (no subnet, no peers: each node leases a subnet from the store and finds the others there),
+# pings every pair over the overlay, runs iperf3 TCP n2 -> n1 for 5 s, prints the leases and
+# n1's `weft status`, then tears everything down (also on failure or Ctrl-C).
 #
 #   weft-lab-u        bridge br0, ports v1 v2 v3
-#   weft-lab-n<i>     eth0 198.18.0.<i>/24 (underlay), weft0 10.244.<i>.1/24 (overlay)
+#   weft-lab-n<i>     eth0 198.18.0.<i>/24 (underlay), weft0 <gateway of its leased /24>
+#   <labdir>/store    the shared lease store (one directory, like etcd on one machine)
 #
 # All addresses stay inside the namespaces: underlay 198.18.0.0/15 (RFC 2544 benchmarking
 # space), overlay 10.244.0.0/16.
@@ -26,6 +29,7 @@ readonly ROOT
 keep=0
 build=1
 dir=""
+declare -a gw=()   # gw[i]: host i's overlay gateway, read from `weft status --json`
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'lab.sh: %s\n' "$*" >&2; exit 1; }
@@ -91,27 +95,26 @@ ensure_tools() {
   fi
 }
 
-# weft's config for host i: peers are every other host.
+# weft's config for host i, lease mode: no subnet and no peers, both come from the store.
 write_config() {
-  local i=$1 j
+  local i=$1
   {
     echo "node_name = \"n$i\""
     echo "public_ip = \"198.18.0.$i\""
-    echo "port = 8285"
-    echo "network = \"10.244.0.0/16\""
-    echo "subnet = \"10.244.$i.0/24\""
+    echo "store = \"file\""
+    echo "store_dir = \"$dir/store\""
+    echo "subnet_file = \"$dir/n$i.subnet.env\""
+    echo "pod_dir = \"$dir/n$i.pods\""
     echo "tun_name = \"weft0\""
     echo "workers = 1"
     echo "api_socket = \"$dir/n$i.sock\""
-    for j in $(seq "$HOSTS"); do
-      [ "$j" != "$i" ] || continue
-      echo
-      echo "[[peers]]"
-      echo "name = \"n$j\""
-      echo "subnet = \"10.244.$j.0/24\""
-      echo "endpoint = \"198.18.0.$j:8285\""
-    done
   } >"$dir/n$i.toml"
+}
+
+# The cluster network config every node reads: flannel's net-conf JSON, in the file store.
+network_init() {
+  log "weft network init --store-dir $dir/store --network 10.244.0.0/16 --backend udp"
+  "$weft" network init --store-dir "$dir/store" --network 10.244.0.0/16 --backend udp | sed 's/^/    /'
 }
 
 build_topology() {
@@ -138,6 +141,14 @@ status() {
   ip netns exec "$PREFIX-n$i" timeout 3 "$weft" status --socket "$dir/n$i.sock" "$@"
 }
 
+# A field of `weft status --json` on host i ("gateway", "subnet"): the first occurrence, which
+# is the node's own (peers come later and have no gateway).
+status_field() {
+  local i=$1 field=$2
+  { status "$i" --json || true; } | tr -d '\n' | { grep -o "\"$field\": *\"[^\"]*\"" || true; } |
+    head -n 1 | sed 's/.*"\([^"]*\)"$/\1/'
+}
+
 start_weft() {
   local i=$1 pid
   ip netns exec "$PREFIX-n$i" "$weft" run --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
@@ -148,7 +159,9 @@ start_weft() {
       die "weft on n$i exited during startup (log above)"
     fi
     if status "$i" --json >/dev/null 2>&1; then
-      log "weft n$i ready (pid $pid)"
+      gw[i]=$(status_field "$i" gateway)
+      [ -n "${gw[i]}" ] || die "weft n$i: no gateway in 'weft status --json'"
+      log "weft n$i ready (pid $pid), leased $(status_field "$i" subnet), gateway ${gw[i]}"
       return 0
     fi
     sleep 0.1
@@ -157,28 +170,43 @@ start_weft() {
   die "weft on n$i did not answer 'weft status' within 10 s (log above)"
 }
 
+# Every node learns the others from the store (the file store is polled every 100 ms).
+wait_peers() {
+  local i n
+  for i in $(seq "$HOSTS"); do
+    for _ in $(seq 50); do
+      n=$({ status "$i" --json || true; } | { grep -o '"endpoint"' || true; } | wc -l)
+      [ "$n" -lt $((HOSTS - 1)) ] || continue 2
+      sleep 0.1
+    done
+    status "$i" >&2 || true
+    die "weft n$i lists $n peers after 5 s, expected $((HOSTS - 1)) (status above)"
+  done
+  log "every node lists the other $((HOSTS - 1)) as peers"
+}
+
 ping_pairs() {
   local a b out
   for a in $(seq "$HOSTS"); do
     for b in $(seq "$HOSTS"); do
       [ "$a" != "$b" ] || continue
-      if ! out=$(ip netns exec "$PREFIX-n$a" ping -n -c 3 -i 0.2 -W 1 -w 5 "10.244.$b.1" 2>&1); then
+      if ! out=$(ip netns exec "$PREFIX-n$a" ping -n -c 3 -i 0.2 -W 1 -w 5 "${gw[b]}" 2>&1); then
         printf '%s\n' "$out" >&2
-        die "ping n$a -> 10.244.$b.1 failed"
+        die "ping n$a -> n$b (${gw[b]}) failed"
       fi
-      log "ping n$a -> 10.244.$b.1: $(printf '%s\n' "$out" | grep -E 'packets transmitted|rtt' | tr '\n' ' ')"
+      log "ping n$a -> n$b (${gw[b]}): $(printf '%s\n' "$out" | grep -E 'packets transmitted|rtt' | tr '\n' ' ')"
     done
   done
 }
 
 iperf() {
   local out line
-  ip netns exec "$PREFIX-n1" iperf3 -s -1 -B 10.244.1.1 >"$dir/iperf3-server.log" 2>&1 &
+  ip netns exec "$PREFIX-n1" iperf3 -s -1 -B "${gw[1]}" >"$dir/iperf3-server.log" 2>&1 &
   for _ in $(seq 50); do
-    ip netns exec "$PREFIX-n1" ss -Hltn 'sport = :5201' | grep -q 10.244.1.1 && break
+    ip netns exec "$PREFIX-n1" ss -Hltn 'sport = :5201' | grep -qF "${gw[1]}" && break
     sleep 0.1
   done
-  if ! out=$(ip netns exec "$PREFIX-n2" timeout 30 iperf3 -c 10.244.1.1 -t 5 -f g \
+  if ! out=$(ip netns exec "$PREFIX-n2" timeout 30 iperf3 -c "${gw[1]}" -t 5 -f g \
       --connect-timeout 3000 2>&1); then
     printf '%s\n' "$out" >&2
     die "iperf3 n2 -> n1 failed"
@@ -234,15 +262,23 @@ main() {
 
   log "building $HOSTS hosts on a bridged underlay (198.18.0.0/24)"
   build_topology
+  network_init
   local i
   for i in $(seq "$HOSTS"); do
     write_config "$i"
     start_weft "$i"
   done
+  wait_peers
   ping_pairs
   iperf
+  log "weft leases --store-dir $dir/store"
+  "$weft" leases --store-dir "$dir/store" | sed 's/^/    /'
   log "weft status on n1"
   status 1 || status 1 --json
+  if [ "$keep" = 1 ]; then
+    log "look inside: ip netns exec $PREFIX-n1 $weft status --socket $dir/n1.sock"
+    log "             $weft leases --store-dir $dir/store"
+  fi
 }
 
 main "$@"

@@ -11,6 +11,8 @@
 pub mod capture;
 pub mod cmd;
 pub mod craft;
+pub mod etcd;
+pub mod lease;
 pub mod netns;
 pub mod root;
 pub mod topology;
@@ -19,11 +21,16 @@ pub mod weft;
 
 pub use capture::{Capture, Pcap};
 pub use cmd::{CmdOutput, Proc};
+pub use etcd::Etcd;
+pub use lease::{
+    LeaseRecord, LeaseSettings, LeaseStatus, NetworkInit, PodAddr, PodEntry, StoreConfig, lease_status, peer_by_subnet,
+    peer_subnets, status_mode,
+};
 pub use netns::Netns;
 pub use root::skip_unless_root;
 pub use topology::{Host, Topology};
-pub use traffic::{IperfServer, iperf3_tcp, ping, ping_all, ping_all_with, ping_with};
-pub use weft::{NodeConfig, PeerConfig, WeftNode, json_path, json_u64, peer_status, vtep_mac};
+pub use traffic::{IperfRun, IperfServer, iperf3_tcp, iperf3_tcp_run, ping, ping_all, ping_all_with, ping_with};
+pub use weft::{NodeConfig, PeerConfig, WeftNode, gateway_of, json_path, json_u64, peer_status, vtep_mac};
 
 /// Prints a line on the process's stderr, bypassing libtest's output capture, for results that
 /// belong in the CI log even when the test passes (a throughput figure, a skip reason).

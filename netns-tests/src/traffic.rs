@@ -132,3 +132,79 @@ pub fn iperf3_tcp(ns: &Netns, addr: &str, secs: u32) -> Result<f64> {
     report(&format!("iperf3 TCP {secs} s [{}] -> {addr}: {:.2} Gbit/s", ns.name(), bps / 1e9));
     Ok(bps)
 }
+
+/// What one iperf3 TCP run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IperfRun {
+    /// `end.sum_received.bits_per_second`.
+    pub bits_per_second: f64,
+    /// `end.sum_received.bytes`.
+    pub bytes: u64,
+    /// `end.sum_sent.retransmits` (0 when iperf3 does not report it).
+    pub retransmits: u64,
+    /// Bytes of each reporting interval (1 s by default), in order: a 0 means the flow stalled
+    /// for a whole interval.
+    pub interval_bytes: Vec<u64>,
+}
+
+impl IperfRun {
+    /// The smallest interval, in bytes (0 if there were none).
+    pub fn min_interval_bytes(&self) -> u64 {
+        self.interval_bytes.iter().copied().min().unwrap_or(0)
+    }
+}
+
+/// `iperf3 -c <addr> -t <secs> -J --connect-timeout 3000 <extra>` from `ns` (`extra` such as
+/// `["-b", "500M"]`), with the totals and the per-interval bytes.
+///
+/// # Errors
+///
+/// Fails if iperf3 fails, reports an error, or prints no receive figures.
+pub fn iperf3_tcp_run(ns: &Netns, addr: &str, secs: u32, extra: &[&str]) -> Result<IperfRun> {
+    let t = secs.to_string();
+    let mut args = vec!["-c", addr, "-t", &t, "-J", "--connect-timeout", "3000"];
+    args.extend_from_slice(extra);
+    let out = ns.exec_timeout(Duration::from_secs(u64::from(secs) + 15), "iperf3", &args)?;
+    parse_iperf3_json(&out.stdout).with_context(|| format!("{out}"))
+}
+
+/// Reads [`IperfRun`] out of `iperf3 -J` output.
+///
+/// # Errors
+///
+/// Fails if the text is not JSON, carries an `error`, or lacks the receive totals.
+pub fn parse_iperf3_json(text: &str) -> Result<IperfRun> {
+    let json: Value = serde_json::from_str(text).context("iperf3 printed no JSON")?;
+    if let Some(err) = json.get("error").and_then(Value::as_str) {
+        bail!("iperf3 error: {err}");
+    }
+    let received = json.pointer("/end/sum_received").context("no end.sum_received")?;
+    let interval_bytes = json
+        .get("intervals")
+        .and_then(Value::as_array)
+        .map(|iv| iv.iter().filter_map(|i| i.pointer("/sum/bytes").and_then(Value::as_u64)).collect())
+        .unwrap_or_default();
+    Ok(IperfRun {
+        bits_per_second: received.get("bits_per_second").and_then(Value::as_f64).context("no bits_per_second")?,
+        bytes: received.get("bytes").and_then(Value::as_u64).context("no bytes")?,
+        retransmits: json.pointer("/end/sum_sent/retransmits").and_then(Value::as_u64).unwrap_or(0),
+        interval_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iperf3_totals_and_intervals() {
+        let text = r#"{"intervals":[{"sum":{"bytes":100}},{"sum":{"bytes":0}},{"sum":{"bytes":50}}],
+            "end":{"sum_sent":{"retransmits":3},"sum_received":{"bytes":150,"bits_per_second":400.0}}}"#;
+        let run = parse_iperf3_json(text).unwrap();
+        assert_eq!(run.bytes, 150);
+        assert_eq!(run.retransmits, 3);
+        assert_eq!(run.interval_bytes, [100, 0, 50]);
+        assert_eq!(run.min_interval_bytes(), 0);
+        assert!(parse_iperf3_json(r#"{"error":"unable to connect"}"#).is_err());
+    }
+}

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::cmd::{self, Proc};
+use crate::lease::LeaseSettings;
 use crate::netns::Netns;
 use crate::topology::{Host, Topology, underlay_ip};
 
@@ -116,6 +117,11 @@ impl PeerConfig {
 
 /// A `weft run` config file; [`NodeConfig::to_toml`] renders it (the socket path is per test,
 /// so it is supplied at render time).
+///
+/// With [`NodeConfig::lease`] set the daemon runs in **lease mode**: `port`, `network` and
+/// `subnet` are not written (they come from the store's network config and the lease), and
+/// `backend`, `vtep_mac` and `peers` are written only when a test sets them, for instance to
+/// check that the daemon refuses them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
     /// `node_name`, also the [`Host`] the node runs on.
@@ -144,6 +150,8 @@ pub struct NodeConfig {
     pub device: Option<String>,
     /// Static peers.
     pub peers: Vec<PeerConfig>,
+    /// Lease mode: the store and per-node state files. `None` is static mode.
+    pub lease: Option<LeaseSettings>,
 }
 
 impl NodeConfig {
@@ -167,7 +175,20 @@ impl NodeConfig {
             vtep_mac: None,
             device: None,
             peers: Vec::new(),
+            lease: None,
         }
+    }
+
+    /// The lease-mode config for numbered host `n<i>`: `198.18.0.<i>`, one worker, no subnet
+    /// and no peers (both come from the store), store and state files from `lease`
+    /// ([`LeaseSettings::for_node`] builds one in a test's scratch dir).
+    pub fn leased(i: u8, lease: LeaseSettings) -> Self {
+        Self { lease: Some(lease), ..Self::for_host(i) }
+    }
+
+    /// Whether this config runs the daemon in lease mode.
+    pub fn is_lease_mode(&self) -> bool {
+        self.lease.is_some()
     }
 
     /// `n<i>` speaking VXLAN on port 8472 with VTEP MAC [`vtep_mac`]`(i)`, peered over VXLAN
@@ -201,12 +222,13 @@ impl NodeConfig {
     ///
     /// # Errors
     ///
-    /// Fails if `subnet` is not `a.b.c.d/len`.
+    /// Fails if `subnet` is not `a.b.c.d/len`, or in lease mode, where the subnet is known only
+    /// from the running daemon ([`WeftNode::gateway`] asks it).
     pub fn gateway(&self) -> Result<Ipv4Addr> {
-        let (addr, _) =
-            self.subnet.split_once('/').with_context(|| format!("subnet {:?} has no prefix length", self.subnet))?;
-        let base: Ipv4Addr = addr.parse().with_context(|| format!("subnet {:?} is not IPv4", self.subnet))?;
-        Ok(Ipv4Addr::from(u32::from(base) + 1))
+        if self.is_lease_mode() {
+            bail!("{} is in lease mode: its gateway comes from the lease (ask the daemon)", self.node_name);
+        }
+        gateway_of(&self.subnet)
     }
 
     /// Renders the TOML file, with `api_socket` set to `socket`.
@@ -215,9 +237,19 @@ impl NodeConfig {
         // Writing to a String cannot fail.
         let _ = writeln!(s, "node_name = {}", quote(&self.node_name));
         let _ = writeln!(s, "public_ip = {}", quote(&self.public_ip.to_string()));
-        let _ = writeln!(s, "port = {}", self.port);
-        let _ = writeln!(s, "network = {}", quote(&self.network));
-        let _ = writeln!(s, "subnet = {}", quote(&self.subnet));
+        if let Some(lease) = &self.lease {
+            lease.write_toml(&mut s);
+        } else {
+            let _ = writeln!(s, "port = {}", self.port);
+            let _ = writeln!(s, "network = {}", quote(&self.network));
+            let _ = writeln!(s, "subnet = {}", quote(&self.subnet));
+        }
+        self.write_common_toml(&mut s, socket);
+        s
+    }
+
+    /// Everything after the mode-specific keys: interface, workers, backend, socket, peers.
+    fn write_common_toml(&self, s: &mut String, socket: &Path) {
         let _ = writeln!(s, "tun_name = {}", quote(&self.tun_name));
         if let Some(mtu) = self.mtu {
             let _ = writeln!(s, "mtu = {mtu}");
@@ -250,8 +282,18 @@ impl NodeConfig {
                 let _ = writeln!(s, "mac = {}", quote(m));
             }
         }
-        s
     }
+}
+
+/// The first usable address of an IPv4 CIDR (`10.244.7.0/24` → `10.244.7.1`): weft's gateway.
+///
+/// # Errors
+///
+/// Fails if `subnet` is not `a.b.c.d/len`.
+pub fn gateway_of(subnet: &str) -> Result<Ipv4Addr> {
+    let (addr, _) = subnet.split_once('/').with_context(|| format!("subnet {subnet:?} has no prefix length"))?;
+    let base: Ipv4Addr = addr.parse().with_context(|| format!("subnet {subnet:?} is not IPv4"))?;
+    Ok(Ipv4Addr::from(u32::from(base).wrapping_add(1)))
 }
 
 /// The VTEP MAC the tests give numbered host `n<i>`.
@@ -260,7 +302,7 @@ pub fn vtep_mac(i: u8) -> String {
 }
 
 /// A TOML basic string (the values here never need more than `"` and `\` escaped).
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
@@ -299,11 +341,48 @@ impl<'t> WeftNode<'t> {
             log: dir.join(format!("{name}.log")),
             proc: None,
         };
-        node.write_config()?;
-        let config_arg = node.config_path.display().to_string();
-        node.proc = Some(host.ns().spawn(&node.bin, &["run", "--config", &config_arg], &node.log)?);
-        node.wait_ready().with_context(|| format!("weft {name} did not become ready"))?;
+        node.spawn()?;
         Ok(node)
+    }
+
+    /// Writes the config, starts `weft run` and waits until it is ready.
+    fn spawn(&mut self) -> Result<()> {
+        let name = self.config.node_name.clone();
+        self.write_config()?;
+        let config_arg = self.config_path.display().to_string();
+        self.proc = Some(self.host.ns().spawn(&self.bin, &["run", "--config", &config_arg], &self.log)?);
+        self.wait_ready().with_context(|| format!("weft {name} did not become ready"))
+    }
+
+    /// Starts the daemon again, with the same config, socket and log (appended), after
+    /// [`WeftNode::stop`] or an exit; waits until `weft status` answers.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon is still running, or as [`WeftNode::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        if self.is_running() {
+            bail!("weft {} is still running; stop it before restarting", self.config.node_name);
+        }
+        self.proc = None;
+        self.spawn()
+    }
+
+    /// SIGKILL, no cleanup by the daemon (its TUN goes with the process, its state files and
+    /// lease stay); waits until it is reaped.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon is not running or does not die within 10 s.
+    pub fn kill(&mut self) -> Result<()> {
+        let name = self.config.node_name.clone();
+        let proc = self.proc_mut()?;
+        proc.signal("KILL")?;
+        if proc.wait_timeout(STOP_TIMEOUT)?.is_none() {
+            bail!("weft {name} still running {STOP_TIMEOUT:?} after SIGKILL");
+        }
+        self.proc = None;
+        Ok(())
     }
 
     /// Polls `weft status` until it answers, failing fast if the daemon exits.
@@ -466,13 +545,48 @@ impl<'t> WeftNode<'t> {
         self.host.ns()
     }
 
-    /// The gateway (TUN) address from the config.
+    /// The gateway (TUN) address: from the config in static mode, from the daemon's status
+    /// (`gateway`, filled from the lease) in lease mode.
     ///
     /// # Errors
     ///
-    /// Fails if the configured subnet does not parse.
+    /// Fails if the configured subnet does not parse, or in lease mode if status cannot be read
+    /// or has no IPv4 `gateway`.
     pub fn gateway(&self) -> Result<Ipv4Addr> {
-        self.config.gateway()
+        if !self.config.is_lease_mode() {
+            return self.config.gateway();
+        }
+        let status = self.status_json()?;
+        let gw = json_path(&status, "gateway")
+            .and_then(Value::as_str)
+            .with_context(|| format!("status of {} has no gateway: {status}", self.config.node_name))?;
+        gw.parse().with_context(|| format!("status of {}: gateway {gw:?} is not IPv4", self.config.node_name))
+    }
+
+    /// The daemon's subnet: the config's in static mode, the status's `subnet` in lease mode.
+    ///
+    /// # Errors
+    ///
+    /// In lease mode, fails if status cannot be read or has no `subnet`.
+    pub fn subnet(&self) -> Result<String> {
+        if !self.config.is_lease_mode() {
+            return Ok(self.config.subnet.clone());
+        }
+        let status = self.status_json()?;
+        json_path(&status, "subnet")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .with_context(|| format!("status of {} has no subnet: {status}", self.config.node_name))
+    }
+
+    /// The API socket the daemon listens on (`weft status --socket`, `weft ipam --socket`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The `weft` binary this node runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// Path of the daemon's combined stdout/stderr log.
