@@ -125,6 +125,8 @@ pub struct RawConfig {
     pub release_on_exit: Option<bool>,
     /// Pod address allocations (served to the CNI plugin over the API socket).
     pub pod_dir: Option<PathBuf>,
+    /// GC spares allocations younger than this, so an ADD racing a GC keeps its address.
+    pub pod_gc_grace_secs: Option<u64>,
     /// Static peers.
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -220,7 +222,8 @@ impl RawConfig {
             subnet_file,
             lease_ttl_secs,
             release_on_exit,
-            pod_dir
+            pod_dir,
+            pod_gc_grace_secs
         );
         if !over.peers.is_empty() {
             self.peers = over.peers;
@@ -491,6 +494,8 @@ pub struct Config {
     pub api_socket: PathBuf,
     /// Pod allocation directory.
     pub pod_dir: PathBuf,
+    /// Pod GC grace period.
+    pub pod_gc_grace: std::time::Duration,
     /// Static peers.
     pub peers: Vec<Peer>,
 }
@@ -646,6 +651,7 @@ impl Config {
         let api_socket = raw.api_socket.unwrap_or_else(|| DEFAULT_API_SOCKET.into());
         // One directory per node by default, so several daemons on one host never share one.
         let pod_dir = raw.pod_dir.unwrap_or_else(|| Path::new(DEFAULT_POD_DIR).join(&node_name));
+        let pod_gc_grace = std::time::Duration::from_secs(raw.pod_gc_grace_secs.unwrap_or(60));
         let own = SocketAddr::new(public_ip, port);
         let mut names = HashSet::new();
         let mut peers = Vec::with_capacity(raw.peers.len());
@@ -733,6 +739,7 @@ impl Config {
             io,
             api_socket,
             pod_dir,
+            pod_gc_grace,
             peers,
         })
     }
@@ -749,8 +756,22 @@ impl Config {
             ($($f:ident),*) => { $( if self.$f != new.$f { out.push(stringify!($f)); } )* };
         }
         cmp!(
-            node_name, public_ip, backend, port, network, subnet, network_v6, subnet_v6, tun_name, device, mtu,
-            workers, io, api_socket
+            node_name,
+            public_ip,
+            backend,
+            port,
+            network,
+            subnet,
+            network_v6,
+            subnet_v6,
+            tun_name,
+            device,
+            mtu,
+            workers,
+            io,
+            api_socket,
+            pod_dir,
+            pod_gc_grace
         );
         out
     }

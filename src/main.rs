@@ -225,6 +225,9 @@ struct RunArgs {
     /// Pod allocation directory [default: /var/lib/weft/pods/<node name>].
     #[arg(long)]
     pod_dir: Option<PathBuf>,
+    /// GC spares pod allocations younger than this many seconds [default: 60].
+    #[arg(long)]
+    pod_gc_grace_secs: Option<u64>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -274,6 +277,7 @@ fn run(args: RunArgs) -> ExitCode {
         lease_ttl_secs: args.lease_ttl_secs,
         release_on_exit: args.release_on_exit.then_some(true),
         pod_dir: args.pod_dir,
+        pod_gc_grace_secs: args.pod_gc_grace_secs,
         ..args.store.raw()
     };
     let source = ConfigSource { path: args.config, flags };

@@ -370,6 +370,7 @@ async fn run_with<C: PacketCore + 'static>(
         .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
         .and_then(|store| {
             weft_ipam::PodAllocator::new(store, cfg.subnet)
+                .map(|a| a.with_gc_grace(cfg.pod_gc_grace))
                 .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
         })?;
 
