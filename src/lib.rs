@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod status;

@@ -10,6 +10,9 @@ for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump tshark:ts
   setpriv:util-linux protoc:protobuf-compiler etcd:etcd-server; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")
 done
+# The CNI chain test runs Debian's reference plugins (portmap needs iptables).
+[ -x /usr/lib/cni/portmap ] || need_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -10,6 +10,7 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod cni;
 pub mod craft;
 pub mod etcd;
 pub mod lease;
