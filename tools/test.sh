@@ -38,4 +38,4 @@ cargo test --workspace --release --exclude weft-netns-tests
 echo "==> network-namespace integration tests"
 CI="${CI:-}" cargo test --release -p weft-netns-tests -- --test-threads=1
 echo "==> benchmark harness smoke run (figures are reported, never asserted)"
-cargo run --release -q -p weft-bench --bin lease-scale -- --quick
+cargo run --release -q -p weft-bench --bin lease-scale -- --quick --out "${TMPDIR:-/tmp}/lease-scale-quick.json"
