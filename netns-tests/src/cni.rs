@@ -56,11 +56,7 @@ const LOG_TAIL_LINES: usize = 40;
 ///
 /// Fails with the places looked at if there is none.
 pub fn cni_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("WEFT_CNI_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("WEFT_CNI_BIN={} is not a file", p.display());
-        }
+    if let Some(p) = crate::weft::bin_from_env("WEFT_CNI_BIN")? {
         return Ok(p);
     }
     let weft = weft_bin()?;

@@ -52,11 +52,7 @@ const LOG_TAIL_LINES: usize = 40;
 ///
 /// Fails with the places looked at, and the build command, if none exists.
 pub fn weft_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("WEFT_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("WEFT_BIN={} is not a file", p.display());
-        }
+    if let Some(p) = bin_from_env("WEFT_BIN")? {
         return Ok(p);
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("netns-tests has no parent directory")?;
@@ -72,6 +68,20 @@ pub fn weft_bin() -> Result<PathBuf> {
     }
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     bail!("no weft binary (looked at $WEFT_BIN, {}); run `cargo build --release --bins` first", looked.join(", "))
+}
+
+/// The binary named by environment variable `var`, if set.
+///
+/// # Errors
+///
+/// Fails if the variable names something that is not a file.
+pub fn bin_from_env(var: &str) -> Result<Option<PathBuf>> {
+    let Some(p) = std::env::var_os(var) else { return Ok(None) };
+    let p = PathBuf::from(p);
+    if !p.is_file() {
+        bail!("{var}={} is not a file", p.display());
+    }
+    Ok(Some(p))
 }
 
 /// One `[[peers]]` entry.

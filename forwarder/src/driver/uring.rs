@@ -226,9 +226,7 @@ impl<C: PacketCore> UringWorker<C> {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
                                 let fd = super::pick_sender(udp_fd, &send_fds, flow);
-                                let e = opcode::SendMsg::new(types::Fd(fd), m)
-                                    .build()
-                                    .user_data(user_data(Op::UdpSend, slot));
+                                let e = send_msg(fd, m, slot);
                                 push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             TunVerdict::Reply => {
@@ -263,15 +261,11 @@ impl<C: PacketCore> UringWorker<C> {
                                         );
                                     }
                                     let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
-                                    let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
-                                        .build()
-                                        .user_data(user_data(Op::UdpSend, copy));
+                                    let e = send_msg(udp_fd, m, copy);
                                     push(&submitter, &mut sq, &e, &mut self.inflight)?;
                                 }
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
-                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
-                                    .build()
-                                    .user_data(user_data(Op::UdpSend, slot));
+                                let e = send_msg(udp_fd, m, slot);
                                 push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             TunVerdict::Drop(_) => self.pool.release(slot),
@@ -307,9 +301,7 @@ impl<C: PacketCore> UringWorker<C> {
                             UnderlayVerdict::Reply { to } => {
                                 let (head, len) = (pkt.head(), pkt.len());
                                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                                let e = opcode::SendMsg::new(types::Fd(udp_fd), m)
-                                    .build()
-                                    .user_data(user_data(Op::UdpSend, slot));
+                                let e = send_msg(udp_fd, m, slot);
                                 push(&submitter, &mut sq, &e, &mut self.inflight)?;
                             }
                             UnderlayVerdict::Drop(_) => self.pool.release(slot),
@@ -397,6 +389,11 @@ fn arm_msg(
     m.hdr.msg_controllen = 0;
     m.hdr.msg_flags = 0;
     &mut m.hdr
+}
+
+/// A `SENDMSG` of slot `slot`'s armed msghdr `m` on socket `fd`.
+fn send_msg(fd: RawFd, m: *mut libc::msghdr, slot: u16) -> squeue::Entry {
+    opcode::SendMsg::new(types::Fd(fd), m).build().user_data(user_data(Op::UdpSend, slot))
 }
 
 fn tun_write(pool: &BufPool, fd: RawFd, slot: u16, head: usize, len: usize) -> squeue::Entry {
