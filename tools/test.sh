@@ -39,3 +39,4 @@ echo "==> network-namespace integration tests"
 CI="${CI:-}" cargo test --release -p weft-netns-tests -- --test-threads=1
 echo "==> benchmark harness smoke run (figures are reported, never asserted)"
 cargo run --release -q -p weft-bench --bin lease-scale -- --quick --out "${TMPDIR:-/tmp}/lease-scale-quick.json"
+cargo run --release -q -p weft-bench --bin vs-kernel -- --quick --out "${TMPDIR:-/tmp}/vs-kernel-quick.json"

@@ -1,0 +1,433 @@
+//! `vs-kernel`: weft's data plane side by side with the plain underlay and Linux's own vxlan
+//! programmed as flannel programs it, in one run on one machine.
+//!
+//! Each setup gets a fresh two-host lab of network namespaces (nothing leaves them):
+//!
+//! ```text
+//! ┌─ n1 ───────────────────────┐      ┌─ n2 ───────────────────────┐
+//! │ iperf3 -c, ping            │      │ iperf3 -s                  │
+//! │ underlay | flannel.1 |     │      │ underlay | flannel.1 |     │
+//! │ weft udp | weft vxlan      │      │ weft udp | weft vxlan      │
+//! │ eth0 198.18.0.1/24         │      │ eth0 198.18.0.2/24         │
+//! └─────────────┬──────────────┘      └──────────────┬─────────────┘
+//! ┌─────────────┴────────────────────────────────────┴─────────────┐
+//! │  u: bridge br0, veth MTU 1500, underlay 198.18.0.0/24           │
+//! └─────────────────────────────────────────────────────────────────┘
+//!   overlay 10.244.0.0/16: n1 owns 10.244.1.0/24, n2 10.244.2.0/24
+//! ```
+//!
+//! Setups: `underlay` (198.18.0.1 → .2), `linux-vxlan` (vxlan id 1 dstport 8472 nolearning,
+//! `flannel.1` with 10.244.i.0/32, onlink route, permanent neighbour and FDB entries, the
+//! kernel's offloads left on: the baseline is Linux at its best, kernel to kernel), `weft-udp`
+//! (static mesh) and `weft-vxlan` (static VXLAN mesh).
+//!
+//! For each, n1 → n2: iperf3 TCP 1 stream and 4 streams, iperf3 UDP with 64-byte payloads
+//! (`-b 0`, packets per second received and loss), and per-packet ping RTTs as p50/p99/p99.9.
+//! For weft, both daemons' utime+stime (`/proc/<pid>/stat`) over the 1-stream run, per GB
+//! received. Prints a table with ratios to Linux vxlan and writes JSON to
+//! `bench/results/vs-kernel-<date>.json`. Needs root, iperf3 and a built `weft`
+//! (`cargo build --release --bins`). Figures are reported, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use weft_netns_tests::traffic::IperfRun;
+use weft_netns_tests::weft::weft_bin;
+use weft_netns_tests::{IperfServer, Netns, NodeConfig, Topology, WeftNode, iperf3_tcp_run, vtep_mac};
+
+/// flannel's VTEP MTU: 1500 - 50.
+const VXLAN_MTU: &str = "1450";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Io {
+    /// io_uring.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+/// weft's data plane against the plain underlay and Linux's vxlan (flannel-style), side by side.
+/// Run as root.
+#[derive(Debug, Parser)]
+#[command(name = "vs-kernel")]
+struct Args {
+    /// iperf3 duration of each run, in seconds.
+    #[arg(long, default_value_t = 5)]
+    secs: u32,
+    /// CI smoke run: 1 s iperf3 runs and 200 pings (overrides --secs and --pings).
+    #[arg(long)]
+    quick: bool,
+    /// Pings per setup (5 ms apart).
+    #[arg(long, default_value_t = 2000)]
+    pings: u32,
+    /// weft's I/O backend; weft chooses when not given.
+    #[arg(long, value_enum)]
+    io: Option<Io>,
+    /// Where to write the JSON (default bench/results/vs-kernel-<date>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    Underlay,
+    LinuxVxlan,
+    WeftUdp,
+    WeftVxlan,
+}
+
+impl Setup {
+    const ALL: [Self; 4] = [Self::Underlay, Self::LinuxVxlan, Self::WeftUdp, Self::WeftVxlan];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Underlay => "underlay",
+            Self::LinuxVxlan => "linux-vxlan",
+            Self::WeftUdp => "weft-udp",
+            Self::WeftVxlan => "weft-vxlan",
+        }
+    }
+
+    /// Short namespace tag.
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Underlay => "vku",
+            Self::LinuxVxlan => "vkl",
+            Self::WeftUdp => "vkw",
+            Self::WeftVxlan => "vkx",
+        }
+    }
+}
+
+/// Per-packet RTTs, in microseconds.
+#[derive(Debug, Default)]
+struct Rtt {
+    sent: u32,
+    received: u64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+}
+
+/// What iperf3 UDP with 64-byte payloads measured.
+#[derive(Debug, Default)]
+struct Udp64 {
+    /// Datagrams received per second.
+    pps: f64,
+    lost_percent: f64,
+}
+
+/// Daemon CPU over the 1-stream run.
+#[derive(Debug, Default)]
+struct Cpu {
+    /// n1's daemon (the sender side), seconds.
+    sender_s: f64,
+    /// n2's daemon (the receiver side), seconds.
+    receiver_s: f64,
+    /// Both daemons, per GB (1e9 bytes) received by iperf3.
+    s_per_gb: f64,
+}
+
+#[derive(Debug, Default)]
+struct Measured {
+    tcp1: Option<IperfRun>,
+    tcp4: Option<IperfRun>,
+    udp64: Option<Udp64>,
+    rtt: Option<Rtt>,
+    cpu: Option<Cpu>,
+    errors: Vec<String>,
+    wall: Duration,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vs-kernel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let weft = weft_bin()?;
+    eprintln!("weft binary: {}", weft.display());
+    let (secs, pings) = if args.quick { (1, 200) } else { (args.secs.max(1), args.pings.max(10)) };
+    let start = Instant::now();
+    let mut results = Vec::new();
+    for setup in Setup::ALL {
+        eprintln!("==> {}: fresh lab", setup.name());
+        let t = Instant::now();
+        let mut m = Measured::default();
+        if let Err(e) = measure(setup, args, secs, pings, &mut m) {
+            eprintln!("  {} failed: {e:#}", setup.name());
+            m.errors.push(format!("{e:#}"));
+        }
+        m.wall = t.elapsed();
+        results.push((setup, m));
+    }
+    println!();
+    print_table(&results);
+    println!("\ntotal {:.1} s", start.elapsed().as_secs_f64());
+    let out = args.out.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("vs-kernel-{}.json", weft_bench::utc_date()))
+    });
+    let doc = report_json(args, secs, pings, &results, start.elapsed());
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&doc).context("rendering JSON")?;
+    std::fs::write(&out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
+    println!("written to {}", out.display());
+    // Slowness is only reported; a setup that could not be measured fails the run (and CI).
+    let failed = results.iter().filter(|(_, m)| !m.errors.is_empty()).count();
+    if failed > 0 {
+        bail!("{failed} setup(s) had errors (see above and the JSON)");
+    }
+    Ok(())
+}
+
+/// Builds the lab for `setup`, measures into `m` (what succeeded stays, on error too); the lab
+/// and daemons are removed when this returns.
+fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -> Result<()> {
+    let topo = Topology::new(setup.tag(), 2)?;
+    let (n1, n2) = (topo.n(1).ns(), topo.n(2).ns());
+    let mut daemons: Vec<WeftNode<'_>> = Vec::new();
+    let dst = match setup {
+        Setup::Underlay => topo.n(2).ip().to_string(),
+        Setup::LinuxVxlan => {
+            flannel_vtep(n1, 1, 2)?;
+            flannel_vtep(n2, 2, 1)?;
+            "10.244.2.0".to_owned()
+        }
+        Setup::WeftUdp | Setup::WeftVxlan => {
+            for i in 1..=2 {
+                let mut c = if setup == Setup::WeftUdp { NodeConfig::mesh(i, 2) } else { NodeConfig::vxlan_mesh(i, 2) };
+                if let Some(io) = args.io {
+                    c.io = Some(
+                        match io {
+                            Io::Uring => "uring",
+                            Io::Mmsg => "mmsg",
+                        }
+                        .to_owned(),
+                    );
+                }
+                daemons.push(topo.start_weft(c).with_context(|| format!("starting weft on n{i}"))?);
+            }
+            NodeConfig::mesh(2, 2).gateway()?.to_string()
+        }
+    };
+    // Warm up: the first packets may resolve neighbours.
+    let _ = n1.exec_timeout(Duration::from_secs(5), "ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", &dst]);
+
+    let pids: Vec<u32> = daemons.iter().filter_map(WeftNode::pid).collect();
+    let before = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
+    let tcp1 = iperf(&topo, &dst, secs, &[], "tcp1")?;
+    let after = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
+    if pids.len() == 2 {
+        let d: Vec<f64> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
+        let (sender_s, receiver_s) = (d[0], d[1]);
+        let gb = tcp1.bytes as f64 / 1e9;
+        m.cpu = Some(Cpu { sender_s, receiver_s, s_per_gb: if gb > 0.0 { (sender_s + receiver_s) / gb } else { 0.0 } });
+    }
+    eprintln!("  tcp 1 stream: {:.2} Gbit/s", tcp1.bits_per_second / 1e9);
+    m.tcp1 = Some(tcp1);
+    let tcp4 = iperf(&topo, &dst, secs, &["-P", "4"], "tcp4")?;
+    eprintln!("  tcp 4 streams: {:.2} Gbit/s", tcp4.bits_per_second / 1e9);
+    m.tcp4 = Some(tcp4);
+    match udp64(&topo, &dst, secs) {
+        Ok(u) => {
+            eprintln!("  udp 64 B: {:.0} pps received, {:.1}% lost", u.pps, u.lost_percent);
+            m.udp64 = Some(u);
+        }
+        Err(e) => m.errors.push(format!("udp64: {e:#}")),
+    }
+    let rtt = ping_rtts(n1, &dst, pings)?;
+    eprintln!(
+        "  rtt p50/p99/p99.9: {}/{}/{} us ({} of {})",
+        rtt.p50_us, rtt.p99_us, rtt.p999_us, rtt.received, rtt.sent
+    );
+    m.rtt = Some(rtt);
+    for mut d in daemons {
+        d.stop().context("stopping weft")?;
+    }
+    Ok(())
+}
+
+/// Programs `ns` as flannel's vxlan backend programs node `me` with one peer `peer`.
+fn flannel_vtep(ns: &Netns, me: u8, peer: u8) -> Result<()> {
+    let peer_mac = vtep_mac(peer);
+    let peer_gw = format!("10.244.{peer}.0");
+    let peer_ip = format!("198.18.0.{peer}");
+    let run = |args: &[&str]| ns.exec_ok(args[0], &args[1..]).map(|_| ());
+    run(&["ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "nolearning"])?;
+    run(&["ip", "link", "set", "flannel.1", "address", &vtep_mac(me), "mtu", VXLAN_MTU, "up"])?;
+    // Offloads stay on: between two kernels a partial inner checksum is fine, and turning it
+    // off (as flannel must, for peers outside the kernel) also turns TSO off, which would make
+    // the baseline several times slower than Linux really is.
+    run(&["ip", "addr", "add", &format!("10.244.{me}.0/32"), "dev", "flannel.1"])?;
+    run(&["ip", "route", "add", &format!("10.244.{peer}.0/24"), "via", &peer_gw, "dev", "flannel.1", "onlink"])?;
+    run(&["ip", "neigh", "add", &peer_gw, "lladdr", &peer_mac, "dev", "flannel.1", "nud", "permanent"])?;
+    run(&["bridge", "fdb", "add", &peer_mac, "dev", "flannel.1", "dst", &peer_ip, "self", "permanent"])
+}
+
+/// One iperf3 run n1 → n2 against a fresh one-shot server on n2.
+fn iperf(topo: &Topology, dst: &str, secs: u32, extra: &[&str], tag: &str) -> Result<IperfRun> {
+    let _server = IperfServer::start(topo.n(2).ns(), dst, &topo.dir().join(format!("iperf-{tag}.log")))?;
+    iperf3_tcp_run(topo.n(1).ns(), dst, secs, extra).with_context(|| format!("iperf3 {tag}"))
+}
+
+/// iperf3 UDP, 64-byte payloads, unlimited rate.
+fn udp64(topo: &Topology, dst: &str, secs: u32) -> Result<Udp64> {
+    let _server = IperfServer::start(topo.n(2).ns(), dst, &topo.dir().join("iperf-udp64.log"))?;
+    let t = secs.to_string();
+    let out = topo.n(1).ns().exec_timeout(
+        Duration::from_secs(u64::from(secs) + 15),
+        "iperf3",
+        &["-c", dst, "-t", &t, "-J", "--connect-timeout", "3000", "-u", "-l", "64", "-b", "0"],
+    )?;
+    let json: Value = serde_json::from_str(&out.stdout).with_context(|| format!("iperf3 printed no JSON\n{out}"))?;
+    if let Some(err) = json.get("error").and_then(Value::as_str) {
+        bail!("iperf3 error: {err}");
+    }
+    // Newer iperf3 has the receiver's view in sum_received; older ones only in sum.
+    let sum = json.pointer("/end/sum_received").or_else(|| json.pointer("/end/sum")).context("no end.sum")?;
+    let f = |k: &str| sum.get(k).and_then(Value::as_f64).with_context(|| format!("no {k} in {sum}"));
+    let packets = f("packets")?;
+    let seconds = f("seconds")?;
+    let lost = sum.get("lost_packets").and_then(Value::as_f64).unwrap_or(0.0);
+    let lost_percent = sum.get("lost_percent").and_then(Value::as_f64).unwrap_or(0.0);
+    let received = (packets - lost).max(0.0);
+    Ok(Udp64 { pps: if seconds > 0.0 { received / seconds } else { 0.0 }, lost_percent })
+}
+
+/// `count` pings 5 ms apart; per-packet RTTs from ping's reply lines.
+fn ping_rtts(ns: &Netns, dst: &str, count: u32) -> Result<Rtt> {
+    let c = count.to_string();
+    let deadline = Duration::from_secs(u64::from(count) / 100 + 15);
+    let out = ns.exec_timeout(deadline, "ping", &["-n", "-c", &c, "-i", "0.005", "-W", "1", dst])?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
+    for line in out.stdout.lines() {
+        let Some(t) = line.split("time=").nth(1) else { continue };
+        let Some(ms) = t.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        // ping prints milliseconds with 3 decimals: whole microseconds.
+        h.record(((ms * 1000.0).round() as u64).max(1)).context("recording an RTT")?;
+    }
+    if h.is_empty() {
+        bail!("no ping replies from {dst}\n{out}");
+    }
+    Ok(Rtt {
+        sent: count,
+        received: h.len(),
+        p50_us: h.value_at_quantile(0.50),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    })
+}
+
+/// utime + stime of process `pid` (all its threads), in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading stat of {pid}"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).context("no utime/stime in /proc stat");
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
+}
+
+fn linux(results: &[(Setup, Measured)]) -> Option<&Measured> {
+    results.iter().find(|(s, _)| *s == Setup::LinuxVxlan).map(|(_, m)| m)
+}
+
+/// One table row: a figure per setup, with its ratio to Linux vxlan.
+fn row(results: &[(Setup, Measured)], label: &str, prec: usize, get: impl Fn(&Measured) -> Option<f64>) -> String {
+    let base = linux(results).and_then(&get);
+    let mut s = format!("| {label} |");
+    for (_, m) in results {
+        match get(m) {
+            Some(v) => {
+                let ratio = base.filter(|b| *b > 0.0).map_or(String::new(), |b| format!(" ({:.2}×)", v / b));
+                s.push_str(&format!(" {v:.prec$}{ratio} |"));
+            }
+            None => s.push_str(" — |"),
+        }
+    }
+    s
+}
+
+fn print_table(results: &[(Setup, Measured)]) {
+    let names: Vec<&str> = results.iter().map(|(s, _)| s.name()).collect();
+    println!("| n1 → n2 | {} |", names.join(" | "));
+    println!("|---|{}", "---:|".repeat(names.len()));
+    let gbps = |r: &Option<IperfRun>| r.as_ref().map(|r| r.bits_per_second / 1e9);
+    println!("{}", row(results, "TCP 1 stream Gbit/s", 2, |m| gbps(&m.tcp1)));
+    println!("{}", row(results, "TCP 4 streams Gbit/s", 2, |m| gbps(&m.tcp4)));
+    println!("{}", row(results, "UDP 64 B kpps received", 0, |m| m.udp64.as_ref().map(|u| u.pps / 1e3)));
+    println!("{}", row(results, "UDP 64 B loss %", 1, |m| m.udp64.as_ref().map(|u| u.lost_percent)));
+    println!("{}", row(results, "RTT p50 µs", 0, |m| m.rtt.as_ref().map(|r| r.p50_us as f64)));
+    println!("{}", row(results, "RTT p99 µs", 0, |m| m.rtt.as_ref().map(|r| r.p99_us as f64)));
+    println!("{}", row(results, "RTT p99.9 µs", 0, |m| m.rtt.as_ref().map(|r| r.p999_us as f64)));
+    println!("{}", row(results, "weft CPU s/GB (both daemons)", 2, |m| m.cpu.as_ref().map(|c| c.s_per_gb)));
+    for (s, m) in results {
+        for e in &m.errors {
+            println!("{}: error: {}", s.name(), e.lines().next().unwrap_or(""));
+        }
+    }
+}
+
+fn iperf_json(r: &Option<IperfRun>) -> Value {
+    r.as_ref().map_or(Value::Null, |r| {
+        json!({"gbit_per_s": r.bits_per_second / 1e9, "bytes": r.bytes, "retransmits": r.retransmits,
+               "interval_bytes": r.interval_bytes})
+    })
+}
+
+fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)], total: Duration) -> Value {
+    let cmd: Vec<String> = std::env::args().collect();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let iperf_version = std::process::Command::new("iperf3")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let setups: Vec<Value> = results
+        .iter()
+        .map(|(s, m)| {
+            json!({
+                "setup": s.name(),
+                "tcp_1_stream": iperf_json(&m.tcp1),
+                "tcp_4_streams": iperf_json(&m.tcp4),
+                "udp_64b": m.udp64.as_ref().map(|u| json!({"pps_received": u.pps, "lost_percent": u.lost_percent})),
+                "rtt_us": m.rtt.as_ref().map(|r| json!({"sent": r.sent, "received": r.received, "p50": r.p50_us,
+                    "p99": r.p99_us, "p99_9": r.p999_us, "max": r.max_us})),
+                "weft_cpu_tcp_1_stream": m.cpu.as_ref().map(|c| json!({"sender_s": c.sender_s,
+                    "receiver_s": c.receiver_s, "s_per_gb_received": c.s_per_gb})),
+                "errors": m.errors,
+                "wall_s": m.wall.as_secs_f64(),
+            })
+        })
+        .collect();
+    json!({
+        "bench": "vs-kernel",
+        "date": weft_bench::utc_date(),
+        "command": cmd.join(" "),
+        "host": {"cpus": cpus, "kernel": kernel, "iperf3": iperf_version},
+        "settings": {"secs": secs, "pings": pings, "ping_interval_ms": 5, "quick": args.quick,
+            "io": args.io.map(|i| match i { Io::Uring => "uring", Io::Mmsg => "mmsg" }),
+            "weft_bin": weft_bin().map(|p| p.display().to_string()).ok()},
+        "setups": setups,
+        "total_s": total.as_secs_f64(),
+    })
+}
