@@ -181,18 +181,10 @@ impl<C: PacketCore> MmsgWorker<C> {
                             self.send_staged(staged);
                             staged = 0;
                         }
-                        let Some(copy) = self.pool.alloc() else {
+                        let Some(copy) = self.pool.clone_slot(slot, head, len) else {
                             self.fwd.stats().count_drop(DropReason::PoolExhausted);
                             break;
                         };
-                        // SAFETY: both slots are ours and distinct; the range lies inside each.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                self.pool.slot_ptr(slot).add(head),
-                                self.pool.slot_ptr(copy).add(head),
-                                len,
-                            );
-                        }
                         self.stage(staged, copy, head, len, Some(p.endpoint));
                         if let Some(s) = self.senders.get_mut(staged) {
                             *s = udp_fd;

@@ -101,6 +101,25 @@ impl BufPool {
         unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(idx), SLOT_LEN) }
     }
 
+    /// Takes a free slot and copies `len` bytes at offset `head` of slot `from` into it, at the
+    /// same offset (head-end replication sends one copy per peer). `None` when the pool is
+    /// empty or the range does not fit a slot.
+    ///
+    /// The caller must own `from` (not in flight); the new slot is the caller's.
+    pub fn clone_slot(&mut self, from: u16, head: usize, len: usize) -> Option<u16> {
+        if head.checked_add(len)? > SLOT_LEN {
+            return None;
+        }
+        let copy = self.alloc()?;
+        // SAFETY: `from` is owned by the caller and `copy` was just taken off the free list, so
+        // neither is in flight; they are distinct slots, so the ranges do not overlap; and
+        // head + len <= SLOT_LEN keeps both ranges inside their slots.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.slot_ptr(from).add(head), self.slot_ptr(copy).add(head), len);
+        }
+        Some(copy)
+    }
+
     /// One iovec per slot, in index order, for `IORING_REGISTER_BUFFERS`.
     pub fn iovecs(&self) -> Vec<libc::iovec> {
         (0..self.slots)
@@ -136,6 +155,15 @@ mod tests {
         assert!(p.alloc().is_none());
         p.release(a);
         assert_eq!(p.available(), 1);
+        // SAFETY: rest[0] is ours.
+        unsafe { p.slot_mut(rest[0])[SLOT_LEN - 1] = 9 };
+        let c = p.clone_slot(rest[0], SLOT_LEN - 1, 1).unwrap();
+        assert_eq!(c, a);
+        // SAFETY: both slots are ours.
+        let copied = unsafe { p.slot_mut(c)[SLOT_LEN - 1] };
+        assert_eq!(copied, 9, "the copy carries the source's bytes (slot {c} held 7 before)");
+        assert!(p.clone_slot(rest[0], SLOT_LEN, 1).is_none());
+        assert!(p.clone_slot(rest[0], 0, 1).is_none(), "pool is empty");
         assert_eq!(p.iovecs().len(), 4);
         assert!(BufPool::new(0).is_err());
     }

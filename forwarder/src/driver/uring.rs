@@ -247,19 +247,10 @@ impl<C: PacketCore> UringWorker<C> {
                                 };
                                 // Copies for all peers but the first, which gets the original.
                                 for p in peers {
-                                    let Some(copy) = self.pool.alloc() else {
+                                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
                                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
                                         break;
                                     };
-                                    // SAFETY: both slots are ours (neither is in flight); the
-                                    // range lies inside each slot and the slots do not overlap.
-                                    unsafe {
-                                        std::ptr::copy_nonoverlapping(
-                                            self.pool.slot_ptr(slot).add(head),
-                                            self.pool.slot_ptr(copy).add(head),
-                                            len,
-                                        );
-                                    }
                                     let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
                                     let e = send_msg(udp_fd, m, copy);
                                     push(&submitter, &mut sq, &e, &mut self.inflight)?;
