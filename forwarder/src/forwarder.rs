@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use crate::buf::PacketBuf;
 use crate::encap::{Decapsulated, Encap};
+use crate::gso::Segmentation;
 use crate::node::LocalNode;
 use crate::ratelimit::IcmpLimiter;
 use crate::route::{PeerId, RouteTable};
@@ -97,6 +98,22 @@ pub trait PacketCore: Send {
         pkt: &mut PacketBuf<'_>,
         now: Instant,
     ) -> UnderlayVerdict;
+    /// A super-packet read from a TUN with offloads, to be cut as `seg` says: the same
+    /// checks as [`from_tun`](Self::from_tun), the path MTU checked against the largest
+    /// segment. On `Send` the buffer holds the encapsulation header followed by the whole
+    /// super-packet, and the driver cuts it with [`Segmentation::write_segments`]. Cores
+    /// that never run with offloads (TAP) keep the default, which drops.
+    fn from_tun_segmented(
+        &mut self,
+        routes: &RouteTable,
+        pkt: &mut PacketBuf<'_>,
+        seg: &Segmentation,
+        now: Instant,
+    ) -> TunVerdict {
+        let _ = (routes, pkt, seg, now);
+        self.stats().count_drop(DropReason::BadOffload);
+        TunVerdict::Drop(DropReason::BadOffload)
+    }
     /// The counters this core writes (the driver adds I/O failures).
     fn stats(&self) -> &Arc<WorkerStats>;
 }
@@ -105,6 +122,17 @@ impl<E: Encap + Send> PacketCore for Forwarder<E> {
     #[inline]
     fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
         Forwarder::from_tun(self, routes, pkt, now)
+    }
+
+    #[inline]
+    fn from_tun_segmented(
+        &mut self,
+        routes: &RouteTable,
+        pkt: &mut PacketBuf<'_>,
+        seg: &Segmentation,
+        now: Instant,
+    ) -> TunVerdict {
+        self.encapsulate(routes, pkt, Some(seg), now)
     }
 
     #[inline]
@@ -158,6 +186,18 @@ impl<E: Encap> Forwarder<E> {
 
     /// Decides the fate of a packet read from the TUN; see the module doc for the order.
     pub fn from_tun(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        self.encapsulate(routes, pkt, None, now)
+    }
+
+    /// [`from_tun`](Self::from_tun) for a packet or, with `seg`, a super-packet that the
+    /// driver will cut into segments after encapsulation.
+    fn encapsulate(
+        &mut self,
+        routes: &RouteTable,
+        pkt: &mut PacketBuf<'_>,
+        seg: Option<&Segmentation>,
+        now: Instant,
+    ) -> TunVerdict {
         let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
             Err(_) => return self.drop_tun(DropReason::BadIpHeader),
@@ -179,7 +219,8 @@ impl<E: Encap> Forwarder<E> {
                 return self.drop_tun(DropReason::Martian);
             }
         }
-        if pkt.len() > usize::from(hop.mtu) {
+        let largest = seg.map_or(pkt.len(), Segmentation::segment_len);
+        if largest > usize::from(hop.mtu) {
             if dont_frag {
                 return self.reply_or_drop(pkt, IcmpKind::TooBig { mtu: hop.mtu }, DropReason::Oversize, now);
             }
@@ -193,7 +234,10 @@ impl<E: Encap> Forwarder<E> {
         if let Err(reason) = self.encap.encap(pkt, hop) {
             return self.drop_tun(reason);
         }
-        hop.counters.tx(self.worker, inner_len);
+        match seg {
+            Some(s) => hop.counters.tx_many(self.worker, s.segments(), s.wire_bytes()),
+            None => hop.counters.tx(self.worker, inner_len),
+        }
         TunVerdict::Send { to: hop.endpoint, peer, flow }
     }
 

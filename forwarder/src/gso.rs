@@ -1,16 +1,19 @@
 //! Segmentation offload, sans-IO: the virtio-net header a TUN opened with `IFF_VNET_HDR`
-//! puts in front of every packet, and the split of a TCP super-packet (up to 64 KiB, what
-//! the kernel hands over with TSO enabled) into MSS-sized segments with their headers fixed
-//! up, as `reference/performance.md` §2–3 describes:
+//! puts in front of every packet, and the cut of a super-packet (up to 64 KiB, what the
+//! kernel hands over with TSO/USO enabled) into segments with their headers fixed up, as
+//! `reference/performance.md` §2–3 describes:
 //!
 //! - IPv4: identification + i, total length, header checksum; IPv6: payload length;
-//! - TCP: sequence number + i·MSS; FIN and PSH only on the last segment; a full checksum
-//!   per segment (the kernel left only the pseudo-header sum in the super-packet).
+//! - TCP: sequence number + i·MSS, FIN and PSH only on the last segment; UDP: length;
+//! - a full L4 checksum per segment (the kernel left only the pseudo-header sum in the
+//!   super-packet), because a kernel peer verifies it.
 //!
-//! This is the groundwork of the performance issue; the drivers do not enable
-//! `IFF_VNET_HDR` yet.
+//! Segments are written back to back at a fixed stride, each behind a copy of the
+//! encapsulation header, so one UDP GSO send (`UDP_SEGMENT` = stride) carries the train.
 
 #![deny(unsafe_code)]
+
+use std::ops::Range;
 
 use crate::wire::checksum;
 
@@ -25,6 +28,16 @@ pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 /// `gso_type`: TCP over IPv6.
 pub const GSO_TCPV6: u8 = 4;
+/// `gso_type`: UDP segmentation (USO), either IP version.
+pub const GSO_UDP_L4: u8 = 5;
+
+/// Largest UDP payload one GSO send may carry (IPv4: 65 535 − 20 − 8).
+pub const MAX_TRAIN_BYTES: usize = 65_507;
+/// Most segments one GSO send may carry: 128 since Linux 6.9, 64 before; 64 works on both.
+pub const MAX_TRAIN_SEGMENTS: usize = 64;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 
 /// The virtio-net header (Linux `struct virtio_net_hdr`, host byte order).
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -69,14 +82,19 @@ impl VnetHdr {
             b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
         }
     }
+
+    /// Whether this header describes a super-packet to cut.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type != GSO_NONE
+    }
 }
 
 /// Why a packet from the TUN could not be segmented or completed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum GsoError {
-    /// Header fields contradict the packet (lengths, offsets, version).
+    /// Header fields contradict the packet (lengths, offsets, version, protocol).
     Malformed,
-    /// A GSO type weft does not split (UDP L4, ECN).
+    /// A GSO type weft does not cut (ECN, unknown types).
     Unsupported,
     /// The output buffer cannot hold the segments.
     NoRoom,
@@ -97,89 +115,179 @@ pub fn complete_checksum(pkt: &mut [u8], csum_start: usize, csum_offset: usize) 
     Ok(())
 }
 
-/// Splits the TCP super-packet `pkt` (IP header first, as read after the virtio-net header)
-/// into segments of at most `hdr.gso_size` payload bytes. Segment `i` is written to
-/// `out[i * stride + headroom ..]`, so the caller can prepend its encapsulation header in the
-/// `headroom` bytes before each. Returns `(segments, last_segment_len)`; every segment but the
-/// last is `headers + gso_size` bytes long.
-///
-/// # Errors
-/// [`GsoError`] naming what is wrong; nothing useful is left in `out` then.
-pub fn split_tcp(
-    hdr: &VnetHdr,
-    pkt: &[u8],
-    out: &mut [u8],
-    stride: usize,
-    headroom: usize,
-) -> Result<(usize, usize), GsoError> {
-    let v6 = match (hdr.gso_type, pkt.first().map(|b| b >> 4)) {
-        (GSO_TCPV4, Some(4)) => false,
-        (GSO_TCPV6, Some(6)) => true,
-        (GSO_TCPV4 | GSO_TCPV6, _) => return Err(GsoError::Malformed),
-        _ => return Err(GsoError::Unsupported),
+/// The one's-complement sum of the pseudo-header of an `l4_len`-byte segment of protocol
+/// `proto` in the IP packet `ip` (version from its first byte; the addresses are read from
+/// their fixed places).
+pub(crate) fn pseudo_sum(ip: &[u8], v6: bool, proto: u8, l4_len: usize) -> u32 {
+    let acc = if v6 {
+        let a = checksum::sum(0, ip.get(8..40).unwrap_or_default());
+        checksum::sum(a, &(l4_len as u32).to_be_bytes())
+    } else {
+        let a = checksum::sum(0, ip.get(12..20).unwrap_or_default());
+        checksum::sum(a, &(l4_len as u16).to_be_bytes())
     };
-    let ip_len = if v6 { 40 } else { usize::from(pkt[0] & 0x0f) * 4 };
-    // Never trust hdr_len: recompute from csum_start and the TCP data offset.
-    let l4 = usize::from(hdr.csum_start);
-    if l4 != ip_len || hdr.csum_offset != 16 || l4 + 20 > pkt.len() {
-        return Err(GsoError::Malformed);
-    }
-    let tcp_len = usize::from(pkt[l4 + 12] >> 4) * 4;
-    let hdrs = l4 + tcp_len;
-    let mss = usize::from(hdr.gso_size);
-    if tcp_len < 20 || hdrs > pkt.len() || mss == 0 {
-        return Err(GsoError::Malformed);
-    }
-    let payload = &pkt[hdrs..];
-    let n = payload.len().div_ceil(mss).max(1);
-    if stride < headroom + hdrs + mss || out.len() < (n - 1) * stride + headroom + hdrs + payload.len().min(mss) {
-        return Err(GsoError::NoRoom);
-    }
-    let seq0 = u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]);
-    let id0 = if v6 { 0 } else { u16::from_be_bytes([pkt[4], pkt[5]]) };
-    let flags = pkt[l4 + 13];
-    let mut last_len = 0;
-    // An empty payload still makes one (header-only) segment; nothing here allocates.
-    for i in 0..n {
-        let chunk = payload.get(i * mss..((i + 1) * mss).min(payload.len())).unwrap_or_default();
-        let base = i * stride + headroom;
-        let seg_len = hdrs + chunk.len();
-        let seg = out.get_mut(base..base + seg_len).ok_or(GsoError::NoRoom)?;
-        seg[..hdrs].copy_from_slice(&pkt[..hdrs]);
-        seg[hdrs..].copy_from_slice(chunk);
-        let last = i + 1 == n;
-        if v6 {
-            let plen = u16::try_from(seg_len - 40).map_err(|_| GsoError::Malformed)?;
-            seg[4..6].copy_from_slice(&plen.to_be_bytes());
-        } else {
-            let tot = u16::try_from(seg_len).map_err(|_| GsoError::Malformed)?;
-            seg[2..4].copy_from_slice(&tot.to_be_bytes());
-            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            seg[10..12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&seg[..ip_len]);
-            seg[10..12].copy_from_slice(&c.to_be_bytes());
-        }
-        let seq = seq0.wrapping_add((i * mss) as u32);
-        seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-        // FIN and PSH belong to the last segment only.
-        seg[l4 + 13] = if last { flags } else { flags & !0x09 };
-        // Full TCP checksum: pseudo-header + TCP header + data.
-        seg[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
-        let l4_len = seg_len - l4;
-        let mut acc = if v6 {
-            let a = checksum::sum(0, &seg[8..40]);
-            checksum::sum(a, &(l4_len as u32).to_be_bytes())
-        } else {
-            let a = checksum::sum(0, &seg[12..20]);
-            checksum::sum(a, &(l4_len as u16).to_be_bytes())
+    checksum::sum(acc, &[0, proto])
+}
+
+/// A super-packet read from the TUN, checked against its virtio-net header: where its
+/// headers end and how it is cut.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Segmentation {
+    v6: bool,
+    tcp: bool,
+    /// IP header length (where L4 starts).
+    l4: usize,
+    /// IP + L4 header length, copied in front of every segment.
+    hdrs: usize,
+    /// Payload bytes per segment.
+    mss: usize,
+    /// Payload bytes in the super-packet.
+    payload: usize,
+}
+
+impl Segmentation {
+    /// Checks the super-packet `ip` (IP header first, as read after the virtio-net header)
+    /// against `hdr`. `hdr_len` is never trusted: header lengths are recomputed from the
+    /// packet.
+    ///
+    /// # Errors
+    /// [`GsoError::Malformed`] when the header and the packet disagree,
+    /// [`GsoError::Unsupported`] for GSO types weft does not cut.
+    pub fn parse(hdr: &VnetHdr, ip: &[u8]) -> Result<Self, GsoError> {
+        let version = ip.first().map(|b| b >> 4);
+        let (v6, tcp) = match (hdr.gso_type, version) {
+            (GSO_TCPV4, Some(4)) => (false, true),
+            (GSO_TCPV6, Some(6)) => (true, true),
+            (GSO_UDP_L4, Some(4)) => (false, false),
+            (GSO_UDP_L4, Some(6)) => (true, false),
+            (GSO_TCPV4 | GSO_TCPV6, _) | (GSO_UDP_L4, _) => return Err(GsoError::Malformed),
+            _ => return Err(GsoError::Unsupported),
         };
-        acc = checksum::sum(acc, &[0, 6]);
-        acc = checksum::sum(acc, &seg[l4..]);
-        let c = checksum::fold(acc);
-        seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-        last_len = seg_len;
+        let (l4, proto, ip_total) = if v6 {
+            let plen = ip.get(4..6).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            (40, ip.get(6).copied(), 40 + plen)
+        } else {
+            let tot = ip.get(2..4).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            (usize::from(ip[0] & 0x0f) * 4, ip.get(9).copied(), tot)
+        };
+        let want_proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
+        let csum_offset = if tcp { 16 } else { 6 };
+        if proto != Some(want_proto)
+            || usize::from(hdr.csum_start) != l4
+            || hdr.csum_offset != csum_offset
+            || ip_total != ip.len()
+            || l4 < 20
+        {
+            return Err(GsoError::Malformed);
+        }
+        let l4_len = if tcp {
+            let off = ip.get(l4 + 12).ok_or(GsoError::Malformed)?;
+            usize::from(off >> 4) * 4
+        } else {
+            8
+        };
+        let hdrs = l4 + l4_len;
+        let mss = usize::from(hdr.gso_size);
+        if l4_len < 8 || hdrs > ip.len() || mss == 0 {
+            return Err(GsoError::Malformed);
+        }
+        Ok(Self { v6, tcp, l4, hdrs, mss, payload: ip.len() - hdrs })
     }
-    Ok((n, last_len))
+
+    /// How many segments the super-packet makes (at least one).
+    pub fn segments(&self) -> usize {
+        self.payload.div_ceil(self.mss).max(1)
+    }
+
+    /// Length of the largest segment (headers + MSS), the size checked against the path MTU.
+    pub fn segment_len(&self) -> usize {
+        self.hdrs + self.mss.min(self.payload.max(1))
+    }
+
+    /// IP + L4 header bytes, repeated in every segment.
+    pub fn headers_len(&self) -> usize {
+        self.hdrs
+    }
+
+    /// Bytes the segments add up to (each carries its own headers).
+    pub fn wire_bytes(&self) -> usize {
+        self.payload + self.segments() * self.hdrs
+    }
+
+    /// How many segments of `prefix + segment_len()` bytes fit one GSO send.
+    pub fn segments_per_train(&self, prefix: usize) -> usize {
+        (MAX_TRAIN_BYTES / (prefix + self.hdrs + self.mss)).clamp(1, MAX_TRAIN_SEGMENTS)
+    }
+
+    /// Writes segments `range` of `pkt` back to back into `out`. `pkt` is the super-packet
+    /// behind `prefix` bytes of encapsulation header, which is copied in front of every
+    /// segment; the stride is `prefix + segment_len()`, only the last segment of the
+    /// super-packet may be shorter. Returns the bytes written.
+    ///
+    /// # Errors
+    /// [`GsoError::NoRoom`] when `out` is too small, [`GsoError::Malformed`] when `range`
+    /// is outside the packet.
+    pub fn write_segments(
+        &self,
+        pkt: &[u8],
+        prefix: usize,
+        range: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<usize, GsoError> {
+        let ip = pkt.get(prefix..).ok_or(GsoError::Malformed)?;
+        if ip.len() != self.hdrs + self.payload || range.end > self.segments() || range.start >= range.end {
+            return Err(GsoError::Malformed);
+        }
+        let (l4, hdrs, mss) = (self.l4, self.hdrs, self.mss);
+        let payload = &ip[hdrs..];
+        let id0 = if self.v6 { 0 } else { u16::from_be_bytes([ip[4], ip[5]]) };
+        let seq0 = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
+        let flags = ip[l4 + 13];
+        let last_index = self.segments() - 1;
+        let mut at = 0;
+        for i in range {
+            let chunk = payload.get(i * mss..((i + 1) * mss).min(payload.len())).unwrap_or_default();
+            let seg_len = prefix + hdrs + chunk.len();
+            let seg = out.get_mut(at..at + seg_len).ok_or(GsoError::NoRoom)?;
+            seg[..prefix + hdrs].copy_from_slice(&pkt[..prefix + hdrs]);
+            seg[prefix + hdrs..].copy_from_slice(chunk);
+            let ip_seg = &mut seg[prefix..];
+            let ip_len = ip_seg.len();
+            if self.v6 {
+                let plen = u16::try_from(ip_len - 40).map_err(|_| GsoError::Malformed)?;
+                ip_seg[4..6].copy_from_slice(&plen.to_be_bytes());
+            } else {
+                let tot = u16::try_from(ip_len).map_err(|_| GsoError::Malformed)?;
+                ip_seg[2..4].copy_from_slice(&tot.to_be_bytes());
+                ip_seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+                ip_seg[10..12].copy_from_slice(&[0, 0]);
+                let c = checksum::checksum(&ip_seg[..l4]);
+                ip_seg[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            let l4_len = ip_len - l4;
+            let csum_at = if self.tcp {
+                let seq = seq0.wrapping_add((i * mss) as u32);
+                ip_seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+                // FIN and PSH belong to the last segment only.
+                ip_seg[l4 + 13] = if i == last_index { flags } else { flags & !0x09 };
+                l4 + 16
+            } else {
+                let ulen = u16::try_from(l4_len).map_err(|_| GsoError::Malformed)?;
+                ip_seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
+                l4 + 6
+            };
+            ip_seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+            let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
+            let acc = checksum::sum(pseudo_sum(ip_seg, self.v6, proto, l4_len), &ip_seg[l4..]);
+            let mut c = checksum::fold(acc);
+            if !self.tcp && c == 0 {
+                c = 0xffff; // RFC 768: a computed zero is sent as all ones.
+            }
+            ip_seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            at += seg_len;
+        }
+        Ok(at)
+    }
 }
 
 #[cfg(test)]
@@ -207,12 +315,74 @@ mod tests {
         out
     }
 
+    fn udp_super_packet(v6: bool, payload: usize) -> Vec<u8> {
+        let b = if v6 {
+            PacketBuilder::ipv6([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], [0xfd; 16], 64)
+        } else {
+            PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64)
+        };
+        let data: Vec<u8> = (0..payload).map(|i| (i % 253) as u8).collect();
+        let mut out = Vec::new();
+        b.udp(4433, 443).write(&mut out, &data).unwrap();
+        out
+    }
+
+    /// Cuts `pkt` behind a 22-byte prefix into trains and checks every segment.
+    fn cut_and_check(hdr: &VnetHdr, pkt: &[u8], tcp: bool) -> usize {
+        let prefix = [0xeeu8; 22];
+        let mut framed = prefix.to_vec();
+        framed.extend_from_slice(pkt);
+        let seg = Segmentation::parse(hdr, pkt).unwrap();
+        let per_train = seg.segments_per_train(prefix.len());
+        let stride = prefix.len() + seg.segment_len();
+        let mut data = Vec::new();
+        let mut first = 0;
+        while first < seg.segments() {
+            let range = first..(first + per_train).min(seg.segments());
+            let mut out = vec![0u8; 70_000];
+            let n = seg.write_segments(&framed, prefix.len(), range.clone(), &mut out).unwrap();
+            assert!(n <= MAX_TRAIN_BYTES && range.len() <= MAX_TRAIN_SEGMENTS);
+            for (k, i) in range.clone().enumerate() {
+                let start = k * stride;
+                let end = if i + 1 == seg.segments() { n } else { start + stride };
+                assert_eq!(&out[start..start + 22], &prefix, "prefix of segment {i}");
+                let h = PacketHeaders::from_ip_slice(&out[start + 22..end]).unwrap();
+                let (l4_ok, payload) = match (&h.net, h.transport.clone()) {
+                    (Some(etherparse::NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Tcp(t))) => {
+                        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+                        let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
+                        assert_eq!(ip.identification, id0.wrapping_add(i as u16), "seg {i}");
+                        assert_eq!(t.sequence_number, 1_000_000 + (i * usize::from(hdr.gso_size)) as u32);
+                        let (last, fin) = (i + 1 == seg.segments(), pkt[33] & 1 == 1);
+                        assert_eq!((t.fin, t.psh), (last && fin, last), "seg {i}");
+                        (t.checksum == t.calc_checksum_ipv4(ip, h.payload.slice()).unwrap(), h.payload.slice())
+                    }
+                    (Some(etherparse::NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Tcp(t))) => {
+                        (t.checksum == t.calc_checksum_ipv6(ip, h.payload.slice()).unwrap(), h.payload.slice())
+                    }
+                    (Some(etherparse::NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Udp(u))) => {
+                        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+                        (u.checksum == u.calc_checksum_ipv4(ip, h.payload.slice()).unwrap(), h.payload.slice())
+                    }
+                    (Some(etherparse::NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Udp(u))) => {
+                        (u.checksum == u.calc_checksum_ipv6(ip, h.payload.slice()).unwrap(), h.payload.slice())
+                    }
+                    other => panic!("unexpected segment {other:?}"),
+                };
+                assert!(l4_ok, "l4 checksum of segment {i} (tcp={tcp})");
+                data.extend_from_slice(payload);
+            }
+            first = range.end;
+        }
+        assert_eq!(data, pkt[seg.headers_len()..], "payload reassembles");
+        seg.segments()
+    }
+
     #[test]
-    fn splits_v4_and_v6_with_valid_headers_and_checksums() {
+    fn cuts_tcp_and_udp_super_packets_into_valid_trains() {
         for v6 in [false, true] {
-            let pkt = super_packet(v6, 3500, true);
             let l4 = if v6 { 40 } else { 20 };
-            let hdr = VnetHdr {
+            let tcp = VnetHdr {
                 flags: F_NEEDS_CSUM,
                 gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
                 hdr_len: 0xffff, // lies: must not be trusted
@@ -220,32 +390,14 @@ mod tests {
                 csum_start: l4,
                 csum_offset: 16,
             };
-            let (stride, headroom) = (2048, 50);
-            let mut out = vec![0u8; 4 * stride];
-            let (n, last) = split_tcp(&hdr, &pkt, &mut out, stride, headroom).unwrap();
-            assert_eq!(n, 3);
-            let mut data = Vec::new();
-            for i in 0..n {
-                let len = if i + 1 == n { last } else { usize::from(l4) + 20 + 1448 };
-                let seg = &out[i * stride + headroom..i * stride + headroom + len];
-                let h = PacketHeaders::from_ip_slice(seg).unwrap();
-                let Some(TransportHeader::Tcp(tcp)) = h.transport.clone() else { panic!("not tcp") };
-                assert_eq!(tcp.sequence_number, 1_000_000 + (i * 1448) as u32, "v6={v6} seg {i}");
-                assert_eq!((tcp.fin, tcp.psh), (i + 1 == n, i + 1 == n), "v6={v6} seg {i}");
-                let want = match &h.net {
-                    Some(etherparse::NetHeaders::Ipv4(ip, _)) => {
-                        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
-                        let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
-                        assert_eq!(ip.identification, id0.wrapping_add(i as u16), "seg {i}");
-                        tcp.calc_checksum_ipv4(ip, h.payload.slice()).unwrap()
-                    }
-                    Some(etherparse::NetHeaders::Ipv6(ip, _)) => tcp.calc_checksum_ipv6(ip, h.payload.slice()).unwrap(),
-                    _ => panic!("no ip"),
-                };
-                assert_eq!(tcp.checksum, want, "v6={v6} seg {i}");
-                data.extend_from_slice(h.payload.slice());
-            }
-            assert_eq!(data, pkt[usize::from(l4) + 20..], "payload reassembles");
+            assert_eq!(cut_and_check(&tcp, &super_packet(v6, 3500, true), true), 3);
+            // A full 64 KiB super-packet needs two trains (65 507-byte limit).
+            let big = super_packet(v6, 65_535 - 20 - usize::from(l4), false);
+            assert_eq!(cut_and_check(&tcp, &big, true), (65_535 - 20 - usize::from(l4)).div_ceil(1448));
+            // Tiny MSS: many trains, none above 64 segments.
+            assert_eq!(cut_and_check(&VnetHdr { gso_size: 100, ..tcp }, &super_packet(v6, 9000, false), true), 90);
+            let udp = VnetHdr { gso_type: GSO_UDP_L4, csum_offset: 6, gso_size: 1200, ..tcp };
+            assert_eq!(cut_and_check(&udp, &udp_super_packet(v6, 5000), false), 5);
         }
     }
 
@@ -254,19 +406,22 @@ mod tests {
         let pkt = super_packet(false, 3000, false);
         let good =
             VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: 1000, csum_start: 20, csum_offset: 16 };
-        let mut out = vec![0u8; 8192];
         let cases = [
-            ("udp gso", VnetHdr { gso_type: 5, ..good }, GsoError::Unsupported),
+            ("ecn gso", VnetHdr { gso_type: 0x81, ..good }, GsoError::Unsupported),
+            ("udp type on tcp", VnetHdr { gso_type: GSO_UDP_L4, csum_offset: 6, ..good }, GsoError::Malformed),
             ("v6 type on v4", VnetHdr { gso_type: GSO_TCPV6, ..good }, GsoError::Malformed),
             ("csum_start off", VnetHdr { csum_start: 24, ..good }, GsoError::Malformed),
             ("csum_offset off", VnetHdr { csum_offset: 6, ..good }, GsoError::Malformed),
             ("mss 0", VnetHdr { gso_size: 0, ..good }, GsoError::Malformed),
         ];
         for (name, h, want) in cases {
-            assert_eq!(split_tcp(&h, &pkt, &mut out, 2048, 0).err(), Some(want), "{name}");
+            assert_eq!(Segmentation::parse(&h, &pkt).err(), Some(want), "{name}");
         }
-        assert_eq!(split_tcp(&good, &pkt, &mut out[..3000], 2048, 0).err(), Some(GsoError::NoRoom));
-        assert_eq!(split_tcp(&good, &pkt[..30], &mut out, 2048, 0).err(), Some(GsoError::Malformed));
+        assert_eq!(Segmentation::parse(&good, &pkt[..30]).err(), Some(GsoError::Malformed), "truncated");
+        let seg = Segmentation::parse(&good, &pkt).unwrap();
+        let mut out = vec![0u8; 2000];
+        assert_eq!(seg.write_segments(&pkt, 0, 0..3, &mut out).err(), Some(GsoError::NoRoom));
+        assert_eq!(seg.write_segments(&pkt, 0, 2..9, &mut out).err(), Some(GsoError::Malformed));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod bridge;
 pub mod buf;
 pub mod encap;
 pub mod forwarder;
+pub mod gro;
 pub mod gso;
 pub mod node;
 pub mod ratelimit;

@@ -54,11 +54,13 @@ pub enum DropReason {
     FloodLimited,
     /// The kernel refused a send or a TUN write.
     IoError,
+    /// TUN: the virtio-net header contradicts the packet (offsets, lengths, GSO type).
+    BadOffload,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -78,6 +80,7 @@ impl DropReason {
         Self::BadEthertype,
         Self::FloodLimited,
         Self::IoError,
+        Self::BadOffload,
     ];
 
     /// The label in metrics and `weft status`.
@@ -102,6 +105,7 @@ impl DropReason {
             Self::WrongSourceMac => "wrong_source_mac",
             Self::BadEthertype => "bad_ethertype",
             Self::FloodLimited => "flood_limited",
+            Self::BadOffload => "bad_offload_header",
         }
     }
 }
@@ -228,8 +232,15 @@ impl PeerCounters {
     /// Counts a packet sent to this peer.
     #[inline]
     pub fn tx(&self, worker: usize, bytes: usize) {
+        self.tx_many(worker, 1, bytes);
+    }
+
+    /// Counts `packets` packets of `bytes` bytes in all sent to this peer (a super-packet
+    /// cut into segments).
+    #[inline]
+    pub fn tx_many(&self, worker: usize, packets: usize, bytes: usize) {
         if let Some(s) = self.slot(worker) {
-            s.tx_packets.fetch_add(1, Relaxed);
+            s.tx_packets.fetch_add(packets as u64, Relaxed);
             s.tx_bytes.fetch_add(bytes as u64, Relaxed);
         }
     }

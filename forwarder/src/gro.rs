@@ -1,0 +1,300 @@
+//! Coalescing, sans-IO: consecutive TCP segments of one flow, decapsulated from the
+//! underlay and checked by the forwarder, merged back into one super-packet that the driver
+//! writes to the TUN behind a virtio-net header — one write instead of dozens
+//! (`reference/performance.md` §4).
+//!
+//! The merge rules follow the kernel's own TCP GRO (as wireguard-go's do): same addresses,
+//! ports, ACK number, header length and byte-identical options, same TOS/TTL/DF (IPv6:
+//! traffic class, flow label, hop limit); sequence numbers exactly contiguous; flags only
+//! ACK or ACK|PSH, and nothing follows a PSH or a short segment; IPv4 without options or
+//! fragments; at most 64 KiB. Every segment's TCP checksum is verified before it is merged,
+//! because the merged packet is handed over with only a partial checksum, which the
+//! receiving stack then trusts: a segment that fails is written on its own, unmodified, for
+//! the kernel to reject.
+
+#![deny(unsafe_code)]
+
+use crate::gso::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, VnetHdr, pseudo_sum};
+use crate::wire::checksum;
+
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+/// Largest IPv4 total length / IPv6 payload length.
+const MAX_IP_LEN: usize = 65_535;
+
+/// What [`tcp_segment`] learns about a packet that may be merged.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    v6: bool,
+    /// IP header length.
+    l4: usize,
+    /// IP + TCP header length.
+    hdrs: usize,
+    seq: u32,
+    flags: u8,
+}
+
+/// A TCP segment eligible for merging, or `None`.
+fn tcp_segment(ip: &[u8]) -> Option<Segment> {
+    let (v6, l4) = match ip.first()? >> 4 {
+        4 => {
+            // No options (IHL 5), TCP, not a fragment (MF clear, offset zero).
+            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
+            if ip[0] & 0x0f != 5 || *ip.get(9)? != 6 || frag & 0x3fff != 0 {
+                return None;
+            }
+            (false, 20)
+        }
+        6 if *ip.get(6)? == 6 => (true, 40),
+        _ => return None,
+    };
+    let tcp_len = usize::from(ip.get(l4 + 12)? >> 4) * 4;
+    let hdrs = l4 + tcp_len;
+    let flags = *ip.get(l4 + 13)?;
+    if tcp_len < 20 || hdrs >= ip.len() || flags & !TCP_PSH != TCP_ACK {
+        return None;
+    }
+    let l4_len = ip.len() - l4;
+    // A valid checksum sums (with the pseudo-header) to all ones, so its complement is 0.
+    if checksum::fold(checksum::sum(pseudo_sum(ip, v6, 6, l4_len), &ip[l4..])) != 0 {
+        return None;
+    }
+    let seq = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
+    Some(Segment { v6, l4, hdrs, seq, flags })
+}
+
+/// Whether the headers of `a` and `b` (same version, same header length) agree on
+/// everything that must not change within one merged packet.
+fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
+    let ip_same = if s.v6 {
+        // Version, traffic class, flow label; next header, hop limit; addresses.
+        a.get(0..4) == b.get(0..4) && a.get(6..40) == b.get(6..40)
+    } else {
+        // Version/IHL, TOS; flags (DF) and TTL, protocol; addresses.
+        a.get(0..2) == b.get(0..2)
+            && a.get(6..7) == b.get(6..7)
+            && a.get(8..10) == b.get(8..10)
+            && a.get(12..20) == b.get(12..20)
+    };
+    let l4 = s.l4;
+    // Ports; ACK number; data offset; options.
+    ip_same
+        && a.get(l4..l4 + 4) == b.get(l4..l4 + 4)
+        && a.get(l4 + 8..l4 + 13) == b.get(l4 + 8..l4 + 13)
+        && a.get(l4 + 20..s.hdrs) == b.get(l4 + 20..s.hdrs)
+}
+
+/// A super-packet being built in `out[VNET_HDR_LEN..]` of a buffer the caller owns.
+#[derive(Clone, Copy, Debug)]
+pub struct Coalesced {
+    /// `None` when the first packet is not a mergeable TCP segment: it goes out alone.
+    tcp: Option<Segment>,
+    /// Payload bytes per segment (the first segment's).
+    mss: usize,
+    /// Bytes of IP packet in `out` after the virtio-net header.
+    len: usize,
+    next_seq: u32,
+    segments: usize,
+    /// Whether another segment may still follow.
+    open: bool,
+}
+
+impl Coalesced {
+    /// Starts a super-packet in `out` with the IP packet `ip` (which passed every check of
+    /// the forwarder), copying it behind room for the virtio-net header. `None` when `out`
+    /// cannot hold it.
+    pub fn start(ip: &[u8], out: &mut [u8]) -> Option<Self> {
+        out.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + ip.len())?.copy_from_slice(ip);
+        let tcp = tcp_segment(ip);
+        let mss = tcp.map_or(0, |s| ip.len() - s.hdrs);
+        let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0);
+        let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
+        Some(Self { tcp, mss, len: ip.len(), next_seq, segments: 1, open })
+    }
+
+    /// Appends `ip` to the super-packet if the merge rules allow; `false` leaves both
+    /// untouched (the caller finishes this one and starts another with `ip`).
+    pub fn append(&mut self, ip: &[u8], out: &mut [u8]) -> bool {
+        let Some(first) = self.tcp else { return false };
+        if !self.open {
+            return false;
+        }
+        let Some(s) = tcp_segment(ip) else { return false };
+        let payload = ip.len() - s.hdrs;
+        let limit = if first.v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
+        let Some(head) = out.get(VNET_HDR_LEN..VNET_HDR_LEN + first.hdrs) else { return false };
+        if s.v6 != first.v6
+            || s.hdrs != first.hdrs
+            || s.seq != self.next_seq
+            || payload > self.mss
+            || self.len + payload > limit
+            || !same_flow(head, ip, &first)
+        {
+            return false;
+        }
+        let at = VNET_HDR_LEN + self.len;
+        let Some(dst) = out.get_mut(at..at + payload) else { return false };
+        dst.copy_from_slice(&ip[s.hdrs..]);
+        self.len += payload;
+        self.next_seq = self.next_seq.wrapping_add(payload as u32);
+        self.segments += 1;
+        if s.flags & TCP_PSH != 0 {
+            if let Some(f) = out.get_mut(VNET_HDR_LEN + first.l4 + 13) {
+                *f |= TCP_PSH;
+            }
+            self.open = false;
+        }
+        if payload < self.mss {
+            self.open = false;
+        }
+        true
+    }
+
+    /// How many segments were merged.
+    pub fn segments(&self) -> usize {
+        self.segments
+    }
+
+    /// Writes the virtio-net header and the merged packet's lengths and checksums; returns
+    /// the bytes to write to the TUN from the start of `out`. A single packet keeps its
+    /// complete checksum and gets an all-zero header.
+    pub fn finish(&self, out: &mut [u8]) -> usize {
+        let total = VNET_HDR_LEN + self.len;
+        let (Some(s), true) = (self.tcp, self.segments > 1) else {
+            VnetHdr::default().emit(out);
+            return total;
+        };
+        let Some(ip) = out.get_mut(VNET_HDR_LEN..total) else { return 0 };
+        if s.v6 {
+            ip[4..6].copy_from_slice(&((self.len - 40) as u16).to_be_bytes());
+        } else {
+            ip[2..4].copy_from_slice(&(self.len as u16).to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum::checksum(&ip[..20]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
+        let partial = !checksum::fold(pseudo_sum(ip, s.v6, 6, self.len - s.l4));
+        ip[s.l4 + 16..s.l4 + 18].copy_from_slice(&partial.to_be_bytes());
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if s.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            hdr_len: s.hdrs as u16,
+            gso_size: self.mss as u16,
+            csum_start: s.l4 as u16,
+            csum_offset: 16,
+        }
+        .emit(out);
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};
+
+    fn seg(v6: bool, seq: u32, len: usize, psh: bool) -> Vec<u8> {
+        let b = if v6 {
+            PacketBuilder::ipv6([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], [0xfd; 16], 64)
+        } else {
+            PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64)
+        };
+        let mut b = b.tcp(40000, 5201, seq, 502).ack(7);
+        if psh {
+            b = b.psh();
+        }
+        let data: Vec<u8> = (0..len).map(|i| (seq as usize + i) as u8).collect();
+        let mut out = Vec::new();
+        b.write(&mut out, &data).unwrap();
+        out
+    }
+
+    /// Completes the partial checksum as the kernel would and parses the result.
+    fn complete(out: &mut [u8], n: usize) -> (VnetHdr, Vec<u8>) {
+        let h = VnetHdr::parse(out).unwrap();
+        let ip = &mut out[VNET_HDR_LEN..n];
+        if h.flags & F_NEEDS_CSUM != 0 {
+            crate::gso::complete_checksum(ip, h.csum_start.into(), h.csum_offset.into()).unwrap();
+        }
+        (h, ip.to_vec())
+    }
+
+    #[test]
+    fn merges_a_contiguous_run_into_one_valid_super_packet() {
+        for v6 in [false, true] {
+            let mut out = vec![0u8; 70_000];
+            let mut c = Coalesced::start(&seg(v6, 1000, 1400, false), &mut out).unwrap();
+            for i in 1..40 {
+                assert!(c.append(&seg(v6, 1000 + 1400 * i, 1400, false), &mut out), "v6={v6} seg {i}");
+            }
+            assert!(c.append(&seg(v6, 1000 + 1400 * 40, 700, true), &mut out), "short PSH tail");
+            assert!(!c.append(&seg(v6, 1000 + 1400 * 40 + 700, 1400, false), &mut out), "closed after PSH");
+            assert_eq!(c.segments(), 41);
+            let n = c.finish(&mut out);
+            let (h, ip) = complete(&mut out, n);
+            assert_eq!((h.gso_type, h.gso_size, h.flags), (if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, 1400, 1));
+            let p = PacketHeaders::from_ip_slice(&ip).unwrap();
+            let Some(TransportHeader::Tcp(t)) = p.transport.clone() else { panic!("tcp") };
+            assert_eq!(p.payload.slice().len(), 40 * 1400 + 700);
+            assert!(t.psh && t.ack && t.sequence_number == 1000);
+            let want = match &p.net {
+                Some(etherparse::NetHeaders::Ipv4(ip4, _)) => {
+                    assert_eq!(ip4.header_checksum, ip4.calc_header_checksum());
+                    t.calc_checksum_ipv4(ip4, p.payload.slice()).unwrap()
+                }
+                Some(etherparse::NetHeaders::Ipv6(ip6, _)) => t.calc_checksum_ipv6(ip6, p.payload.slice()).unwrap(),
+                _ => panic!("ip"),
+            };
+            assert_eq!(t.checksum, want);
+            let expect: Vec<u8> = (0..40 * 1400 + 700).map(|i| (1000 + i) as u8).collect();
+            assert_eq!(p.payload.slice(), &expect[..]);
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_kernel_would_not_merge() {
+        let mut out = vec![0u8; 70_000];
+        let first = seg(false, 1000, 1400, false);
+        let gap = seg(false, 5000, 1400, false);
+        let mut bad_csum = seg(false, 2400, 1400, false);
+        bad_csum[100] ^= 0xff;
+        let mut other_ttl = seg(false, 2400, 1400, false);
+        other_ttl[8] = 63;
+        let mut syn = seg(false, 2400, 1400, false);
+        syn[33] |= 0x02;
+        let longer = seg(false, 2400, 1500, false);
+        let v6 = seg(true, 2400, 1400, false);
+        for (name, p) in
+            [("gap", gap), ("bad checksum", bad_csum), ("ttl", other_ttl), ("syn", syn), ("longer", longer), ("v6", v6)]
+        {
+            let mut c = Coalesced::start(&first, &mut out).unwrap();
+            assert!(!c.append(&p, &mut out), "{name}");
+            // The lone packet goes out unmodified with an all-zero header.
+            let n = c.finish(&mut out);
+            assert_eq!(VnetHdr::parse(&out), Some(VnetHdr::default()), "{name}");
+            assert_eq!(&out[VNET_HDR_LEN..n], &first[..], "{name}");
+        }
+        // A non-TCP packet starts a packet nothing joins.
+        let udp = {
+            let mut v = Vec::new();
+            PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64).udp(1, 2).write(&mut v, &[0; 100]).unwrap();
+            v
+        };
+        let mut c = Coalesced::start(&udp, &mut out).unwrap();
+        assert!(!c.append(&udp, &mut out));
+        assert!(Coalesced::start(&first, &mut out[..100]).is_none());
+    }
+
+    #[test]
+    fn stops_at_64_kib() {
+        let mut out = vec![0u8; 140_000];
+        let mut c = Coalesced::start(&seg(false, 0, 1400, false), &mut out).unwrap();
+        let mut i = 1;
+        while c.append(&seg(false, 1400 * i, 1400, false), &mut out) {
+            i += 1;
+        }
+        assert_eq!(c.segments(), 46, "46 × 1400 + 40 ≤ 65 535 < 47 × 1400 + 40");
+        assert!(c.finish(&mut out) <= VNET_HDR_LEN + 65_535);
+    }
+}
