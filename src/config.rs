@@ -107,6 +107,11 @@ pub struct RawConfig {
     pub workers: Option<usize>,
     /// `auto`, `uring` or `mmsg`.
     pub io: Option<String>,
+    /// TUN offloads (TSO/USO, checksum) with UDP GSO sends; default on (io_uring only).
+    pub offload: Option<bool>,
+    /// UDP GRO receives and merging of segments into one TUN write; default on (needs
+    /// `offload`).
+    pub gro: Option<bool>,
     /// Unix socket for `weft status`.
     pub api_socket: Option<PathBuf>,
     /// Lease mode: `file` (embedded, the default) or `etcd`.
@@ -214,6 +219,8 @@ impl RawConfig {
             mtu,
             workers,
             io,
+            offload,
+            gro,
             api_socket,
             store,
             store_dir,
@@ -490,6 +497,10 @@ pub struct Config {
     pub workers: usize,
     /// I/O backend preference.
     pub io: IoPreference,
+    /// Whether to use TUN offloads and UDP GSO (io_uring backend only).
+    pub offload: bool,
+    /// Whether to use UDP GRO and merge segments for the TUN (needs `offload`).
+    pub gro: bool,
     /// API socket path.
     pub api_socket: PathBuf,
     /// Pod allocation directory.
@@ -737,6 +748,8 @@ impl Config {
             mtu: raw.mtu,
             workers,
             io,
+            offload: raw.offload.unwrap_or(true),
+            gro: raw.gro.unwrap_or(true),
             api_socket,
             pod_dir,
             pod_gc_grace,
@@ -769,6 +782,8 @@ impl Config {
             mtu,
             workers,
             io,
+            offload,
+            gro,
             api_socket,
             pod_dir,
             pod_gc_grace

@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
 use weft_forwarder::driver::udp::OuterChecksum;
-use weft_forwarder::driver::{self, DriverError, WorkerIo};
+use weft_forwarder::driver::{self, DriverError, Offloads, WorkerIo};
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_forwarder::{
     Bridge, Encap, EncapKind, Forwarder, LocalNode, PacketCore, RouteError, RouteTableHandle, UdpEncap, VxlanEncap,
@@ -264,6 +264,23 @@ impl Wire {
 /// Send sockets per worker for formats whose outer source port follows the inner flow.
 const FLOW_SENDERS_PER_WORKER: usize = 8;
 
+/// Which offloads the workers use, from what the TUN got, what the sockets accept and the
+/// configuration.
+fn choose_offloads(cfg: &Config, tun: driver::tun::TunOffloads, sockets: &[std::net::UdpSocket]) -> Offloads {
+    let tso = tun.tso;
+    let gso = tso && sockets.first().is_some_and(driver::udp::gso_supported);
+    let gro = tso
+        && cfg.gro
+        && sockets.iter().all(|s| match driver::udp::enable_gro(s) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "UDP GRO unavailable; receiving one datagram at a time");
+                false
+            }
+        });
+    Offloads { tun_vnet: tso, gso, gro, coalesce: tso && cfg.gro }
+}
+
 async fn run_with<C: PacketCore + 'static>(
     wire: Wire,
     cfg: Config,
@@ -302,14 +319,24 @@ async fn run_with<C: PacketCore + 'static>(
         None => info!(backend = probe.backend.as_str(), "io backend chosen"),
     }
 
-    let queues = driver::tun::open(&cfg.tun_name, cfg.workers, wire.tap.is_some()).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
-        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name)),
-        _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
-    })?;
+    // Offloads need the io_uring worker and a TUN (the TAP path forwards frame by frame).
+    let want_offload = cfg.offload && probe.backend == driver::Backend::Uring && wire.tap.is_none();
+    let queues =
+        driver::tun::open(&cfg.tun_name, cfg.workers, wire.tap.is_some(), want_offload).map_err(|e| {
+            match e.kind() {
+                io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
+                io::ErrorKind::PermissionDenied => {
+                    DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name))
+                }
+                _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
+            }
+        })?;
     let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
+    let tun_offloads = queues.first().map(driver::TunQueue::offloads).unwrap_or_default();
+    // A GSO send needs the outer checksum (SO_NO_CHECK + UDP_SEGMENT is EINVAL), so with
+    // offloads VXLAN sends checksummed outer UDP, which every receiver accepts.
     let csum = match cfg.backend {
-        Backend::Vxlan { udp_checksum: false, .. } => OuterChecksum::Zero,
+        Backend::Vxlan { udp_checksum: false, .. } if !tun_offloads.tso => OuterChecksum::Zero,
         _ => OuterChecksum::On,
     };
     let sockets = driver::udp::bind(bind_addr, cfg.workers, csum).map_err(|e| match e.kind() {
@@ -326,6 +353,15 @@ async fn run_with<C: PacketCore + 'static>(
                 .map_err(|e| DaemonError::Bind { addr: SocketAddr::new(cfg.public_ip, 0), source: e })?,
         );
     }
+    let offloads = choose_offloads(&cfg, tun_offloads, &sockets);
+    info!(
+        tun_tso = offloads.tun_vnet,
+        tun_uso = tun_offloads.uso,
+        udp_gso = offloads.gso,
+        udp_gro = offloads.gro,
+        coalesce = offloads.coalesce,
+        "offloads"
+    );
     let local = LocalNode { subnet_v4: Some(cfg.subnet), subnet_v6: cfg.subnet_v6 };
     let gateways: Vec<IpAddr> =
         local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
@@ -447,7 +483,7 @@ async fn run_with<C: PacketCore + 'static>(
             .spawn(move || {
                 let span = info_span!("worker", id = i, io = backend.as_str());
                 let _g = span.enter();
-                let r = driver::run_worker(backend, WorkerIo { tun, udp, send }, fwd, routes, stop);
+                let r = driver::run_worker(backend, WorkerIo { tun, udp, send, offloads }, fwd, routes, stop);
                 let _ = done.send((i, r));
             })
             .map_err(DaemonError::Thread)?;

@@ -66,7 +66,7 @@ impl<C: PacketCore> MmsgWorker<C> {
         pool: BufPool,
     ) -> io::Result<Self> {
         io.set_nonblocking(true)?;
-        let super::WorkerIo { tun, udp, send } = io;
+        let super::WorkerIo { tun, udp, send, .. } = io;
         // SAFETY: plain syscall; the result is checked.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         for (fd, token) in [(tun.fd(), TOKEN_TUN), (udp.as_raw_fd(), TOKEN_UDP)] {

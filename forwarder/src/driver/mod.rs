@@ -121,6 +121,23 @@ pub(crate) fn is_transient(errno: i32) -> bool {
     matches!(errno, libc::EAGAIN | libc::EINTR | libc::ENOBUFS | libc::ENOMEM | libc::ECANCELED)
 }
 
+/// The offloads a worker uses: decided at start from what the kernel offers and the
+/// configuration; a worker switches GSO or merging off by itself if the kernel refuses
+/// them at run time. Only the io_uring backend uses offloads.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct Offloads {
+    /// The TUN carries a virtio-net header (`IFF_VNET_HDR`) and hands over TCP (and UDP,
+    /// where the kernel has USO) super-packets with partial checksums.
+    pub tun_vnet: bool,
+    /// Trains of segments go out as one UDP GSO send (`UDP_SEGMENT`).
+    pub gso: bool,
+    /// The UDP socket receives trains (`UDP_GRO`). Needs `tun_vnet`, because a train's
+    /// datagrams are copied out of its buffer.
+    pub gro: bool,
+    /// Consecutive TCP segments of one flow are merged into one TUN write. Needs `tun_vnet`.
+    pub coalesce: bool,
+}
+
 /// Everything one worker owns.
 #[derive(Debug)]
 pub struct WorkerIo {
@@ -131,6 +148,8 @@ pub struct WorkerIo {
     /// Sockets on ephemeral ports to send from, picked by inner-flow hash, so the outer
     /// source port follows the flow as Linux vxlan's does. Empty: send from `udp`.
     pub send: Vec<UdpSocket>,
+    /// The offloads to use; all off for the mmsg backend.
+    pub offloads: Offloads,
 }
 
 impl WorkerIo {
@@ -157,6 +176,13 @@ pub fn run_worker<C: PacketCore>(
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DriverError> {
+    let uses_offloads = io.offloads != Offloads::default() || io.tun.offloads().tso;
+    if backend == Backend::Mmsg && uses_offloads {
+        return Err(DriverError::Setup(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the mmsg backend runs without offloads: open the TUN without them",
+        )));
+    }
     let pool = BufPool::new(POOL_SLOTS).map_err(DriverError::Setup)?;
     match backend {
         Backend::Uring => uring::UringWorker::new(io, fwd, routes, stop, pool)

@@ -101,6 +101,27 @@ impl BufPool {
         unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(idx), SLOT_LEN) }
     }
 
+    /// The bytes of two distinct slots at once (read one, write the other: cutting a
+    /// super-packet into a train, merging segments into a super-packet). `None` when the
+    /// indices are equal or out of range.
+    ///
+    /// # Safety
+    /// The caller must own both slots: no SQE naming either may be in flight.
+    #[inline]
+    pub unsafe fn pair_mut(&mut self, a: u16, b: u16) -> Option<(&mut [u8], &mut [u8])> {
+        if a == b || usize::from(a) >= self.slots || usize::from(b) >= self.slots {
+            return None;
+        }
+        // SAFETY: distinct in-range slots are disjoint ranges of the mapping; exclusivity of
+        // each is the caller's promise.
+        unsafe {
+            Some((
+                std::slice::from_raw_parts_mut(self.slot_ptr(a), SLOT_LEN),
+                std::slice::from_raw_parts_mut(self.slot_ptr(b), SLOT_LEN),
+            ))
+        }
+    }
+
     /// Takes a free slot and copies `len` bytes at offset `head` of slot `from` into it, at the
     /// same offset (head-end replication sends one copy per peer). `None` when the pool is
     /// empty or the range does not fit a slot.

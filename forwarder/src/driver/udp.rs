@@ -73,6 +73,35 @@ fn bind_one(addr: SocketAddr, reuse_port: bool, csum: OuterChecksum) -> io::Resu
     Ok(s.into())
 }
 
+/// Asks for UDP GRO on `s` (`UDP_GRO`, Linux ≥ 5.0): the kernel may hand over a train of
+/// equal-sized datagrams from one sender in one receive, with their size in a cmsg.
+/// `getsockopt` reads it back (≥ 5.12), so an older kernel reports no GRO.
+///
+/// # Errors
+/// The kernel refused or does not report it: receive one datagram at a time.
+pub fn enable_gro(s: &UdpSocket) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    setsockopt_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1)?;
+    match getsockopt_int(&sock, libc::SOL_UDP, libc::UDP_GRO)? {
+        0 => Err(io::Error::new(io::ErrorKind::Unsupported, "UDP_GRO did not stick")),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the kernel knows `UDP_SEGMENT` (Linux ≥ 4.18). Whether the underlay device
+/// accepts GSO sends is only known at the first send (`EIO` without checksum offload).
+pub fn gso_supported(s: &UdpSocket) -> bool {
+    getsockopt_int(&socket2::SockRef::from(s), libc::SOL_UDP, libc::UDP_SEGMENT).is_ok()
+}
+
+fn getsockopt_int(s: &Socket, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a live c_int and its exact size, which the kernel updates.
+    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), level, opt, (&mut val as *mut libc::c_int).cast(), &mut len) };
+    if rc == 0 { Ok(val) } else { Err(io::Error::last_os_error()) }
+}
+
 fn set_buffer(s: &Socket, force: libc::c_int, plain: libc::c_int) {
     let bytes = libc::c_int::try_from(SOCKET_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
     if setsockopt_int(s, libc::SOL_SOCKET, force, bytes).is_err() {

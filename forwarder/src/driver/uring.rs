@@ -9,8 +9,21 @@
 //!    sans-IO core, queueing a `SENDMSG` or a `WRITE_FIXED` for packets that go on.
 //! 4. A send or write completion returns its slot to the pool; the next loop re-arms reads.
 //!
-//! Under load one `io_uring_enter` carries dozens of packets each way, so the cost is far
-//! below one syscall per packet, and nothing allocates after start.
+//! With offloads (`reference/performance.md` §2–4) the same loop moves 64 KiB per request:
+//! - TUN → wire: a read returns a virtio-net header and a TCP/UDP super-packet; the core
+//!   checks and encapsulates it whole, then it is cut into trains of segments in fresh
+//!   slots, each train one `SENDMSG` with a `UDP_SEGMENT` cmsg (one GSO send);
+//! - wire → TUN: with `UDP_GRO` a receive returns a train; every segment is checked by the
+//!   core on its own, then consecutive segments of one flow are merged
+//!   ([`Coalesced`]) into one super-packet written to the TUN with one `WRITE_FIXED`.
+//!   Merging runs across all receive completions of one loop, so datagrams that arrive
+//!   separately (a Linux vxlan peer) are merged too.
+//!
+//! If the kernel refuses a GSO send (`EIO`/`EINVAL`: an underlay without checksum offload)
+//! the worker sends one segment per request from then on and clears the TUN's offload
+//! mask; if it refuses a GSO write to the TUN (the 6.6.44 regression) it stops merging.
+//!
+//! Nothing allocates after start.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,12 +34,15 @@ use std::time::Instant;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
+use super::Offloads;
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::route::RouteTableHandle;
+use crate::gro::Coalesced;
+use crate::gso::{F_NEEDS_CSUM, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum};
+use crate::route::{RouteTable, RouteTableHandle};
 use crate::stats::DropReason;
 
 /// Reads kept in flight on the TUN queue.
@@ -41,6 +57,13 @@ const CANCEL_ALL: u64 = u64::MAX;
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long one wait may last before the stop flag is checked again.
 const TICK_NS: u32 = 100_000_000;
+/// Where a TUN read lands (and a TUN write starts) when every packet carries a virtio-net
+/// header: the header just in front of the packet's usual place.
+const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
+/// Control-message space per slot: one `UDP_SEGMENT` (u16) or `UDP_GRO` (int) cmsg.
+const CTRL_LEN: usize = 64;
+/// `struct cmsghdr`: `cmsg_len` (size_t), `cmsg_level`, `cmsg_type` (int).
+const CMSG_HDR_LEN: usize = std::mem::size_of::<libc::cmsghdr>();
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 #[repr(u8)]
@@ -49,6 +72,10 @@ enum Op {
     UdpRecv = 2,
     UdpSend = 3,
     TunWrite = 4,
+    /// A send carrying several segments (`UDP_SEGMENT`).
+    UdpSendTrain = 5,
+    /// A TUN write of a merged super-packet.
+    TunWriteMerged = 6,
 }
 
 #[inline]
@@ -64,17 +91,67 @@ fn decode(ud: u64) -> Option<(Op, u16)> {
         2 => Op::UdpRecv,
         3 => Op::UdpSend,
         4 => Op::TunWrite,
+        5 => Op::UdpSendTrain,
+        6 => Op::TunWriteMerged,
         _ => return None,
     };
     Some((op, slot))
 }
 
-/// The msghdr, iovec and address one slot's `RECVMSG`/`SENDMSG` points at. They live in a
-/// boxed slice that never moves or resizes, so the kernel's pointers stay valid.
+/// Control-message buffer, aligned for `struct cmsghdr`.
+#[repr(C, align(8))]
+struct Ctrl([u8; CTRL_LEN]);
+
+/// The msghdr, iovec, address and control buffer one slot's `RECVMSG`/`SENDMSG` points at.
+/// They live in a boxed slice that never moves or resizes, so the kernel's pointers stay
+/// valid.
 struct MsgSlot {
     hdr: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    ctrl: Ctrl,
+}
+
+impl MsgSlot {
+    /// The segment size of a received GRO train, from its `UDP_GRO` cmsg. The buffer was
+    /// zeroed before the receive, so a kernel that wrote nothing leaves nothing to find.
+    fn gro_size(&self) -> Option<usize> {
+        let len = self.hdr.msg_controllen.min(CTRL_LEN);
+        let buf = self.ctrl.0.get(..len)?;
+        let mut at = 0;
+        while let Some(h) = buf.get(at..at + CMSG_HDR_LEN) {
+            let cmsg_len = usize::from_ne_bytes(h.get(..8)?.try_into().ok()?);
+            let level = i32::from_ne_bytes(h.get(8..12)?.try_into().ok()?);
+            let kind = i32::from_ne_bytes(h.get(12..16)?.try_into().ok()?);
+            if cmsg_len < CMSG_HDR_LEN {
+                return None;
+            }
+            if level == libc::SOL_UDP && kind == libc::UDP_GRO {
+                let v = i32::from_ne_bytes(buf.get(at + CMSG_HDR_LEN..at + CMSG_HDR_LEN + 4)?.try_into().ok()?);
+                return usize::try_from(v).ok().filter(|v| *v > 0);
+            }
+            at += cmsg_len.next_multiple_of(8);
+        }
+        None
+    }
+
+    /// Writes a `UDP_SEGMENT` cmsg of `size` and points the msghdr at it.
+    fn set_segment_size(&mut self, size: u16) {
+        let c = &mut self.ctrl.0;
+        c[..8].copy_from_slice(&(CMSG_HDR_LEN + 2).to_ne_bytes());
+        c[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+        c[12..16].copy_from_slice(&libc::UDP_SEGMENT.to_ne_bytes());
+        c[16..18].copy_from_slice(&size.to_ne_bytes());
+        self.hdr.msg_control = c.as_mut_ptr().cast();
+        self.hdr.msg_controllen = (CMSG_HDR_LEN + 2).next_multiple_of(8);
+    }
+
+    /// Points the msghdr at the zeroed control buffer for a receive.
+    fn arm_ctrl_for_recv(&mut self) {
+        self.ctrl.0 = [0; CTRL_LEN];
+        self.hdr.msg_control = self.ctrl.0.as_mut_ptr().cast();
+        self.hdr.msg_controllen = CTRL_LEN;
+    }
 }
 
 /// Builds a ring with the flags that make batched waits cheap, falling back to a plain ring
@@ -111,22 +188,55 @@ pub(super) fn probe() -> io::Result<()> {
     Ok(())
 }
 
-/// One io_uring worker. Field order is drop order: the ring goes before the memory its
-/// requests point into.
-pub(super) struct UringWorker<C: PacketCore> {
-    ring: IoUring,
+/// The submission side of the ring for one run, counting what is in flight.
+struct Queue<'a> {
+    submitter: io_uring::Submitter<'a>,
+    sq: io_uring::SubmissionQueue<'a>,
+    /// SQEs submitted whose CQE has not been reaped yet (all kinds).
+    inflight: usize,
+}
+
+impl Queue<'_> {
+    /// Pushes one SQE, submitting first if the queue is full.
+    fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every SQE we build points into the pool or `msgs`, both of which
+            // outlive the ring, and names a slot that stays owned by the kernel until its CQE.
+            if unsafe { self.sq.push(e) }.is_ok() {
+                self.inflight += 1;
+                return Ok(());
+            }
+            self.sq.sync();
+            self.submitter.submit()?;
+            self.sq.sync();
+        }
+    }
+}
+
+/// Everything of a worker but the ring.
+struct State<C: PacketCore> {
     msgs: Box<[MsgSlot]>,
     pool: BufPool,
     tun: TunQueue,
     udp: UdpSocket,
-    send: Vec<UdpSocket>,
+    /// Owned so the descriptors in `send_fds` stay open.
+    _send: Vec<UdpSocket>,
+    send_fds: Vec<RawFd>,
     fwd: C,
-    routes: RouteTableHandle,
-    stop: Arc<AtomicBool>,
+    offloads: Offloads,
     tun_reads: usize,
     udp_recvs: usize,
-    /// SQEs submitted whose CQE has not been reaped yet (all kinds).
-    inflight: usize,
+    /// The super-packet being merged for the TUN, and its slot.
+    merge: Option<(u16, Coalesced)>,
+}
+
+/// One io_uring worker. Field order is drop order: the ring goes before the memory its
+/// requests point into.
+pub(super) struct UringWorker<C: PacketCore> {
+    ring: IoUring,
+    st: State<C>,
+    routes: RouteTableHandle,
+    stop: Arc<AtomicBool>,
 }
 
 impl<C: PacketCore> UringWorker<C> {
@@ -140,7 +250,7 @@ impl<C: PacketCore> UringWorker<C> {
         pool: BufPool,
     ) -> io::Result<Self> {
         io.set_nonblocking(false)?;
-        let super::WorkerIo { tun, udp, send } = io;
+        let super::WorkerIo { tun, udp, send, offloads } = io;
         let ring = new_ring(SQ_ENTRIES)?;
         let iovecs = pool.iovecs();
         // SAFETY: the iovecs describe the pool's mapping, which outlives the ring (field
@@ -148,177 +258,74 @@ impl<C: PacketCore> UringWorker<C> {
         unsafe { ring.submitter().register_buffers(&iovecs)? };
         let msgs = (0..pool.len())
             .map(|_| {
-                // SAFETY: msghdr, iovec and sockaddr_storage are plain C structs for which
-                // all-zero is valid.
+                // SAFETY: msghdr, iovec, sockaddr_storage and the byte array are plain C
+                // data for which all-zero is valid.
                 unsafe { std::mem::zeroed::<MsgSlot>() }
             })
             .collect();
-        Ok(Self { ring, msgs, pool, tun, udp, send, fwd, routes, stop, tun_reads: 0, udp_recvs: 0, inflight: 0 })
+        let send_fds = send.iter().map(AsRawFd::as_raw_fd).collect();
+        let st = State {
+            msgs,
+            pool,
+            tun,
+            udp,
+            _send: send,
+            send_fds,
+            fwd,
+            offloads,
+            tun_reads: 0,
+            udp_recvs: 0,
+            merge: None,
+        };
+        Ok(Self { ring, st, routes, stop })
     }
 
     /// Forwards until the stop flag is set.
     ///
     /// # Errors
     /// A failure of `io_uring_enter` itself (not of individual packets, which are counted).
-    pub(super) fn run(mut self) -> io::Result<()> {
-        let (tun_fd, udp_fd) = (self.tun.fd(), self.udp.as_raw_fd());
-        let send_fds: Vec<RawFd> = self.send.iter().map(AsRawFd::as_raw_fd).collect();
+    pub(super) fn run(self) -> io::Result<()> {
+        let Self { mut ring, mut st, routes, stop } = self;
         let tick = types::Timespec::new().nsec(TICK_NS);
         let args = types::SubmitArgs::new().timespec(&tick);
-        let (submitter, mut sq, mut cq) = self.ring.split();
-        while !self.stop.load(Ordering::Relaxed) {
-            // 1. Re-arm reads and receives from free slots.
-            while self.tun_reads < TUN_READS {
-                let Some(slot) = self.pool.alloc() else { break };
-                let entry = opcode::ReadFixed::new(
-                    types::Fd(tun_fd),
-                    // SAFETY (pointer arithmetic): HEADROOM < SLOT_LEN, inside the slot.
-                    unsafe { self.pool.slot_ptr(slot).add(HEADROOM) },
-                    (SLOT_LEN - HEADROOM) as u32,
-                    slot,
-                )
-                .build()
-                .user_data(user_data(Op::TunRead, slot));
-                push(&submitter, &mut sq, &entry, &mut self.inflight)?;
-                self.tun_reads += 1;
-            }
-            while self.udp_recvs < UDP_RECVS {
-                let Some(slot) = self.pool.alloc() else { break };
-                let m = arm_msg(&mut self.msgs, &self.pool, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
-                let entry = opcode::RecvMsg::new(types::Fd(udp_fd), m).build().user_data(user_data(Op::UdpRecv, slot));
-                push(&submitter, &mut sq, &entry, &mut self.inflight)?;
-                self.udp_recvs += 1;
-            }
-            sq.sync();
-            // 2. One enter: submit and wait.
-            match submitter.submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
-                Err(e) => return Err(e),
-            }
-            // 3. One table load and one clock read for the whole batch.
-            let routes = self.routes.load();
-            let now = Instant::now();
-            cq.sync();
-            for cqe in &mut cq {
-                let Some((op, slot)) = decode(cqe.user_data()) else { continue };
-                self.inflight -= 1;
-                let res = cqe.result();
-                match op {
-                    Op::TunRead => {
-                        self.tun_reads -= 1;
-                        let Ok(n) = usize::try_from(res) else {
-                            self.pool.release(slot);
-                            if super::is_transient(-res) {
-                                continue;
-                            }
-                            // The TUN is gone (deleted under us): stop rather than spin.
-                            return Err(io::Error::from_raw_os_error(-res));
-                        };
-                        // SAFETY: the read completed, so the slot is ours again.
-                        let buf = unsafe { self.pool.slot_mut(slot) };
-                        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
-                            self.pool.release(slot);
-                            continue;
-                        };
-                        match self.fwd.from_tun(&routes, &mut pkt, now) {
-                            TunVerdict::Send { to, flow, .. } => {
-                                let (head, len) = (pkt.head(), pkt.len());
-                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                                let fd = super::pick_sender(udp_fd, &send_fds, flow);
-                                let e = send_msg(fd, m, slot);
-                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
-                            }
-                            TunVerdict::Reply => {
-                                let (head, len) = (pkt.head(), pkt.len());
-                                push(
-                                    &submitter,
-                                    &mut sq,
-                                    &tun_write(&self.pool, tun_fd, slot, head, len),
-                                    &mut self.inflight,
-                                )?;
-                            }
-                            TunVerdict::Flood => {
-                                let (head, len) = (pkt.head(), pkt.len());
-                                let mut peers = routes.peers().iter();
-                                let Some(first) = peers.next() else {
-                                    self.pool.release(slot);
-                                    continue;
-                                };
-                                // Copies for all peers but the first, which gets the original.
-                                for p in peers {
-                                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
-                                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
-                                        break;
-                                    };
-                                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
-                                    let e = send_msg(udp_fd, m, copy);
-                                    push(&submitter, &mut sq, &e, &mut self.inflight)?;
-                                }
-                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
-                                let e = send_msg(udp_fd, m, slot);
-                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
-                            }
-                            TunVerdict::Drop(_) => self.pool.release(slot),
-                        }
-                    }
-                    Op::UdpRecv => {
-                        self.udp_recvs -= 1;
-                        let from = self.msgs.get(usize::from(slot)).and_then(|m| sockaddr::read(&m.addr));
-                        let (Ok(n), Some(from)) = (usize::try_from(res), from) else {
-                            if res < 0 {
-                                self.fwd.stats().count_drop(DropReason::IoError);
-                            }
-                            self.pool.release(slot);
-                            continue;
-                        };
-                        // SAFETY: the receive completed, so the slot is ours again.
-                        let buf = unsafe { self.pool.slot_mut(slot) };
-                        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
-                            self.fwd.stats().count_drop(DropReason::Truncated);
-                            self.pool.release(slot);
-                            continue;
-                        };
-                        match self.fwd.from_underlay(&routes, from, &mut pkt, now) {
-                            UnderlayVerdict::Deliver { .. } => {
-                                let (head, len) = (pkt.head(), pkt.len());
-                                push(
-                                    &submitter,
-                                    &mut sq,
-                                    &tun_write(&self.pool, tun_fd, slot, head, len),
-                                    &mut self.inflight,
-                                )?;
-                            }
-                            UnderlayVerdict::Reply { to } => {
-                                let (head, len) = (pkt.head(), pkt.len());
-                                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                                let e = send_msg(udp_fd, m, slot);
-                                push(&submitter, &mut sq, &e, &mut self.inflight)?;
-                            }
-                            UnderlayVerdict::Drop(_) => self.pool.release(slot),
-                        }
-                    }
-                    Op::UdpSend | Op::TunWrite => {
-                        if res < 0 {
-                            let reason =
-                                if res == -libc::EMSGSIZE { DropReason::Oversize } else { DropReason::IoError };
-                            self.fwd.stats().count_drop(reason);
-                        }
-                        self.pool.release(slot);
-                    }
+        let (submitter, sq, mut cq) = ring.split();
+        let mut q = Queue { submitter, sq, inflight: 0 };
+        let result = (|| {
+            while !stop.load(Ordering::Relaxed) {
+                // 1. Re-arm reads and receives from free slots.
+                st.arm(&mut q)?;
+                q.sq.sync();
+                // 2. One enter: submit and wait.
+                match q.submitter.submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                    Err(e) => return Err(e),
                 }
+                // 3. One table load and one clock read for the whole batch.
+                let table = routes.load();
+                let now = Instant::now();
+                cq.sync();
+                for cqe in &mut cq {
+                    let Some((op, slot)) = decode(cqe.user_data()) else { continue };
+                    q.inflight -= 1;
+                    st.complete(&mut q, op, slot, cqe.result(), &table, now)?;
+                }
+                // 4. What was merged in this batch goes to the TUN now.
+                st.flush(&mut q)?;
             }
-        }
+            Ok(())
+        })();
         // Cancel what is still in flight and reap it, so the kernel drops its references to
         // the socket and the TUN now, not when it tears the ring down in the background: a
         // daemon restarted right away would otherwise find its port still bound.
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL_ALL);
-        let mut not_counted = 0;
-        push(&submitter, &mut sq, &cancel, &mut not_counted)?;
-        sq.sync();
+        let counted = q.inflight;
+        q.push(&cancel)?;
+        q.inflight = counted;
+        q.sq.sync();
         let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.inflight > 0 && Instant::now() < deadline {
-            match submitter.submit_with_args(1, &args) {
+        while q.inflight > 0 && Instant::now() < deadline {
+            match q.submitter.submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
                 Err(e) => return Err(e),
@@ -326,32 +333,409 @@ impl<C: PacketCore> UringWorker<C> {
             cq.sync();
             for cqe in &mut cq {
                 if let Some((_, slot)) = decode(cqe.user_data()) {
-                    self.inflight -= 1;
-                    self.pool.release(slot);
+                    q.inflight -= 1;
+                    st.pool.release(slot);
                 }
+            }
+        }
+        result
+    }
+}
+
+impl<C: PacketCore> State<C> {
+    /// Keeps `TUN_READS` reads and `UDP_RECVS` receives in flight.
+    fn arm(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
+        let (read_at, udp_fd) = (if self.offloads.tun_vnet { VNET_AT } else { HEADROOM }, self.udp.as_raw_fd());
+        while self.tun_reads < TUN_READS {
+            let Some(slot) = self.pool.alloc() else { break };
+            let entry = opcode::ReadFixed::new(
+                types::Fd(self.tun.fd()),
+                // SAFETY (pointer arithmetic): read_at < SLOT_LEN, inside the slot.
+                unsafe { self.pool.slot_ptr(slot).add(read_at) },
+                (SLOT_LEN - read_at) as u32,
+                slot,
+            )
+            .build()
+            .user_data(user_data(Op::TunRead, slot));
+            q.push(&entry)?;
+            self.tun_reads += 1;
+        }
+        while self.udp_recvs < UDP_RECVS {
+            let Some(slot) = self.pool.alloc() else { break };
+            let m = arm_msg(&mut self.msgs, &self.pool, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
+            if self.offloads.gro {
+                if let Some(ms) = self.msgs.get_mut(usize::from(slot)) {
+                    ms.arm_ctrl_for_recv();
+                }
+            }
+            let entry = opcode::RecvMsg::new(types::Fd(udp_fd), m).build().user_data(user_data(Op::UdpRecv, slot));
+            q.push(&entry)?;
+            self.udp_recvs += 1;
+        }
+        Ok(())
+    }
+
+    /// Handles one completion.
+    fn complete(
+        &mut self,
+        q: &mut Queue<'_>,
+        op: Op,
+        slot: u16,
+        res: i32,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
+        match op {
+            Op::TunRead => {
+                self.tun_reads -= 1;
+                let Ok(n) = usize::try_from(res) else {
+                    self.pool.release(slot);
+                    if super::is_transient(-res) {
+                        return Ok(());
+                    }
+                    // The TUN is gone (deleted under us): stop rather than spin.
+                    return Err(io::Error::from_raw_os_error(-res));
+                };
+                if self.offloads.tun_vnet {
+                    self.on_tun_read_vnet(q, slot, n, routes, now)
+                } else {
+                    // SAFETY: the read completed, so the slot is ours again.
+                    let buf = unsafe { self.pool.slot_mut(slot) };
+                    match PacketBuf::new(buf, HEADROOM, n) {
+                        Some(mut pkt) => {
+                            let verdict = self.fwd.from_tun(routes, &mut pkt, now);
+                            let (head, len) = (pkt.head(), pkt.len());
+                            self.on_tun_verdict(q, slot, verdict, head, len, routes)
+                        }
+                        None => {
+                            self.pool.release(slot);
+                            Ok(())
+                        }
+                    }
+                }
+            }
+            Op::UdpRecv => {
+                self.udp_recvs -= 1;
+                self.on_udp_recv(q, slot, res, routes, now)
+            }
+            Op::UdpSend | Op::TunWrite | Op::UdpSendTrain | Op::TunWriteMerged => {
+                if res < 0 {
+                    self.on_send_error(op, -res);
+                }
+                self.pool.release(slot);
+                Ok(())
+            }
+        }
+    }
+
+    /// A failed send or write: counted, and an offload the kernel refuses is switched off.
+    fn on_send_error(&mut self, op: Op, errno: i32) {
+        let reason = if errno == libc::EMSGSIZE { DropReason::Oversize } else { DropReason::IoError };
+        self.fwd.stats().count_drop(reason);
+        match (op, errno) {
+            (Op::UdpSendTrain, libc::EIO | libc::EINVAL) if self.offloads.gso => {
+                self.offloads.gso = false;
+                let cleared = self.tun.clear_offloads();
+                tracing::warn!(
+                    errno,
+                    ?cleared,
+                    "the underlay refused a UDP GSO send; sending one segment per request and clearing the TUN's offloads"
+                );
+            }
+            (Op::TunWriteMerged, libc::EINVAL) if self.offloads.coalesce => {
+                self.offloads.coalesce = false;
+                tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per request");
+            }
+            _ => {}
+        }
+    }
+
+    /// A TUN read with a virtio-net header in front: completes a partial checksum or hands
+    /// a super-packet to the core whole.
+    fn on_tun_read_vnet(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        n: usize,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
+        // SAFETY: the read completed, so the slot is ours again.
+        let buf = unsafe { self.pool.slot_mut(slot) };
+        let (Some(hdr), Some(len)) = (buf.get(VNET_AT..).and_then(VnetHdr::parse), n.checked_sub(VNET_HDR_LEN)) else {
+            self.fwd.stats().count_drop(DropReason::BadOffload);
+            self.pool.release(slot);
+            return Ok(());
+        };
+        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, len) else {
+            self.pool.release(slot);
+            return Ok(());
+        };
+        if !hdr.is_gso() {
+            if hdr.flags & F_NEEDS_CSUM != 0
+                && complete_checksum(pkt.as_mut_slice(), hdr.csum_start.into(), hdr.csum_offset.into()).is_err()
+            {
+                self.fwd.stats().count_drop(DropReason::BadOffload);
+                self.pool.release(slot);
+                return Ok(());
+            }
+            let verdict = self.fwd.from_tun(routes, &mut pkt, now);
+            let (head, len) = (pkt.head(), pkt.len());
+            return self.on_tun_verdict(q, slot, verdict, head, len, routes);
+        }
+        let Ok(seg) = Segmentation::parse(&hdr, pkt.as_slice()) else {
+            self.fwd.stats().count_drop(DropReason::BadOffload);
+            self.pool.release(slot);
+            return Ok(());
+        };
+        let before = pkt.len();
+        let verdict = self.fwd.from_tun_segmented(routes, &mut pkt, &seg, now);
+        let (head, len) = (pkt.head(), pkt.len());
+        match verdict {
+            TunVerdict::Send { to, flow, .. } => self.send_segmented(q, slot, head, len, len - before, &seg, to, flow),
+            other => self.on_tun_verdict(q, slot, other, head, len, routes),
+        }
+    }
+
+    /// Cuts the encapsulated super-packet at `head..head + len` of `slot` (`prefix` bytes of
+    /// encapsulation header, then the IP packet) into trains in fresh slots and queues one
+    /// send per train; releases `slot`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_segmented(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        head: usize,
+        len: usize,
+        prefix: usize,
+        seg: &Segmentation,
+        to: SocketAddr,
+        flow: u32,
+    ) -> io::Result<()> {
+        let fd = super::pick_sender(self.udp.as_raw_fd(), &self.send_fds, flow);
+        let per_train = if self.offloads.gso { seg.segments_per_train(prefix) } else { 1 };
+        let stride = prefix + seg.segment_len();
+        let total = seg.segments();
+        let mut first = 0;
+        while first < total {
+            let range = first..(first + per_train).min(total);
+            first = range.end;
+            let Some(out) = self.pool.alloc() else {
+                self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                break;
+            };
+            // SAFETY: `slot` completed its read and `out` was just allocated: both are ours.
+            let Some((src, dst)) = (unsafe { self.pool.pair_mut(slot, out) }) else {
+                self.pool.release(out);
+                break;
+            };
+            let cut = src.get(head..head + len).map(|pkt| seg.write_segments(pkt, prefix, range.clone(), dst));
+            let Some(Ok(bytes)) = cut else {
+                self.fwd.stats().count_drop(DropReason::BadOffload);
+                self.pool.release(out);
+                break;
+            };
+            let m = arm_msg(&mut self.msgs, &self.pool, out, 0, bytes, Some(to));
+            let op = if range.len() > 1 {
+                if let Some(ms) = self.msgs.get_mut(usize::from(out)) {
+                    ms.set_segment_size(stride as u16);
+                }
+                Op::UdpSendTrain
+            } else {
+                Op::UdpSend
+            };
+            q.push(&opcode::SendMsg::new(types::Fd(fd), m).build().user_data(user_data(op, out)))?;
+        }
+        self.pool.release(slot);
+        Ok(())
+    }
+
+    /// Performs what the core decided for a packet at `head..head + len` of `slot`.
+    fn on_tun_verdict(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        verdict: TunVerdict,
+        head: usize,
+        len: usize,
+        routes: &RouteTable,
+    ) -> io::Result<()> {
+        let udp_fd = self.udp.as_raw_fd();
+        match verdict {
+            TunVerdict::Send { to, flow, .. } => {
+                let fd = super::pick_sender(udp_fd, &self.send_fds, flow);
+                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
+                q.push(&send_msg(fd, m, slot))
+            }
+            TunVerdict::Reply => self.write_tun(q, slot, head, len),
+            TunVerdict::Flood => {
+                let mut peers = routes.peers().iter();
+                let Some(first) = peers.next() else {
+                    self.pool.release(slot);
+                    return Ok(());
+                };
+                // Copies for all peers but the first, which gets the original.
+                for p in peers {
+                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
+                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                        break;
+                    };
+                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
+                    q.push(&send_msg(udp_fd, m, copy))?;
+                }
+                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
+                q.push(&send_msg(udp_fd, m, slot))
+            }
+            TunVerdict::Drop(_) => {
+                self.pool.release(slot);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the single packet at `head..head + len` of `slot` to the TUN, behind an
+    /// all-zero virtio-net header when the TUN expects one (there is always room: the
+    /// packet starts at least `HEADROOM` − 48 bytes in).
+    fn write_tun(&mut self, q: &mut Queue<'_>, slot: u16, head: usize, len: usize) -> io::Result<()> {
+        let (mut head, mut len) = (head, len);
+        if self.offloads.tun_vnet {
+            // SAFETY: the slot is ours (its read or receive completed, nothing in flight).
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(h) = head.checked_sub(VNET_HDR_LEN).and_then(|at| buf.get_mut(at..head)) else {
+                self.pool.release(slot);
+                return Ok(());
+            };
+            VnetHdr::default().emit(h);
+            (head, len) = (head - VNET_HDR_LEN, len + VNET_HDR_LEN);
+        }
+        q.push(&tun_write(&self.pool, self.tun.fd(), slot, head, len, Op::TunWrite))
+    }
+
+    /// A receive completed: checks every datagram of it (one, or a GRO train) and delivers,
+    /// answers or drops each; releases `slot` unless it was sent on.
+    fn on_udp_recv(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        res: i32,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
+        let msg = self.msgs.get(usize::from(slot));
+        let from = msg.and_then(|m| sockaddr::read(&m.addr));
+        let train = if self.offloads.gro { msg.and_then(MsgSlot::gro_size) } else { None };
+        let (Ok(n), Some(from)) = (usize::try_from(res), from) else {
+            if res < 0 {
+                self.fwd.stats().count_drop(DropReason::IoError);
+            }
+            self.pool.release(slot);
+            return Ok(());
+        };
+        if !self.offloads.tun_vnet {
+            // One datagram, decapsulated and written in place.
+            // SAFETY: the receive completed, so the slot is ours again.
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
+                self.fwd.stats().count_drop(DropReason::Truncated);
+                self.pool.release(slot);
+                return Ok(());
+            };
+            let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
+            let (head, len) = (pkt.head(), pkt.len());
+            return match verdict {
+                UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
+                UnderlayVerdict::Reply { to } => {
+                    let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
+                    q.push(&send_msg(self.udp.as_raw_fd(), m, slot))
+                }
+                UnderlayVerdict::Drop(_) => {
+                    self.pool.release(slot);
+                    Ok(())
+                }
+            };
+        }
+        // Each datagram of a train is checked within its own bounds, so nothing a peer sends
+        // can reach into the next one; what passes is copied into the merge.
+        let size = train.unwrap_or(n).max(1);
+        let mut off = 0;
+        while off < n {
+            let seg_len = size.min(n - off);
+            let start = HEADROOM + off;
+            off += seg_len;
+            // A lone datagram may grow into the rest of the slot (a padded ARP reply); a
+            // train's segment ends where the next begins. Bytes before it belong to
+            // segments already handled, so a reply may prepend into them.
+            let end = if train.is_some() { start + seg_len } else { SLOT_LEN };
+            // SAFETY: the receive completed, so the slot is ours again.
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(mut pkt) = buf.get_mut(..end).and_then(|b| PacketBuf::new(b, start, seg_len)) else {
+                self.fwd.stats().count_drop(DropReason::Truncated);
+                break;
+            };
+            let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
+            let (head, len) = (pkt.head(), pkt.len());
+            match verdict {
+                UnderlayVerdict::Deliver { .. } => self.merge(q, slot, head, len)?,
+                UnderlayVerdict::Reply { to } => {
+                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
+                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                        continue;
+                    };
+                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(to));
+                    q.push(&send_msg(self.udp.as_raw_fd(), m, copy))?;
+                }
+                UnderlayVerdict::Drop(_) => {}
+            }
+        }
+        self.pool.release(slot);
+        Ok(())
+    }
+
+    /// Adds the checked inner packet at `head..head + len` of `slot` to the super-packet
+    /// being merged, or writes that one out and starts another.
+    fn merge(&mut self, q: &mut Queue<'_>, slot: u16, head: usize, len: usize) -> io::Result<()> {
+        if let Some((out, mut m)) = self.merge {
+            // SAFETY: `slot` completed its receive; `out` is held by the merge: both ours.
+            if let Some((src, dst)) = unsafe { self.pool.pair_mut(slot, out) } {
+                if let (Some(ip), Some(o)) = (src.get(head..head + len), dst.get_mut(VNET_AT..)) {
+                    if m.append(ip, o) {
+                        self.merge = Some((out, m));
+                        return Ok(());
+                    }
+                }
+            }
+            self.flush(q)?;
+        }
+        let Some(out) = self.pool.alloc() else {
+            self.fwd.stats().count_drop(DropReason::PoolExhausted);
+            return Ok(());
+        };
+        // SAFETY: as above; `out` was just allocated.
+        let started = unsafe { self.pool.pair_mut(slot, out) }
+            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?));
+        match started {
+            Some(m) => {
+                self.merge = Some((out, m));
+                if !self.offloads.coalesce {
+                    self.flush(q)?;
+                }
+            }
+            None => {
+                self.fwd.stats().count_drop(DropReason::Oversize);
+                self.pool.release(out);
             }
         }
         Ok(())
     }
-}
 
-/// Pushes one SQE, submitting first if the queue is full, and counts it in `inflight`.
-fn push(
-    submitter: &io_uring::Submitter<'_>,
-    sq: &mut io_uring::SubmissionQueue<'_>,
-    e: &squeue::Entry,
-    inflight: &mut usize,
-) -> io::Result<()> {
-    loop {
-        // SAFETY: every SQE we build points into the pool or `msgs`, both of which outlive
-        // the ring, and names a slot that stays owned by the kernel until its CQE.
-        if unsafe { sq.push(e) }.is_ok() {
-            *inflight += 1;
-            return Ok(());
-        }
-        sq.sync();
-        submitter.submit()?;
-        sq.sync();
+    /// Writes the super-packet being merged, if any, to the TUN.
+    fn flush(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
+        let Some((out, m)) = self.merge.take() else { return Ok(()) };
+        // SAFETY: the merge holds `out`; nothing is in flight on it.
+        let buf = unsafe { self.pool.slot_mut(out) };
+        let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
+        let op = if m.segments() > 1 { Op::TunWriteMerged } else { Op::TunWrite };
+        q.push(&tun_write(&self.pool, self.tun.fd(), out, VNET_AT, n, op))
     }
 }
 
@@ -387,10 +771,10 @@ fn send_msg(fd: RawFd, m: *mut libc::msghdr, slot: u16) -> squeue::Entry {
     opcode::SendMsg::new(types::Fd(fd), m).build().user_data(user_data(Op::UdpSend, slot))
 }
 
-fn tun_write(pool: &BufPool, fd: RawFd, slot: u16, head: usize, len: usize) -> squeue::Entry {
+fn tun_write(pool: &BufPool, fd: RawFd, slot: u16, head: usize, len: usize, op: Op) -> squeue::Entry {
     // SAFETY (pointer arithmetic): head + len ≤ SLOT_LEN, inside registered buffer `slot`.
     let ptr = unsafe { pool.slot_ptr(slot).add(head) };
-    opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, slot).build().user_data(user_data(Op::TunWrite, slot))
+    opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, slot).build().user_data(user_data(op, slot))
 }
 
 #[cfg(test)]
@@ -399,10 +783,29 @@ mod tests {
 
     #[test]
     fn user_data_round_trips() {
-        for op in [Op::TunRead, Op::UdpRecv, Op::UdpSend, Op::TunWrite] {
+        for op in [Op::TunRead, Op::UdpRecv, Op::UdpSend, Op::TunWrite, Op::UdpSendTrain, Op::TunWriteMerged] {
             assert_eq!(decode(user_data(op, 511)), Some((op, 511)));
         }
         assert_eq!(decode(0), None);
         assert_eq!(decode(9 << 32), None);
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        // SAFETY: all-zero is a valid MsgSlot.
+        let mut m: MsgSlot = unsafe { std::mem::zeroed() };
+        m.arm_ctrl_for_recv();
+        assert_eq!(m.gro_size(), None, "nothing written, nothing found");
+        // What the kernel writes for a GRO train of 1472-byte segments.
+        let c = &mut m.ctrl.0;
+        c[..8].copy_from_slice(&(CMSG_HDR_LEN + 4).to_ne_bytes());
+        c[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+        c[12..16].copy_from_slice(&libc::UDP_GRO.to_ne_bytes());
+        c[16..20].copy_from_slice(&1472i32.to_ne_bytes());
+        m.hdr.msg_controllen = 24;
+        assert_eq!(m.gro_size(), Some(1472));
+        m.set_segment_size(1400);
+        assert_eq!(m.hdr.msg_controllen, 24);
+        assert_eq!(u16::from_ne_bytes([m.ctrl.0[16], m.ctrl.0[17]]), 1400);
     }
 }
