@@ -22,6 +22,12 @@ pub struct Status {
     pub io_backend: String,
     /// Why io_uring was not used, when the fallback runs under `io = "auto"`.
     pub io_fallback_reason: Option<String>,
+    /// Offloads in use since start (`tun_tso`, `tun_uso`, `udp_gso`, `udp_gro`, `coalesce`).
+    #[serde(default)]
+    pub offloads: BTreeMap<String, bool>,
+    /// What the offloads did (super-packets read, GSO sends, merged writes, fallbacks).
+    #[serde(default)]
+    pub offload_counters: BTreeMap<String, u64>,
     /// Worker threads.
     pub workers: usize,
     /// Cluster network.
@@ -106,6 +112,15 @@ pub fn render(s: &Status) -> String {
     }
     let io_note = s.io_fallback_reason.as_deref().map(|r| format!(" (io_uring unavailable: {r})")).unwrap_or_default();
     let _ = writeln!(o, "io        {} x{} workers{}, up {}s", s.io_backend, s.workers, io_note, s.uptime_secs);
+    let on: Vec<&str> = s.offloads.iter().filter(|(_, v)| **v).map(|(k, _)| k.as_str()).collect();
+    let counts: Vec<String> =
+        s.offload_counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        o,
+        "offloads  {}{}",
+        if on.is_empty() { "none".to_owned() } else { on.join(" ") },
+        if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(" ")) }
+    );
     let _ = writeln!(o, "process   pid {}, {} reloads ({} refused)", s.pid, s.reloads, s.reload_failures);
     let _ = writeln!(o, "security  {}", s.security);
     match &s.lease {

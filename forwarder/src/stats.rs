@@ -144,11 +144,58 @@ impl IcmpCounter {
     }
 }
 
+/// What the offloads did: evidence in `weft status` that 64 KiB moves per request.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[repr(u8)]
+pub enum OffloadCounter {
+    /// TCP/UDP super-packets read from the TUN.
+    SuperPacketsRead,
+    /// UDP GSO sends (trains of two or more segments).
+    GsoSends,
+    /// Segments those sends carried.
+    GsoSegments,
+    /// Receives that returned a GRO train.
+    GroTrains,
+    /// Merged super-packets written to the TUN.
+    MergedWrites,
+    /// Segments those writes carried.
+    MergedSegments,
+    /// Times the kernel refused an offload and the worker switched it off.
+    Fallbacks,
+}
+
+impl OffloadCounter {
+    /// Every counter, in order.
+    pub const ALL: [OffloadCounter; 7] = [
+        Self::SuperPacketsRead,
+        Self::GsoSends,
+        Self::GsoSegments,
+        Self::GroTrains,
+        Self::MergedWrites,
+        Self::MergedSegments,
+        Self::Fallbacks,
+    ];
+
+    /// The label in `weft status`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SuperPacketsRead => "super_packets_read",
+            Self::GsoSends => "gso_sends",
+            Self::GsoSegments => "gso_segments",
+            Self::GroTrains => "gro_trains",
+            Self::MergedWrites => "merged_writes",
+            Self::MergedSegments => "merged_segments",
+            Self::Fallbacks => "fallbacks",
+        }
+    }
+}
+
 /// One worker's counters.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     drops: CachePadded<[AtomicU64; DropReason::ALL.len()]>,
     icmp: [AtomicU64; IcmpCounter::ALL.len()],
+    offload: [AtomicU64; OffloadCounter::ALL.len()],
 }
 
 impl WorkerStats {
@@ -168,6 +215,17 @@ impl WorkerStats {
     #[inline]
     pub fn count_icmp(&self, c: IcmpCounter) {
         self.icmp[c as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n` to an offload counter.
+    #[inline]
+    pub fn count_offload(&self, c: OffloadCounter, n: u64) {
+        self.offload[c as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Current value of an offload counter.
+    pub fn offload_count(&self, c: OffloadCounter) -> u64 {
+        self.offload[c as usize].load(Relaxed)
     }
 
     /// Current value of a drop counter.

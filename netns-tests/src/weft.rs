@@ -158,6 +158,10 @@ pub struct NodeConfig {
     pub vtep_mac: Option<String>,
     /// `tun` or `tap`; `None` is weft's default (tun).
     pub device: Option<String>,
+    /// `offload` (TUN TSO + UDP GSO); `None` is weft's default (on).
+    pub offload: Option<bool>,
+    /// `gro` (UDP GRO + merging for the TUN); `None` is weft's default (on).
+    pub gro: Option<bool>,
     /// Static peers.
     pub peers: Vec<PeerConfig>,
     /// Lease mode: the store and per-node state files. `None` is static mode.
@@ -168,8 +172,8 @@ impl NodeConfig {
     /// The config for numbered host `n<i>`: `198.18.0.<i>`, subnet `10.244.<i>.0/24`, one
     /// worker (the machines have 2 cores), no peers.
     ///
-    /// `io` comes from `$WEFT_TEST_IO` when set, so the whole suite can be run once per I/O
-    /// backend.
+    /// `io` comes from `$WEFT_TEST_IO` when set, and `WEFT_TEST_OFFLOAD=off` turns offloads
+    /// and GRO off, so the whole suite can be run once per I/O backend and offload mode.
     pub fn for_host(i: u8) -> Self {
         Self {
             node_name: format!("n{i}"),
@@ -184,6 +188,8 @@ impl NodeConfig {
             backend: None,
             vtep_mac: None,
             device: None,
+            offload: std::env::var("WEFT_TEST_OFFLOAD").ok().filter(|v| v == "off").map(|_| false),
+            gro: None,
             peers: Vec::new(),
             lease: None,
         }
@@ -278,6 +284,12 @@ impl NodeConfig {
         }
         if let Some(d) = &self.device {
             let _ = writeln!(s, "device = {}", quote(d));
+        }
+        if let Some(o) = self.offload {
+            let _ = writeln!(s, "offload = {o}");
+        }
+        if let Some(g) = self.gro {
+            let _ = writeln!(s, "gro = {g}");
         }
         let _ = writeln!(s, "api_socket = {}", quote(&socket.display().to_string()));
         for p in &self.peers {

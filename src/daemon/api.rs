@@ -107,6 +107,8 @@ pub struct ApiState {
     pub backend: Backend,
     /// Why io_uring is not in use, if it is not.
     pub fallback_reason: Option<String>,
+    /// Offloads chosen at start, by name.
+    pub offloads: Vec<(&'static str, bool)>,
     /// The live route table.
     pub routes: RouteTableHandle,
     /// Every worker's counters.
@@ -246,6 +248,11 @@ impl ApiState {
             },
             io_backend: self.backend.as_str().into(),
             io_fallback_reason: self.fallback_reason.clone(),
+            offloads: self.offloads.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            offload_counters: weft_forwarder::stats::OffloadCounter::ALL
+                .iter()
+                .map(|c| (c.as_str().to_owned(), self.stats.iter().map(|s| s.offload_count(*c)).sum()))
+                .collect(),
             workers: self.cfg.workers,
             network: self.cfg.network.to_string(),
             subnet: self.cfg.subnet.to_string(),

@@ -497,6 +497,13 @@ async fn run_with<C: PacketCore + 'static>(
         underlay,
         backend: probe.backend,
         fallback_reason: probe.fallback_reason,
+        offloads: vec![
+            ("tun_tso", offloads.tun_vnet),
+            ("tun_uso", tun_offloads.uso),
+            ("udp_gso", offloads.gso),
+            ("udp_gro", offloads.gro),
+            ("coalesce", offloads.coalesce),
+        ],
         routes: routes.clone(),
         stats,
         started,

@@ -50,6 +50,27 @@ enum Io {
     Mmsg,
 }
 
+/// Which of weft's offloads run (for before/after figures per technique).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Offload {
+    /// TUN TSO + UDP GSO, UDP GRO + merging (weft's default).
+    All,
+    /// TUN TSO + UDP GSO only: no GRO receives, one TUN write per packet.
+    Tx,
+    /// None: one packet per read, send, receive and write.
+    Off,
+}
+
+impl Offload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Tx => "tx",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// weft's data plane against the plain underlay and Linux's vxlan (flannel-style), side by side.
 /// Run as root.
 #[derive(Debug, Parser)]
@@ -67,6 +88,9 @@ struct Args {
     /// weft's I/O backend; weft chooses when not given.
     #[arg(long, value_enum)]
     io: Option<Io>,
+    /// weft's offloads.
+    #[arg(long, value_enum, default_value_t = Offload::All)]
+    offload: Offload,
     /// Where to write the JSON (default bench/results/vs-kernel-<date>.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -218,6 +242,11 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
                         .to_owned(),
                     );
                 }
+                (c.offload, c.gro) = match args.offload {
+                    Offload::All => (Some(true), Some(true)),
+                    Offload::Tx => (Some(true), Some(false)),
+                    Offload::Off => (Some(false), Some(false)),
+                };
                 daemons.push(topo.start_weft(c).with_context(|| format!("starting weft on n{i}"))?);
             }
             NodeConfig::mesh(2, 2).gateway()?.to_string()
@@ -426,6 +455,7 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
         "host": {"cpus": cpus, "kernel": kernel, "iperf3": iperf_version},
         "settings": {"secs": secs, "pings": pings, "ping_interval_ms": 5, "quick": args.quick,
             "io": args.io.map(|i| match i { Io::Uring => "uring", Io::Mmsg => "mmsg" }),
+            "offload": args.offload.name(),
             "weft_bin": weft_bin().map(|p| p.display().to_string()).ok()},
         "setups": setups,
         "total_s": total.as_secs_f64(),

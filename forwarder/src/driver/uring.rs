@@ -43,7 +43,7 @@ use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::gro::Coalesced;
 use crate::gso::{F_NEEDS_CSUM, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum};
 use crate::route::{RouteTable, RouteTableHandle};
-use crate::stats::DropReason;
+use crate::stats::{DropReason, OffloadCounter};
 
 /// Reads kept in flight on the TUN queue.
 const TUN_READS: usize = 64;
@@ -435,6 +435,7 @@ impl<C: PacketCore> State<C> {
         match (op, errno) {
             (Op::UdpSendTrain, libc::EIO | libc::EINVAL) if self.offloads.gso => {
                 self.offloads.gso = false;
+                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
                 let cleared = self.tun.clear_offloads();
                 tracing::warn!(
                     errno,
@@ -444,6 +445,7 @@ impl<C: PacketCore> State<C> {
             }
             (Op::TunWriteMerged, libc::EINVAL) if self.offloads.coalesce => {
                 self.offloads.coalesce = false;
+                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
                 tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per request");
             }
             _ => {}
@@ -488,6 +490,7 @@ impl<C: PacketCore> State<C> {
             self.pool.release(slot);
             return Ok(());
         };
+        self.fwd.stats().count_offload(OffloadCounter::SuperPacketsRead, 1);
         let before = pkt.len();
         let verdict = self.fwd.from_tun_segmented(routes, &mut pkt, &seg, now);
         let (head, len) = (pkt.head(), pkt.len());
@@ -540,6 +543,8 @@ impl<C: PacketCore> State<C> {
                 if let Some(ms) = self.msgs.get_mut(usize::from(out)) {
                     ms.set_segment_size(stride as u16);
                 }
+                self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
+                self.fwd.stats().count_offload(OffloadCounter::GsoSegments, range.len() as u64);
                 Op::UdpSendTrain
             } else {
                 Op::UdpSend
@@ -656,6 +661,9 @@ impl<C: PacketCore> State<C> {
         }
         // Each datagram of a train is checked within its own bounds, so nothing a peer sends
         // can reach into the next one; what passes is copied into the merge.
+        if train.is_some() {
+            self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
+        }
         let size = train.unwrap_or(n).max(1);
         let mut off = 0;
         while off < n {
@@ -734,7 +742,13 @@ impl<C: PacketCore> State<C> {
         // SAFETY: the merge holds `out`; nothing is in flight on it.
         let buf = unsafe { self.pool.slot_mut(out) };
         let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
-        let op = if m.segments() > 1 { Op::TunWriteMerged } else { Op::TunWrite };
+        let op = if m.segments() > 1 {
+            self.fwd.stats().count_offload(OffloadCounter::MergedWrites, 1);
+            self.fwd.stats().count_offload(OffloadCounter::MergedSegments, m.segments() as u64);
+            Op::TunWriteMerged
+        } else {
+            Op::TunWrite
+        };
         q.push(&tun_write(&self.pool, self.tun.fd(), out, VNET_AT, n, op))
     }
 }
