@@ -1,0 +1,288 @@
+//! Criterion micro-benchmarks of the forwarder's sans-IO core (no TUN, no socket, no syscall):
+//!
+//! - `encap_decap`: one packet's whole trip through the core per iteration: node A's
+//!   `Forwarder::from_tun` encapsulates an inner IPv4/UDP packet, node B's
+//!   `Forwarder::from_underlay` decapsulates the datagram, for flannel `udp` and VXLAN, with
+//!   inner packets of 64 and 1400 bytes;
+//! - `route_lookup`: `RouteTable::lookup` in tables of 10, 1 000 and 65 536 peers, hits spread
+//!   over the table and a miss.
+//!
+//! Before the groups run, a counting global allocator checks that steady-state forwarding
+//! allocates nothing; the binary exits 1 if it does.
+//!
+//! `cargo bench -p weft-bench --bench forwarder` (criterion's flags after `--`; set
+//! `WEFT_BENCH_QUICK=1` for 1 s warm-up and 2 s measurement per benchmark).
+
+// Benches are test code: the workspace denies unwrap/expect/panic in the product only.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::OnceCell;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use ipnet::Ipv4Net;
+use weft_forwarder::buf::{HEADROOM, PacketBuf, SLOT_LEN};
+use weft_forwarder::testing::{A_ENDPOINT, Pair};
+use weft_forwarder::{Encap, NextHop, PeerCounters, RouteTable, TunVerdict, UnderlayVerdict};
+
+// ---------------------------------------------------------------------------------------
+// Counting allocator (as in forwarder/tests/no_alloc.rs).
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: delegates to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+// ---------------------------------------------------------------------------------------
+// The forwarding round.
+
+/// Inner IP packet sizes (IP total length, bytes): a minimal packet and a full one that fits
+/// both formats' path MTU (`Pair`: 1472 for udp, 1450 for VXLAN).
+const SIZES: [usize; 2] = [64, 1400];
+
+/// An IPv4/UDP packet of `total` bytes from a pod on node A (10.244.1.0/24) to one on node B
+/// (10.244.2.0/24), as iperf3 -u sends it.
+fn inner_udp(total: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(total);
+    etherparse::PacketBuilder::ipv4([10, 244, 1, 1], [10, 244, 2, 1], 64)
+        .udp(40_000, 5201)
+        .write(&mut out, &vec![0x5a; total - 28])
+        .unwrap();
+    assert_eq!(out.len(), total);
+    out
+}
+
+/// One round: copies `inner` into the slot (as the TUN read would), A encapsulates it, B
+/// decapsulates the datagram. Returns the length of the inner packet B delivers, 0 if either
+/// side did not pass it on. Allocates nothing.
+#[inline]
+fn round<E: Encap>(net: &mut Pair<E>, slot: &mut [u8], inner: &[u8], from_a: SocketAddr) -> usize {
+    slot[HEADROOM..HEADROOM + inner.len()].copy_from_slice(inner);
+    let Some(mut pkt) = PacketBuf::new(slot, HEADROOM, inner.len()) else {
+        return 0;
+    };
+    let TunVerdict::Send { .. } = net.a.from_tun(&net.routes_a, &mut pkt, net.now) else {
+        return 0;
+    };
+    match net.b.from_underlay(&net.routes_b, from_a, &mut pkt) {
+        UnderlayVerdict::Deliver { .. } => pkt.len(),
+        UnderlayVerdict::Reply { .. } | UnderlayVerdict::Drop(_) => 0,
+    }
+}
+
+fn from_a() -> SocketAddr {
+    A_ENDPOINT.parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// The allocation check.
+
+/// Steady-state rounds per (format, size) that must not allocate.
+const NO_ALLOC_ROUNDS: usize = 10_000;
+
+/// Runs [`NO_ALLOC_ROUNDS`] rounds after a warm-up; returns (allocations, rounds delivered).
+fn count_allocs<E: Encap>(mut net: Pair<E>, inner: &[u8]) -> (u64, usize) {
+    let from_a = from_a();
+    let mut slot = vec![0u8; SLOT_LEN];
+    for _ in 0..100 {
+        black_box(round(&mut net, &mut slot, inner, from_a));
+    }
+    let before = ALLOCS.load(Ordering::Relaxed);
+    let mut delivered = 0;
+    for _ in 0..NO_ALLOC_ROUNDS {
+        delivered += usize::from(black_box(round(&mut net, &mut slot, black_box(inner), from_a)) == inner.len());
+    }
+    (ALLOCS.load(Ordering::Relaxed) - before, delivered)
+}
+
+/// Exits 1 if steady-state forwarding allocates, or fails to deliver.
+fn check_no_alloc() {
+    let mut failed = false;
+    for size in SIZES {
+        let inner = inner_udp(size);
+        for (name, (allocs, delivered)) in
+            [("udp", count_allocs(Pair::new(), &inner)), ("vxlan", count_allocs(Pair::vxlan(), &inner))]
+        {
+            println!(
+                "no-alloc check: {name}/{size}: {allocs} allocations in {NO_ALLOC_ROUNDS} from_tun+from_underlay \
+                 rounds ({delivered} delivered)"
+            );
+            if allocs != 0 {
+                eprintln!("FAIL: the forwarder allocated {allocs} times in {NO_ALLOC_ROUNDS} steady-state rounds");
+                failed = true;
+            }
+            if delivered != NO_ALLOC_ROUNDS {
+                eprintln!("FAIL: only {delivered} of {NO_ALLOC_ROUNDS} packets were delivered; the bench is broken");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// encap_decap
+
+fn bench_format<E: Encap>(c: &mut Criterion, name: &str, mut net: Pair<E>) {
+    let mut g = c.benchmark_group("encap_decap");
+    let from_a = from_a();
+    let mut slot = vec![0u8; SLOT_LEN];
+    for size in SIZES {
+        let inner = inner_udp(size);
+        assert_eq!(round(&mut net, &mut slot, &inner, from_a), size, "{name}/{size}: B did not deliver");
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new(name, size), &inner, |b, inner| {
+            b.iter(|| round(&mut net, &mut slot, black_box(inner), from_a));
+        });
+    }
+    g.finish();
+}
+
+fn encap_decap(c: &mut Criterion) {
+    bench_format(c, "udp", Pair::new());
+    bench_format(c, "vxlan", Pair::vxlan());
+}
+
+// ---------------------------------------------------------------------------------------
+// route_lookup
+
+/// Table sizes. 65 536 is the most a `RouteTable` holds (`PeerId` is a u16: 100 000 peers
+/// fail with `RouteError::TooManyPeers`); as /24s it fills all of 10.0.0.0/8.
+const TABLE_SIZES: [u32; 3] = [10, 1_000, 65_536];
+
+/// Destinations looked up in turn by the `hit` benchmark (a power of two).
+const HIT_DSTS: usize = 1024;
+
+/// `n` peers; peer `i` holds 10.(i/256).(i%256).0/24 behind 198.18.0.0 + i, port 8285.
+fn table(n: u32) -> RouteTable {
+    let peers = (0..n)
+        .map(|i| NextHop {
+            name: format!("node-{i}").into(),
+            endpoint: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)), 8285),
+            subnet_v4: Some(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | (i << 8)), 24).unwrap()),
+            subnet_v6: None,
+            mac: None,
+            mtu: 1472,
+            counters: Arc::new(PeerCounters::new(1)),
+        })
+        .collect();
+    RouteTable::new(peers, true).unwrap()
+}
+
+/// [`HIT_DSTS`] hosts in peers picked pseudo-randomly (xorshift) over the whole table.
+fn hit_dsts(n: u32) -> Vec<IpAddr> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..HIT_DSTS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let peer = x % n;
+            let host = 1 + (x >> 24) % 254;
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (peer << 8) | host))
+        })
+        .collect()
+}
+
+/// A table of `n` peers and the destinations that hit it, checked; prints how long the table
+/// took to build (not a criterion figure: `RouteTable::new` checks each peer's subnets against
+/// every peer before it, so this grows with n²).
+fn fixture(n: u32, miss: IpAddr) -> (RouteTable, Vec<IpAddr>) {
+    let started = Instant::now();
+    let t = table(n);
+    println!("route_lookup: RouteTable::new with {n} peers took {:.3} s", started.elapsed().as_secs_f64());
+    let dsts = hit_dsts(n);
+    assert!(dsts.iter().all(|d| t.lookup(*d).is_some_and(|(_, hop)| hop.owns(*d))));
+    assert!(t.lookup(miss).is_none());
+    // Untimed warm-up: criterion's own ends after the first call when that call built the table.
+    for _ in 0..1000 {
+        for d in &dsts {
+            black_box(t.lookup(*d));
+        }
+    }
+    (t, dsts)
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_lookup");
+    g.throughput(Throughput::Elements(1));
+    // Outside 10.0.0.0/8 (TEST-NET-1), so it misses at every table size.
+    let miss = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    for n in TABLE_SIZES {
+        // Built on first use, so runs filtered to other benchmarks (`-- encap_decap`, `--list`)
+        // don't pay the 65 536-peer build (about 25 s).
+        let cell = OnceCell::new();
+        let fixture = || cell.get_or_init(|| fixture(n, miss));
+        g.bench_function(BenchmarkId::new("hit", n), |b| {
+            let (t, dsts) = fixture();
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & (HIT_DSTS - 1);
+                t.lookup(black_box(dsts[i])).map(|(id, _)| id)
+            });
+        });
+        g.bench_function(BenchmarkId::new("miss", n), |b| {
+            let (t, _) = fixture();
+            b.iter(|| t.lookup(black_box(miss)).map(|(id, _)| id));
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// Criterion's defaults, or short runs when `WEFT_BENCH_QUICK` is set; command-line flags
+/// (`--warm-up-time`, `--measurement-time`, ...) override either.
+fn config() -> Criterion {
+    let c = Criterion::default();
+    if std::env::var_os("WEFT_BENCH_QUICK").is_some() {
+        c.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2))
+    } else {
+        c
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = encap_decap, route_lookup
+}
+
+// criterion_main!, with the allocation check first.
+fn main() {
+    check_no_alloc();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
