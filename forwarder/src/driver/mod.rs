@@ -15,6 +15,7 @@ pub mod sockaddr;
 pub mod tun;
 pub mod udp;
 
+mod bufring;
 mod mmsg;
 mod uring;
 

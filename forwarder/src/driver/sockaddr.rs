@@ -55,6 +55,26 @@ pub fn read(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Parses a `sockaddr_in` / `sockaddr_in6` from raw bytes (the name field of a multishot
+/// receive); `None` for another family or too few bytes.
+pub fn from_bytes(b: &[u8]) -> Option<SocketAddr> {
+    let family = i32::from(u16::from_ne_bytes([*b.first()?, *b.get(1)?]));
+    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
+    match family {
+        libc::AF_INET => {
+            let ip: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+        }
+        libc::AF_INET6 => {
+            let flow = u32::from_ne_bytes(b.get(4..8)?.try_into().ok()?);
+            let ip: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            let scope = u32::from_ne_bytes(b.get(24..28)?.try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flow, scope)))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,8 +85,12 @@ mod tests {
             let a: SocketAddr = a.parse().unwrap();
             // SAFETY: all-zero is a valid sockaddr_storage.
             let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            write(a, &mut s);
+            let len = write(a, &mut s) as usize;
             assert_eq!(read(&s), Some(a));
+            // SAFETY: sockaddr_storage is plain bytes; `len` ≤ its size.
+            let bytes = unsafe { std::slice::from_raw_parts((&s as *const libc::sockaddr_storage).cast::<u8>(), len) };
+            assert_eq!(from_bytes(bytes), Some(a));
+            assert_eq!(from_bytes(&bytes[..3]), None);
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The io_uring worker: TUN reads, UDP receives, UDP sends and TUN writes are all SQEs on
 //! one ring per worker, submitted in batches, over buffers registered once.
 //!
-//! 1. Keep `TUN_READS` `READ_FIXED`s on the TUN queue and `UDP_RECVS` `RECVMSG`s on the
-//!    socket in flight, each naming its own pool slot.
+//! 1. Keep one multishot read on the TUN queue (`READ_MULTISHOT`, Linux ≥ 6.7) and one
+//!    multishot `RECVMSG` on the socket in flight, each drawing pool slots from its own
+//!    provided-buffer ring, topped up once per loop. (Older kernels: a few `READ_FIXED`s
+//!    and `RECVMSG`s in flight, each naming its own slot.)
 //! 2. Enter the kernel once per loop: submit everything queued and wait for at least one
 //!    completion (or a 100 ms tick to notice the stop flag).
 //! 3. Load the route table once, read the clock once, then run every completion through the
@@ -32,9 +34,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::Offloads;
+use super::bufring::BufRing;
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -45,10 +48,27 @@ use crate::gso::{F_NEEDS_CSUM, Segmentation, VNET_HDR_LEN, VnetHdr, complete_che
 use crate::route::{RouteTable, RouteTableHandle};
 use crate::stats::{DropReason, OffloadCounter};
 
-/// Reads kept in flight on the TUN queue.
-const TUN_READS: usize = 64;
-/// Receives kept in flight on the UDP socket.
-const UDP_RECVS: usize = 64;
+/// Without multishot: reads kept in flight on the TUN queue. Few, because every armed read
+/// wakes on every packet.
+const TUN_READS: usize = 4;
+/// Without multishot: receives kept in flight on the UDP socket.
+const UDP_RECVS: usize = 4;
+/// Slots lent to each provided-buffer ring.
+const RING_LEND: usize = 64;
+/// Descriptors per provided-buffer ring (a power of two above `RING_LEND`).
+const RING_ENTRIES: u16 = 128;
+/// Buffer group of the TUN's multishot read.
+const BGID_TUN: u16 = 0;
+/// Buffer group of the socket's multishot receive.
+const BGID_UDP: u16 = 1;
+/// Name space in a multishot receive's buffer (fits a `sockaddr_in6`).
+const RECV_NAME_LEN: usize = std::mem::size_of::<libc::sockaddr_in6>();
+/// Control space in a multishot receive's buffer (one `UDP_GRO` cmsg).
+const RECV_CTRL_LEN: usize = 32;
+/// `struct io_uring_recvmsg_out`, in front of name, control and payload.
+const RECVMSG_OUT_LEN: usize = 16;
+/// Bytes a multishot receive writes before the payload, which thus lands at `HEADROOM`.
+const RECV_PREFIX: usize = RECVMSG_OUT_LEN + RECV_NAME_LEN + RECV_CTRL_LEN;
 /// Submission queue entries; completions get 16× that.
 const SQ_ENTRIES: u32 = 256;
 /// `user_data` of the stop-time cancellation (decodes to no op, so it is never counted).
@@ -76,6 +96,10 @@ enum Op {
     UdpSendTrain = 5,
     /// A TUN write of a merged super-packet.
     TunWriteMerged = 6,
+    /// The TUN's multishot read; the slot comes with each completion.
+    TunReadMulti = 7,
+    /// The socket's multishot receive; the slot comes with each completion.
+    UdpRecvMulti = 8,
 }
 
 #[inline]
@@ -93,6 +117,8 @@ fn decode(ud: u64) -> Option<(Op, u16)> {
         4 => Op::TunWrite,
         5 => Op::UdpSendTrain,
         6 => Op::TunWriteMerged,
+        7 => Op::TunReadMulti,
+        8 => Op::UdpRecvMulti,
         _ => return None,
     };
     Some((op, slot))
@@ -116,23 +142,7 @@ impl MsgSlot {
     /// The segment size of a received GRO train, from its `UDP_GRO` cmsg. The buffer was
     /// zeroed before the receive, so a kernel that wrote nothing leaves nothing to find.
     fn gro_size(&self) -> Option<usize> {
-        let len = self.hdr.msg_controllen.min(CTRL_LEN);
-        let buf = self.ctrl.0.get(..len)?;
-        let mut at = 0;
-        while let Some(h) = buf.get(at..at + CMSG_HDR_LEN) {
-            let cmsg_len = usize::from_ne_bytes(h.get(..8)?.try_into().ok()?);
-            let level = i32::from_ne_bytes(h.get(8..12)?.try_into().ok()?);
-            let kind = i32::from_ne_bytes(h.get(12..16)?.try_into().ok()?);
-            if cmsg_len < CMSG_HDR_LEN {
-                return None;
-            }
-            if level == libc::SOL_UDP && kind == libc::UDP_GRO {
-                let v = i32::from_ne_bytes(buf.get(at + CMSG_HDR_LEN..at + CMSG_HDR_LEN + 4)?.try_into().ok()?);
-                return usize::try_from(v).ok().filter(|v| *v > 0);
-            }
-            at += cmsg_len.next_multiple_of(8);
-        }
-        None
+        gro_size(self.ctrl.0.get(..self.hdr.msg_controllen.min(CTRL_LEN))?)
     }
 
     /// Writes a `UDP_SEGMENT` cmsg of `size` and points the msghdr at it.
@@ -152,6 +162,25 @@ impl MsgSlot {
         self.hdr.msg_control = self.ctrl.0.as_mut_ptr().cast();
         self.hdr.msg_controllen = CTRL_LEN;
     }
+}
+
+/// The segment size in a `UDP_GRO` cmsg among the control messages `buf`.
+fn gro_size(buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(h) = buf.get(at..at + CMSG_HDR_LEN) {
+        let cmsg_len = usize::from_ne_bytes(h.get(..8)?.try_into().ok()?);
+        let level = i32::from_ne_bytes(h.get(8..12)?.try_into().ok()?);
+        let kind = i32::from_ne_bytes(h.get(12..16)?.try_into().ok()?);
+        if cmsg_len < CMSG_HDR_LEN {
+            return None;
+        }
+        if level == libc::SOL_UDP && kind == libc::UDP_GRO {
+            let v = i32::from_ne_bytes(buf.get(at + CMSG_HDR_LEN..at + CMSG_HDR_LEN + 4)?.try_into().ok()?);
+            return usize::try_from(v).ok().filter(|v| *v > 0);
+        }
+        at += cmsg_len.next_multiple_of(8);
+    }
+    None
 }
 
 /// Builds a ring with the flags that make batched waits cheap, falling back to a plain ring
@@ -213,6 +242,40 @@ impl Queue<'_> {
     }
 }
 
+/// The multishot requests and the buffer rings they draw from.
+struct Multishot {
+    tun: BufRing,
+    udp: BufRing,
+    /// The receive's template: name and control lengths only. Boxed: the kernel reads it
+    /// for as long as the request lives.
+    tmpl: Box<libc::msghdr>,
+    tun_armed: bool,
+    udp_armed: bool,
+    /// Whether any completion arrived yet: an `EINVAL` before that means the kernel
+    /// does not support the request, and the worker falls back to armed reads.
+    proven: bool,
+}
+
+impl Multishot {
+    /// Sets up both buffer rings if the kernel has multishot reads (Linux ≥ 6.7); `None`
+    /// otherwise, and the worker keeps a few single reads armed instead.
+    fn new(submitter: &io_uring::Submitter<'_>, offloads: &Offloads) -> Option<Self> {
+        let mut probe = io_uring::Probe::new();
+        submitter.register_probe(&mut probe).ok()?;
+        if !probe.is_supported(opcode::ReadMulti::CODE) {
+            return None;
+        }
+        let read_at = if offloads.tun_vnet { VNET_AT } else { HEADROOM };
+        let tun = BufRing::new(submitter, RING_ENTRIES, BGID_TUN, read_at).ok()?;
+        let udp = BufRing::new(submitter, RING_ENTRIES, BGID_UDP, HEADROOM - RECV_PREFIX).ok()?;
+        // SAFETY: all-zero is a valid msghdr.
+        let mut tmpl: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        tmpl.msg_namelen = RECV_NAME_LEN as libc::socklen_t;
+        tmpl.msg_controllen = if offloads.gro { RECV_CTRL_LEN } else { 0 };
+        Some(Self { tun, udp, tmpl, tun_armed: false, udp_armed: false, proven: false })
+    }
+}
+
 /// Everything of a worker but the ring.
 struct State<C: PacketCore> {
     msgs: Box<[MsgSlot]>,
@@ -228,6 +291,8 @@ struct State<C: PacketCore> {
     udp_recvs: usize,
     /// The super-packet being merged for the TUN, and its slot.
     merge: Option<(u16, Coalesced)>,
+    /// Multishot reads and receives, when the kernel has them.
+    multi: Option<Multishot>,
 }
 
 /// One io_uring worker. Field order is drop order: the ring goes before the memory its
@@ -264,6 +329,7 @@ impl<C: PacketCore> UringWorker<C> {
             })
             .collect();
         let send_fds = send.iter().map(AsRawFd::as_raw_fd).collect();
+        let multi = Multishot::new(&ring.submitter(), &offloads);
         let st = State {
             msgs,
             pool,
@@ -276,6 +342,7 @@ impl<C: PacketCore> UringWorker<C> {
             tun_reads: 0,
             udp_recvs: 0,
             merge: None,
+            multi,
         };
         Ok(Self { ring, st, routes, stop })
     }
@@ -307,8 +374,12 @@ impl<C: PacketCore> UringWorker<C> {
                 cq.sync();
                 for cqe in &mut cq {
                     let Some((op, slot)) = decode(cqe.user_data()) else { continue };
-                    q.inflight -= 1;
-                    st.complete(&mut q, op, slot, cqe.result(), &table, now)?;
+                    let flags = cqe.flags();
+                    // A multishot request stays in flight while its completions say MORE.
+                    if !cqueue::more(flags) {
+                        q.inflight -= 1;
+                    }
+                    st.complete(&mut q, op, slot, cqe.result(), flags, &table, now)?;
                 }
                 // 4. What was merged in this batch goes to the TUN now.
                 st.flush(&mut q)?;
@@ -332,9 +403,15 @@ impl<C: PacketCore> UringWorker<C> {
             }
             cq.sync();
             for cqe in &mut cq {
-                if let Some((_, slot)) = decode(cqe.user_data()) {
-                    q.inflight -= 1;
-                    st.pool.release(slot);
+                if let Some((op, slot)) = decode(cqe.user_data()) {
+                    if !cqueue::more(cqe.flags()) {
+                        q.inflight -= 1;
+                    }
+                    match (op, cqueue::buffer_select(cqe.flags())) {
+                        (Op::TunReadMulti | Op::UdpRecvMulti, Some(bid)) => st.pool.release(bid),
+                        (Op::TunReadMulti | Op::UdpRecvMulti, None) => {}
+                        _ => st.pool.release(slot),
+                    }
                 }
             }
         }
@@ -343,8 +420,36 @@ impl<C: PacketCore> UringWorker<C> {
 }
 
 impl<C: PacketCore> State<C> {
-    /// Keeps `TUN_READS` reads and `UDP_RECVS` receives in flight.
+    /// Keeps the multishot requests armed and their rings stocked, or, without multishot,
+    /// `TUN_READS` reads and `UDP_RECVS` receives in flight.
     fn arm(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
+        if let Some(ms) = &mut self.multi {
+            for ring in [&mut ms.tun, &mut ms.udp] {
+                let before = ring.lent;
+                while ring.lent < RING_LEND {
+                    let Some(slot) = self.pool.alloc() else { break };
+                    ring.lend(&self.pool, slot);
+                }
+                if ring.lent != before {
+                    ring.publish();
+                }
+            }
+            if !ms.tun_armed && ms.tun.lent > 0 {
+                let e = opcode::ReadMulti::new(types::Fd(self.tun.fd()), 0, ms.tun.bgid)
+                    .build()
+                    .user_data(user_data(Op::TunReadMulti, 0));
+                q.push(&e)?;
+                ms.tun_armed = true;
+            }
+            if !ms.udp_armed && ms.udp.lent > 0 {
+                let e = opcode::RecvMsgMulti::new(types::Fd(self.udp.as_raw_fd()), &*ms.tmpl, ms.udp.bgid)
+                    .build()
+                    .user_data(user_data(Op::UdpRecvMulti, 0));
+                q.push(&e)?;
+                ms.udp_armed = true;
+            }
+            return Ok(());
+        }
         let (read_at, udp_fd) = (if self.offloads.tun_vnet { VNET_AT } else { HEADROOM }, self.udp.as_raw_fd());
         while self.tun_reads < TUN_READS {
             let Some(slot) = self.pool.alloc() else { break };
@@ -376,16 +481,41 @@ impl<C: PacketCore> State<C> {
     }
 
     /// Handles one completion.
+    #[allow(clippy::too_many_arguments)]
     fn complete(
         &mut self,
         q: &mut Queue<'_>,
         op: Op,
         slot: u16,
         res: i32,
+        flags: u32,
         routes: &RouteTable,
         now: Instant,
     ) -> io::Result<()> {
         match op {
+            Op::TunReadMulti | Op::UdpRecvMulti => {
+                let Some(slot) = self.multishot_completed(op, res, flags)? else { return Ok(()) };
+                let n = usize::try_from(res).unwrap_or(0);
+                if op == Op::UdpRecvMulti {
+                    return self.on_multishot_recv(q, slot, n, routes, now);
+                }
+                if self.offloads.tun_vnet {
+                    return self.on_tun_read_vnet(q, slot, n, routes, now);
+                }
+                // SAFETY: the kernel filled the slot and handed it back with this completion.
+                let buf = unsafe { self.pool.slot_mut(slot) };
+                match PacketBuf::new(buf, HEADROOM, n) {
+                    Some(mut pkt) => {
+                        let verdict = self.fwd.from_tun(routes, &mut pkt, now);
+                        let (head, len) = (pkt.head(), pkt.len());
+                        self.on_tun_verdict(q, slot, verdict, head, len, routes)
+                    }
+                    None => {
+                        self.pool.release(slot);
+                        Ok(())
+                    }
+                }
+            }
             Op::TunRead => {
                 self.tun_reads -= 1;
                 let Ok(n) = usize::try_from(res) else {
@@ -422,6 +552,85 @@ impl<C: PacketCore> State<C> {
                 if res < 0 {
                     self.on_send_error(op, -res);
                 }
+                self.pool.release(slot);
+                Ok(())
+            }
+        }
+    }
+
+    /// Bookkeeping of a multishot completion: notes when the request ended, takes back
+    /// the slot it filled. `Some(slot)` when there is a packet to handle.
+    ///
+    /// # Errors
+    /// The TUN is gone (the daemon stops rather than spin).
+    fn multishot_completed(&mut self, op: Op, res: i32, flags: u32) -> io::Result<Option<u16>> {
+        let Some(ms) = &mut self.multi else { return Ok(None) };
+        let tun = op == Op::TunReadMulti;
+        if !cqueue::more(flags) {
+            // Ended (ring ran dry: ENOBUFS, or an error): re-armed next loop.
+            if tun { ms.tun_armed = false } else { ms.udp_armed = false }
+        }
+        let bid = cqueue::buffer_select(flags);
+        if bid.is_some() {
+            let ring = if tun { &mut ms.tun } else { &mut ms.udp };
+            ring.lent = ring.lent.saturating_sub(1);
+        }
+        if res >= 0 {
+            ms.proven = true;
+            return Ok(bid.or_else(|| {
+                self.fwd.stats().count_drop(DropReason::IoError);
+                None
+            }));
+        }
+        if let Some(bid) = bid {
+            self.pool.release(bid);
+        }
+        if res == -libc::EINVAL && !ms.proven {
+            // The kernel does not take this request: fall back to armed single reads.
+            tracing::warn!("multishot reads refused by the kernel; arming single reads instead");
+            self.multi = None;
+            return Ok(None);
+        }
+        if super::is_transient(-res) {
+            return Ok(None);
+        }
+        if tun {
+            // The TUN is gone (deleted under us): stop rather than spin.
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        self.fwd.stats().count_drop(DropReason::IoError);
+        Ok(None)
+    }
+
+    /// A multishot receive filled `n` bytes of `slot`: the `io_uring_recvmsg_out` header,
+    /// the sender's address, control messages, then the datagram at `HEADROOM`.
+    fn on_multishot_recv(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        n: usize,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
+        let Some(ms) = &self.multi else {
+            self.pool.release(slot);
+            return Ok(());
+        };
+        let at = ms.udp.offset();
+        // SAFETY: the kernel filled the slot and handed it back with this completion.
+        let buf = unsafe { self.pool.slot_mut(slot) };
+        let parsed = buf.get(at..at + n).and_then(|b| types::RecvMsgOut::parse(b, &ms.tmpl).ok()).map(|out| {
+            (
+                sockaddr::from_bytes(out.name_data()),
+                gro_size(out.control_data()),
+                out.payload_data().len(),
+                out.is_payload_truncated(),
+            )
+        });
+        match parsed {
+            Some((Some(from), train, len, false)) => self.on_datagrams(q, slot, from, len, train, routes, now),
+            _ => {
+                self.fwd.stats().count_drop(DropReason::Truncated);
                 self.pool.release(slot);
                 Ok(())
             }
@@ -636,6 +845,23 @@ impl<C: PacketCore> State<C> {
             self.pool.release(slot);
             return Ok(());
         };
+        self.on_datagrams(q, slot, from, n, train, routes, now)
+    }
+
+    /// `n` bytes from `from` at `HEADROOM` of `slot`: one datagram, or a GRO train of
+    /// `train`-byte datagrams. Checks each, then delivers, answers or drops it; releases
+    /// `slot` unless it was sent on.
+    #[allow(clippy::too_many_arguments)]
+    fn on_datagrams(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        from: SocketAddr,
+        n: usize,
+        train: Option<usize>,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
         if !self.offloads.tun_vnet {
             // One datagram, decapsulated and written in place.
             // SAFETY: the receive completed, so the slot is ours again.
