@@ -18,6 +18,10 @@
 //! node with offloads and one without must still talk: the wire format does not change.
 //! Needs root; run with `--test-threads=1`.
 
+// Setup and assertion helpers outside #[test] fns: a failing step must fail the test loudly,
+// naming the counter and printing the status it read.
+#![allow(clippy::expect_used, clippy::panic)]
+
 use serde_json::Value;
 use weft_netns_tests::{IperfServer, NodeConfig, Topology, iperf3_tcp, json_path, ping_all};
 
