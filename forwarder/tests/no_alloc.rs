@@ -3,7 +3,6 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use weft_forwarder::buf::{HEADROOM, PacketBuf, SLOT_LEN};
@@ -12,12 +11,24 @@ use weft_forwarder::{TunVerdict, UnderlayVerdict};
 
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Allocations made by this thread: tests run in parallel, each counts its own.
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn allocs() -> u64 {
+    ALLOCS.with(std::cell::Cell::get)
+}
+
+fn count() {
+    // try_with: the thread-local may already be gone while a thread exits.
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
 
 // SAFETY: delegates to the system allocator unchanged; only counts calls.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
@@ -26,7 +37,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -43,7 +54,7 @@ fn forwarding_allocates_nothing_per_packet() {
     let unroutable = icmp_echo([10, 244, 1, 5], [10, 244, 77, 1], 64);
     let mut slot = vec![0u8; SLOT_LEN];
     let now = Instant::now();
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocs();
     let (mut delivered, mut replies) = (0u32, 0u32);
     for i in 0..20_000u32 {
         let bytes = if i % 10 == 0 { &unroutable } else { &good };
@@ -60,8 +71,76 @@ fn forwarding_allocates_nothing_per_packet() {
             TunVerdict::Drop(_) => {}
         }
     }
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let allocs = allocs() - before;
     assert_eq!(delivered, 18_000);
     assert!(replies > 0, "the ICMP path was not exercised");
     assert_eq!(allocs, 0, "{allocs} allocations while forwarding 20 000 packets");
+}
+
+/// The offload path: a 64 KiB TCP super-packet checked and encapsulated whole, cut into
+/// segments, each segment checked by the receiver and merged back into one super-packet.
+#[test]
+fn cutting_and_merging_super_packets_allocates_nothing() {
+    use weft_forwarder::forwarder::PacketCore;
+    use weft_forwarder::gro::Coalesced;
+    use weft_forwarder::gso::{F_NEEDS_CSUM, GSO_TCPV4, Segmentation, VnetHdr};
+
+    let mut net = Pair::vxlan();
+    let from_a: SocketAddr = A_ENDPOINT.parse().unwrap();
+    let mss = 1398usize;
+    let data: Vec<u8> = (0..mss * 46).map(|i| i as u8).collect();
+    let mut sp = Vec::new();
+    etherparse::PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 9], 64)
+        .tcp(40000, 5201, 7, 502)
+        .ack(1)
+        .write(&mut sp, &data)
+        .unwrap();
+    let hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: mss as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let (mut slot, mut train, mut merged) = (vec![0u8; SLOT_LEN], vec![0u8; SLOT_LEN], vec![0u8; SLOT_LEN]);
+    let now = Instant::now();
+    let before = allocs();
+    let mut merged_segments = 0;
+    for _ in 0..200 {
+        slot[HEADROOM..HEADROOM + sp.len()].copy_from_slice(&sp);
+        let mut pkt = PacketBuf::new(&mut slot, HEADROOM, sp.len()).unwrap();
+        let seg = Segmentation::parse(&hdr, pkt.as_slice()).unwrap();
+        let TunVerdict::Send { .. } = net.a.from_tun_segmented(&net.routes_a, &mut pkt, &seg, now) else {
+            panic!("super-packet not sent");
+        };
+        let prefix = pkt.len() - sp.len();
+        let stride = prefix + seg.segment_len();
+        let per_train = seg.segments_per_train(prefix);
+        let mut merge: Option<Coalesced> = None;
+        let mut first = 0;
+        while first < seg.segments() {
+            let range = first..(first + per_train).min(seg.segments());
+            let n = seg.write_segments(pkt.as_slice(), prefix, range.clone(), &mut train).unwrap();
+            for k in 0..range.len() {
+                let start = k * stride;
+                let len = stride.min(n - start);
+                let mut d = PacketBuf::new(&mut train[..start + len], start, len).unwrap();
+                let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d) else {
+                    panic!("segment dropped");
+                };
+                let appended = merge.as_mut().is_some_and(|m| m.append(d.as_slice(), &mut merged));
+                if !appended {
+                    merge = Coalesced::start(d.as_slice(), &mut merged);
+                }
+            }
+            first = range.end;
+        }
+        let m = merge.unwrap();
+        assert!(m.finish(&mut merged) > 60_000);
+        merged_segments += m.segments();
+    }
+    let allocs = allocs() - before;
+    assert_eq!(merged_segments, 200 * 46, "every super-packet came back whole");
+    assert_eq!(allocs, 0, "{allocs} allocations while cutting and merging 200 super-packets");
 }
