@@ -1,7 +1,10 @@
 //! Coalescing, sans-IO: consecutive TCP segments of one flow, decapsulated from the
 //! underlay and checked by the forwarder, merged back into one super-packet that the driver
 //! writes to the TUN behind a virtio-net header — one write instead of dozens
-//! (`reference/performance.md` §4).
+//! (`reference/performance.md` §4). Where the TUN takes USO (Linux ≥ 6.2), equal-sized UDP
+//! datagrams of one flow are merged the same way (the kernel's UDP GRO rules: same
+//! addresses and ports, same size but a shorter last one, at most 64), which is what makes
+//! small-packet floods cheap.
 //!
 //! The merge rules follow the kernel's own TCP GRO (as wireguard-go's do): same addresses,
 //! ports, ACK number, header length and byte-identical options, same TOS/TTL/DF (IPv6:
@@ -14,13 +17,44 @@
 
 #![deny(unsafe_code)]
 
-use crate::gso::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, VnetHdr, pseudo_sum};
+use crate::gso::{
+    F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_TRAIN_SEGMENTS, VNET_HDR_LEN, VnetHdr, pseudo_sum,
+};
 use crate::wire::checksum;
 
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// Largest IPv4 total length / IPv6 payload length.
 const MAX_IP_LEN: usize = 65_535;
+
+/// An IPv4 header without options, or IPv6 without extension headers, carrying `proto`,
+/// not a fragment: `Some((v6, l4))`.
+fn plain_ip(ip: &[u8], proto: u8) -> Option<(bool, usize)> {
+    match ip.first()? >> 4 {
+        4 => {
+            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
+            (ip[0] & 0x0f == 5 && *ip.get(9)? == proto && frag & 0x3fff == 0).then_some((false, 20))
+        }
+        6 => (*ip.get(6)? == proto).then_some((true, 40)),
+        _ => None,
+    }
+}
+
+/// A UDP datagram eligible for merging (USO): `Some((v6, l4))`.
+fn udp_datagram(ip: &[u8]) -> Option<(bool, usize)> {
+    let (v6, l4) = plain_ip(ip, 17)?;
+    let ulen = usize::from(u16::from_be_bytes([*ip.get(l4 + 4)?, *ip.get(l4 + 5)?]));
+    if ulen != ip.len() - l4 || ulen <= 8 {
+        return None;
+    }
+    let check = u16::from_be_bytes([ip[l4 + 6], ip[l4 + 7]]);
+    // IPv4 may carry no checksum (zero); anything else must verify.
+    let unchecked = !v6 && check == 0;
+    if !unchecked && checksum::fold(checksum::sum(pseudo_sum(ip, v6, 17, ulen), &ip[l4..])) != 0 {
+        return None;
+    }
+    Some((v6, l4))
+}
 
 /// What [`tcp_segment`] learns about a packet that may be merged.
 #[derive(Clone, Copy, Debug)]
@@ -36,18 +70,7 @@ struct Segment {
 
 /// A TCP segment eligible for merging, or `None`.
 fn tcp_segment(ip: &[u8]) -> Option<Segment> {
-    let (v6, l4) = match ip.first()? >> 4 {
-        4 => {
-            // No options (IHL 5), TCP, not a fragment (MF clear, offset zero).
-            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
-            if ip[0] & 0x0f != 5 || *ip.get(9)? != 6 || frag & 0x3fff != 0 {
-                return None;
-            }
-            (false, 20)
-        }
-        6 if *ip.get(6)? == 6 => (true, 40),
-        _ => return None,
-    };
+    let (v6, l4) = plain_ip(ip, 6)?;
     let tcp_len = usize::from(ip.get(l4 + 12)? >> 4) * 4;
     let hdrs = l4 + tcp_len;
     let flags = *ip.get(l4 + 13)?;
@@ -63,10 +86,10 @@ fn tcp_segment(ip: &[u8]) -> Option<Segment> {
     Some(Segment { v6, l4, hdrs, seq, flags })
 }
 
-/// Whether the headers of `a` and `b` (same version, same header length) agree on
-/// everything that must not change within one merged packet.
-fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
-    let ip_same = if s.v6 {
+/// Whether the IP headers of `a` and `b` (same version) agree on everything that must not
+/// change within one merged packet.
+fn same_ip(a: &[u8], b: &[u8], v6: bool) -> bool {
+    if v6 {
         // Version, traffic class, flow label; next header, hop limit; addresses.
         a.get(0..4) == b.get(0..4) && a.get(6..40) == b.get(6..40)
     } else {
@@ -75,10 +98,15 @@ fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
             && a.get(6..7) == b.get(6..7)
             && a.get(8..10) == b.get(8..10)
             && a.get(12..20) == b.get(12..20)
-    };
+    }
+}
+
+/// Whether the headers of `a` and `b` (same version, same header length) agree on
+/// everything that must not change within one merged TCP packet.
+fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
     let l4 = s.l4;
     // Ports; ACK number; data offset; options.
-    ip_same
+    same_ip(a, b, s.v6)
         && a.get(l4..l4 + 4) == b.get(l4..l4 + 4)
         && a.get(l4 + 8..l4 + 13) == b.get(l4 + 8..l4 + 13)
         && a.get(l4 + 20..s.hdrs) == b.get(l4 + 20..s.hdrs)
@@ -87,8 +115,10 @@ fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
 /// A super-packet being built in `out[VNET_HDR_LEN..]` of a buffer the caller owns.
 #[derive(Clone, Copy, Debug)]
 pub struct Coalesced {
-    /// `None` when the first packet is not a mergeable TCP segment: it goes out alone.
+    /// `Some` when the first packet is a mergeable TCP segment.
     tcp: Option<Segment>,
+    /// `Some((v6, l4))` when it is a mergeable UDP datagram (and the TUN takes USO).
+    udp: Option<(bool, usize)>,
     /// Payload bytes per segment (the first segment's).
     mss: usize,
     /// Bytes of IP packet in `out` after the virtio-net header.
@@ -101,24 +131,34 @@ pub struct Coalesced {
 
 impl Coalesced {
     /// Starts a super-packet in `out` with the IP packet `ip` (which passed every check of
-    /// the forwarder), copying it behind room for the virtio-net header. `None` when `out`
-    /// cannot hold it.
-    pub fn start(ip: &[u8], out: &mut [u8]) -> Option<Self> {
+    /// the forwarder), copying it behind room for the virtio-net header; UDP datagrams are
+    /// merged only when `uso` (the TUN takes UDP super-packets). `None` when `out` cannot
+    /// hold it.
+    pub fn start(ip: &[u8], out: &mut [u8], uso: bool) -> Option<Self> {
         out.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + ip.len())?.copy_from_slice(ip);
         let tcp = tcp_segment(ip);
-        let mss = tcp.map_or(0, |s| ip.len() - s.hdrs);
-        let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0);
+        let udp = if tcp.is_none() && uso { udp_datagram(ip) } else { None };
+        let hdrs = match (tcp, udp) {
+            (Some(s), _) => s.hdrs,
+            (None, Some((_, l4))) => l4 + 8,
+            (None, None) => ip.len(),
+        };
+        let mss = ip.len() - hdrs;
+        let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0) || udp.is_some();
         let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
-        Some(Self { tcp, mss, len: ip.len(), next_seq, segments: 1, open })
+        Some(Self { tcp, udp, mss, len: ip.len(), next_seq, segments: 1, open })
     }
 
     /// Appends `ip` to the super-packet if the merge rules allow; `false` leaves both
     /// untouched (the caller finishes this one and starts another with `ip`).
     pub fn append(&mut self, ip: &[u8], out: &mut [u8]) -> bool {
-        let Some(first) = self.tcp else { return false };
         if !self.open {
             return false;
         }
+        if let Some((v6, l4)) = self.udp {
+            return self.append_udp(ip, out, v6, l4);
+        }
+        let Some(first) = self.tcp else { return false };
         let Some(s) = tcp_segment(ip) else { return false };
         let payload = ip.len() - s.hdrs;
         let limit = if first.v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
@@ -150,6 +190,32 @@ impl Coalesced {
         true
     }
 
+    fn append_udp(&mut self, ip: &[u8], out: &mut [u8], v6: bool, l4: usize) -> bool {
+        let Some((v6b, l4b)) = udp_datagram(ip) else { return false };
+        let payload = ip.len() - l4b - 8;
+        let limit = if v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
+        let Some(head) = out.get(VNET_HDR_LEN..VNET_HDR_LEN + l4 + 8) else { return false };
+        if v6b != v6
+            || l4b != l4
+            || payload > self.mss
+            || self.len + payload > limit
+            || self.segments >= MAX_TRAIN_SEGMENTS
+            || !same_ip(head, ip, v6)
+            || head.get(l4..l4 + 4) != ip.get(l4..l4 + 4)
+        {
+            return false;
+        }
+        let at = VNET_HDR_LEN + self.len;
+        let Some(dst) = out.get_mut(at..at + payload) else { return false };
+        dst.copy_from_slice(&ip[l4 + 8..]);
+        self.len += payload;
+        self.segments += 1;
+        if payload < self.mss {
+            self.open = false;
+        }
+        true
+    }
+
     /// How many segments were merged.
     pub fn segments(&self) -> usize {
         self.segments
@@ -160,19 +226,15 @@ impl Coalesced {
     /// complete checksum and gets an all-zero header.
     pub fn finish(&self, out: &mut [u8]) -> usize {
         let total = VNET_HDR_LEN + self.len;
+        if let (Some((v6, l4)), true) = (self.udp, self.segments > 1) {
+            return self.finish_udp(out, v6, l4);
+        }
         let (Some(s), true) = (self.tcp, self.segments > 1) else {
             VnetHdr::default().emit(out);
             return total;
         };
         let Some(ip) = out.get_mut(VNET_HDR_LEN..total) else { return 0 };
-        if s.v6 {
-            ip[4..6].copy_from_slice(&((self.len - 40) as u16).to_be_bytes());
-        } else {
-            ip[2..4].copy_from_slice(&(self.len as u16).to_be_bytes());
-            ip[10..12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&ip[..20]);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-        }
+        fix_ip_lengths(ip, s.v6, self.len);
         // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
         let partial = !checksum::fold(pseudo_sum(ip, s.v6, 6, self.len - s.l4));
         ip[s.l4 + 16..s.l4 + 18].copy_from_slice(&partial.to_be_bytes());
@@ -186,6 +248,39 @@ impl Coalesced {
         }
         .emit(out);
         total
+    }
+
+    fn finish_udp(&self, out: &mut [u8], v6: bool, l4: usize) -> usize {
+        let total = VNET_HDR_LEN + self.len;
+        let Some(ip) = out.get_mut(VNET_HDR_LEN..total) else { return 0 };
+        fix_ip_lengths(ip, v6, self.len);
+        let ulen = self.len - l4;
+        ip[l4 + 4..l4 + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
+        let partial = !checksum::fold(pseudo_sum(ip, v6, 17, ulen));
+        ip[l4 + 6..l4 + 8].copy_from_slice(&partial.to_be_bytes());
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: (l4 + 8) as u16,
+            gso_size: self.mss as u16,
+            csum_start: l4 as u16,
+            csum_offset: 6,
+        }
+        .emit(out);
+        total
+    }
+}
+
+/// Sets the IPv4 total length and header checksum, or the IPv6 payload length, for an IP
+/// packet of `len` bytes.
+fn fix_ip_lengths(ip: &mut [u8], v6: bool, len: usize) {
+    if v6 {
+        ip[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+    } else {
+        ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&ip[..20]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
     }
 }
 
@@ -224,7 +319,7 @@ mod tests {
     fn merges_a_contiguous_run_into_one_valid_super_packet() {
         for v6 in [false, true] {
             let mut out = vec![0u8; 70_000];
-            let mut c = Coalesced::start(&seg(v6, 1000, 1400, false), &mut out).unwrap();
+            let mut c = Coalesced::start(&seg(v6, 1000, 1400, false), &mut out, true).unwrap();
             for i in 1..40 {
                 assert!(c.append(&seg(v6, 1000 + 1400 * i, 1400, false), &mut out), "v6={v6} seg {i}");
             }
@@ -268,28 +363,77 @@ mod tests {
         for (name, p) in
             [("gap", gap), ("bad checksum", bad_csum), ("ttl", other_ttl), ("syn", syn), ("longer", longer), ("v6", v6)]
         {
-            let mut c = Coalesced::start(&first, &mut out).unwrap();
+            let mut c = Coalesced::start(&first, &mut out, true).unwrap();
             assert!(!c.append(&p, &mut out), "{name}");
             // The lone packet goes out unmodified with an all-zero header.
             let n = c.finish(&mut out);
             assert_eq!(VnetHdr::parse(&out), Some(VnetHdr::default()), "{name}");
             assert_eq!(&out[VNET_HDR_LEN..n], &first[..], "{name}");
         }
-        // A non-TCP packet starts a packet nothing joins.
+        // Without USO, a UDP datagram starts a packet nothing joins.
         let udp = {
             let mut v = Vec::new();
             PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64).udp(1, 2).write(&mut v, &[0; 100]).unwrap();
             v
         };
-        let mut c = Coalesced::start(&udp, &mut out).unwrap();
+        let mut c = Coalesced::start(&udp, &mut out, false).unwrap();
         assert!(!c.append(&udp, &mut out));
-        assert!(Coalesced::start(&first, &mut out[..100]).is_none());
+        assert!(Coalesced::start(&first, &mut out[..100], true).is_none());
+    }
+
+    fn udp(v6: bool, sport: u16, len: usize, fill: u8) -> Vec<u8> {
+        let b = if v6 {
+            PacketBuilder::ipv6([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], [0xfd; 16], 64)
+        } else {
+            PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64)
+        };
+        let mut v = Vec::new();
+        b.udp(sport, 5201).write(&mut v, &vec![fill; len]).unwrap();
+        v
+    }
+
+    #[test]
+    fn merges_equal_udp_datagrams_into_one_uso_packet() {
+        for v6 in [false, true] {
+            let mut out = vec![0u8; 70_000];
+            let mut c = Coalesced::start(&udp(v6, 4000, 64, 0), &mut out, true).unwrap();
+            for i in 1..10u8 {
+                assert!(c.append(&udp(v6, 4000, 64, i), &mut out), "v6={v6} datagram {i}");
+            }
+            assert!(!c.append(&udp(v6, 4001, 64, 0), &mut out), "another flow");
+            assert!(!c.append(&udp(v6, 4000, 65, 0), &mut out), "larger");
+            assert!(c.append(&udp(v6, 4000, 30, 10), &mut out), "a shorter last one");
+            assert!(!c.append(&udp(v6, 4000, 64, 11), &mut out), "nothing after the short one");
+            let n = c.finish(&mut out);
+            let (h, ip) = complete(&mut out, n);
+            assert_eq!((h.gso_type, h.gso_size, h.csum_offset), (GSO_UDP_L4, 64, 6));
+            let p = PacketHeaders::from_ip_slice(&ip).unwrap();
+            let Some(TransportHeader::Udp(u)) = p.transport.clone() else { panic!("udp") };
+            assert_eq!(usize::from(u.length), 8 + 10 * 64 + 30);
+            let want = match &p.net {
+                Some(etherparse::NetHeaders::Ipv4(ip4, _)) => u.calc_checksum_ipv4(ip4, p.payload.slice()).unwrap(),
+                Some(etherparse::NetHeaders::Ipv6(ip6, _)) => u.calc_checksum_ipv6(ip6, p.payload.slice()).unwrap(),
+                _ => panic!("ip"),
+            };
+            assert_eq!(u.checksum, want);
+            let mut expect: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 64]).collect();
+            expect.extend(vec![10u8; 30]);
+            assert_eq!(p.payload.slice(), &expect[..]);
+        }
+        // At most 64 datagrams, and a bad checksum never joins.
+        let mut out = vec![0u8; 70_000];
+        let mut c = Coalesced::start(&udp(false, 1, 10, 0), &mut out, true).unwrap();
+        let mut bad = udp(false, 1, 10, 0);
+        bad[30] ^= 1;
+        assert!(!c.append(&bad, &mut out));
+        while c.append(&udp(false, 1, 10, 0), &mut out) {}
+        assert_eq!(c.segments(), 64);
     }
 
     #[test]
     fn stops_at_64_kib() {
         let mut out = vec![0u8; 140_000];
-        let mut c = Coalesced::start(&seg(false, 0, 1400, false), &mut out).unwrap();
+        let mut c = Coalesced::start(&seg(false, 0, 1400, false), &mut out, true).unwrap();
         let mut i = 1;
         while c.append(&seg(false, 1400 * i, 1400, false), &mut out) {
             i += 1;

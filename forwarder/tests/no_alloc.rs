@@ -131,7 +131,7 @@ fn cutting_and_merging_super_packets_allocates_nothing() {
                 };
                 let appended = merge.as_mut().is_some_and(|m| m.append(d.as_slice(), &mut merged));
                 if !appended {
-                    merge = Coalesced::start(d.as_slice(), &mut merged);
+                    merge = Coalesced::start(d.as_slice(), &mut merged, true);
                 }
             }
             first = range.end;

@@ -133,3 +133,34 @@ fn offload_and_plain_nodes_interoperate() {
     assert!(num(&s2, "offload_counters.merged_writes") > 0, "n2 merged nothing from n1: {s2}");
     println!("n2 -> n1 (plain) {:.2} Gbit/s, n1 -> n2 (offloads) {:.2} Gbit/s", to_plain / 1e9, to_offload / 1e9);
 }
+
+#[test]
+fn small_udp_datagrams_travel_in_trains_and_merge() {
+    let Some(topo) = Topology::for_test("small_udp_trains", "gsosm", 2).expect("topology") else {
+        return;
+    };
+    let n1 = topo.start_weft(with_offloads(NodeConfig::vxlan_mesh(1, 2), true)).expect("starting n1");
+    let n2 = topo.start_weft(with_offloads(NodeConfig::vxlan_mesh(2, 2), true)).expect("starting n2");
+    ping_all(topo.n(2).ns(), "10.244.1.1", 3).expect("ping n2 -> n1");
+    let _s = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf-n1.log")).expect("server");
+    // An unthrottled flood of 64-byte datagrams: n2 reads them one by one from its TUN.
+    topo.n(2)
+        .ns()
+        .exec_timeout(
+            std::time::Duration::from_secs(20),
+            "iperf3",
+            &["-c", "10.244.1.1", "-u", "-l", "64", "-b", "0", "-t", "2", "--connect-timeout", "3000"],
+        )
+        .expect("iperf3 -u");
+    let (s1, s2) = (n1.status_json().expect("status n1"), n2.status_json().expect("status n2"));
+    assert_clean(&s1);
+    assert_clean(&s2);
+    let (sends, segs) = (num(&s2, "offload_counters.gso_sends"), num(&s2, "offload_counters.gso_segments"));
+    assert!(sends > 0 && segs >= 2 * sends, "n2 gathered no trains of datagrams: {s2}");
+    let uso = flag(&s1, "offloads.tun_uso");
+    let (writes, merged) = (num(&s1, "offload_counters.merged_writes"), num(&s1, "offload_counters.merged_segments"));
+    if uso {
+        assert!(writes > 0 && merged >= 2 * writes, "n1 merged no datagrams although its TUN takes USO: {s1}");
+    }
+    println!("n2 sent {sends} trains of {segs} datagrams; n1 (USO {uso}) wrote {writes} merged packets of {merged}");
+}

@@ -278,7 +278,7 @@ fn choose_offloads(cfg: &Config, tun: driver::tun::TunOffloads, sockets: &[std::
                 false
             }
         });
-    Offloads { tun_vnet: tso, gso, gro, coalesce: tso && cfg.gro }
+    Offloads { tun_vnet: tso, gso, gro, coalesce: tso && cfg.gro, tun_uso: tun.uso && cfg.gro }
 }
 
 async fn run_with<C: PacketCore + 'static>(

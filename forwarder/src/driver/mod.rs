@@ -137,6 +137,9 @@ pub struct Offloads {
     pub gro: bool,
     /// Consecutive TCP segments of one flow are merged into one TUN write. Needs `tun_vnet`.
     pub coalesce: bool,
+    /// The TUN takes UDP super-packets (USO): equal-sized datagrams of one flow are merged
+    /// too. Needs `coalesce`.
+    pub tun_uso: bool,
 }
 
 /// Everything one worker owns.

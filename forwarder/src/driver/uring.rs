@@ -44,7 +44,9 @@ use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::gro::Coalesced;
-use crate::gso::{F_NEEDS_CSUM, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum};
+use crate::gso::{
+    F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
+};
 use crate::route::{RouteTable, RouteTableHandle};
 use crate::stats::{DropReason, OffloadCounter};
 
@@ -282,6 +284,23 @@ impl Multishot {
     }
 }
 
+/// Packets read from the TUN one by one (small ones, no super-packet) for the same peer
+/// and socket, laid back to back in the first packet's slot behind it, so one GSO send
+/// carries them all: a flood of small datagrams costs one send per batch, not per packet.
+#[derive(Clone, Copy, Debug)]
+struct Train {
+    slot: u16,
+    head: usize,
+    len: usize,
+    /// The size of every packet but possibly the last (the GSO segment size).
+    seg: usize,
+    count: usize,
+    to: SocketAddr,
+    fd: RawFd,
+    /// A shorter packet ends the train.
+    open: bool,
+}
+
 /// Everything of a worker but the ring.
 struct State<C: PacketCore> {
     msgs: Box<[MsgSlot]>,
@@ -297,6 +316,8 @@ struct State<C: PacketCore> {
     udp_recvs: usize,
     /// The super-packet being merged for the TUN, and its slot.
     merge: Option<(u16, Coalesced)>,
+    /// Equal-sized packets for one peer and socket, gathered into one GSO send.
+    train: Option<Train>,
     /// Multishot reads and receives, when the kernel has them.
     multi: Option<Multishot>,
 }
@@ -348,6 +369,7 @@ impl<C: PacketCore> UringWorker<C> {
             tun_reads: 0,
             udp_recvs: 0,
             merge: None,
+            train: None,
             multi,
         };
         Ok(Self { ring, st, routes, stop })
@@ -394,8 +416,10 @@ impl<C: PacketCore> UringWorker<C> {
                     }
                     st.complete(&mut q, op, slot, cqe.result(), flags, &table, now)?;
                 }
-                // 4. What was merged in this batch goes to the TUN now.
+                // 4. What was merged in this batch goes to the TUN now, what was gathered
+                //    for a peer to the socket.
                 st.flush(&mut q)?;
+                st.send_train(&mut q)?;
             }
             Ok(())
         })();
@@ -719,7 +743,10 @@ impl<C: PacketCore> State<C> {
         let verdict = self.fwd.from_tun_segmented(routes, &mut pkt, &seg, now);
         let (head, len) = (pkt.head(), pkt.len());
         match verdict {
-            TunVerdict::Send { to, flow, .. } => self.send_segmented(q, slot, head, len, len - before, &seg, to, flow),
+            TunVerdict::Send { to, flow, .. } => {
+                self.send_train(q)?;
+                self.send_segmented(q, slot, head, len, len - before, &seg, to, flow)
+            }
             other => self.on_tun_verdict(q, slot, other, head, len, routes),
         }
     }
@@ -793,6 +820,9 @@ impl<C: PacketCore> State<C> {
         match verdict {
             TunVerdict::Send { to, flow, .. } => {
                 let fd = super::pick_sender(udp_fd, &self.send_fds, flow);
+                if self.offloads.gso {
+                    return self.gather(q, slot, head, len, to, fd);
+                }
                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
                 q.push(&send_msg(fd, m, slot))
             }
@@ -959,9 +989,10 @@ impl<C: PacketCore> State<C> {
             self.fwd.stats().count_drop(DropReason::PoolExhausted);
             return Ok(());
         };
+        let uso = self.offloads.tun_uso && self.offloads.coalesce;
         // SAFETY: as above; `out` was just allocated.
         let started = unsafe { self.pool.pair_mut(slot, out) }
-            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?));
+            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?, uso));
         match started {
             Some(m) => {
                 self.merge = Some((out, m));
@@ -975,6 +1006,59 @@ impl<C: PacketCore> State<C> {
             }
         }
         Ok(())
+    }
+
+    /// Adds the encapsulated packet at `head..head + len` of `slot` to the train for `to` on
+    /// `fd`, or sends that train and starts another with it.
+    fn gather(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        head: usize,
+        len: usize,
+        to: SocketAddr,
+        fd: RawFd,
+    ) -> io::Result<()> {
+        if let Some(t) = &mut self.train {
+            let fits = t.open
+                && t.to == to
+                && t.fd == fd
+                && len <= t.seg
+                && t.len + len <= MAX_TRAIN_BYTES
+                && t.count < MAX_TRAIN_SEGMENTS;
+            if fits {
+                let at = t.head + t.len;
+                // SAFETY: both slots are ours (read completed, nothing in flight on them).
+                if let Some((src, dst)) = unsafe { self.pool.pair_mut(slot, t.slot) } {
+                    if let (Some(from), Some(into)) = (src.get(head..head + len), dst.get_mut(at..at + len)) {
+                        into.copy_from_slice(from);
+                        t.len += len;
+                        t.count += 1;
+                        t.open = len == t.seg;
+                        self.pool.release(slot);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.send_train(q)?;
+        self.train = Some(Train { slot, head, len, seg: len, count: 1, to, fd, open: true });
+        Ok(())
+    }
+
+    /// Sends the gathered train, if any: one datagram, or one GSO send.
+    fn send_train(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
+        let Some(t) = self.train.take() else { return Ok(()) };
+        let m = arm_msg(&mut self.msgs, &self.pool, t.slot, t.head, t.len, Some(t.to));
+        if t.count == 1 {
+            return q.push(&send_msg(t.fd, m, t.slot));
+        }
+        if let Some(ms) = self.msgs.get_mut(usize::from(t.slot)) {
+            ms.set_segment_size(t.seg as u16);
+        }
+        self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
+        self.fwd.stats().count_offload(OffloadCounter::GsoSegments, t.count as u64);
+        q.push(&opcode::SendMsg::new(types::Fd(t.fd), m).build().user_data(user_data(Op::UdpSendTrain, t.slot)))
     }
 
     /// Writes the super-packet being merged, if any, to the TUN.
