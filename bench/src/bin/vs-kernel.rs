@@ -91,6 +91,9 @@ struct Args {
     /// weft's offloads.
     #[arg(long, value_enum, default_value_t = Offload::All)]
     offload: Offload,
+    /// weft's workers per daemon (one TUN queue and socket each).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
     /// Where to write the JSON (default bench/results/vs-kernel-<date>.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -242,6 +245,7 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
                         .to_owned(),
                     );
                 }
+                c.workers = Some(args.workers);
                 (c.offload, c.gro) = match args.offload {
                     Offload::All => (Some(true), Some(true)),
                     Offload::Tx => (Some(true), Some(false)),
@@ -456,6 +460,7 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
         "settings": {"secs": secs, "pings": pings, "ping_interval_ms": 5, "quick": args.quick,
             "io": args.io.map(|i| match i { Io::Uring => "uring", Io::Mmsg => "mmsg" }),
             "offload": args.offload.name(),
+            "workers": args.workers,
             "weft_bin": weft_bin().map(|p| p.display().to_string()).ok()},
         "setups": setups,
         "total_s": total.as_secs_f64(),
