@@ -29,7 +29,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -89,6 +89,12 @@ const BATCH_WAIT_NS: u32 = 40_000;
 const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
 /// Control-message space per slot: one `UDP_SEGMENT` (u16) or `UDP_GRO` (int) cmsg.
 const CTRL_LEN: usize = 64;
+/// Registered-file index of the TUN queue (every SQE names its file by index, so the
+/// kernel skips the per-request file lookup and reference count).
+const TUN_FILE: u32 = 0;
+/// Registered-file index of the socket on the overlay port; the flow-hashed send sockets
+/// follow from index 2.
+const UDP_FILE: u32 = 1;
 /// `struct cmsghdr`: `cmsg_len` (size_t), `cmsg_level`, `cmsg_type` (int).
 const CMSG_HDR_LEN: usize = std::mem::size_of::<libc::cmsghdr>();
 
@@ -296,7 +302,8 @@ struct Train {
     seg: usize,
     count: usize,
     to: SocketAddr,
-    fd: RawFd,
+    /// Registered-file index of the socket.
+    file: u32,
     /// A shorter packet ends the train.
     open: bool,
 }
@@ -306,10 +313,12 @@ struct State<C: PacketCore> {
     msgs: Box<[MsgSlot]>,
     pool: BufPool,
     tun: TunQueue,
-    udp: UdpSocket,
-    /// Owned so the descriptors in `send_fds` stay open.
+    /// Owned so its registered descriptor stays open.
+    _udp: UdpSocket,
+    /// Owned so their registered descriptors stay open.
     _send: Vec<UdpSocket>,
-    send_fds: Vec<RawFd>,
+    /// How many flow-hashed send sockets follow `UDP_FILE` in the registered files.
+    senders: u32,
     fwd: C,
     offloads: Offloads,
     tun_reads: usize,
@@ -355,15 +364,18 @@ impl<C: PacketCore> UringWorker<C> {
                 unsafe { std::mem::zeroed::<MsgSlot>() }
             })
             .collect();
-        let send_fds = send.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut files = vec![tun.fd(), udp.as_raw_fd()];
+        files.extend(send.iter().map(AsRawFd::as_raw_fd));
+        ring.submitter().register_files(&files)?;
+        let senders = u32::try_from(send.len()).unwrap_or(0);
         let multi = Multishot::new(&ring.submitter(), &offloads);
         let st = State {
             msgs,
             pool,
             tun,
-            udp,
+            _udp: udp,
             _send: send,
-            send_fds,
+            senders,
             fwd,
             offloads,
             tun_reads: 0,
@@ -452,11 +464,25 @@ impl<C: PacketCore> UringWorker<C> {
                 }
             }
         }
+        // Drop the ring's references to the TUN and the sockets now, not in the kernel's
+        // deferred ring teardown, so a restarted daemon can bind the port at once.
+        if let Err(e) = q.submitter.unregister_files() {
+            tracing::warn!(error = %e, "unregistering the worker's files failed");
+        }
         result
     }
 }
 
 impl<C: PacketCore> State<C> {
+    /// The registered file to send a packet of inner flow `flow` from: one of the send
+    /// sockets by hash, else the overlay-port socket.
+    fn sender(&self, flow: u32) -> u32 {
+        match self.senders {
+            0 => UDP_FILE,
+            n => UDP_FILE + 1 + flow % n,
+        }
+    }
+
     /// Keeps the multishot requests armed and their rings stocked, or, without multishot,
     /// `TUN_READS` reads and `UDP_RECVS` receives in flight.
     fn arm(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
@@ -472,14 +498,14 @@ impl<C: PacketCore> State<C> {
                 }
             }
             if !ms.tun_armed && ms.tun.lent > 0 {
-                let e = opcode::ReadMulti::new(types::Fd(self.tun.fd()), 0, ms.tun.bgid)
+                let e = opcode::ReadMulti::new(types::Fixed(TUN_FILE), 0, ms.tun.bgid)
                     .build()
                     .user_data(user_data(Op::TunReadMulti, 0));
                 q.push(&e)?;
                 ms.tun_armed = true;
             }
             if !ms.udp_armed && ms.udp.lent > 0 {
-                let e = opcode::RecvMsgMulti::new(types::Fd(self.udp.as_raw_fd()), &*ms.tmpl, ms.udp.bgid)
+                let e = opcode::RecvMsgMulti::new(types::Fixed(UDP_FILE), &*ms.tmpl, ms.udp.bgid)
                     .build()
                     .user_data(user_data(Op::UdpRecvMulti, 0));
                 q.push(&e)?;
@@ -487,11 +513,11 @@ impl<C: PacketCore> State<C> {
             }
             return Ok(());
         }
-        let (read_at, udp_fd) = (if self.offloads.tun_vnet { VNET_AT } else { HEADROOM }, self.udp.as_raw_fd());
+        let read_at = if self.offloads.tun_vnet { VNET_AT } else { HEADROOM };
         while self.tun_reads < TUN_READS {
             let Some(slot) = self.pool.alloc() else { break };
             let entry = opcode::ReadFixed::new(
-                types::Fd(self.tun.fd()),
+                types::Fixed(TUN_FILE),
                 // SAFETY (pointer arithmetic): read_at < SLOT_LEN, inside the slot.
                 unsafe { self.pool.slot_ptr(slot).add(read_at) },
                 (SLOT_LEN - read_at) as u32,
@@ -510,7 +536,7 @@ impl<C: PacketCore> State<C> {
                     ms.arm_ctrl_for_recv();
                 }
             }
-            let entry = opcode::RecvMsg::new(types::Fd(udp_fd), m).build().user_data(user_data(Op::UdpRecv, slot));
+            let entry = opcode::RecvMsg::new(types::Fixed(UDP_FILE), m).build().user_data(user_data(Op::UdpRecv, slot));
             q.push(&entry)?;
             self.udp_recvs += 1;
         }
@@ -766,7 +792,7 @@ impl<C: PacketCore> State<C> {
         to: SocketAddr,
         flow: u32,
     ) -> io::Result<()> {
-        let fd = super::pick_sender(self.udp.as_raw_fd(), &self.send_fds, flow);
+        let file = self.sender(flow);
         let per_train = if self.offloads.gso { seg.segments_per_train(prefix) } else { 1 };
         let stride = prefix + seg.segment_len();
         let total = seg.segments();
@@ -800,7 +826,7 @@ impl<C: PacketCore> State<C> {
             } else {
                 Op::UdpSend
             };
-            q.push(&opcode::SendMsg::new(types::Fd(fd), m).build().user_data(user_data(op, out)))?;
+            q.push(&opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(op, out)))?;
         }
         self.pool.release(slot);
         Ok(())
@@ -816,15 +842,14 @@ impl<C: PacketCore> State<C> {
         len: usize,
         routes: &RouteTable,
     ) -> io::Result<()> {
-        let udp_fd = self.udp.as_raw_fd();
         match verdict {
             TunVerdict::Send { to, flow, .. } => {
-                let fd = super::pick_sender(udp_fd, &self.send_fds, flow);
+                let file = self.sender(flow);
                 if self.offloads.gso {
-                    return self.gather(q, slot, head, len, to, fd);
+                    return self.gather(q, slot, head, len, to, file);
                 }
                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                q.push(&send_msg(fd, m, slot))
+                q.push(&send_msg(file, m, slot))
             }
             TunVerdict::Reply => self.write_tun(q, slot, head, len),
             TunVerdict::Flood => {
@@ -840,10 +865,10 @@ impl<C: PacketCore> State<C> {
                         break;
                     };
                     let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
-                    q.push(&send_msg(udp_fd, m, copy))?;
+                    q.push(&send_msg(UDP_FILE, m, copy))?;
                 }
                 let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
-                q.push(&send_msg(udp_fd, m, slot))
+                q.push(&send_msg(UDP_FILE, m, slot))
             }
             TunVerdict::Drop(_) => {
                 self.pool.release(slot);
@@ -867,7 +892,7 @@ impl<C: PacketCore> State<C> {
             VnetHdr::default().emit(h);
             (head, len) = (head - VNET_HDR_LEN, len + VNET_HDR_LEN);
         }
-        q.push(&tun_write(&self.pool, self.tun.fd(), slot, head, len, Op::TunWrite))
+        q.push(&tun_write(&self.pool, slot, head, len, Op::TunWrite))
     }
 
     /// A receive completed: checks every datagram of it (one, or a GRO train) and delivers,
@@ -922,7 +947,7 @@ impl<C: PacketCore> State<C> {
                 UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
                 UnderlayVerdict::Reply { to } => {
                     let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                    q.push(&send_msg(self.udp.as_raw_fd(), m, slot))
+                    q.push(&send_msg(UDP_FILE, m, slot))
                 }
                 UnderlayVerdict::Drop(_) => {
                     self.pool.release(slot);
@@ -961,7 +986,7 @@ impl<C: PacketCore> State<C> {
                         continue;
                     };
                     let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(to));
-                    q.push(&send_msg(self.udp.as_raw_fd(), m, copy))?;
+                    q.push(&send_msg(UDP_FILE, m, copy))?;
                 }
                 UnderlayVerdict::Drop(_) => {}
             }
@@ -1017,12 +1042,12 @@ impl<C: PacketCore> State<C> {
         head: usize,
         len: usize,
         to: SocketAddr,
-        fd: RawFd,
+        file: u32,
     ) -> io::Result<()> {
         if let Some(t) = &mut self.train {
             let fits = t.open
                 && t.to == to
-                && t.fd == fd
+                && t.file == file
                 && len <= t.seg
                 && t.len + len <= MAX_TRAIN_BYTES
                 && t.count < MAX_TRAIN_SEGMENTS;
@@ -1042,7 +1067,7 @@ impl<C: PacketCore> State<C> {
             }
         }
         self.send_train(q)?;
-        self.train = Some(Train { slot, head, len, seg: len, count: 1, to, fd, open: true });
+        self.train = Some(Train { slot, head, len, seg: len, count: 1, to, file, open: true });
         Ok(())
     }
 
@@ -1051,14 +1076,14 @@ impl<C: PacketCore> State<C> {
         let Some(t) = self.train.take() else { return Ok(()) };
         let m = arm_msg(&mut self.msgs, &self.pool, t.slot, t.head, t.len, Some(t.to));
         if t.count == 1 {
-            return q.push(&send_msg(t.fd, m, t.slot));
+            return q.push(&send_msg(t.file, m, t.slot));
         }
         if let Some(ms) = self.msgs.get_mut(usize::from(t.slot)) {
             ms.set_segment_size(t.seg as u16);
         }
         self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
         self.fwd.stats().count_offload(OffloadCounter::GsoSegments, t.count as u64);
-        q.push(&opcode::SendMsg::new(types::Fd(t.fd), m).build().user_data(user_data(Op::UdpSendTrain, t.slot)))
+        q.push(&opcode::SendMsg::new(types::Fixed(t.file), m).build().user_data(user_data(Op::UdpSendTrain, t.slot)))
     }
 
     /// Writes the super-packet being merged, if any, to the TUN.
@@ -1074,7 +1099,7 @@ impl<C: PacketCore> State<C> {
         } else {
             Op::TunWrite
         };
-        q.push(&tun_write(&self.pool, self.tun.fd(), out, VNET_AT, n, op))
+        q.push(&tun_write(&self.pool, out, VNET_AT, n, op))
     }
 }
 
@@ -1106,14 +1131,14 @@ fn arm_msg(
 }
 
 /// A `SENDMSG` of slot `slot`'s armed msghdr `m` on socket `fd`.
-fn send_msg(fd: RawFd, m: *mut libc::msghdr, slot: u16) -> squeue::Entry {
-    opcode::SendMsg::new(types::Fd(fd), m).build().user_data(user_data(Op::UdpSend, slot))
+fn send_msg(file: u32, m: *mut libc::msghdr, slot: u16) -> squeue::Entry {
+    opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(Op::UdpSend, slot))
 }
 
-fn tun_write(pool: &BufPool, fd: RawFd, slot: u16, head: usize, len: usize, op: Op) -> squeue::Entry {
+fn tun_write(pool: &BufPool, slot: u16, head: usize, len: usize, op: Op) -> squeue::Entry {
     // SAFETY (pointer arithmetic): head + len ≤ SLOT_LEN, inside registered buffer `slot`.
     let ptr = unsafe { pool.slot_ptr(slot).add(head) };
-    opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, slot).build().user_data(user_data(op, slot))
+    opcode::WriteFixed::new(types::Fixed(TUN_FILE), ptr, len as u32, slot).build().user_data(user_data(op, slot))
 }
 
 #[cfg(test)]
