@@ -8,8 +8,9 @@
 //! epoll where io_uring is unavailable.
 //!
 //! Layers, each importing only from those before it:
-//! `wire` → `buf`, `stats`, `ratelimit`, `node`, `route` → `encap` → `forwarder`, `bridge` →
-//! `driver`.
+//! `wire` → `buf`, `stats`, `ratelimit`, `node`, `route` → `encap` → `forwarder`, `bridge`,
+//! `gso` (cutting TUN super-packets into GSO trains), `gro` (merging received segments for one
+//! TUN write) → `driver`.
 //! `cargo check -p weft-forwarder --no-default-features` proves the core touches no OS code.
 
 #![warn(missing_docs)]

@@ -562,22 +562,7 @@ impl<C: PacketCore> State<C> {
                 if op == Op::UdpRecvMulti {
                     return self.on_multishot_recv(q, slot, n, routes, now);
                 }
-                if self.offloads.tun_vnet {
-                    return self.on_tun_read_vnet(q, slot, n, routes, now);
-                }
-                // SAFETY: the kernel filled the slot and handed it back with this completion.
-                let buf = unsafe { self.pool.slot_mut(slot) };
-                match PacketBuf::new(buf, HEADROOM, n) {
-                    Some(mut pkt) => {
-                        let verdict = self.fwd.from_tun(routes, &mut pkt, now);
-                        let (head, len) = (pkt.head(), pkt.len());
-                        self.on_tun_verdict(q, slot, verdict, head, len, routes)
-                    }
-                    None => {
-                        self.pool.release(slot);
-                        Ok(())
-                    }
-                }
+                self.on_tun_read(q, slot, n, routes, now)
             }
             Op::TunRead => {
                 self.tun_reads -= 1;
@@ -589,23 +574,7 @@ impl<C: PacketCore> State<C> {
                     // The TUN is gone (deleted under us): stop rather than spin.
                     return Err(io::Error::from_raw_os_error(-res));
                 };
-                if self.offloads.tun_vnet {
-                    self.on_tun_read_vnet(q, slot, n, routes, now)
-                } else {
-                    // SAFETY: the read completed, so the slot is ours again.
-                    let buf = unsafe { self.pool.slot_mut(slot) };
-                    match PacketBuf::new(buf, HEADROOM, n) {
-                        Some(mut pkt) => {
-                            let verdict = self.fwd.from_tun(routes, &mut pkt, now);
-                            let (head, len) = (pkt.head(), pkt.len());
-                            self.on_tun_verdict(q, slot, verdict, head, len, routes)
-                        }
-                        None => {
-                            self.pool.release(slot);
-                            Ok(())
-                        }
-                    }
-                }
+                self.on_tun_read(q, slot, n, routes, now)
             }
             Op::UdpRecv => {
                 self.udp_recvs -= 1;
@@ -724,6 +693,29 @@ impl<C: PacketCore> State<C> {
             }
             _ => {}
         }
+    }
+
+    /// A TUN read of `n` bytes into `slot` completed (single or multishot).
+    fn on_tun_read(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        n: usize,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> io::Result<()> {
+        if self.offloads.tun_vnet {
+            return self.on_tun_read_vnet(q, slot, n, routes, now);
+        }
+        // SAFETY: the read completed, so the slot is ours again.
+        let buf = unsafe { self.pool.slot_mut(slot) };
+        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
+            self.pool.release(slot);
+            return Ok(());
+        };
+        let verdict = self.fwd.from_tun(routes, &mut pkt, now);
+        let (head, len) = (pkt.head(), pkt.len());
+        self.on_tun_verdict(q, slot, verdict, head, len, routes)
     }
 
     /// A TUN read with a virtio-net header in front: completes a partial checksum or hands
