@@ -8,7 +8,7 @@
 
 #![deny(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -110,6 +110,32 @@ pub enum RouteError {
     },
 }
 
+/// The address ranges `[network, broadcast]` already claimed by earlier peers in one family
+/// (IPv4 addresses widened to `u128`), keyed by first address, while a [`RouteTable`] is built.
+///
+/// Two CIDR blocks either nest or are disjoint, and they overlap exactly when their ranges
+/// meet (that is `a.contains(b) || b.contains(a)` in `ipnet`, host bits and all). Every
+/// claimed range was checked against the ones before it, so they are pairwise disjoint. A
+/// new range `[first, last]` therefore meets a claimed one only if that one starts inside it
+/// (a range lookup), or starts before `first` and reaches it; of the latter only the last
+/// range starting before `first` can qualify, since any earlier one reaching `first` would
+/// contain it. Both lookups are O(log n), where scanning every earlier peer was O(n).
+#[derive(Default)]
+struct Claimed(BTreeMap<u128, (u128, PeerId)>);
+
+impl Claimed {
+    /// The earliest peer (lowest id) whose range meets `[first, last]`.
+    fn first_overlap(&self, first: u128, last: u128) -> Option<PeerId> {
+        let reaching = self.0.range(..first).next_back().filter(|(_, (end, _))| *end >= first);
+        // On success both lookups are empty; only the error path walks more than one entry.
+        reaching.into_iter().chain(self.0.range(first..=last)).map(|(_, (_, id))| *id).min_by_key(|id| id.0)
+    }
+
+    fn insert(&mut self, first: u128, last: u128, id: PeerId) {
+        self.0.insert(first, (last, id));
+    }
+}
+
 /// An immutable routing snapshot.
 pub struct RouteTable {
     v4: PrefixMap<Ipv4Net, PeerId>,
@@ -133,6 +159,11 @@ impl RouteTable {
     /// *and* port (flannel `udp`: the peer sends from its bound port) or by address alone
     /// (VXLAN: the source port is a flow hash).
     ///
+    /// Peers are checked in order and the first one that fails names the error; an overlap
+    /// names that peer first and the earliest peer it overlaps second. Building takes
+    /// O(n log n): the daemon rebuilds the table on every lease change, and a table may hold
+    /// 65 536 peers.
+    ///
     /// # Errors
     /// [`RouteError`] when subnets overlap, endpoints repeat, or there are too many peers.
     pub fn new(peers: Vec<NextHop>, source_port_matters: bool) -> Result<Self, RouteError> {
@@ -144,19 +175,31 @@ impl RouteTable {
             by_mac: HashMap::with_capacity_and_hasher(peers.len(), FxBuildHasher),
             source_port_matters,
         };
+        let mut claimed_v4 = Claimed::default();
+        let mut claimed_v6 = Claimed::default();
         for hop in peers {
             let id = u16::try_from(t.peers.len())
                 .map(PeerId)
                 .map_err(|_| RouteError::TooManyPeers { max: usize::from(u16::MAX) + 1 })?;
             for net in hop.subnets() {
-                if let Some(other) = t.overlapping(net) {
+                let (claimed, first, last) = match net {
+                    IpNet::V4(n) => {
+                        (&mut claimed_v4, u128::from(u32::from(n.network())), u128::from(u32::from(n.broadcast())))
+                    }
+                    IpNet::V6(n) => (&mut claimed_v6, u128::from(n.network()), u128::from(n.broadcast())),
+                };
+                if let Some(prev) = claimed.first_overlap(first, last) {
+                    let other = t.peers.get(prev.index());
                     return Err(RouteError::Overlap {
                         a: hop.name.to_string(),
                         subnet_a: net,
-                        b: other.name.to_string(),
-                        subnet_b: other.subnets().find(|o| o.contains(&net) || net.contains(o)).unwrap_or(net),
+                        b: other.map(|p| p.name.to_string()).unwrap_or_default(),
+                        subnet_b: other
+                            .and_then(|p| p.subnets().find(|o| o.contains(&net) || net.contains(o)))
+                            .unwrap_or(net),
                     });
                 }
+                claimed.insert(first, last, id);
                 match net {
                     IpNet::V4(n) => t.v4.insert(n, id),
                     IpNet::V6(n) => t.v6.insert(n, id),
@@ -188,10 +231,6 @@ impl RouteTable {
             by_mac: HashMap::with_hasher(FxBuildHasher),
             source_port_matters,
         }
-    }
-
-    fn overlapping(&self, net: IpNet) -> Option<&NextHop> {
-        self.peers.iter().find(|p| p.subnets().any(|o| o.contains(&net) || net.contains(&o)))
     }
 
     fn source_key(&self, mut a: SocketAddr) -> SocketAddr {
@@ -342,5 +381,124 @@ mod tests {
                 prop_assert_eq!(t.lookup(a.into()).map(|(_, h)| h.name.clone()), naive.map(|h| h.name.clone()));
             }
         }
+    }
+
+    /// The validation `RouteTable::new` did before it was made O(n log n): every subnet is
+    /// checked against every earlier peer. The reference for the differential test below.
+    fn naive_validate(peers: &[NextHop], source_port_matters: bool) -> Result<(), RouteError> {
+        let mut seen: Vec<&NextHop> = Vec::new();
+        let mut by_source: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut by_mac: HashMap<MacAddr, usize> = HashMap::new();
+        for hop in peers {
+            if seen.len() > usize::from(u16::MAX) {
+                return Err(RouteError::TooManyPeers { max: usize::from(u16::MAX) + 1 });
+            }
+            for net in hop.subnets() {
+                if let Some(other) = seen.iter().find(|p| p.subnets().any(|o| o.contains(&net) || net.contains(&o))) {
+                    return Err(RouteError::Overlap {
+                        a: hop.name.to_string(),
+                        subnet_a: net,
+                        b: other.name.to_string(),
+                        subnet_b: other.subnets().find(|o| o.contains(&net) || net.contains(o)).unwrap_or(net),
+                    });
+                }
+            }
+            let mut key = hop.endpoint;
+            if !source_port_matters {
+                key.set_port(0);
+            }
+            if let Some(prev) = by_source.insert(key, seen.len()) {
+                let a = seen[prev].name.to_string();
+                return Err(RouteError::DuplicateEndpoint { a, b: hop.name.to_string(), endpoint: hop.endpoint });
+            }
+            if let Some(mac) = hop.mac {
+                if let Some(prev) = by_mac.insert(mac, seen.len()) {
+                    let a = seen[prev].name.to_string();
+                    return Err(RouteError::DuplicateMac { a, b: hop.name.to_string(), mac });
+                }
+            }
+            seen.push(hop);
+        }
+        Ok(())
+    }
+
+    /// A generated peer: IPv4 `(address, prefix length)` under 10.244.0.0, IPv6 the same under
+    /// fd00::, `(endpoint host, high port)`, and the last MAC byte.
+    type HopSpec = (Option<(u32, u8)>, Option<(u128, u8)>, (u8, bool), Option<u8>);
+
+    /// A peer drawn from small address spaces, so that overlaps (nested, equal, and with host
+    /// bits set), shared endpoints and shared MACs all turn up often.
+    /// The third choice packs small blocks together, so that a block often ends on exactly
+    /// the address where a later one starts.
+    fn arb_hop() -> impl Strategy<Value = HopSpec> {
+        let v4 = prop_oneof![(0u32..0x4000, 20u8..=32), (0u32..0x4000, 0u8..=32), (0u32..32, 26u8..=32)];
+        let v6 = prop_oneof![
+            (proptest::num::u16::ANY.prop_map(|a| u128::from(a) << 64), 48u8..=80),
+            (proptest::num::u16::ANY.prop_map(|a| u128::from(a) << 64), 0u8..=128),
+            (0u128..32, 122u8..=128),
+        ];
+        let v4 = proptest::option::weighted(0.85, v4);
+        let v6 = proptest::option::weighted(0.6, v6);
+        (v4, v6, (0u8..24, proptest::bool::ANY), proptest::option::of(0u8..24))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// `RouteTable::new` accepts exactly the peer sets the naive O(n²) scan accepts, and
+        /// rejects the others with the same error naming the same peers and subnets.
+        #[test]
+        fn validation_matches_naive_scan(
+            specs in proptest::collection::vec(arb_hop(), 0..24),
+            source_port_matters in proptest::bool::ANY,
+        ) {
+            let hops: Vec<NextHop> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, (v4, v6, (host, high_port), mac))| NextHop {
+                    name: format!("p{i}").into(),
+                    endpoint: SocketAddr::from(([198, 18, 0, *host], if *high_port { 8286 } else { 8285 })),
+                    subnet_v4: v4.map(|(a, len)| Ipv4Net::new((0x0af4_0000 | a).into(), len).unwrap()),
+                    subnet_v6: v6.map(|(a, len)| Ipv6Net::new(((0xfd00_u128 << 112) | a).into(), len).unwrap()),
+                    mac: mac.map(|m| MacAddr([0x02, 0, 0, 0, 0, m])),
+                    mtu: 1472,
+                    counters: Arc::new(PeerCounters::new(1)),
+                })
+                .collect();
+            let got = RouteTable::new(hops.clone(), source_port_matters).map(|_| ());
+            prop_assert_eq!(got, naive_validate(&hops, source_port_matters));
+        }
+    }
+
+    fn slash24(i: u32) -> NextHop {
+        let net = Ipv4Net::new((0x0a00_0000 | (i << 8)).into(), 24).unwrap();
+        NextHop {
+            name: format!("n{i}").into(),
+            endpoint: SocketAddr::from((std::net::Ipv4Addr::from(0xac10_0000 | i), 8285)),
+            subnet_v4: Some(net),
+            subnet_v6: None,
+            mac: None,
+            mtu: 1472,
+            counters: Arc::new(PeerCounters::new(1)),
+        }
+    }
+
+    /// 65 536 peers, /24s filling 10.0.0.0/8: the most a table holds. Used to take ~25 s
+    /// when every peer was checked against every earlier one.
+    #[test]
+    fn builds_largest_table() {
+        let hops: Vec<NextHop> = (0..1 << 16).map(slash24).collect();
+        let started = std::time::Instant::now();
+        let t = RouteTable::new(hops.clone(), true).unwrap();
+        println!("RouteTable::new with {} peers took {:.3} s", hops.len(), started.elapsed().as_secs_f64());
+        assert_eq!(t.peers().len(), 1 << 16);
+        assert_eq!(&*t.lookup("10.255.255.1".parse().unwrap()).unwrap().1.name, "n65535");
+        assert_eq!(&*t.lookup("10.1.2.3".parse().unwrap()).unwrap().1.name, "n258");
+        assert_eq!(&*t.peer_by_source("172.16.1.2:8285".parse().unwrap()).unwrap().1.name, "n258");
+
+        // One more peer is one too many, even though it also overlaps: that check comes first.
+        let mut more = hops;
+        more.push(hop("extra", "10.0.0.0/8", "198.18.0.1:8285"));
+        assert_eq!(RouteTable::new(more, true).unwrap_err(), RouteError::TooManyPeers { max: 1 << 16 });
     }
 }
