@@ -4,6 +4,10 @@
 //!   `Forwarder::from_tun` encapsulates an inner IPv4/UDP packet, node B's
 //!   `Forwarder::from_underlay` decapsulates the datagram, for flannel `udp` and VXLAN, with
 //!   inner packets of 64 and 1400 bytes;
+//! - `super_packet`: a 64 KiB TCP super-packet's whole trip, as with offloads: A checks and
+//!   encapsulates it once (`from_tun_segmented`) and cuts it into GSO trains
+//!   (`Segmentation::write_segments`, every segment's checksum computed), B checks every
+//!   segment (`from_underlay`) and merges them back into one super-packet (`gro::Coalesced`);
 //! - `route_lookup`: `RouteTable::lookup` in tables of 10, 1 000 and 65 536 peers, hits spread
 //!   over the table and a miss.
 //!
@@ -27,6 +31,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ipnet::Ipv4Net;
 use weft_forwarder::buf::{HEADROOM, PacketBuf, SLOT_LEN};
+use weft_forwarder::forwarder::PacketCore;
+use weft_forwarder::gro::Coalesced;
+use weft_forwarder::gso::{F_NEEDS_CSUM, GSO_TCPV4, Segmentation, VnetHdr};
 use weft_forwarder::testing::{A_ENDPOINT, Pair};
 use weft_forwarder::{Encap, NextHop, PeerCounters, RouteTable, TunVerdict, UnderlayVerdict};
 
@@ -176,6 +183,83 @@ fn encap_decap(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------
+// super_packet
+
+/// A TCP super-packet as a TUN with TSO hands it over: 46 segments of `MSS` bytes.
+const MSS: usize = 1398;
+
+/// Buffers for one super-packet round: the read slot, one train, the merged packet.
+struct SuperBufs {
+    read: Vec<u8>,
+    train: Vec<u8>,
+    merged: Vec<u8>,
+}
+
+/// One round; returns the merged super-packet's length (0 if anything was dropped).
+fn super_round<E: Encap + Send>(
+    net: &mut Pair<E>,
+    bufs: &mut SuperBufs,
+    sp: &[u8],
+    hdr: &VnetHdr,
+    from_a: SocketAddr,
+) -> usize {
+    bufs.read[HEADROOM..HEADROOM + sp.len()].copy_from_slice(sp);
+    let Some(mut pkt) = PacketBuf::new(&mut bufs.read, HEADROOM, sp.len()) else { return 0 };
+    let Ok(seg) = Segmentation::parse(hdr, pkt.as_slice()) else { return 0 };
+    let TunVerdict::Send { .. } = net.a.from_tun_segmented(&net.routes_a, &mut pkt, &seg, net.now) else {
+        return 0;
+    };
+    let prefix = pkt.len() - sp.len();
+    let (stride, per_train) = (prefix + seg.segment_len(), seg.segments_per_train(prefix));
+    let mut merge: Option<Coalesced> = None;
+    let mut first = 0;
+    while first < seg.segments() {
+        let range = first..(first + per_train).min(seg.segments());
+        let Ok(n) = seg.write_segments(pkt.as_slice(), prefix, range.clone(), &mut bufs.train) else { return 0 };
+        for k in 0..range.len() {
+            let start = k * stride;
+            let len = stride.min(n - start);
+            let Some(mut d) = PacketBuf::new(&mut bufs.train[..start + len], start, len) else { return 0 };
+            let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d) else {
+                return 0;
+            };
+            if !merge.as_mut().is_some_and(|m| m.append(d.as_slice(), &mut bufs.merged)) {
+                merge = Coalesced::start(d.as_slice(), &mut bufs.merged, true);
+            }
+        }
+        first = range.end;
+    }
+    merge.map_or(0, |m| m.finish(&mut bufs.merged))
+}
+
+fn super_packet(c: &mut Criterion) {
+    let mut sp = Vec::new();
+    etherparse::PacketBuilder::ipv4([10, 244, 1, 1], [10, 244, 2, 1], 64)
+        .tcp(40_000, 5201, 1, 64_240)
+        .ack(1)
+        .write(&mut sp, &vec![0x5a; MSS * 46])
+        .unwrap();
+    let hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: MSS as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let mut g = c.benchmark_group("super_packet");
+    g.throughput(Throughput::Bytes(sp.len() as u64));
+    let from_a = from_a();
+    let mut bufs = SuperBufs { read: vec![0; SLOT_LEN], train: vec![0; SLOT_LEN], merged: vec![0; SLOT_LEN] };
+    let mut net = Pair::vxlan();
+    assert!(super_round(&mut net, &mut bufs, &sp, &hdr, from_a) > sp.len(), "vxlan super-packet did not survive");
+    g.bench_function(BenchmarkId::new("vxlan", sp.len()), |b| {
+        b.iter(|| super_round(&mut net, &mut bufs, black_box(&sp), &hdr, from_a));
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
 // route_lookup
 
 /// Table sizes. 65 536 is the most a `RouteTable` holds (`PeerId` is a u16: 100 000 peers
@@ -242,7 +326,7 @@ fn route_lookup(c: &mut Criterion) {
     let miss = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     for n in TABLE_SIZES {
         // Built on first use, so runs filtered to other benchmarks (`-- encap_decap`, `--list`)
-        // don't pay the 65 536-peer build (about 25 s).
+        // don't pay for building tables they never use.
         let cell = OnceCell::new();
         let fixture = || cell.get_or_init(|| fixture(n, miss));
         g.bench_function(BenchmarkId::new("hit", n), |b| {
@@ -277,7 +361,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = encap_decap, route_lookup
+    targets = encap_decap, super_packet, route_lookup
 }
 
 // criterion_main!, with the allocation check first.

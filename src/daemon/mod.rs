@@ -319,8 +319,8 @@ async fn run_with<C: PacketCore + 'static>(
         None => info!(backend = probe.backend.as_str(), "io backend chosen"),
     }
 
-    // Offloads need the io_uring worker and a TUN (the TAP path forwards frame by frame).
-    let want_offload = cfg.offload && probe.backend == driver::Backend::Uring && wire.tap.is_none();
+    // Offloads need a TUN (the TAP path forwards frame by frame); both I/O backends use them.
+    let want_offload = cfg.offload && wire.tap.is_none();
     let queues =
         driver::tun::open(&cfg.tun_name, cfg.workers, wire.tap.is_some(), want_offload).map_err(|e| {
             match e.kind() {

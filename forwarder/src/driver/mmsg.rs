@@ -2,8 +2,11 @@
 //! default seccomp profiles, `kernel.io_uring_disabled`): epoll on the TUN queue and the
 //! socket, `recvmmsg`/`sendmmsg` in batches of [`BATCH`], and TUN reads until `EAGAIN`.
 //!
-//! The TUN side still costs one `read` and one `write` per packet: a TUN has no batched
-//! interface until its offloads (virtio-net header) are on.
+//! With offloads (as on io_uring) one TUN `read` returns a TCP super-packet, cut into GSO
+//! trains that leave in the same `sendmmsg` (one message with a `UDP_SEGMENT` cmsg each);
+//! `recvmmsg` asks for `UDP_GRO` trains, every datagram is checked on its own and merged
+//! across the batch into few TUN `write`s. Without offloads the TUN costs one `read` and one
+//! `write` per packet.
 
 use std::io;
 use std::net::UdpSocket;
@@ -12,13 +15,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::Offloads;
+use super::cmsg::{CTRL_LEN, Ctrl};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::route::RouteTableHandle;
-use crate::stats::DropReason;
+use crate::gro::Coalesced;
+use crate::gso::{
+    F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
+};
+use crate::route::{RouteTable, RouteTableHandle};
+use crate::stats::{DropReason, OffloadCounter};
 
 /// Packets per `recvmmsg` / `sendmmsg` and per TUN read burst.
 pub const BATCH: usize = 64;
@@ -26,6 +35,21 @@ pub const BATCH: usize = 64;
 const TICK_MS: i32 = 100;
 const TOKEN_TUN: u64 = 1;
 const TOKEN_UDP: u64 = 2;
+/// Where a TUN read lands when packets carry a virtio-net header: just in front of the
+/// packet's usual place.
+const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
+
+/// A staged send that more equal-sized packets for the same peer and socket may join.
+#[derive(Clone, Copy, Debug, Default)]
+struct Gathered {
+    /// The destination; `None`: not a gatherable entry.
+    to: Option<std::net::SocketAddr>,
+    /// Every packet's size but possibly the last's (the GSO segment size).
+    seg: usize,
+    count: usize,
+    /// A shorter packet ends the train.
+    open: bool,
+}
 
 /// The fallback worker. Field order is drop order.
 pub(super) struct MmsgWorker<C: PacketCore> {
@@ -33,6 +57,12 @@ pub(super) struct MmsgWorker<C: PacketCore> {
     hdrs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
+    /// Control messages per batch entry (`UDP_SEGMENT` out, `UDP_GRO` in).
+    ctrls: Box<[Ctrl]>,
+    /// Whether batch entry `i` is a GSO train (a refusal then switches GSO off).
+    is_train: Box<[bool]>,
+    /// Batch entry `i` as a train of small packets gathered from single TUN reads.
+    gathered: Box<[Gathered]>,
     slots: Box<[u16]>,
     senders: Box<[RawFd]>,
     send_fds: Box<[RawFd]>,
@@ -44,6 +74,9 @@ pub(super) struct MmsgWorker<C: PacketCore> {
     fwd: C,
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
+    offloads: Offloads,
+    /// The super-packet being merged for the TUN, and its slot.
+    merge: Option<(u16, Coalesced)>,
 }
 
 impl<C: PacketCore> Drop for MmsgWorker<C> {
@@ -66,7 +99,7 @@ impl<C: PacketCore> MmsgWorker<C> {
         pool: BufPool,
     ) -> io::Result<Self> {
         io.set_nonblocking(true)?;
-        let super::WorkerIo { tun, udp, send, .. } = io;
+        let super::WorkerIo { tun, udp, send, offloads } = io;
         // SAFETY: plain syscall; the result is checked.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         for (fd, token) in [(tun.fd(), TOKEN_TUN), (udp.as_raw_fd(), TOKEN_UDP)] {
@@ -86,6 +119,9 @@ impl<C: PacketCore> MmsgWorker<C> {
             iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH].into_boxed_slice(),
             // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { std::mem::zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
+            ctrls: (0..BATCH).map(|_| Ctrl::new()).collect(),
+            is_train: vec![false; BATCH].into_boxed_slice(),
+            gathered: vec![Gathered::default(); BATCH].into_boxed_slice(),
             slots: vec![0u16; BATCH].into_boxed_slice(),
             senders: vec![0 as RawFd; BATCH].into_boxed_slice(),
             send_fds: send.iter().map(AsRawFd::as_raw_fd).collect(),
@@ -96,6 +132,8 @@ impl<C: PacketCore> MmsgWorker<C> {
             fwd,
             routes,
             stop,
+            offloads,
+            merge: None,
         })
     }
 
@@ -141,8 +179,9 @@ impl<C: PacketCore> MmsgWorker<C> {
                 self.fwd.stats().count_drop(DropReason::PoolExhausted);
                 break;
             };
-            // SAFETY: the slot is ours; read writes at most SLOT_LEN - HEADROOM bytes into it.
-            let n = unsafe { libc::read(tun_fd, self.pool.slot_ptr(slot).add(HEADROOM).cast(), SLOT_LEN - HEADROOM) };
+            let at = if self.offloads.tun_vnet { VNET_AT } else { HEADROOM };
+            // SAFETY: the slot is ours; read writes at most SLOT_LEN - at bytes into it.
+            let n = unsafe { libc::read(tun_fd, self.pool.slot_ptr(slot).add(at).cast(), SLOT_LEN - at) };
             let Ok(n) = usize::try_from(n) else {
                 let e = io::Error::last_os_error();
                 self.pool.release(slot);
@@ -154,15 +193,59 @@ impl<C: PacketCore> MmsgWorker<C> {
             };
             // SAFETY: the slot is ours.
             let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
+            let hdr = if self.offloads.tun_vnet { buf.get(VNET_AT..).and_then(VnetHdr::parse) } else { None };
+            let len = if self.offloads.tun_vnet { n.checked_sub(VNET_HDR_LEN) } else { Some(n) };
+            let Some(mut pkt) = len.and_then(|len| PacketBuf::new(buf, HEADROOM, len)) else {
+                self.fwd.stats().count_drop(DropReason::BadOffload);
                 self.pool.release(slot);
                 continue;
             };
+            let seg = match hdr {
+                Some(h) if h.is_gso() => match Segmentation::parse(&h, pkt.as_slice()) {
+                    Ok(seg) => Some(seg),
+                    Err(_) => {
+                        self.fwd.stats().count_drop(DropReason::BadOffload);
+                        self.pool.release(slot);
+                        continue;
+                    }
+                },
+                Some(h) if h.flags & F_NEEDS_CSUM != 0 => {
+                    if complete_checksum(pkt.as_mut_slice(), h.csum_start.into(), h.csum_offset.into()).is_err() {
+                        self.fwd.stats().count_drop(DropReason::BadOffload);
+                        self.pool.release(slot);
+                        continue;
+                    }
+                    None
+                }
+                _ => None,
+            };
+            if let Some(seg) = seg {
+                self.fwd.stats().count_offload(OffloadCounter::SuperPacketsRead, 1);
+                let before = pkt.len();
+                let verdict = self.fwd.from_tun_segmented(&routes, &mut pkt, &seg, now);
+                let (head, len) = (pkt.head(), pkt.len());
+                match verdict {
+                    TunVerdict::Send { to, flow, .. } => {
+                        staged = self.stage_trains(staged, slot, head, len, len - before, &seg, to, flow);
+                    }
+                    TunVerdict::Reply => self.write_tun(slot, head, len),
+                    TunVerdict::Flood | TunVerdict::Drop(_) => {}
+                }
+                self.pool.release(slot);
+                continue;
+            }
             match self.fwd.from_tun(&routes, &mut pkt, now) {
                 TunVerdict::Send { to, flow, .. } => {
                     let (head, len) = (pkt.head(), pkt.len());
-                    self.stage(staged, slot, head, len, Some(to));
                     let fd = self.sender(flow);
+                    if self.offloads.gso && staged > 0 && self.gather(staged - 1, slot, head, len, to, fd) {
+                        self.pool.release(slot);
+                        continue;
+                    }
+                    self.stage(staged, slot, head, len, Some(to));
+                    if let Some(g) = self.gathered.get_mut(staged) {
+                        *g = Gathered { to: Some(to), seg: len, count: 1, open: true };
+                    }
                     if let Some(s) = self.senders.get_mut(staged) {
                         *s = fd;
                     }
@@ -200,6 +283,118 @@ impl<C: PacketCore> MmsgWorker<C> {
         Ok(())
     }
 
+    /// Cuts the encapsulated super-packet at `head..head + len` of `slot` into trains in
+    /// fresh slots, staged from entry `staged` on (sending the batch when it fills); returns
+    /// the new number of staged entries. The caller releases `slot`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_trains(
+        &mut self,
+        mut staged: usize,
+        slot: u16,
+        head: usize,
+        len: usize,
+        prefix: usize,
+        seg: &Segmentation,
+        to: std::net::SocketAddr,
+        flow: u32,
+    ) -> usize {
+        let fd = self.sender(flow);
+        let per_train = if self.offloads.gso { seg.segments_per_train(prefix) } else { 1 };
+        let stride = prefix + seg.segment_len();
+        let mut first = 0;
+        while first < seg.segments() {
+            let range = first..(first + per_train).min(seg.segments());
+            first = range.end;
+            if staged == BATCH {
+                self.send_staged(staged);
+                staged = 0;
+            }
+            let Some(out) = self.pool.alloc() else {
+                self.fwd.stats().count_drop(DropReason::PoolExhausted);
+                break;
+            };
+            // SAFETY: `slot` holds the read packet and `out` was just allocated: both ours.
+            let cut = unsafe { self.pool.pair_mut(slot, out) }.and_then(|(src, dst)| {
+                Some(seg.write_segments(src.get(head..head + len)?, prefix, range.clone(), dst))
+            });
+            let Some(Ok(bytes)) = cut else {
+                self.fwd.stats().count_drop(DropReason::BadOffload);
+                self.pool.release(out);
+                break;
+            };
+            self.stage(staged, out, 0, bytes, Some(to));
+            if let Some(s) = self.senders.get_mut(staged) {
+                *s = fd;
+            }
+            if range.len() > 1 {
+                if let (Some(h), Some(c), Some(t)) =
+                    (self.hdrs.get_mut(staged), self.ctrls.get_mut(staged), self.is_train.get_mut(staged))
+                {
+                    h.msg_hdr.msg_controllen = c.set_segment_size(stride as u16);
+                    h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                    *t = true;
+                }
+                self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
+                self.fwd.stats().count_offload(OffloadCounter::GsoSegments, range.len() as u64);
+            }
+            staged += 1;
+        }
+        staged
+    }
+
+    /// Appends the encapsulated packet at `head..head + len` of `slot` to staged entry `i` if
+    /// that entry is a train of equal-sized packets for `to` on `fd` with room left: small
+    /// packets then leave as one GSO send. `false` leaves everything unchanged.
+    fn gather(&mut self, i: usize, slot: u16, head: usize, len: usize, to: std::net::SocketAddr, fd: RawFd) -> bool {
+        let (Some(g), Some(&sender), Some(iov), Some(&into)) =
+            (self.gathered.get(i), self.senders.get(i), self.iovs.get(i), self.slots.get(i))
+        else {
+            return false;
+        };
+        let fits = g.open
+            && g.to == Some(to)
+            && sender == fd
+            && len <= g.seg
+            && iov.iov_len + len <= MAX_TRAIN_BYTES
+            && g.count < MAX_TRAIN_SEGMENTS;
+        if !fits {
+            return false;
+        }
+        let at = iov.iov_base as usize - self.pool.slot_ptr(into) as usize + iov.iov_len;
+        // SAFETY: both slots are ours (read completed; staged, not yet sent).
+        let copied = unsafe { self.pool.pair_mut(slot, into) }.is_some_and(|(src, dst)| {
+            match (src.get(head..head + len), dst.get_mut(at..at + len)) {
+                (Some(from), Some(to)) => {
+                    to.copy_from_slice(from);
+                    true
+                }
+                _ => false,
+            }
+        });
+        if !copied {
+            return false;
+        }
+        let seg = g.seg;
+        let count = g.count + 1;
+        if let (Some(g), Some(iov)) = (self.gathered.get_mut(i), self.iovs.get_mut(i)) {
+            g.count = count;
+            g.open = len == seg;
+            iov.iov_len += len;
+        }
+        if count == 2 {
+            if let (Some(h), Some(c), Some(t)) = (self.hdrs.get_mut(i), self.ctrls.get_mut(i), self.is_train.get_mut(i))
+            {
+                h.msg_hdr.msg_controllen = c.set_segment_size(seg as u16);
+                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                *t = true;
+            }
+            self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
+            self.fwd.stats().count_offload(OffloadCounter::GsoSegments, 1);
+        }
+        self.fwd.stats().count_offload(OffloadCounter::GsoSegments, 1);
+        true
+    }
+
     /// The socket a packet of inner flow `flow` leaves from.
     fn sender(&self, flow: u32) -> RawFd {
         super::pick_sender(self.udp.as_raw_fd(), &self.send_fds, flow)
@@ -225,6 +420,17 @@ impl<C: PacketCore> MmsgWorker<C> {
                         DropReason::IoError
                     };
                     self.fwd.stats().count_drop(reason);
+                    let train = self.is_train.get(sent).copied().unwrap_or(false);
+                    if train && self.offloads.gso && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
+                        self.offloads.gso = false;
+                        self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
+                        let cleared = self.tun.clear_offloads();
+                        tracing::warn!(
+                            error = %e,
+                            ?cleared,
+                            "the underlay refused a UDP GSO send; sending one segment per message and clearing the TUN's offloads"
+                        );
+                    }
                     sent += 1;
                 }
             }
@@ -243,6 +449,13 @@ impl<C: PacketCore> MmsgWorker<C> {
         while armed < BATCH {
             let Some(slot) = self.pool.alloc() else { break };
             self.stage(armed, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
+            if self.offloads.gro {
+                if let (Some(h), Some(c)) = (self.hdrs.get_mut(armed), self.ctrls.get_mut(armed)) {
+                    c.clear();
+                    h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = CTRL_LEN;
+                }
+            }
             armed += 1;
         }
         if armed == 0 {
@@ -269,6 +482,7 @@ impl<C: PacketCore> MmsgWorker<C> {
             }
             self.pool.release(slot);
         }
+        self.flush();
     }
 
     fn deliver(&mut self, routes: &crate::route::RouteTable, i: usize, slot: u16, now: Instant) {
@@ -279,6 +493,15 @@ impl<C: PacketCore> MmsgWorker<C> {
             return;
         }
         let Some(from) = sockaddr::read(a) else { return };
+        if self.offloads.tun_vnet {
+            let train = if self.offloads.gro {
+                self.ctrls.get(i).and_then(|c| c.gro_size(h.msg_hdr.msg_controllen))
+            } else {
+                None
+            };
+            self.deliver_merged(routes, slot, from, n, train, now);
+            return;
+        }
         // SAFETY: the receive completed, the slot is ours.
         let buf = unsafe { self.pool.slot_mut(slot) };
         let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else { return };
@@ -293,6 +516,106 @@ impl<C: PacketCore> MmsgWorker<C> {
             }
             UnderlayVerdict::Drop(_) => {}
         }
+    }
+
+    /// `n` bytes from `from` at `HEADROOM` of `slot`: one datagram or a GRO train of
+    /// `train`-byte datagrams, each checked within its own bounds and merged for the TUN.
+    fn deliver_merged(
+        &mut self,
+        routes: &RouteTable,
+        slot: u16,
+        from: std::net::SocketAddr,
+        n: usize,
+        train: Option<usize>,
+        now: Instant,
+    ) {
+        if train.is_some() {
+            self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
+        }
+        let size = train.unwrap_or(n).max(1);
+        let mut off = 0;
+        while off < n {
+            let seg_len = size.min(n - off);
+            let start = HEADROOM + off;
+            off += seg_len;
+            // A lone datagram may grow into the rest of the slot (a padded ARP reply).
+            let end = if train.is_some() { start + seg_len } else { SLOT_LEN };
+            // SAFETY: the receive completed, the slot is ours.
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(mut pkt) = buf.get_mut(..end).and_then(|b| PacketBuf::new(b, start, seg_len)) else {
+                self.fwd.stats().count_drop(DropReason::Truncated);
+                break;
+            };
+            let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
+            let (head, len) = (pkt.head(), pkt.len());
+            match verdict {
+                UnderlayVerdict::Deliver { .. } => self.merge(slot, head, len),
+                UnderlayVerdict::Reply { to } => self.send_one(slot, head, len, to),
+                UnderlayVerdict::Drop(_) => {}
+            }
+        }
+    }
+
+    /// Adds the checked packet at `head..head + len` of `slot` to the super-packet being
+    /// merged, or writes that one and starts another.
+    fn merge(&mut self, slot: u16, head: usize, len: usize) {
+        if let Some((out, mut m)) = self.merge {
+            // SAFETY: `slot` completed its receive; `out` is held by the merge: both ours.
+            let appended = unsafe { self.pool.pair_mut(slot, out) }.is_some_and(|(src, dst)| {
+                match (src.get(head..head + len), dst.get_mut(VNET_AT..)) {
+                    (Some(ip), Some(o)) => m.append(ip, o),
+                    _ => false,
+                }
+            });
+            if appended {
+                self.merge = Some((out, m));
+                return;
+            }
+            self.flush();
+        }
+        let Some(out) = self.pool.alloc() else {
+            self.fwd.stats().count_drop(DropReason::PoolExhausted);
+            return;
+        };
+        let uso = self.offloads.tun_uso && self.offloads.coalesce;
+        // SAFETY: as above; `out` was just allocated.
+        let started = unsafe { self.pool.pair_mut(slot, out) }
+            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?, uso));
+        match started {
+            Some(m) => {
+                self.merge = Some((out, m));
+                if !self.offloads.coalesce {
+                    self.flush();
+                }
+            }
+            None => {
+                self.fwd.stats().count_drop(DropReason::Oversize);
+                self.pool.release(out);
+            }
+        }
+    }
+
+    /// Writes the super-packet being merged, if any, to the TUN.
+    fn flush(&mut self) {
+        let Some((out, m)) = self.merge.take() else { return };
+        // SAFETY: the merge holds `out`.
+        let buf = unsafe { self.pool.slot_mut(out) };
+        let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
+        // SAFETY: writes n bytes from inside the owned slot (n ≤ SLOT_LEN - VNET_AT).
+        let rc = unsafe { libc::write(self.tun.fd(), self.pool.slot_ptr(out).add(VNET_AT).cast(), n) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            self.fwd.stats().count_drop(DropReason::IoError);
+            if m.segments() > 1 && e.raw_os_error() == Some(libc::EINVAL) && self.offloads.coalesce {
+                self.offloads.coalesce = false;
+                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
+                tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per write");
+            }
+        } else if m.segments() > 1 {
+            self.fwd.stats().count_offload(OffloadCounter::MergedWrites, 1);
+            self.fwd.stats().count_offload(OffloadCounter::MergedSegments, m.segments() as u64);
+        }
+        self.pool.release(out);
     }
 
     /// One datagram from the overlay port (neighbour replies; rare, so no batching).
@@ -316,7 +639,17 @@ impl<C: PacketCore> MmsgWorker<C> {
         }
     }
 
+    /// Writes one packet to the TUN, behind an all-zero virtio-net header when the TUN
+    /// expects one (a packet always starts at least `HEADROOM` − 48 bytes in).
     fn write_tun(&mut self, slot: u16, head: usize, len: usize) {
+        let (mut head, mut len) = (head, len);
+        if self.offloads.tun_vnet {
+            // SAFETY: the slot is ours.
+            let buf = unsafe { self.pool.slot_mut(slot) };
+            let Some(h) = head.checked_sub(VNET_HDR_LEN).and_then(|at| buf.get_mut(at..head)) else { return };
+            VnetHdr::default().emit(h);
+            (head, len) = (head - VNET_HDR_LEN, len + VNET_HDR_LEN);
+        }
         // SAFETY: writes len bytes from inside the owned slot.
         let rc = unsafe { libc::write(self.tun.fd(), self.pool.slot_ptr(slot).add(head).cast(), len) };
         if rc < 0 {
@@ -347,5 +680,11 @@ impl<C: PacketCore> MmsgWorker<C> {
         h.msg_hdr.msg_controllen = 0;
         h.msg_hdr.msg_flags = 0;
         h.msg_len = 0;
+        if let Some(t) = self.is_train.get_mut(i) {
+            *t = false;
+        }
+        if let Some(g) = self.gathered.get_mut(i) {
+            *g = Gathered::default();
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod tun;
 pub mod udp;
 
 mod bufring;
+mod cmsg;
 mod mmsg;
 mod uring;
 
@@ -180,13 +181,6 @@ pub fn run_worker<C: PacketCore>(
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DriverError> {
-    let uses_offloads = io.offloads != Offloads::default() || io.tun.offloads().tso;
-    if backend == Backend::Mmsg && uses_offloads {
-        return Err(DriverError::Setup(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the mmsg backend runs without offloads: open the TUN without them",
-        )));
-    }
     let pool = BufPool::new(POOL_SLOTS).map_err(DriverError::Setup)?;
     match backend {
         Backend::Uring => uring::UringWorker::new(io, fwd, routes, stop, pool)

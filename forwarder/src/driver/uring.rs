@@ -38,6 +38,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::Offloads;
 use super::bufring::BufRing;
+use super::cmsg::{CTRL_LEN, Ctrl, gro_size};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -87,16 +88,12 @@ const BATCH_WAIT_NS: u32 = 40_000;
 /// Where a TUN read lands (and a TUN write starts) when every packet carries a virtio-net
 /// header: the header just in front of the packet's usual place.
 const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
-/// Control-message space per slot: one `UDP_SEGMENT` (u16) or `UDP_GRO` (int) cmsg.
-const CTRL_LEN: usize = 64;
 /// Registered-file index of the TUN queue (every SQE names its file by index, so the
 /// kernel skips the per-request file lookup and reference count).
 const TUN_FILE: u32 = 0;
 /// Registered-file index of the socket on the overlay port; the flow-hashed send sockets
 /// follow from index 2.
 const UDP_FILE: u32 = 1;
-/// `struct cmsghdr`: `cmsg_len` (size_t), `cmsg_level`, `cmsg_type` (int).
-const CMSG_HDR_LEN: usize = std::mem::size_of::<libc::cmsghdr>();
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 #[repr(u8)]
@@ -137,10 +134,6 @@ fn decode(ud: u64) -> Option<(Op, u16)> {
     Some((op, slot))
 }
 
-/// Control-message buffer, aligned for `struct cmsghdr`.
-#[repr(C, align(8))]
-struct Ctrl([u8; CTRL_LEN]);
-
 /// The msghdr, iovec, address and control buffer one slot's `RECVMSG`/`SENDMSG` points at.
 /// They live in a boxed slice that never moves or resizes, so the kernel's pointers stay
 /// valid.
@@ -152,48 +145,23 @@ struct MsgSlot {
 }
 
 impl MsgSlot {
-    /// The segment size of a received GRO train, from its `UDP_GRO` cmsg. The buffer was
-    /// zeroed before the receive, so a kernel that wrote nothing leaves nothing to find.
+    /// The segment size of a received GRO train, from its `UDP_GRO` cmsg.
     fn gro_size(&self) -> Option<usize> {
-        gro_size(self.ctrl.0.get(..self.hdr.msg_controllen.min(CTRL_LEN))?)
+        self.ctrl.gro_size(self.hdr.msg_controllen)
     }
 
     /// Writes a `UDP_SEGMENT` cmsg of `size` and points the msghdr at it.
     fn set_segment_size(&mut self, size: u16) {
-        let c = &mut self.ctrl.0;
-        c[..8].copy_from_slice(&(CMSG_HDR_LEN + 2).to_ne_bytes());
-        c[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
-        c[12..16].copy_from_slice(&libc::UDP_SEGMENT.to_ne_bytes());
-        c[16..18].copy_from_slice(&size.to_ne_bytes());
-        self.hdr.msg_control = c.as_mut_ptr().cast();
-        self.hdr.msg_controllen = (CMSG_HDR_LEN + 2).next_multiple_of(8);
+        self.hdr.msg_controllen = self.ctrl.set_segment_size(size);
+        self.hdr.msg_control = self.ctrl.0.as_mut_ptr().cast();
     }
 
     /// Points the msghdr at the zeroed control buffer for a receive.
     fn arm_ctrl_for_recv(&mut self) {
-        self.ctrl.0 = [0; CTRL_LEN];
+        self.ctrl.clear();
         self.hdr.msg_control = self.ctrl.0.as_mut_ptr().cast();
         self.hdr.msg_controllen = CTRL_LEN;
     }
-}
-
-/// The segment size in a `UDP_GRO` cmsg among the control messages `buf`.
-fn gro_size(buf: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    while let Some(h) = buf.get(at..at + CMSG_HDR_LEN) {
-        let cmsg_len = usize::from_ne_bytes(h.get(..8)?.try_into().ok()?);
-        let level = i32::from_ne_bytes(h.get(8..12)?.try_into().ok()?);
-        let kind = i32::from_ne_bytes(h.get(12..16)?.try_into().ok()?);
-        if cmsg_len < CMSG_HDR_LEN {
-            return None;
-        }
-        if level == libc::SOL_UDP && kind == libc::UDP_GRO {
-            let v = i32::from_ne_bytes(buf.get(at + CMSG_HDR_LEN..at + CMSG_HDR_LEN + 4)?.try_into().ok()?);
-            return usize::try_from(v).ok().filter(|v| *v > 0);
-        }
-        at += cmsg_len.next_multiple_of(8);
-    }
-    None
 }
 
 /// Builds a ring with the flags that make batched waits cheap, falling back to a plain ring
@@ -1144,24 +1112,5 @@ mod tests {
         }
         assert_eq!(decode(0), None);
         assert_eq!(decode(9 << 32), None);
-    }
-
-    #[test]
-    fn control_messages_round_trip() {
-        // SAFETY: all-zero is a valid MsgSlot.
-        let mut m: MsgSlot = unsafe { std::mem::zeroed() };
-        m.arm_ctrl_for_recv();
-        assert_eq!(m.gro_size(), None, "nothing written, nothing found");
-        // What the kernel writes for a GRO train of 1472-byte segments.
-        let c = &mut m.ctrl.0;
-        c[..8].copy_from_slice(&(CMSG_HDR_LEN + 4).to_ne_bytes());
-        c[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
-        c[12..16].copy_from_slice(&libc::UDP_GRO.to_ne_bytes());
-        c[16..20].copy_from_slice(&1472i32.to_ne_bytes());
-        m.hdr.msg_controllen = 24;
-        assert_eq!(m.gro_size(), Some(1472));
-        m.set_segment_size(1400);
-        assert_eq!(m.hdr.msg_controllen, 24);
-        assert_eq!(u16::from_ne_bytes([m.ctrl.0[16], m.ctrl.0[17]]), 1400);
     }
 }
