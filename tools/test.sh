@@ -37,6 +37,8 @@ echo "==> unit tests"
 cargo test --workspace --release --exclude weft-netns-tests
 echo "==> network-namespace integration tests"
 CI="${CI:-}" cargo test --release -p weft-netns-tests -- --test-threads=1
+echo "==> network-namespace offload tests on the epoll/recvmmsg backend (where io_uring is refused)"
+WEFT_TEST_IO=mmsg cargo test --release -p weft-netns-tests --test offload -- --test-threads=1
 echo "==> benchmark harness smoke run (figures are reported, never asserted)"
 cargo run --release -q -p weft-bench --bin lease-scale -- --quick --out "${TMPDIR:-/tmp}/lease-scale-quick.json"
 cargo run --release -q -p weft-bench --bin vs-kernel -- --quick --out "${TMPDIR:-/tmp}/vs-kernel-quick.json"
