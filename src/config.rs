@@ -107,7 +107,7 @@ pub struct RawConfig {
     pub workers: Option<usize>,
     /// `auto`, `uring` or `mmsg`.
     pub io: Option<String>,
-    /// TUN offloads (TSO/USO, checksum) with UDP GSO sends; default on (io_uring only).
+    /// TUN offloads (TSO/USO, checksum) with UDP GSO sends; default on (TUN mode).
     pub offload: Option<bool>,
     /// UDP GRO receives and merging of segments into one TUN write; default on (needs
     /// `offload`).
@@ -497,7 +497,7 @@ pub struct Config {
     pub workers: usize,
     /// I/O backend preference.
     pub io: IoPreference,
-    /// Whether to use TUN offloads and UDP GSO (io_uring backend only).
+    /// Whether to use TUN offloads and UDP GSO (TUN mode, either I/O backend).
     pub offload: bool,
     /// Whether to use UDP GRO and merge segments for the TUN (needs `offload`).
     pub gro: bool,

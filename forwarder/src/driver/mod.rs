@@ -117,6 +117,19 @@ pub(crate) fn pick_sender(udp: RawFd, send: &[RawFd], flow: u32) -> RawFd {
     }
 }
 
+/// The datagrams of a receive of `n` bytes at `HEADROOM`: one, or a GRO train of
+/// `train`-byte datagrams. Yields `(start, len, end)` per datagram: where it starts in the
+/// slot, its length, and how far it may grow. A lone datagram may grow to the slot's end (a
+/// padded ARP reply); a train's datagram ends where the next begins, so a check or a reply
+/// written in place can never reach into it.
+pub(crate) fn datagrams(n: usize, train: Option<usize>) -> impl Iterator<Item = (usize, usize, usize)> {
+    let size = train.unwrap_or(n).max(1);
+    (0..n).step_by(size).map(move |off| {
+        let (start, len) = (crate::buf::HEADROOM + off, size.min(n - off));
+        (start, len, if train.is_some() { start + len } else { crate::buf::SLOT_LEN })
+    })
+}
+
 /// Whether an errno from a read or receive means "try again" rather than "the device or
 /// socket is gone".
 pub(crate) fn is_transient(errno: i32) -> bool {
@@ -125,7 +138,7 @@ pub(crate) fn is_transient(errno: i32) -> bool {
 
 /// The offloads a worker uses: decided at start from what the kernel offers and the
 /// configuration; a worker switches GSO or merging off by itself if the kernel refuses
-/// them at run time. Only the io_uring backend uses offloads.
+/// them at run time. Both backends use them.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
 pub struct Offloads {
     /// The TUN carries a virtio-net header (`IFF_VNET_HDR`) and hands over TCP (and UDP,
@@ -191,5 +204,23 @@ pub fn run_worker<C: PacketCore>(
             .map_err(DriverError::Setup)?
             .run()
             .map_err(DriverError::Loop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::{HEADROOM, SLOT_LEN};
+
+    #[test]
+    fn datagrams_split_a_train_and_bound_each_one() {
+        let h = HEADROOM;
+        assert_eq!(datagrams(100, None).collect::<Vec<_>>(), [(h, 100, SLOT_LEN)]);
+        assert_eq!(
+            datagrams(2500, Some(1000)).collect::<Vec<_>>(),
+            [(h, 1000, h + 1000), (h + 1000, 1000, h + 2000), (h + 2000, 500, h + 2500)]
+        );
+        assert_eq!(datagrams(0, Some(1000)).count(), 0);
+        assert_eq!(datagrams(3, Some(0)).count(), 3, "a zero segment size cannot loop forever");
     }
 }

@@ -920,16 +920,9 @@ impl<C: PacketCore> State<C> {
         if train.is_some() {
             self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
         }
-        let size = train.unwrap_or(n).max(1);
-        let mut off = 0;
-        while off < n {
-            let seg_len = size.min(n - off);
-            let start = HEADROOM + off;
-            off += seg_len;
-            // A lone datagram may grow into the rest of the slot (a padded ARP reply); a
-            // train's segment ends where the next begins. Bytes before it belong to
-            // segments already handled, so a reply may prepend into them.
-            let end = if train.is_some() { start + seg_len } else { SLOT_LEN };
+        // Bytes before a datagram belong to datagrams already handled, so a reply may
+        // prepend into them.
+        for (start, seg_len, end) in super::datagrams(n, train) {
             // SAFETY: the receive completed, so the slot is ours again.
             let buf = unsafe { self.pool.slot_mut(slot) };
             let Some(mut pkt) = buf.get_mut(..end).and_then(|b| PacketBuf::new(b, start, seg_len)) else {
