@@ -40,20 +40,26 @@ fn plain_ip(ip: &[u8], proto: u8) -> Option<(bool, usize)> {
     }
 }
 
-/// A UDP datagram eligible for merging (USO): `Some((v6, l4))`.
+/// Whether the L4 checksum of `ip` (protocol `proto`, L4 header at `l4`) verifies. An IPv4
+/// UDP datagram may carry none (zero). A valid checksum sums, with the pseudo-header, to all
+/// ones, so its complement is 0.
+///
+/// Only packets that are actually merged are verified: a packet written on its own keeps its
+/// checksum, which the kernel checks, so verifying it here would be work done twice.
+fn l4_checksum_ok(ip: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
+    let Some(l4_bytes) = ip.get(l4..) else { return false };
+    if proto == 17 && !v6 && l4_bytes.get(6..8) == Some(&[0, 0]) {
+        return true;
+    }
+    checksum::fold(checksum::sum(pseudo_sum(ip, v6, proto, l4_bytes.len()), l4_bytes)) == 0
+}
+
+/// A UDP datagram eligible for merging (USO): `Some((v6, l4))`. The checksum is not
+/// verified here (see [`l4_checksum_ok`]).
 fn udp_datagram(ip: &[u8]) -> Option<(bool, usize)> {
     let (v6, l4) = plain_ip(ip, 17)?;
     let ulen = usize::from(u16::from_be_bytes([*ip.get(l4 + 4)?, *ip.get(l4 + 5)?]));
-    if ulen != ip.len() - l4 || ulen <= 8 {
-        return None;
-    }
-    let check = u16::from_be_bytes([ip[l4 + 6], ip[l4 + 7]]);
-    // IPv4 may carry no checksum (zero); anything else must verify.
-    let unchecked = !v6 && check == 0;
-    if !unchecked && checksum::fold(checksum::sum(pseudo_sum(ip, v6, 17, ulen), &ip[l4..])) != 0 {
-        return None;
-    }
-    Some((v6, l4))
+    (ulen == ip.len() - l4 && ulen > 8).then_some((v6, l4))
 }
 
 /// What [`tcp_segment`] learns about a packet that may be merged.
@@ -68,18 +74,14 @@ struct Segment {
     flags: u8,
 }
 
-/// A TCP segment eligible for merging, or `None`.
+/// A TCP segment eligible for merging, or `None`. The checksum is not verified here (see
+/// [`l4_checksum_ok`]).
 fn tcp_segment(ip: &[u8]) -> Option<Segment> {
     let (v6, l4) = plain_ip(ip, 6)?;
     let tcp_len = usize::from(ip.get(l4 + 12)? >> 4) * 4;
     let hdrs = l4 + tcp_len;
     let flags = *ip.get(l4 + 13)?;
     if tcp_len < 20 || hdrs >= ip.len() || flags & !TCP_PSH != TCP_ACK {
-        return None;
-    }
-    let l4_len = ip.len() - l4;
-    // A valid checksum sums (with the pseudo-header) to all ones, so its complement is 0.
-    if checksum::fold(checksum::sum(pseudo_sum(ip, v6, 6, l4_len), &ip[l4..])) != 0 {
         return None;
     }
     let seq = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
@@ -169,6 +171,7 @@ impl Coalesced {
             || payload > self.mss
             || self.len + payload > limit
             || !same_flow(head, ip, &first)
+            || !self.checksums_ok(ip, out, first.v6, first.l4, 6)
         {
             return false;
         }
@@ -202,6 +205,7 @@ impl Coalesced {
             || self.segments >= MAX_TRAIN_SEGMENTS
             || !same_ip(head, ip, v6)
             || head.get(l4..l4 + 4) != ip.get(l4..l4 + 4)
+            || !self.checksums_ok(ip, out, v6, l4, 17)
         {
             return false;
         }
@@ -214,6 +218,19 @@ impl Coalesced {
             self.open = false;
         }
         true
+    }
+
+    /// Verifies `ip`'s checksum and, before the first merge, that of the packet already in
+    /// `out`. A first packet that fails closes the super-packet: it goes out alone.
+    fn checksums_ok(&mut self, ip: &[u8], out: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
+        if self.segments == 1 {
+            let first = out.get(VNET_HDR_LEN..VNET_HDR_LEN + self.len).unwrap_or_default();
+            if !l4_checksum_ok(first, v6, l4, proto) {
+                self.open = false;
+                return false;
+            }
+        }
+        l4_checksum_ok(ip, v6, l4, proto)
     }
 
     /// How many segments were merged.
@@ -370,6 +387,13 @@ mod tests {
             assert_eq!(VnetHdr::parse(&out), Some(VnetHdr::default()), "{name}");
             assert_eq!(&out[VNET_HDR_LEN..n], &first[..], "{name}");
         }
+        // A first packet with a bad checksum is never merged into: it goes out alone, as read.
+        let mut bad_first = first.clone();
+        bad_first[100] ^= 0xff;
+        let mut c = Coalesced::start(&bad_first, &mut out, true).unwrap();
+        assert!(!c.append(&seg(false, 2400, 1400, false), &mut out), "bad first packet");
+        let n = c.finish(&mut out);
+        assert_eq!(&out[VNET_HDR_LEN..n], &bad_first[..]);
         // Without USO, a UDP datagram starts a packet nothing joins.
         let udp = {
             let mut v = Vec::new();
