@@ -223,6 +223,20 @@ impl WorkerStats {
         self.offload[c as usize].fetch_add(n, Relaxed);
     }
 
+    /// Counts one GSO send carrying `segments` datagrams.
+    #[inline]
+    pub fn count_train(&self, segments: usize) {
+        self.count_offload(OffloadCounter::GsoSends, 1);
+        self.count_offload(OffloadCounter::GsoSegments, segments as u64);
+    }
+
+    /// Counts one TUN write of a super-packet merged from `segments` packets.
+    #[inline]
+    pub fn count_merged(&self, segments: usize) {
+        self.count_offload(OffloadCounter::MergedWrites, 1);
+        self.count_offload(OffloadCounter::MergedSegments, segments as u64);
+    }
+
     /// Current value of an offload counter.
     pub fn offload_count(&self, c: OffloadCounter) -> u64 {
         self.offload[c as usize].load(Relaxed)

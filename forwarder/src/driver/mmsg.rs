@@ -59,8 +59,9 @@ pub(super) struct MmsgWorker<C: PacketCore> {
     addrs: Box<[libc::sockaddr_storage]>,
     /// Control messages per batch entry (`UDP_SEGMENT` out, `UDP_GRO` in).
     ctrls: Box<[Ctrl]>,
-    /// Whether batch entry `i` is a GSO train (a refusal then switches GSO off).
-    is_train: Box<[bool]>,
+    /// Batch entry `i`'s GSO segment size when it is a train (0: one datagram). The
+    /// `UDP_SEGMENT` cmsg is written from it just before the send.
+    segment: Box<[u16]>,
     /// Batch entry `i` as a train of small packets gathered from single TUN reads.
     gathered: Box<[Gathered]>,
     slots: Box<[u16]>,
@@ -120,7 +121,7 @@ impl<C: PacketCore> MmsgWorker<C> {
             // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { std::mem::zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
             ctrls: (0..BATCH).map(|_| Ctrl::new()).collect(),
-            is_train: vec![false; BATCH].into_boxed_slice(),
+            segment: vec![0; BATCH].into_boxed_slice(),
             gathered: vec![Gathered::default(); BATCH].into_boxed_slice(),
             slots: vec![0u16; BATCH].into_boxed_slice(),
             senders: vec![0 as RawFd; BATCH].into_boxed_slice(),
@@ -326,16 +327,8 @@ impl<C: PacketCore> MmsgWorker<C> {
             if let Some(s) = self.senders.get_mut(staged) {
                 *s = fd;
             }
-            if range.len() > 1 {
-                if let (Some(h), Some(c), Some(t)) =
-                    (self.hdrs.get_mut(staged), self.ctrls.get_mut(staged), self.is_train.get_mut(staged))
-                {
-                    h.msg_hdr.msg_controllen = c.set_segment_size(stride as u16);
-                    h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
-                    *t = true;
-                }
-                self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
-                self.fwd.stats().count_offload(OffloadCounter::GsoSegments, range.len() as u64);
+            if let (true, Some(g)) = (range.len() > 1, self.segment.get_mut(staged)) {
+                *g = stride as u16;
             }
             staged += 1;
         }
@@ -381,17 +374,9 @@ impl<C: PacketCore> MmsgWorker<C> {
             g.open = len == seg;
             iov.iov_len += len;
         }
-        if count == 2 {
-            if let (Some(h), Some(c), Some(t)) = (self.hdrs.get_mut(i), self.ctrls.get_mut(i), self.is_train.get_mut(i))
-            {
-                h.msg_hdr.msg_controllen = c.set_segment_size(seg as u16);
-                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
-                *t = true;
-            }
-            self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
-            self.fwd.stats().count_offload(OffloadCounter::GsoSegments, 1);
+        if let Some(g) = self.segment.get_mut(i) {
+            *g = seg as u16;
         }
-        self.fwd.stats().count_offload(OffloadCounter::GsoSegments, 1);
         true
     }
 
@@ -403,6 +388,19 @@ impl<C: PacketCore> MmsgWorker<C> {
     /// Sends the first `staged` batch entries, one `sendmmsg` per run of entries that leave
     /// from the same socket, and frees their slots.
     fn send_staged(&mut self, staged: usize) {
+        // Trains carry their segment size in a UDP_SEGMENT cmsg.
+        for i in 0..staged {
+            let (Some(&size), Some(h), Some(c)) = (self.segment.get(i), self.hdrs.get_mut(i), self.ctrls.get_mut(i))
+            else {
+                continue;
+            };
+            if size > 0 {
+                h.msg_hdr.msg_controllen = c.set_segment_size(size);
+                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                let len = self.iovs.get(i).map_or(0, |v| v.iov_len);
+                self.fwd.stats().count_train(len.div_ceil(usize::from(size)));
+            }
+        }
         let mut sent = 0;
         while sent < staged {
             let fd = self.senders.get(sent).copied().unwrap_or_else(|| self.udp.as_raw_fd());
@@ -413,23 +411,11 @@ impl<C: PacketCore> MmsgWorker<C> {
                 Ok(k) if k > 0 => sent += k,
                 _ => {
                     // The first unsent datagram failed (EMSGSIZE, ENOBUFS, …): count it, go on.
-                    let e = io::Error::last_os_error();
-                    let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                        DropReason::Oversize
-                    } else {
-                        DropReason::IoError
-                    };
+                    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    let reason = if errno == libc::EMSGSIZE { DropReason::Oversize } else { DropReason::IoError };
                     self.fwd.stats().count_drop(reason);
-                    let train = self.is_train.get(sent).copied().unwrap_or(false);
-                    if train && self.offloads.gso && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
-                        self.offloads.gso = false;
-                        self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
-                        let cleared = self.tun.clear_offloads();
-                        tracing::warn!(
-                            error = %e,
-                            ?cleared,
-                            "the underlay refused a UDP GSO send; sending one segment per message and clearing the TUN's offloads"
-                        );
+                    if self.segment.get(sent).is_some_and(|s| *s > 0) {
+                        super::train_refused(&mut self.offloads, &self.tun, self.fwd.stats(), errno);
                     }
                     sent += 1;
                 }
@@ -599,16 +585,13 @@ impl<C: PacketCore> MmsgWorker<C> {
         // SAFETY: writes n bytes from inside the owned slot (n ≤ SLOT_LEN - VNET_AT).
         let rc = unsafe { libc::write(self.tun.fd(), self.pool.slot_ptr(out).add(VNET_AT).cast(), n) };
         if rc < 0 {
-            let e = io::Error::last_os_error();
             self.fwd.stats().count_drop(DropReason::IoError);
-            if m.segments() > 1 && e.raw_os_error() == Some(libc::EINVAL) && self.offloads.coalesce {
-                self.offloads.coalesce = false;
-                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
-                tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per write");
+            if m.segments() > 1 {
+                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                super::merged_write_refused(&mut self.offloads, self.fwd.stats(), errno);
             }
         } else if m.segments() > 1 {
-            self.fwd.stats().count_offload(OffloadCounter::MergedWrites, 1);
-            self.fwd.stats().count_offload(OffloadCounter::MergedSegments, m.segments() as u64);
+            self.fwd.stats().count_merged(m.segments());
         }
         self.pool.release(out);
     }
@@ -675,8 +658,8 @@ impl<C: PacketCore> MmsgWorker<C> {
         h.msg_hdr.msg_controllen = 0;
         h.msg_hdr.msg_flags = 0;
         h.msg_len = 0;
-        if let Some(t) = self.is_train.get_mut(i) {
-            *t = false;
+        if let Some(g) = self.segment.get_mut(i) {
+            *g = 0;
         }
         if let Some(g) = self.gathered.get_mut(i) {
             *g = Gathered::default();

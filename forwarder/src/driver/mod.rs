@@ -28,6 +28,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::forwarder::PacketCore;
 use crate::route::RouteTableHandle;
+use crate::stats::{OffloadCounter, WorkerStats};
 
 pub use pool::BufPool;
 pub use tun::TunQueue;
@@ -128,6 +129,33 @@ pub(crate) fn datagrams(n: usize, train: Option<usize>) -> impl Iterator<Item = 
         let (start, len) = (crate::buf::HEADROOM + off, size.min(n - off));
         (start, len, if train.is_some() { start + len } else { crate::buf::SLOT_LEN })
     })
+}
+
+/// The kernel refused a send carrying a GSO train with `errno`. `EIO` (the underlay cannot
+/// checksum) or `EINVAL` (no GSO here) mean it refuses every train: switch GSO off for this
+/// worker and clear the TUN's offload mask, so super-packets stop coming. Other errors lose
+/// one datagram, already counted by the caller.
+pub(crate) fn train_refused(offloads: &mut Offloads, tun: &TunQueue, stats: &WorkerStats, errno: i32) {
+    if offloads.gso && matches!(errno, libc::EIO | libc::EINVAL) {
+        offloads.gso = false;
+        stats.count_offload(OffloadCounter::Fallbacks, 1);
+        let cleared = tun.clear_offloads();
+        tracing::warn!(
+            errno,
+            ?cleared,
+            "the underlay refused a UDP GSO send; sending one segment per datagram and clearing the TUN's offloads"
+        );
+    }
+}
+
+/// The TUN refused a merged (GSO) write with `errno`: `EINVAL` means this kernel takes none
+/// (the 6.6.44 regression), so stop merging.
+pub(crate) fn merged_write_refused(offloads: &mut Offloads, stats: &WorkerStats, errno: i32) {
+    if offloads.coalesce && errno == libc::EINVAL {
+        offloads.coalesce = false;
+        stats.count_offload(OffloadCounter::Fallbacks, 1);
+        tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per write");
+    }
 }
 
 /// Whether an errno from a read or receive means "try again" rather than "the device or

@@ -643,22 +643,9 @@ impl<C: PacketCore> State<C> {
     fn on_send_error(&mut self, op: Op, errno: i32) {
         let reason = if errno == libc::EMSGSIZE { DropReason::Oversize } else { DropReason::IoError };
         self.fwd.stats().count_drop(reason);
-        match (op, errno) {
-            (Op::UdpSendTrain, libc::EIO | libc::EINVAL) if self.offloads.gso => {
-                self.offloads.gso = false;
-                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
-                let cleared = self.tun.clear_offloads();
-                tracing::warn!(
-                    errno,
-                    ?cleared,
-                    "the underlay refused a UDP GSO send; sending one segment per request and clearing the TUN's offloads"
-                );
-            }
-            (Op::TunWriteMerged, libc::EINVAL) if self.offloads.coalesce => {
-                self.offloads.coalesce = false;
-                self.fwd.stats().count_offload(OffloadCounter::Fallbacks, 1);
-                tracing::warn!("the TUN refused a coalesced (GSO) write; writing one packet per request");
-            }
+        match op {
+            Op::UdpSendTrain => super::train_refused(&mut self.offloads, &self.tun, self.fwd.stats(), errno),
+            Op::TunWriteMerged => super::merged_write_refused(&mut self.offloads, self.fwd.stats(), errno),
             _ => {}
         }
     }
@@ -775,18 +762,8 @@ impl<C: PacketCore> State<C> {
                 self.pool.release(out);
                 break;
             };
-            let m = arm_msg(&mut self.msgs, &self.pool, out, 0, bytes, Some(to));
-            let op = if range.len() > 1 {
-                if let Some(ms) = self.msgs.get_mut(usize::from(out)) {
-                    ms.set_segment_size(stride as u16);
-                }
-                self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
-                self.fwd.stats().count_offload(OffloadCounter::GsoSegments, range.len() as u64);
-                Op::UdpSendTrain
-            } else {
-                Op::UdpSend
-            };
-            q.push(&opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(op, out)))?;
+            let segment = (range.len() > 1).then_some(stride as u16);
+            self.send(q, out, 0, bytes, to, file, segment)?;
         }
         self.pool.release(slot);
         Ok(())
@@ -808,8 +785,7 @@ impl<C: PacketCore> State<C> {
                 if self.offloads.gso {
                     return self.gather(q, slot, head, len, to, file);
                 }
-                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                q.push(&send_msg(file, m, slot))
+                self.send(q, slot, head, len, to, file, None)
             }
             TunVerdict::Reply => self.write_tun(q, slot, head, len),
             TunVerdict::Flood => {
@@ -824,11 +800,9 @@ impl<C: PacketCore> State<C> {
                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
                         break;
                     };
-                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(p.endpoint));
-                    q.push(&send_msg(UDP_FILE, m, copy))?;
+                    self.send(q, copy, head, len, p.endpoint, UDP_FILE, None)?;
                 }
-                let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(first.endpoint));
-                q.push(&send_msg(UDP_FILE, m, slot))
+                self.send(q, slot, head, len, first.endpoint, UDP_FILE, None)
             }
             TunVerdict::Drop(_) => {
                 self.pool.release(slot);
@@ -905,10 +879,7 @@ impl<C: PacketCore> State<C> {
             let (head, len) = (pkt.head(), pkt.len());
             return match verdict {
                 UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
-                UnderlayVerdict::Reply { to } => {
-                    let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-                    q.push(&send_msg(UDP_FILE, m, slot))
-                }
+                UnderlayVerdict::Reply { to } => self.send(q, slot, head, len, to, UDP_FILE, None),
                 UnderlayVerdict::Drop(_) => {
                     self.pool.release(slot);
                     Ok(())
@@ -938,8 +909,7 @@ impl<C: PacketCore> State<C> {
                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
                         continue;
                     };
-                    let m = arm_msg(&mut self.msgs, &self.pool, copy, head, len, Some(to));
-                    q.push(&send_msg(UDP_FILE, m, copy))?;
+                    self.send(q, copy, head, len, to, UDP_FILE, None)?;
                 }
                 UnderlayVerdict::Drop(_) => {}
             }
@@ -1027,16 +997,34 @@ impl<C: PacketCore> State<C> {
     /// Sends the gathered train, if any: one datagram, or one GSO send.
     fn send_train(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
         let Some(t) = self.train.take() else { return Ok(()) };
-        let m = arm_msg(&mut self.msgs, &self.pool, t.slot, t.head, t.len, Some(t.to));
-        if t.count == 1 {
-            return q.push(&send_msg(t.file, m, t.slot));
-        }
-        if let Some(ms) = self.msgs.get_mut(usize::from(t.slot)) {
-            ms.set_segment_size(t.seg as u16);
-        }
-        self.fwd.stats().count_offload(OffloadCounter::GsoSends, 1);
-        self.fwd.stats().count_offload(OffloadCounter::GsoSegments, t.count as u64);
-        q.push(&opcode::SendMsg::new(types::Fixed(t.file), m).build().user_data(user_data(Op::UdpSendTrain, t.slot)))
+        let segment = (t.count > 1).then_some(t.seg as u16);
+        self.send(q, t.slot, t.head, t.len, t.to, t.file, segment)
+    }
+
+    /// Queues a `SENDMSG` of `head..head + len` of `slot` to `to` from registered socket
+    /// `file`: one datagram, or with `segment` a GSO train of datagrams of that size (the
+    /// last may be shorter).
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        q: &mut Queue<'_>,
+        slot: u16,
+        head: usize,
+        len: usize,
+        to: SocketAddr,
+        file: u32,
+        segment: Option<u16>,
+    ) -> io::Result<()> {
+        let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
+        let op = match (segment, self.msgs.get_mut(usize::from(slot))) {
+            (Some(size), Some(ms)) => {
+                ms.set_segment_size(size);
+                self.fwd.stats().count_train(len.div_ceil(usize::from(size).max(1)));
+                Op::UdpSendTrain
+            }
+            _ => Op::UdpSend,
+        };
+        q.push(&opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(op, slot)))
     }
 
     /// Writes the super-packet being merged, if any, to the TUN.
@@ -1046,8 +1034,7 @@ impl<C: PacketCore> State<C> {
         let buf = unsafe { self.pool.slot_mut(out) };
         let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
         let op = if m.segments() > 1 {
-            self.fwd.stats().count_offload(OffloadCounter::MergedWrites, 1);
-            self.fwd.stats().count_offload(OffloadCounter::MergedSegments, m.segments() as u64);
+            self.fwd.stats().count_merged(m.segments());
             Op::TunWriteMerged
         } else {
             Op::TunWrite
@@ -1081,11 +1068,6 @@ fn arm_msg(
     m.hdr.msg_controllen = 0;
     m.hdr.msg_flags = 0;
     &mut m.hdr
-}
-
-/// A `SENDMSG` of slot `slot`'s armed msghdr `m` on socket `fd`.
-fn send_msg(file: u32, m: *mut libc::msghdr, slot: u16) -> squeue::Entry {
-    opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(Op::UdpSend, slot))
 }
 
 fn tun_write(pool: &BufPool, slot: u16, head: usize, len: usize, op: Op) -> squeue::Entry {
