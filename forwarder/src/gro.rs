@@ -26,6 +26,9 @@ const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// Largest IPv4 total length / IPv6 payload length.
 const MAX_IP_LEN: usize = 65_535;
+/// Most packets one merge takes: a gathering write has one iovec per packet, and UDP
+/// super-packets are capped at 64 datagrams like GSO sends.
+pub const MAX_SEGMENTS: usize = MAX_TRAIN_SEGMENTS;
 
 /// An IPv4 header without options, or IPv6 without extension headers, carrying `proto`,
 /// not a fragment: `Some((v6, l4))`.
@@ -114,16 +117,23 @@ fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
         && a.get(l4 + 20..s.hdrs) == b.get(l4 + 20..s.hdrs)
 }
 
-/// A super-packet being built in `out[VNET_HDR_LEN..]` of a buffer the caller owns.
+/// A super-packet being merged **by reference**: the first packet's IP and L4 headers are
+/// copied behind room for the virtio-net header into `head`, a small buffer the caller
+/// owns; every payload (the first packet's and each appended one's, from
+/// [`header_len`](Self::header_len) on) stays where it was received, and the caller writes
+/// `head` and the payloads to the TUN with one gathering write. Nothing of the payload is
+/// copied or summed here, except the checksums verified before a merge.
 #[derive(Clone, Copy, Debug)]
 pub struct Coalesced {
     /// `Some` when the first packet is a mergeable TCP segment.
     tcp: Option<Segment>,
     /// `Some((v6, l4))` when it is a mergeable UDP datagram (and the TUN takes USO).
     udp: Option<(bool, usize)>,
+    /// Header bytes copied into `head` (0 for a packet nothing can join: it is all payload).
+    hdrs: usize,
     /// Payload bytes per segment (the first segment's).
     mss: usize,
-    /// Bytes of IP packet in `out` after the virtio-net header.
+    /// Bytes of the merged IP packet.
     len: usize,
     next_seq: u32,
     segments: usize,
@@ -132,57 +142,62 @@ pub struct Coalesced {
 }
 
 impl Coalesced {
-    /// Starts a super-packet in `out` with the IP packet `ip` (which passed every check of
-    /// the forwarder), copying it behind room for the virtio-net header; UDP datagrams are
-    /// merged only when `uso` (the TUN takes UDP super-packets). `None` when `out` cannot
-    /// hold it.
-    pub fn start(ip: &[u8], out: &mut [u8], uso: bool) -> Option<Self> {
-        out.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + ip.len())?.copy_from_slice(ip);
+    /// Starts a super-packet with the IP packet `ip` (which passed every check of the
+    /// forwarder): copies its headers into `head` behind room for the virtio-net header.
+    /// UDP datagrams are merged only when `uso` (the TUN takes UDP super-packets). `None`
+    /// when `head` cannot hold the headers.
+    pub fn start(ip: &[u8], head: &mut [u8], uso: bool) -> Option<Self> {
         let tcp = tcp_segment(ip);
         let udp = if tcp.is_none() && uso { udp_datagram(ip) } else { None };
         let hdrs = match (tcp, udp) {
             (Some(s), _) => s.hdrs,
             (None, Some((_, l4))) => l4 + 8,
-            (None, None) => ip.len(),
+            (None, None) => 0,
         };
+        head.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + hdrs)?.copy_from_slice(ip.get(..hdrs)?);
         let mss = ip.len() - hdrs;
         let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0) || udp.is_some();
         let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
-        Some(Self { tcp, udp, mss, len: ip.len(), next_seq, segments: 1, open })
+        Some(Self { tcp, udp, hdrs, mss, len: ip.len(), next_seq, segments: 1, open })
     }
 
-    /// Appends `ip` to the super-packet if the merge rules allow; `false` leaves both
-    /// untouched (the caller finishes this one and starts another with `ip`).
-    pub fn append(&mut self, ip: &[u8], out: &mut [u8]) -> bool {
-        if !self.open {
+    /// Bytes at the front of every merged packet that are headers (kept in `head`, the first
+    /// packet's copy standing for all): each packet's payload, `ip[header_len()..]`, is what
+    /// the caller writes behind `head`.
+    pub fn header_len(&self) -> usize {
+        self.hdrs
+    }
+
+    /// Appends `ip` if the merge rules allow; `false` leaves the merge untouched (the
+    /// caller finishes it and starts another with `ip`). `first` is the first packet, as
+    /// received, whose checksum is verified when the first packet joins it.
+    pub fn append(&mut self, ip: &[u8], head: &mut [u8], first: &[u8]) -> bool {
+        if !self.open || self.segments >= MAX_SEGMENTS {
             return false;
         }
         if let Some((v6, l4)) = self.udp {
-            return self.append_udp(ip, out, v6, l4);
+            return self.append_udp(ip, head, first, v6, l4);
         }
-        let Some(first) = self.tcp else { return false };
+        let Some(first_seg) = self.tcp else { return false };
         let Some(s) = tcp_segment(ip) else { return false };
         let payload = ip.len() - s.hdrs;
-        let limit = if first.v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
-        let Some(head) = out.get(VNET_HDR_LEN..VNET_HDR_LEN + first.hdrs) else { return false };
-        if s.v6 != first.v6
-            || s.hdrs != first.hdrs
+        let limit = if first_seg.v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
+        let Some(hdr) = head.get(VNET_HDR_LEN..VNET_HDR_LEN + first_seg.hdrs) else { return false };
+        if s.v6 != first_seg.v6
+            || s.hdrs != first_seg.hdrs
             || s.seq != self.next_seq
             || payload > self.mss
             || self.len + payload > limit
-            || !same_flow(head, ip, &first)
-            || !self.checksums_ok(ip, out, first.v6, first.l4, 6)
+            || !same_flow(hdr, ip, &first_seg)
+            || !self.checksums_ok(ip, first, first_seg.v6, first_seg.l4, 6)
         {
             return false;
         }
-        let at = VNET_HDR_LEN + self.len;
-        let Some(dst) = out.get_mut(at..at + payload) else { return false };
-        dst.copy_from_slice(&ip[s.hdrs..]);
         self.len += payload;
         self.next_seq = self.next_seq.wrapping_add(payload as u32);
         self.segments += 1;
         if s.flags & TCP_PSH != 0 {
-            if let Some(f) = out.get_mut(VNET_HDR_LEN + first.l4 + 13) {
+            if let Some(f) = head.get_mut(VNET_HDR_LEN + first_seg.l4 + 13) {
                 *f |= TCP_PSH;
             }
             self.open = false;
@@ -193,25 +208,21 @@ impl Coalesced {
         true
     }
 
-    fn append_udp(&mut self, ip: &[u8], out: &mut [u8], v6: bool, l4: usize) -> bool {
+    fn append_udp(&mut self, ip: &[u8], head: &[u8], first: &[u8], v6: bool, l4: usize) -> bool {
         let Some((v6b, l4b)) = udp_datagram(ip) else { return false };
         let payload = ip.len() - l4b - 8;
         let limit = if v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
-        let Some(head) = out.get(VNET_HDR_LEN..VNET_HDR_LEN + l4 + 8) else { return false };
+        let Some(hdr) = head.get(VNET_HDR_LEN..VNET_HDR_LEN + l4 + 8) else { return false };
         if v6b != v6
             || l4b != l4
             || payload > self.mss
             || self.len + payload > limit
-            || self.segments >= MAX_TRAIN_SEGMENTS
-            || !same_ip(head, ip, v6)
-            || head.get(l4..l4 + 4) != ip.get(l4..l4 + 4)
-            || !self.checksums_ok(ip, out, v6, l4, 17)
+            || !same_ip(hdr, ip, v6)
+            || hdr.get(l4..l4 + 4) != ip.get(l4..l4 + 4)
+            || !self.checksums_ok(ip, first, v6, l4, 17)
         {
             return false;
         }
-        let at = VNET_HDR_LEN + self.len;
-        let Some(dst) = out.get_mut(at..at + payload) else { return false };
-        dst.copy_from_slice(&ip[l4 + 8..]);
         self.len += payload;
         self.segments += 1;
         if payload < self.mss {
@@ -220,15 +231,12 @@ impl Coalesced {
         true
     }
 
-    /// Verifies `ip`'s checksum and, before the first merge, that of the packet already in
-    /// `out`. A first packet that fails closes the super-packet: it goes out alone.
-    fn checksums_ok(&mut self, ip: &[u8], out: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
-        if self.segments == 1 {
-            let first = out.get(VNET_HDR_LEN..VNET_HDR_LEN + self.len).unwrap_or_default();
-            if !l4_checksum_ok(first, v6, l4, proto) {
-                self.open = false;
-                return false;
-            }
+    /// Verifies `ip`'s checksum and, before the first merge, that of the `first` packet.
+    /// A first packet that fails closes the super-packet: it goes out alone.
+    fn checksums_ok(&mut self, ip: &[u8], first: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
+        if self.segments == 1 && (first.len() != self.len || !l4_checksum_ok(first, v6, l4, proto)) {
+            self.open = false;
+            return false;
         }
         l4_checksum_ok(ip, v6, l4, proto)
     }
@@ -238,19 +246,19 @@ impl Coalesced {
         self.segments
     }
 
-    /// Writes the virtio-net header and the merged packet's lengths and checksums; returns
-    /// the bytes to write to the TUN from the start of `out`. A single packet keeps its
-    /// complete checksum and gets an all-zero header.
-    pub fn finish(&self, out: &mut [u8]) -> usize {
-        let total = VNET_HDR_LEN + self.len;
+    /// Writes the virtio-net header and the merged packet's lengths and checksums into
+    /// `head`; returns how many bytes of `head` go in front of the payloads. A single packet
+    /// keeps its complete checksum and gets an all-zero header.
+    pub fn finish(&self, head: &mut [u8]) -> usize {
+        let n = VNET_HDR_LEN + self.hdrs;
         if let (Some((v6, l4)), true) = (self.udp, self.segments > 1) {
-            return self.finish_udp(out, v6, l4);
+            return self.finish_udp(head, v6, l4);
         }
         let (Some(s), true) = (self.tcp, self.segments > 1) else {
-            VnetHdr::default().emit(out);
-            return total;
+            VnetHdr::default().emit(head);
+            return n;
         };
-        let Some(ip) = out.get_mut(VNET_HDR_LEN..total) else { return 0 };
+        let Some(ip) = head.get_mut(VNET_HDR_LEN..n) else { return 0 };
         fix_ip_lengths(ip, s.v6, self.len);
         // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
         let partial = !checksum::fold(pseudo_sum(ip, s.v6, 6, self.len - s.l4));
@@ -263,13 +271,13 @@ impl Coalesced {
             csum_start: s.l4 as u16,
             csum_offset: 16,
         }
-        .emit(out);
-        total
+        .emit(head);
+        n
     }
 
-    fn finish_udp(&self, out: &mut [u8], v6: bool, l4: usize) -> usize {
-        let total = VNET_HDR_LEN + self.len;
-        let Some(ip) = out.get_mut(VNET_HDR_LEN..total) else { return 0 };
+    fn finish_udp(&self, head: &mut [u8], v6: bool, l4: usize) -> usize {
+        let n = VNET_HDR_LEN + self.hdrs;
+        let Some(ip) = head.get_mut(VNET_HDR_LEN..n) else { return 0 };
         fix_ip_lengths(ip, v6, self.len);
         let ulen = self.len - l4;
         ip[l4 + 4..l4 + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
@@ -283,8 +291,8 @@ impl Coalesced {
             csum_start: l4 as u16,
             csum_offset: 6,
         }
-        .emit(out);
-        total
+        .emit(head);
+        n
     }
 }
 
@@ -322,10 +330,52 @@ mod tests {
         out
     }
 
+    /// What a driver does with a [`Coalesced`]: keeps the header buffer, the first packet
+    /// and the payload pieces, and gathers them for the write.
+    struct Merge {
+        head: Vec<u8>,
+        c: Coalesced,
+        first: Vec<u8>,
+        pieces: Vec<u8>,
+    }
+
+    impl Merge {
+        fn start(ip: &[u8], uso: bool) -> Option<Self> {
+            Self::start_in(ip, uso, 200)
+        }
+
+        fn start_in(ip: &[u8], uso: bool, room: usize) -> Option<Self> {
+            let mut head = vec![0u8; room];
+            let c = Coalesced::start(ip, &mut head, uso)?;
+            let pieces = ip[c.header_len()..].to_vec();
+            Some(Self { head, c, first: ip.to_vec(), pieces })
+        }
+
+        fn append(&mut self, ip: &[u8]) -> bool {
+            let before = self.head.clone();
+            if !self.c.append(ip, &mut self.head, &self.first) {
+                assert_eq!(self.head, before, "a refused packet leaves the headers alone");
+                return false;
+            }
+            self.pieces.extend_from_slice(&ip[self.c.header_len()..]);
+            true
+        }
+
+        fn segments(&self) -> usize {
+            self.c.segments()
+        }
+
+        /// The bytes written to the TUN: virtio-net header, headers, payloads.
+        fn finish(&mut self) -> Vec<u8> {
+            let n = self.c.finish(&mut self.head);
+            [&self.head[..n], &self.pieces[..]].concat()
+        }
+    }
+
     /// Completes the partial checksum as the kernel would and parses the result.
-    fn complete(out: &mut [u8], n: usize) -> (VnetHdr, Vec<u8>) {
-        let h = VnetHdr::parse(out).unwrap();
-        let ip = &mut out[VNET_HDR_LEN..n];
+    fn complete(mut out: Vec<u8>) -> (VnetHdr, Vec<u8>) {
+        let h = VnetHdr::parse(&out).unwrap();
+        let ip = &mut out[VNET_HDR_LEN..];
         if h.flags & F_NEEDS_CSUM != 0 {
             crate::gso::complete_checksum(ip, h.csum_start.into(), h.csum_offset.into()).unwrap();
         }
@@ -335,16 +385,14 @@ mod tests {
     #[test]
     fn merges_a_contiguous_run_into_one_valid_super_packet() {
         for v6 in [false, true] {
-            let mut out = vec![0u8; 70_000];
-            let mut c = Coalesced::start(&seg(v6, 1000, 1400, false), &mut out, true).unwrap();
+            let mut c = Merge::start(&seg(v6, 1000, 1400, false), true).unwrap();
             for i in 1..40 {
-                assert!(c.append(&seg(v6, 1000 + 1400 * i, 1400, false), &mut out), "v6={v6} seg {i}");
+                assert!(c.append(&seg(v6, 1000 + 1400 * i, 1400, false)), "v6={v6} seg {i}");
             }
-            assert!(c.append(&seg(v6, 1000 + 1400 * 40, 700, true), &mut out), "short PSH tail");
-            assert!(!c.append(&seg(v6, 1000 + 1400 * 40 + 700, 1400, false), &mut out), "closed after PSH");
+            assert!(c.append(&seg(v6, 1000 + 1400 * 40, 700, true)), "short PSH tail");
+            assert!(!c.append(&seg(v6, 1000 + 1400 * 40 + 700, 1400, false)), "closed after PSH");
             assert_eq!(c.segments(), 41);
-            let n = c.finish(&mut out);
-            let (h, ip) = complete(&mut out, n);
+            let (h, ip) = complete(c.finish());
             assert_eq!((h.gso_type, h.gso_size, h.flags), (if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, 1400, 1));
             let p = PacketHeaders::from_ip_slice(&ip).unwrap();
             let Some(TransportHeader::Tcp(t)) = p.transport.clone() else { panic!("tcp") };
@@ -366,7 +414,6 @@ mod tests {
 
     #[test]
     fn refuses_what_the_kernel_would_not_merge() {
-        let mut out = vec![0u8; 70_000];
         let first = seg(false, 1000, 1400, false);
         let gap = seg(false, 5000, 1400, false);
         let mut bad_csum = seg(false, 2400, 1400, false);
@@ -380,29 +427,28 @@ mod tests {
         for (name, p) in
             [("gap", gap), ("bad checksum", bad_csum), ("ttl", other_ttl), ("syn", syn), ("longer", longer), ("v6", v6)]
         {
-            let mut c = Coalesced::start(&first, &mut out, true).unwrap();
-            assert!(!c.append(&p, &mut out), "{name}");
+            let mut c = Merge::start(&first, true).unwrap();
+            assert!(!c.append(&p), "{name}");
             // The lone packet goes out unmodified with an all-zero header.
-            let n = c.finish(&mut out);
+            let out = c.finish();
             assert_eq!(VnetHdr::parse(&out), Some(VnetHdr::default()), "{name}");
-            assert_eq!(&out[VNET_HDR_LEN..n], &first[..], "{name}");
+            assert_eq!(&out[VNET_HDR_LEN..], &first[..], "{name}");
         }
         // A first packet with a bad checksum is never merged into: it goes out alone, as read.
         let mut bad_first = first.clone();
         bad_first[100] ^= 0xff;
-        let mut c = Coalesced::start(&bad_first, &mut out, true).unwrap();
-        assert!(!c.append(&seg(false, 2400, 1400, false), &mut out), "bad first packet");
-        let n = c.finish(&mut out);
-        assert_eq!(&out[VNET_HDR_LEN..n], &bad_first[..]);
+        let mut c = Merge::start(&bad_first, true).unwrap();
+        assert!(!c.append(&seg(false, 2400, 1400, false)), "bad first packet");
+        assert_eq!(&c.finish()[VNET_HDR_LEN..], &bad_first[..]);
         // Without USO, a UDP datagram starts a packet nothing joins.
         let udp = {
             let mut v = Vec::new();
             PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64).udp(1, 2).write(&mut v, &[0; 100]).unwrap();
             v
         };
-        let mut c = Coalesced::start(&udp, &mut out, false).unwrap();
-        assert!(!c.append(&udp, &mut out));
-        assert!(Coalesced::start(&first, &mut out[..100], true).is_none());
+        let mut c = Merge::start(&udp, false).unwrap();
+        assert!(!c.append(&udp));
+        assert!(Merge::start_in(&first, true, VNET_HDR_LEN + 39).is_none(), "no room for the headers");
     }
 
     fn udp(v6: bool, sport: u16, len: usize, fill: u8) -> Vec<u8> {
@@ -419,17 +465,15 @@ mod tests {
     #[test]
     fn merges_equal_udp_datagrams_into_one_uso_packet() {
         for v6 in [false, true] {
-            let mut out = vec![0u8; 70_000];
-            let mut c = Coalesced::start(&udp(v6, 4000, 64, 0), &mut out, true).unwrap();
+            let mut c = Merge::start(&udp(v6, 4000, 64, 0), true).unwrap();
             for i in 1..10u8 {
-                assert!(c.append(&udp(v6, 4000, 64, i), &mut out), "v6={v6} datagram {i}");
+                assert!(c.append(&udp(v6, 4000, 64, i)), "v6={v6} datagram {i}");
             }
-            assert!(!c.append(&udp(v6, 4001, 64, 0), &mut out), "another flow");
-            assert!(!c.append(&udp(v6, 4000, 65, 0), &mut out), "larger");
-            assert!(c.append(&udp(v6, 4000, 30, 10), &mut out), "a shorter last one");
-            assert!(!c.append(&udp(v6, 4000, 64, 11), &mut out), "nothing after the short one");
-            let n = c.finish(&mut out);
-            let (h, ip) = complete(&mut out, n);
+            assert!(!c.append(&udp(v6, 4001, 64, 0)), "another flow");
+            assert!(!c.append(&udp(v6, 4000, 65, 0)), "larger");
+            assert!(c.append(&udp(v6, 4000, 30, 10)), "a shorter last one");
+            assert!(!c.append(&udp(v6, 4000, 64, 11)), "nothing after the short one");
+            let (h, ip) = complete(c.finish());
             assert_eq!((h.gso_type, h.gso_size, h.csum_offset), (GSO_UDP_L4, 64, 6));
             let p = PacketHeaders::from_ip_slice(&ip).unwrap();
             let Some(TransportHeader::Udp(u)) = p.transport.clone() else { panic!("udp") };
@@ -445,24 +489,29 @@ mod tests {
             assert_eq!(p.payload.slice(), &expect[..]);
         }
         // At most 64 datagrams, and a bad checksum never joins.
-        let mut out = vec![0u8; 70_000];
-        let mut c = Coalesced::start(&udp(false, 1, 10, 0), &mut out, true).unwrap();
+        let mut c = Merge::start(&udp(false, 1, 10, 0), true).unwrap();
         let mut bad = udp(false, 1, 10, 0);
         bad[30] ^= 1;
-        assert!(!c.append(&bad, &mut out));
-        while c.append(&udp(false, 1, 10, 0), &mut out) {}
+        assert!(!c.append(&bad));
+        while c.append(&udp(false, 1, 10, 0)) {}
         assert_eq!(c.segments(), 64);
     }
 
     #[test]
     fn stops_at_64_kib() {
-        let mut out = vec![0u8; 140_000];
-        let mut c = Coalesced::start(&seg(false, 0, 1400, false), &mut out, true).unwrap();
+        let mut c = Merge::start(&seg(false, 0, 1400, false), true).unwrap();
         let mut i = 1;
-        while c.append(&seg(false, 1400 * i, 1400, false), &mut out) {
+        while c.append(&seg(false, 1400 * i, 1400, false)) {
             i += 1;
         }
         assert_eq!(c.segments(), 46, "46 × 1400 + 40 ≤ 65 535 < 47 × 1400 + 40");
-        assert!(c.finish(&mut out) <= VNET_HDR_LEN + 65_535);
+        assert!(c.finish().len() <= VNET_HDR_LEN + 65_535);
+        // Small segments stop at 64 (one iovec each in the gathering write).
+        let mut c = Merge::start(&seg(false, 0, 100, false), true).unwrap();
+        let mut i = 1;
+        while c.append(&seg(false, 100 * i, 100, false)) {
+            i += 1;
+        }
+        assert_eq!(c.segments(), MAX_SEGMENTS);
     }
 }

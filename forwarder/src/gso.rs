@@ -219,10 +219,20 @@ impl Segmentation {
         (MAX_TRAIN_BYTES / (prefix + self.hdrs + self.mss)).clamp(1, MAX_TRAIN_SEGMENTS)
     }
 
+    /// Where segment `i`'s payload lies in `pkt` (the super-packet behind `prefix` bytes of
+    /// encapsulation header).
+    fn chunk(&self, prefix: usize, i: usize) -> Range<usize> {
+        let start = prefix + self.hdrs + (i * self.mss).min(self.payload);
+        start..prefix + self.hdrs + ((i + 1) * self.mss).min(self.payload)
+    }
+
     /// Writes segments `range` of `pkt` back to back into `out`. `pkt` is the super-packet
     /// behind `prefix` bytes of encapsulation header, which is copied in front of every
     /// segment; the stride is `prefix + segment_len()`, only the last segment of the
     /// super-packet may be shorter. Returns the bytes written.
+    ///
+    /// The payload is copied rather than sent scatter-gather from where it was read: tried,
+    /// the kernel's copy out of the colder read buffer then cost what the copy here saved.
     ///
     /// # Errors
     /// [`GsoError::NoRoom`] when `out` is too small, [`GsoError::Malformed`] when `range`
@@ -234,59 +244,72 @@ impl Segmentation {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<usize, GsoError> {
-        let ip = pkt.get(prefix..).ok_or(GsoError::Malformed)?;
-        if ip.len() != self.hdrs + self.payload || range.end > self.segments() || range.start >= range.end {
-            return Err(GsoError::Malformed);
-        }
-        let (l4, hdrs, mss) = (self.l4, self.hdrs, self.mss);
-        let payload = &ip[hdrs..];
-        let id0 = if self.v6 { 0 } else { u16::from_be_bytes([ip[4], ip[5]]) };
-        let seq0 = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
-        let flags = ip[l4 + 13];
-        let last_index = self.segments() - 1;
+        let h = prefix + self.hdrs;
         let mut at = 0;
-        for i in range {
-            let chunk = payload.get(i * mss..((i + 1) * mss).min(payload.len())).unwrap_or_default();
-            let seg_len = prefix + hdrs + chunk.len();
-            let seg = out.get_mut(at..at + seg_len).ok_or(GsoError::NoRoom)?;
-            seg[..prefix + hdrs].copy_from_slice(&pkt[..prefix + hdrs]);
-            seg[prefix + hdrs..].copy_from_slice(chunk);
-            let ip_seg = &mut seg[prefix..];
-            let ip_len = ip_seg.len();
-            if self.v6 {
-                let plen = u16::try_from(ip_len - 40).map_err(|_| GsoError::Malformed)?;
-                ip_seg[4..6].copy_from_slice(&plen.to_be_bytes());
-            } else {
-                let tot = u16::try_from(ip_len).map_err(|_| GsoError::Malformed)?;
-                ip_seg[2..4].copy_from_slice(&tot.to_be_bytes());
-                ip_seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-                ip_seg[10..12].copy_from_slice(&[0, 0]);
-                let c = checksum::checksum(&ip_seg[..l4]);
-                ip_seg[10..12].copy_from_slice(&c.to_be_bytes());
-            }
-            let l4_len = ip_len - l4;
-            let csum_at = if self.tcp {
-                let seq = seq0.wrapping_add((i * mss) as u32);
-                ip_seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-                // FIN and PSH belong to the last segment only.
-                ip_seg[l4 + 13] = if i == last_index { flags } else { flags & !0x09 };
-                l4 + 16
-            } else {
-                let ulen = u16::try_from(l4_len).map_err(|_| GsoError::Malformed)?;
-                ip_seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
-                l4 + 6
-            };
-            ip_seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
-            let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
-            let acc = checksum::sum(pseudo_sum(ip_seg, self.v6, proto, l4_len), &ip_seg[l4..]);
-            let mut c = checksum::fold(acc);
-            if !self.tcp && c == 0 {
-                c = 0xffff; // RFC 768: a computed zero is sent as all ones.
-            }
-            ip_seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-            at += seg_len;
+        for i in self.checked(pkt, prefix, &range)? {
+            let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
+            let seg = out.get_mut(at..at + h + chunk.len()).ok_or(GsoError::NoRoom)?;
+            self.write_header(pkt, prefix, i, &mut seg[..h])?;
+            seg[h..].copy_from_slice(chunk);
+            at += seg.len();
         }
         Ok(at)
+    }
+
+    /// `range` after checking it, and `pkt`, against what [`parse`](Self::parse) saw.
+    fn checked(&self, pkt: &[u8], prefix: usize, range: &Range<usize>) -> Result<Range<usize>, GsoError> {
+        let ip_len = pkt.len().checked_sub(prefix).ok_or(GsoError::Malformed)?;
+        if ip_len != self.hdrs + self.payload || range.end > self.segments() || range.start >= range.end {
+            return Err(GsoError::Malformed);
+        }
+        Ok(range.clone())
+    }
+
+    /// Writes segment `i`'s header (`prefix` + IP + L4) into `out`, which is exactly
+    /// `prefix + headers_len()` bytes, checksummed together with its payload.
+    fn write_header(&self, pkt: &[u8], prefix: usize, i: usize, out: &mut [u8]) -> Result<(), GsoError> {
+        let (l4, hdrs, mss) = (self.l4, self.hdrs, self.mss);
+        let ip = &pkt[prefix..];
+        let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
+        out.copy_from_slice(&pkt[..prefix + hdrs]);
+        let ip_seg = &mut out[prefix..];
+        let ip_len = hdrs + chunk.len();
+        if self.v6 {
+            let plen = u16::try_from(ip_len - 40).map_err(|_| GsoError::Malformed)?;
+            ip_seg[4..6].copy_from_slice(&plen.to_be_bytes());
+        } else {
+            let tot = u16::try_from(ip_len).map_err(|_| GsoError::Malformed)?;
+            let id = u16::from_be_bytes([ip[4], ip[5]]).wrapping_add(i as u16);
+            ip_seg[2..4].copy_from_slice(&tot.to_be_bytes());
+            ip_seg[4..6].copy_from_slice(&id.to_be_bytes());
+            ip_seg[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum::checksum(&ip_seg[..l4]);
+            ip_seg[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let l4_len = ip_len - l4;
+        let csum_at = if self.tcp {
+            let seq0 = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
+            ip_seg[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+            // FIN and PSH belong to the last segment only.
+            if i + 1 != self.segments() {
+                ip_seg[l4 + 13] &= !0x09;
+            }
+            l4 + 16
+        } else {
+            let ulen = u16::try_from(l4_len).map_err(|_| GsoError::Malformed)?;
+            ip_seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
+            l4 + 6
+        };
+        ip_seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+        let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
+        // L4 headers have even length, so the payload's sum chains on.
+        let acc = checksum::sum(pseudo_sum(ip_seg, self.v6, proto, l4_len), &ip_seg[l4..]);
+        let mut c = checksum::fold(checksum::sum(acc, chunk));
+        if !self.tcp && c == 0 {
+            c = 0xffff; // RFC 768: a computed zero is sent as all ones.
+        }
+        ip_seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        Ok(())
     }
 }
 
@@ -422,6 +445,7 @@ mod tests {
         let mut out = vec![0u8; 2000];
         assert_eq!(seg.write_segments(&pkt, 0, 0..3, &mut out).err(), Some(GsoError::NoRoom));
         assert_eq!(seg.write_segments(&pkt, 0, 2..9, &mut out).err(), Some(GsoError::Malformed));
+        assert_eq!(seg.write_segments(&pkt, 0, 3..3, &mut out).err(), Some(GsoError::Malformed));
     }
 
     #[test]

@@ -103,7 +103,10 @@ fn cutting_and_merging_super_packets_allocates_nothing() {
         csum_start: 20,
         csum_offset: 16,
     };
-    let (mut slot, mut train, mut merged) = (vec![0u8; SLOT_LEN], vec![0u8; SLOT_LEN], vec![0u8; SLOT_LEN]);
+    // Two train buffers stand for the receive slots a merge points into (a super-packet
+    // makes two trains); `head` is the merge's header slot.
+    let (mut slot, mut trains, mut head) =
+        (vec![0u8; SLOT_LEN], [vec![0u8; SLOT_LEN], vec![0u8; SLOT_LEN]], [0u8; 256]);
     let now = Instant::now();
     let before = allocs();
     let mut merged_segments = 0;
@@ -117,27 +120,39 @@ fn cutting_and_merging_super_packets_allocates_nothing() {
         let prefix = pkt.len() - sp.len();
         let stride = prefix + seg.segment_len();
         let per_train = seg.segments_per_train(prefix);
-        let mut merge: Option<Coalesced> = None;
-        let mut first = 0;
+        // The merge, and where its first packet lies (train buffer, offset, length).
+        let mut merge: Option<(Coalesced, (usize, usize, usize))> = None;
+        let mut merged_bytes = 0;
+        let (mut first, mut t) = (0, 0);
         while first < seg.segments() {
             let range = first..(first + per_train).min(seg.segments());
-            let n = seg.write_segments(pkt.as_slice(), prefix, range.clone(), &mut train).unwrap();
+            // On the wire the kernel copies headers and payloads together; here that copy
+            // stands for it.
+            let n = seg.write_segments(pkt.as_slice(), prefix, range.clone(), &mut trains[t]).unwrap();
             for k in 0..range.len() {
                 let start = k * stride;
                 let len = stride.min(n - start);
-                let mut d = PacketBuf::new(&mut train[..start + len], start, len).unwrap();
+                let mut d = PacketBuf::new(&mut trains[t][..start + len], start, len).unwrap();
                 let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d) else {
                     panic!("segment dropped");
                 };
-                let appended = merge.as_mut().is_some_and(|m| m.append(d.as_slice(), &mut merged));
+                let (at, dl) = (d.head(), d.len());
+                let ip = &trains[t][at..at + dl];
+                let appended = merge.as_mut().is_some_and(|(m, (ft, fs, fl))| {
+                    let first_pkt = &trains[*ft][*fs..*fs + *fl];
+                    m.append(ip, &mut head, first_pkt)
+                });
                 if !appended {
-                    merge = Coalesced::start(d.as_slice(), &mut merged, true);
+                    merge = Coalesced::start(ip, &mut head, true).map(|m| (m, (t, at, dl)));
+                    merged_bytes = 0;
                 }
+                merged_bytes += dl - merge.as_ref().map_or(0, |(m, _)| m.header_len());
             }
             first = range.end;
+            t = 1 - t;
         }
-        let m = merge.unwrap();
-        assert!(m.finish(&mut merged) > 60_000);
+        let (m, _) = merge.unwrap();
+        assert!(m.finish(&mut head) + merged_bytes > 60_000);
         merged_segments += m.segments();
     }
     let allocs = allocs() - before;

@@ -18,11 +18,11 @@ use std::time::Instant;
 use super::Offloads;
 use super::cmsg::{CTRL_LEN, Ctrl};
 use super::pool::BufPool;
+use super::scatter::{Merger, Ready, Scatter};
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::gro::Coalesced;
 use crate::gso::{
     F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
 };
@@ -76,8 +76,10 @@ pub(super) struct MmsgWorker<C: PacketCore> {
     routes: RouteTableHandle,
     stop: Arc<AtomicBool>,
     offloads: Offloads,
-    /// The super-packet being merged for the TUN, and its slot.
-    merge: Option<(u16, Coalesced)>,
+    /// The super-packet being merged for the TUN.
+    merger: Merger,
+    /// Iovec lists of gathering sends and writes, per header slot.
+    sc: Scatter,
 }
 
 impl<C: PacketCore> Drop for MmsgWorker<C> {
@@ -114,6 +116,7 @@ impl<C: PacketCore> MmsgWorker<C> {
         }
         // SAFETY: all-zero is valid for these C structs.
         let zeroed_hdr = unsafe { std::mem::zeroed::<libc::mmsghdr>() };
+        let pool_len = pool.len();
         Ok(Self {
             epoll,
             hdrs: vec![zeroed_hdr; BATCH].into_boxed_slice(),
@@ -134,7 +137,8 @@ impl<C: PacketCore> MmsgWorker<C> {
             routes,
             stop,
             offloads,
-            merge: None,
+            merger: Merger::default(),
+            sc: Scatter::new(pool_len),
         })
     }
 
@@ -518,17 +522,17 @@ impl<C: PacketCore> MmsgWorker<C> {
         if train.is_some() {
             self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
         }
-        // Bytes before a datagram belong to datagrams already handled, so a reply may
-        // prepend into them.
+        // Each datagram is checked within its own bounds: nothing reaches into the next one,
+        // nor a reply into the one before (which a merge may still point at).
         for (start, seg_len, end) in super::datagrams(n, train) {
             // SAFETY: the receive completed, the slot is ours.
             let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(mut pkt) = buf.get_mut(..end).and_then(|b| PacketBuf::new(b, start, seg_len)) else {
+            let Some(mut pkt) = buf.get_mut(start..end).and_then(|b| PacketBuf::new(b, 0, seg_len)) else {
                 self.fwd.stats().count_drop(DropReason::Truncated);
                 break;
             };
             let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
-            let (head, len) = (pkt.head(), pkt.len());
+            let (head, len) = (start + pkt.head(), pkt.len());
             match verdict {
                 UnderlayVerdict::Deliver { .. } => self.merge(slot, head, len),
                 UnderlayVerdict::Reply { to } => self.send_one(slot, head, len, to),
@@ -540,60 +544,39 @@ impl<C: PacketCore> MmsgWorker<C> {
     /// Adds the checked packet at `head..head + len` of `slot` to the super-packet being
     /// merged, or writes that one and starts another.
     fn merge(&mut self, slot: u16, head: usize, len: usize) {
-        if let Some((out, mut m)) = self.merge {
-            // SAFETY: `slot` completed its receive; `out` is held by the merge: both ours.
-            let appended = unsafe { self.pool.pair_mut(slot, out) }.is_some_and(|(src, dst)| {
-                match (src.get(head..head + len), dst.get_mut(VNET_AT..)) {
-                    (Some(ip), Some(o)) => m.append(ip, o),
-                    _ => false,
-                }
-            });
-            if appended {
-                self.merge = Some((out, m));
-                return;
-            }
-            self.flush();
-        }
-        let Some(out) = self.pool.alloc() else {
-            self.fwd.stats().count_drop(DropReason::PoolExhausted);
-            return;
-        };
         let uso = self.offloads.tun_uso && self.offloads.coalesce;
-        // SAFETY: as above; `out` was just allocated.
-        let started = unsafe { self.pool.pair_mut(slot, out) }
-            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?, uso));
-        match started {
-            Some(m) => {
-                self.merge = Some((out, m));
-                if !self.offloads.coalesce {
-                    self.flush();
-                }
-            }
-            None => {
-                self.fwd.stats().count_drop(DropReason::Oversize);
-                self.pool.release(out);
-            }
+        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, self.fwd.stats(), slot, head, len, uso) {
+            self.write_merged(r);
+        }
+        if !self.offloads.coalesce {
+            self.flush();
         }
     }
 
     /// Writes the super-packet being merged, if any, to the TUN.
     fn flush(&mut self) {
-        let Some((out, m)) = self.merge.take() else { return };
-        // SAFETY: the merge holds `out`.
-        let buf = unsafe { self.pool.slot_mut(out) };
-        let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
-        // SAFETY: writes n bytes from inside the owned slot (n ≤ SLOT_LEN - VNET_AT).
-        let rc = unsafe { libc::write(self.tun.fd(), self.pool.slot_ptr(out).add(VNET_AT).cast(), n) };
+        if let Some(r) = self.merger.finish(&mut self.pool, &mut self.sc) {
+            self.write_merged(r);
+        }
+    }
+
+    /// Writes a finished merge to the TUN with one gathering write, then lets go of the
+    /// slots it held.
+    fn write_merged(&mut self, r: Ready) {
+        let (iov, n) = self.sc.iovecs(r.out);
+        // SAFETY: the list points into slots the merge holds; n ≤ MAX_IOVS entries.
+        let rc = unsafe { libc::writev(self.tun.fd(), iov, n as libc::c_int) };
         if rc < 0 {
             self.fwd.stats().count_drop(DropReason::IoError);
-            if m.segments() > 1 {
+            if r.segments > 1 {
                 let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
                 super::merged_write_refused(&mut self.offloads, self.fwd.stats(), errno);
             }
-        } else if m.segments() > 1 {
-            self.fwd.stats().count_merged(m.segments());
+        } else if r.segments > 1 {
+            self.fwd.stats().count_merged(r.segments);
         }
-        self.pool.release(out);
+        self.sc.release(&mut self.pool, r.out);
+        self.pool.release(r.out);
     }
 
     /// One datagram from the overlay port (neighbour replies; rare, so no batching).

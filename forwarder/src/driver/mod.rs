@@ -18,6 +18,7 @@ pub mod udp;
 mod bufring;
 mod cmsg;
 mod mmsg;
+mod scatter;
 mod uring;
 
 use std::io;

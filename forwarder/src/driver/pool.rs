@@ -4,6 +4,11 @@
 //! Ownership rule: a slot index is either on the free list, held by the worker while it
 //! processes a packet, or owned by the kernel between the SQE that names it and that SQE's
 //! CQE. Only the worker thread touches the pool, so the free list needs no lock.
+//!
+//! A slot can have several holders: a send or write that points into a slot it does not
+//! own (a payload sent where it was read, a segment written where it was received) takes a
+//! hold on it with [`BufPool::hold`], and the slot returns to the free list when the last
+//! holder releases it.
 
 use std::io;
 use std::ptr::NonNull;
@@ -16,6 +21,8 @@ pub struct BufPool {
     base: NonNull<u8>,
     slots: usize,
     free: Vec<u16>,
+    /// Holders per slot: 1 when allocated, 0 when free.
+    refs: Box<[u16]>,
 }
 
 // SAFETY: the mapping is owned by the pool and moves with it; nothing else aliases it.
@@ -49,7 +56,7 @@ impl BufPool {
         let mut free = Vec::with_capacity(slots);
         // Hand out low indices first so a light load touches few pages.
         free.extend((0..slots).rev().filter_map(|i| u16::try_from(i).ok()));
-        Ok(Self { base, slots, free })
+        Ok(Self { base, slots, free, refs: vec![0; slots].into_boxed_slice() })
     }
 
     /// Number of slots.
@@ -67,18 +74,37 @@ impl BufPool {
         self.free.len()
     }
 
-    /// Takes a free slot.
+    /// Takes a free slot, with one holder: the caller.
     #[inline]
     pub fn alloc(&mut self) -> Option<u16> {
-        self.free.pop()
+        let idx = self.free.pop()?;
+        if let Some(r) = self.refs.get_mut(usize::from(idx)) {
+            *r = 1;
+        }
+        Some(idx)
     }
 
-    /// Returns a slot. The caller must own it (not in flight in the kernel).
+    /// Adds a holder to an allocated slot: it stays off the free list until every holder
+    /// has released it.
+    #[inline]
+    pub fn hold(&mut self, idx: u16) {
+        if let Some(r) = self.refs.get_mut(usize::from(idx)) {
+            debug_assert!(*r > 0, "hold on a free slot");
+            *r = r.saturating_add(1);
+        }
+    }
+
+    /// Drops one holder of a slot; the last one returns it to the free list. The caller
+    /// must be a holder (and have nothing in flight on it).
     #[inline]
     pub fn release(&mut self, idx: u16) {
-        debug_assert!(usize::from(idx) < self.slots);
-        // Never grows past capacity: each index is released once per alloc.
-        if self.free.len() < self.slots {
+        let Some(r) = self.refs.get_mut(usize::from(idx)) else { return };
+        debug_assert!(*r > 0, "release of a free slot");
+        if *r == 0 {
+            return;
+        }
+        *r -= 1;
+        if *r == 0 {
             self.free.push(idx);
         }
     }
@@ -187,5 +213,21 @@ mod tests {
         assert!(p.clone_slot(rest[0], 0, 1).is_none(), "pool is empty");
         assert_eq!(p.iovecs().len(), 4);
         assert!(BufPool::new(0).is_err());
+    }
+
+    #[test]
+    fn a_held_slot_is_freed_by_its_last_holder() {
+        let mut p = BufPool::new(2).unwrap();
+        let a = p.alloc().unwrap();
+        p.hold(a);
+        p.hold(a);
+        p.release(a);
+        p.release(a);
+        assert_eq!(p.available(), 1, "one holder left");
+        p.release(a);
+        assert_eq!(p.available(), 2);
+        let again = p.alloc().unwrap();
+        p.release(again);
+        assert_eq!(p.available(), 2, "a reallocated slot starts with one holder");
     }
 }

@@ -40,11 +40,11 @@ use super::Offloads;
 use super::bufring::BufRing;
 use super::cmsg::{CTRL_LEN, Ctrl, gro_size};
 use super::pool::BufPool;
+use super::scatter::{Merger, Ready, Scatter};
 use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::gro::Coalesced;
 use crate::gso::{
     F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
 };
@@ -291,8 +291,10 @@ struct State<C: PacketCore> {
     offloads: Offloads,
     tun_reads: usize,
     udp_recvs: usize,
-    /// The super-packet being merged for the TUN, and its slot.
-    merge: Option<(u16, Coalesced)>,
+    /// The super-packet being merged for the TUN.
+    merger: Merger,
+    /// Iovec lists of gathering sends and writes, per header slot.
+    sc: Scatter,
     /// Equal-sized packets for one peer and socket, gathered into one GSO send.
     train: Option<Train>,
     /// Multishot reads and receives, when the kernel has them.
@@ -337,6 +339,7 @@ impl<C: PacketCore> UringWorker<C> {
         ring.submitter().register_files(&files)?;
         let senders = u32::try_from(send.len()).unwrap_or(0);
         let multi = Multishot::new(&ring.submitter(), &offloads);
+        let pool_len = pool.len();
         let st = State {
             msgs,
             pool,
@@ -348,7 +351,8 @@ impl<C: PacketCore> UringWorker<C> {
             offloads,
             tun_reads: 0,
             udp_recvs: 0,
-            merge: None,
+            merger: Merger::default(),
+            sc: Scatter::new(pool_len),
             train: None,
             multi,
         };
@@ -427,7 +431,10 @@ impl<C: PacketCore> UringWorker<C> {
                     match (op, cqueue::buffer_select(cqe.flags())) {
                         (Op::TunReadMulti | Op::UdpRecvMulti, Some(bid)) => st.pool.release(bid),
                         (Op::TunReadMulti | Op::UdpRecvMulti, None) => {}
-                        _ => st.pool.release(slot),
+                        _ => {
+                            st.sc.release(&mut st.pool, slot);
+                            st.pool.release(slot);
+                        }
                     }
                 }
             }
@@ -552,6 +559,7 @@ impl<C: PacketCore> State<C> {
                 if res < 0 {
                     self.on_send_error(op, -res);
                 }
+                self.sc.release(&mut self.pool, slot);
                 self.pool.release(slot);
                 Ok(())
             }
@@ -887,21 +895,20 @@ impl<C: PacketCore> State<C> {
             };
         }
         // Each datagram of a train is checked within its own bounds, so nothing a peer sends
-        // can reach into the next one; what passes is copied into the merge.
+        // can reach into the next one, nor a reply into the one before (which a merge may
+        // still point at); what passes joins the merge by reference.
         if train.is_some() {
             self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
         }
-        // Bytes before a datagram belong to datagrams already handled, so a reply may
-        // prepend into them.
         for (start, seg_len, end) in super::datagrams(n, train) {
             // SAFETY: the receive completed, so the slot is ours again.
             let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(mut pkt) = buf.get_mut(..end).and_then(|b| PacketBuf::new(b, start, seg_len)) else {
+            let Some(mut pkt) = buf.get_mut(start..end).and_then(|b| PacketBuf::new(b, 0, seg_len)) else {
                 self.fwd.stats().count_drop(DropReason::Truncated);
                 break;
             };
             let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
-            let (head, len) = (pkt.head(), pkt.len());
+            let (head, len) = (start + pkt.head(), pkt.len());
             match verdict {
                 UnderlayVerdict::Deliver { .. } => self.merge(q, slot, head, len)?,
                 UnderlayVerdict::Reply { to } => {
@@ -921,37 +928,12 @@ impl<C: PacketCore> State<C> {
     /// Adds the checked inner packet at `head..head + len` of `slot` to the super-packet
     /// being merged, or writes that one out and starts another.
     fn merge(&mut self, q: &mut Queue<'_>, slot: u16, head: usize, len: usize) -> io::Result<()> {
-        if let Some((out, mut m)) = self.merge {
-            // SAFETY: `slot` completed its receive; `out` is held by the merge: both ours.
-            if let Some((src, dst)) = unsafe { self.pool.pair_mut(slot, out) } {
-                if let (Some(ip), Some(o)) = (src.get(head..head + len), dst.get_mut(VNET_AT..)) {
-                    if m.append(ip, o) {
-                        self.merge = Some((out, m));
-                        return Ok(());
-                    }
-                }
-            }
-            self.flush(q)?;
-        }
-        let Some(out) = self.pool.alloc() else {
-            self.fwd.stats().count_drop(DropReason::PoolExhausted);
-            return Ok(());
-        };
         let uso = self.offloads.tun_uso && self.offloads.coalesce;
-        // SAFETY: as above; `out` was just allocated.
-        let started = unsafe { self.pool.pair_mut(slot, out) }
-            .and_then(|(src, dst)| Coalesced::start(src.get(head..head + len)?, dst.get_mut(VNET_AT..)?, uso));
-        match started {
-            Some(m) => {
-                self.merge = Some((out, m));
-                if !self.offloads.coalesce {
-                    self.flush(q)?;
-                }
-            }
-            None => {
-                self.fwd.stats().count_drop(DropReason::Oversize);
-                self.pool.release(out);
-            }
+        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, self.fwd.stats(), slot, head, len, uso) {
+            self.write_merged(q, r)?;
+        }
+        if !self.offloads.coalesce {
+            self.flush(q)?;
         }
         Ok(())
     }
@@ -1029,17 +1011,22 @@ impl<C: PacketCore> State<C> {
 
     /// Writes the super-packet being merged, if any, to the TUN.
     fn flush(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
-        let Some((out, m)) = self.merge.take() else { return Ok(()) };
-        // SAFETY: the merge holds `out`; nothing is in flight on it.
-        let buf = unsafe { self.pool.slot_mut(out) };
-        let n = buf.get_mut(VNET_AT..).map_or(0, |b| m.finish(b));
-        let op = if m.segments() > 1 {
-            self.fwd.stats().count_merged(m.segments());
+        match self.merger.finish(&mut self.pool, &mut self.sc) {
+            Some(r) => self.write_merged(q, r),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues the gathering TUN write of a finished merge.
+    fn write_merged(&mut self, q: &mut Queue<'_>, r: Ready) -> io::Result<()> {
+        let op = if r.segments > 1 {
+            self.fwd.stats().count_merged(r.segments);
             Op::TunWriteMerged
         } else {
             Op::TunWrite
         };
-        q.push(&tun_write(&self.pool, out, VNET_AT, n, op))
+        let (iov, n) = self.sc.iovecs(r.out);
+        q.push(&opcode::Writev::new(types::Fixed(TUN_FILE), iov, n as u32).build().user_data(user_data(op, r.out)))
     }
 }
 
