@@ -4,6 +4,7 @@
 //! - [`netns_thread`]: run code on a thread inside a named network namespace, so the bench can
 //!   talk to an etcd that is reachable only on the test underlay;
 //! - [`prom`]: read counters out of etcd's Prometheus `/metrics`;
+//! - [`rr`]: a UDP request/response latency probe (vs-kernel's round-trip figures);
 //! - [`sim`]: simulated nodes that acquire subnet leases exactly as a daemon does (the real
 //!   [`weft_ipam::LeaseKeeper`] driven by [`weft_ipam::lease_loop::execute`] against a real
 //!   [`weft_ipam::EtcdStore`]), minus the data plane.
@@ -13,6 +14,7 @@
 
 pub mod netns_thread;
 pub mod prom;
+pub mod rr;
 pub mod sim;
 
 /// Today's UTC date as `YYYY-MM-DD`, from the system clock (no time-zone database needed).

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! ┌─ n1 ───────────────────────┐      ┌─ n2 ───────────────────────┐
-//! │ iperf3 -c, ping            │      │ iperf3 -s                  │
+//! │ iperf3 -c, ping, rr probe  │      │ iperf3 -s, rr echo         │
 //! │ underlay | flannel.1 |     │      │ underlay | flannel.1 |     │
 //! │ weft udp | weft vxlan      │      │ weft udp | weft vxlan      │
 //! │ eth0 198.18.0.1/24         │      │ eth0 198.18.0.2/24         │
@@ -22,19 +22,25 @@
 //! (static mesh) and `weft-vxlan` (static VXLAN mesh).
 //!
 //! For each, n1 → n2: iperf3 TCP 1 stream and 4 streams, iperf3 UDP with 64-byte payloads
-//! (`-b 0`, packets per second received and loss), and per-packet ping RTTs as p50/p99/p99.9.
+//! (`-b 0`, packets per second received and loss), and round trips as p50/p99/p99.9 three
+//! ways: ping 5 ms apart (iputils *spins* between probes that close, so one of the two CPUs
+//! is busy polling), and a UDP request/response probe ([`weft_bench::rr`], a client asleep in
+//! `recv` as real clients are) back to back and 5 ms apart.
 //! For weft, both daemons' utime+stime (`/proc/<pid>/stat`) over the 1-stream run, per GB
 //! received. Prints a table with ratios to Linux vxlan and writes JSON to
 //! `bench/results/vs-kernel-<date>.json`. Needs root, iperf3 and a built `weft`
 //! (`cargo build --release --bins`). Figures are reported, never asserted.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use weft_bench::{netns_thread, rr};
 use weft_netns_tests::traffic::IperfRun;
 use weft_netns_tests::weft::weft_bin;
 use weft_netns_tests::{IperfServer, Netns, NodeConfig, Topology, WeftNode, iperf3_tcp_run, vtep_mac};
@@ -133,12 +139,32 @@ impl Setup {
 /// Per-packet RTTs, in microseconds.
 #[derive(Debug, Default)]
 struct Rtt {
-    sent: u32,
+    sent: u64,
     received: u64,
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
     max_us: u64,
+    /// Round trips per second (request/response back to back only).
+    per_second: f64,
+}
+
+impl Rtt {
+    fn from_hist(h: &Histogram<u64>, sent: u64) -> Self {
+        Self {
+            sent,
+            received: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            per_second: 0.0,
+        }
+    }
+
+    fn from_rr(r: &rr::RrResult) -> Self {
+        Self { per_second: r.per_second, ..Self::from_hist(&r.hist, r.sent) }
+    }
 }
 
 /// What iperf3 UDP with 64-byte payloads measured.
@@ -165,7 +191,12 @@ struct Measured {
     tcp1: Option<IperfRun>,
     tcp4: Option<IperfRun>,
     udp64: Option<Udp64>,
+    /// ping, 5 ms apart (iputils spins between such probes: one CPU busy).
     rtt: Option<Rtt>,
+    /// UDP request/response, back to back.
+    rr: Option<Rtt>,
+    /// UDP request/response, 5 ms apart, the client asleep in between.
+    rr_spaced: Option<Rtt>,
     cpu: Option<Cpu>,
     errors: Vec<String>,
     wall: Duration,
@@ -287,6 +318,16 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
         rtt.p50_us, rtt.p99_us, rtt.p999_us, rtt.received, rtt.sent
     );
     m.rtt = Some(rtt);
+    match request_response(n1, n2, &dst, secs, pings) {
+        Ok((rr, spaced)) => {
+            eprintln!(
+                "  udp rr p50/p99/p99.9: {}/{}/{} us back to back ({:.0}/s), {}/{}/{} us 5 ms apart",
+                rr.p50_us, rr.p99_us, rr.p999_us, rr.per_second, spaced.p50_us, spaced.p99_us, spaced.p999_us
+            );
+            (m.rr, m.rr_spaced) = (Some(rr), Some(spaced));
+        }
+        Err(e) => m.errors.push(format!("udp rr: {e:#}")),
+    }
     for mut d in daemons {
         d.stop().context("stopping weft")?;
     }
@@ -355,14 +396,31 @@ fn ping_rtts(ns: &Netns, dst: &str, count: u32) -> Result<Rtt> {
     if h.is_empty() {
         bail!("no ping replies from {dst}\n{out}");
     }
-    Ok(Rtt {
-        sent: count,
-        received: h.len(),
-        p50_us: h.value_at_quantile(0.50),
-        p99_us: h.value_at_quantile(0.99),
-        p999_us: h.value_at_quantile(0.999),
-        max_us: h.max(),
-    })
+    Ok(Rtt::from_hist(&h, u64::from(count)))
+}
+
+/// UDP request/response round trips from n1 to an echo server in n2: back to back for `secs`,
+/// then `count` probes 5 ms apart (the client sleeping in between, unlike ping).
+fn request_response(n1: &Netns, n2: &Netns, dst: &str, secs: u32, count: u32) -> Result<(Rtt, Rtt)> {
+    let ip: std::net::IpAddr = dst.parse().with_context(|| format!("probe address {dst}"))?;
+    let to = std::net::SocketAddr::new(ip, rr::PORT);
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let server = netns_thread::spawn_in(n2.name(), move || rr::serve(&s))?;
+    std::thread::sleep(Duration::from_millis(100));
+    let run = Duration::from_secs(u64::from(secs));
+    let spaced_run = Duration::from_millis(u64::from(count) * 5);
+    let probes = netns_thread::run_in(n1.name(), || {
+        Ok((
+            rr::probe(to, rr::Pace::BackToBack, run)?,
+            rr::probe(to, rr::Pace::Spaced(Duration::from_millis(5)), spaced_run)?,
+        ))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let served = server.join().map_err(|_| anyhow::anyhow!("the echo server panicked"))?;
+    let (b2b, spaced) = probes?;
+    served?;
+    Ok((Rtt::from_rr(&b2b), Rtt::from_rr(&spaced)))
 }
 
 /// utime + stime of process `pid` (all its threads), in seconds.
@@ -410,12 +468,22 @@ fn print_table(results: &[(Setup, Measured)]) {
     println!("{}", row(results, "RTT p50 µs", 0, |m| m.rtt.as_ref().map(|r| r.p50_us as f64)));
     println!("{}", row(results, "RTT p99 µs", 0, |m| m.rtt.as_ref().map(|r| r.p99_us as f64)));
     println!("{}", row(results, "RTT p99.9 µs", 0, |m| m.rtt.as_ref().map(|r| r.p999_us as f64)));
+    println!("{}", row(results, "UDP RR p50 µs", 0, |m| m.rr.as_ref().map(|r| r.p50_us as f64)));
+    println!("{}", row(results, "UDP RR p99 µs", 0, |m| m.rr.as_ref().map(|r| r.p99_us as f64)));
+    println!("{}", row(results, "UDP RR p99.9 µs", 0, |m| m.rr.as_ref().map(|r| r.p999_us as f64)));
+    println!("{}", row(results, "UDP RR transactions/s", 0, |m| m.rr.as_ref().map(|r| r.per_second)));
+    println!("{}", row(results, "UDP RR 5 ms apart p50 µs", 0, |m| m.rr_spaced.as_ref().map(|r| r.p50_us as f64)));
+    println!("{}", row(results, "UDP RR 5 ms apart p99 µs", 0, |m| m.rr_spaced.as_ref().map(|r| r.p99_us as f64)));
     println!("{}", row(results, "weft CPU s/GB (both daemons)", 2, |m| m.cpu.as_ref().map(|c| c.s_per_gb)));
     for (s, m) in results {
         for e in &m.errors {
             println!("{}: error: {}", s.name(), e.lines().next().unwrap_or(""));
         }
     }
+}
+
+fn rtt_json(r: &Rtt) -> Value {
+    json!({"sent": r.sent, "received": r.received, "p50": r.p50_us, "p99": r.p99_us, "p99_9": r.p999_us, "max": r.max_us})
 }
 
 fn iperf_json(r: &Option<IperfRun>) -> Value {
@@ -443,8 +511,9 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
                 "tcp_1_stream": iperf_json(&m.tcp1),
                 "tcp_4_streams": iperf_json(&m.tcp4),
                 "udp_64b": m.udp64.as_ref().map(|u| json!({"pps_received": u.pps, "lost_percent": u.lost_percent})),
-                "rtt_us": m.rtt.as_ref().map(|r| json!({"sent": r.sent, "received": r.received, "p50": r.p50_us,
-                    "p99": r.p99_us, "p99_9": r.p999_us, "max": r.max_us})),
+                "rtt_us": m.rtt.as_ref().map(rtt_json),
+                "udp_rr_us": m.rr.as_ref().map(|r| json!({"back_to_back": rtt_json(r), "per_second": r.per_second})),
+                "udp_rr_5ms_apart_us": m.rr_spaced.as_ref().map(rtt_json),
                 "weft_cpu_tcp_1_stream": m.cpu.as_ref().map(|c| json!({"sender_s": c.sender_s,
                     "receiver_s": c.receiver_s, "s_per_gb_received": c.s_per_gb})),
                 "errors": m.errors,
