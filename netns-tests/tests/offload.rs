@@ -164,3 +164,68 @@ fn small_udp_datagrams_travel_in_trains_and_merge() {
     }
     println!("n2 sent {sends} trains of {segs} datagrams; n1 (USO {uso}) wrote {writes} merged packets of {merged}");
 }
+
+/// An underlay whose MTU shrinks under a running daemon: the kernel refuses every GSO train
+/// whose segments no longer fit with `EMSGSIZE` (Linux 6.18; older kernels said `EINVAL`,
+/// which weft takes as "no GSO here" and falls back from). Either way nothing crashes: the
+/// refused trains are counted as `oversize` drops, what fits the smaller MTU still crosses,
+/// and once the MTU is back TCP flows again. weft does not resize the overlay at run time
+/// (as flannel, it derives the MTU at start), so a shrunk underlay needs a restart.
+#[test]
+fn trains_refused_by_a_shrunk_underlay_are_counted_and_traffic_resumes() {
+    let Some(topo) = Topology::for_test("gso_mtu_shrink", "gsomtu", 2).expect("topology") else {
+        return;
+    };
+    let n1 = topo.start_weft(with_offloads(NodeConfig::mesh(1, 2), true)).expect("starting n1");
+    let n2 = topo.start_weft(with_offloads(NodeConfig::mesh(2, 2), true)).expect("starting n2");
+    ping_all(topo.n(2).ns(), "10.244.1.1", 3).expect("ping n2 -> n1");
+    // One iperf3 server per run (each serves one client).
+    let server = |run: &str| {
+        IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join(format!("iperf-n1-{run}.log")))
+            .expect("server")
+    };
+    let s = server("before");
+    iperf3_tcp(topo.n(2).ns(), "10.244.1.1", 1).expect("iperf3 n2 -> n1 before");
+    drop(s);
+    let before = n2.status_json().expect("status n2");
+    assert!(num(&before, "offload_counters.gso_sends") > 0, "no trains before the MTU change: {before}");
+
+    // n2's underlay shrinks below weft's 1500-byte datagrams.
+    let link = |mtu: &str| {
+        topo.n(2).ns().exec("ip", &["link", "set", "eth0", "mtu", mtu]).expect("ip link set mtu").ok().expect("mtu");
+    };
+    link("1400");
+    // TCP stalls now (its full-sized segments no longer fit): its outcome is ignored.
+    let s = server("during");
+    let _ = topo.n(2).ns().exec_timeout(
+        std::time::Duration::from_secs(10),
+        "iperf3",
+        &["-c", "10.244.1.1", "-t", "1", "--connect-timeout", "2000"],
+    );
+    drop(s);
+    let during = n2.status_json().expect("status n2");
+    let refused = num(&during, "drops.oversize") + num(&during, "offload_counters.fallbacks");
+    assert!(refused > 0, "the refused trains must be counted: {during}");
+    // Small packets still cross.
+    let ping = topo.n(2).ns().exec("ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", "-s", "500", "10.244.1.1"]);
+    assert!(ping.expect("ping").ok().is_ok(), "500-byte pings must cross over the shrunk underlay");
+
+    // The MTU is back: TCP flows again.
+    link("1500");
+    let _s = server("after");
+    let bps = iperf3_tcp(topo.n(2).ns(), "10.244.1.1", 1).expect("iperf3 n2 -> n1 after");
+    assert!(bps > 0.0);
+    let after = n2.status_json().expect("status n2");
+    for s in [&after, &n1.status_json().expect("status n1")] {
+        for reason in ["bad_offload_header", "io_error", "pool_exhausted", "truncated", "bad_ip_header"] {
+            assert_eq!(num(s, &format!("drops.{reason}")), 0, "{reason}: {s}");
+        }
+    }
+    println!(
+        "{} trains refused over MTU 1400 (oversize {}, fallbacks {}); {:.2} Gbit/s once it was back",
+        refused,
+        num(&during, "drops.oversize"),
+        num(&during, "offload_counters.fallbacks"),
+        bps / 1e9
+    );
+}
