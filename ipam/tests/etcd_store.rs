@@ -220,6 +220,68 @@ async fn restart_keeps_its_subnet_and_uses_flannels_layout() {
     assert_eq!(s2.list().await.unwrap().leases.len(), 1, "no second lease");
 }
 
+/// `LeaseTimeToLive` requests etcd has answered so far, from its `/metrics` (served on the
+/// client port).
+fn ttl_requests(etcd: &Etcd) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = TcpStream::connect(("127.0.0.1", etcd.client_port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(r#"grpc_method="LeaseTimeToLive""#))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// A list of more records than it asks TTLs at once: keys with their own etcd lease, two keys
+/// sharing one, a reservation without one, unreadable records. Each etcd lease is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_reads_each_etcd_lease_once_and_keeps_every_kind_of_record() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let subnet = |third: u8| Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap();
+    let attrs = |third: u8| LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp");
+    let own: Vec<u8> = (100..180).collect();
+    for &third in &own {
+        let lease = SubnetLease { subnet: subnet(third), attrs: attrs(third), expiration: None };
+        s.create(&lease, Duration::from_secs(600)).await.unwrap().unwrap();
+    }
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let key = |third: u8| format!("/coreos.com/network/subnets/10.244.{third}.0-24");
+    let shared = raw.lease_grant(300, None).await.unwrap().id();
+    for third in [1, 2] {
+        let opts = etcd_client::PutOptions::new().with_lease(shared);
+        raw.put(key(third), attrs(third).to_json(), Some(opts)).await.unwrap();
+    }
+    raw.put(key(3), attrs(3).to_json(), None).await.unwrap(); // a reservation
+    raw.put(key(4), "{", None).await.unwrap();
+    let junk = "/coreos.com/network/subnets/junk";
+    raw.put(junk, attrs(5).to_json(), Some(etcd_client::PutOptions::new().with_lease(shared))).await.unwrap();
+
+    let before = ttl_requests(&etcd);
+    let now = SystemTime::now();
+    let snap = s.list().await.unwrap();
+    assert_eq!(ttl_requests(&etcd) - before, own.len() as u64 + 1, "one LeaseTimeToLive per etcd lease");
+
+    let listed: Vec<Ipv4Net> = snap.leases.iter().map(|l| l.subnet).collect();
+    let expected: Vec<Ipv4Net> = [1, 2, 3].into_iter().chain(own.iter().copied()).map(subnet).collect();
+    assert_eq!(listed, expected, "every readable record, sorted by subnet");
+    let secs_left = |l: &SubnetLease| l.expiration.map(|e| e.duration_since(now).unwrap().as_secs());
+    for l in &snap.leases {
+        let third = l.subnet.addr().octets()[2];
+        assert_eq!(l.attrs, attrs(third));
+        match third {
+            1 | 2 => assert!(matches!(secs_left(l), Some(290..=300)), "{l:?}"),
+            3 => assert_eq!(l.expiration, None, "a reservation has no expiry"),
+            _ => assert!(matches!(secs_left(l), Some(590..=600)), "{l:?}"),
+        }
+    }
+    let mut unreadable: Vec<_> = snap.unreadable.iter().map(|u| (u.key.as_str(), u.subnet)).collect();
+    unreadable.sort_unstable();
+    assert_eq!(unreadable, [(key(4).as_str(), Some(subnet(4))), (junk, None)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_reaches_a_watcher_within_one_second() {
     let Some(etcd) = Etcd::start() else { return };

@@ -18,7 +18,7 @@
 //! Connecting is lazy: [`EtcdStore::connect`] succeeds while etcd is down (flannel#323), and
 //! each call fails with [`StoreError::Unavailable`] within `request_timeout` until it is back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,7 +27,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
     WatchStream,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -38,6 +38,11 @@ use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, LeaseKey, SubnetLease};
 use crate::watch::{LeaseEvent, resync};
+
+/// `LeaseTimeToLive` requests one [`EtcdStore::list`] keeps in flight (see
+/// `EtcdStore::expirations`): enough to hide the round trip, few enough that a bootstrap storm
+/// of listing nodes does not flood etcd.
+const TTL_CONCURRENCY: usize = 32;
 
 /// How to reach etcd and where the network lives in it.
 #[derive(Clone, Debug)]
@@ -168,6 +173,40 @@ impl EtcdStore {
         }
     }
 
+    /// [`Self::expiration`] of each distinct etcd lease in `ids`, for [`LeaseStore::list`].
+    ///
+    /// A list reads one TTL per etcd lease (`LeaseTimeToLive`; etcd has no batch form), i.e.
+    /// one per node. In sequence that made a list cost N round trips, and a cluster whose N
+    /// nodes each list (bootstrap, resync) N². So the requests go out concurrently, at most
+    /// [`TTL_CONCURRENCY`] at a time on the client's multiplexed connection, and each lease is
+    /// asked once however many keys share it (id 0, a reservation, costs no request).
+    ///
+    /// A lease that is already gone (`Err(None)`) is left out of the map. The first error in
+    /// `ids` order (`Err(Some(e))`) is returned, as a sequential loop would; the requests still
+    /// in flight are then dropped.
+    async fn expirations(
+        &self,
+        ids: impl IntoIterator<Item = i64>,
+        now: SystemTime,
+    ) -> Result<HashMap<i64, Option<SystemTime>>, StoreError> {
+        let mut seen = HashSet::new();
+        let distinct: Vec<i64> = ids.into_iter().filter(|&id| seen.insert(id)).collect();
+        let mut answers = futures::stream::iter(distinct)
+            .map(|id| async move { (id, self.expiration(id, now).await) })
+            .buffered(TTL_CONCURRENCY);
+        let mut live = HashMap::with_capacity(seen.len());
+        while let Some((id, answer)) = answers.next().await {
+            match answer {
+                Ok(expiration) => {
+                    live.insert(id, expiration);
+                }
+                Err(None) => {}
+                Err(Some(e)) => return Err(e),
+            }
+        }
+        Ok(live)
+    }
+
     async fn kv_to_lease(&self, kv: &KeyValue, now: SystemTime) -> Result<Option<SubnetLease>, StoreError> {
         let (subnet, attrs) = match self.parse_kv(kv) {
             Ok(x) => x,
@@ -219,17 +258,21 @@ impl LeaseStore for EtcdStore {
         let now = SystemTime::now();
         let revision = Revision(resp.header().map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)));
         let mut snap = LeaseSnapshot { revision, ..LeaseSnapshot::default() };
+        let mut records = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             match self.parse_kv(kv) {
-                Ok((subnet, attrs)) => match self.expiration(kv.lease(), now).await {
-                    Ok(expiration) => snap.leases.push(SubnetLease { subnet, attrs, expiration }),
-                    Err(None) => {} // expiring right now: etcd deletes the key momentarily
-                    Err(Some(e)) => return Err(e),
-                },
+                Ok((subnet, attrs)) => records.push((subnet, attrs, kv.lease())),
                 Err(unreadable) => {
                     warn!(key = %unreadable.key, reason = %unreadable.reason, "ignoring unreadable lease record");
                     snap.unreadable.push(unreadable);
                 }
+            }
+        }
+        let live = self.expirations(records.iter().map(|&(_, _, id)| id), now).await?;
+        for (subnet, attrs, id) in records {
+            // Not in `live`: expiring right now, etcd deletes the key momentarily.
+            if let Some(&expiration) = live.get(&id) {
+                snap.leases.push(SubnetLease { subnet, attrs, expiration });
             }
         }
         snap.leases.sort_by_key(|l| l.subnet);
