@@ -100,12 +100,18 @@ struct Args {
     /// weft's workers per daemon (one TUN queue and socket each).
     #[arg(long, default_value_t = 1)]
     workers: u32,
+    /// Only these setups (comma-separated), for a quicker look; the default runs all four.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    setups: Vec<Setup>,
+    /// Only the round-trip figures (ping and UDP request/response), no iperf3 runs.
+    #[arg(long)]
+    latency_only: bool,
     /// Where to write the JSON (default bench/results/vs-kernel-<date>.json).
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Setup {
     Underlay,
     LinuxVxlan,
@@ -219,7 +225,8 @@ fn run(args: &Args) -> Result<()> {
     let (secs, pings) = if args.quick { (1, 200) } else { (args.secs.max(1), args.pings.max(10)) };
     let start = Instant::now();
     let mut results = Vec::new();
-    for setup in Setup::ALL {
+    let setups = if args.setups.is_empty() { Setup::ALL.to_vec() } else { args.setups.clone() };
+    for setup in setups {
         eprintln!("==> {}: fresh lab", setup.name());
         let t = Instant::now();
         let mut m = Measured::default();
@@ -290,27 +297,8 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     // Warm up: the first packets may resolve neighbours.
     let _ = n1.exec_timeout(Duration::from_secs(5), "ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", &dst]);
 
-    let pids: Vec<u32> = daemons.iter().filter_map(WeftNode::pid).collect();
-    let before = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
-    let tcp1 = iperf(&topo, &dst, secs, &[], "tcp1")?;
-    let after = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
-    if pids.len() == 2 {
-        let d: Vec<f64> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
-        let (sender_s, receiver_s) = (d[0], d[1]);
-        let gb = tcp1.bytes as f64 / 1e9;
-        m.cpu = Some(Cpu { sender_s, receiver_s, s_per_gb: if gb > 0.0 { (sender_s + receiver_s) / gb } else { 0.0 } });
-    }
-    eprintln!("  tcp 1 stream: {:.2} Gbit/s", tcp1.bits_per_second / 1e9);
-    m.tcp1 = Some(tcp1);
-    let tcp4 = iperf(&topo, &dst, secs, &["-P", "4"], "tcp4")?;
-    eprintln!("  tcp 4 streams: {:.2} Gbit/s", tcp4.bits_per_second / 1e9);
-    m.tcp4 = Some(tcp4);
-    match udp64(&topo, &dst, secs) {
-        Ok(u) => {
-            eprintln!("  udp 64 B: {:.0} pps received, {:.1}% lost", u.pps, u.lost_percent);
-            m.udp64 = Some(u);
-        }
-        Err(e) => m.errors.push(format!("udp64: {e:#}")),
+    if !args.latency_only {
+        throughput(&topo, &daemons, &dst, secs, m)?;
     }
     let rtt = ping_rtts(n1, &dst, pings)?;
     eprintln!(
@@ -397,6 +385,34 @@ fn ping_rtts(ns: &Netns, dst: &str, count: u32) -> Result<Rtt> {
         bail!("no ping replies from {dst}\n{out}");
     }
     Ok(Rtt::from_hist(&h, u64::from(count)))
+}
+
+/// iperf3 TCP 1 and 4 streams and UDP 64 B from n1 to `dst`, with the daemons' CPU over the
+/// 1-stream run.
+fn throughput(topo: &Topology, daemons: &[WeftNode<'_>], dst: &str, secs: u32, m: &mut Measured) -> Result<()> {
+    let pids: Vec<u32> = daemons.iter().filter_map(WeftNode::pid).collect();
+    let before = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
+    let tcp1 = iperf(topo, dst, secs, &[], "tcp1")?;
+    let after = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
+    if pids.len() == 2 {
+        let d: Vec<f64> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
+        let (sender_s, receiver_s) = (d[0], d[1]);
+        let gb = tcp1.bytes as f64 / 1e9;
+        m.cpu = Some(Cpu { sender_s, receiver_s, s_per_gb: if gb > 0.0 { (sender_s + receiver_s) / gb } else { 0.0 } });
+    }
+    eprintln!("  tcp 1 stream: {:.2} Gbit/s", tcp1.bits_per_second / 1e9);
+    m.tcp1 = Some(tcp1);
+    let tcp4 = iperf(topo, dst, secs, &["-P", "4"], "tcp4")?;
+    eprintln!("  tcp 4 streams: {:.2} Gbit/s", tcp4.bits_per_second / 1e9);
+    m.tcp4 = Some(tcp4);
+    match udp64(topo, dst, secs) {
+        Ok(u) => {
+            eprintln!("  udp 64 B: {:.0} pps received, {:.1}% lost", u.pps, u.lost_percent);
+            m.udp64 = Some(u);
+        }
+        Err(e) => m.errors.push(format!("udp64: {e:#}")),
+    }
+    Ok(())
 }
 
 /// UDP request/response round trips from n1 to an echo server in n2: back to back for `secs`,
