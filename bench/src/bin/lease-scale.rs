@@ -90,7 +90,7 @@ struct Args {
     /// Per size: give up waiting for the leases and the daemon after this long.
     #[arg(long, default_value_t = 1200)]
     timeout_secs: u64,
-    /// Where to write the JSON (default bench/results/lease-scale-<date>.json).
+    /// Where to write the JSON (default `bench/results/lease-scale-<date>.json`).
     #[arg(long)]
     out: Option<PathBuf>,
 }

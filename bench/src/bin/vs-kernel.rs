@@ -106,7 +106,7 @@ struct Args {
     /// Only the round-trip figures (ping and UDP request/response), no iperf3 runs.
     #[arg(long)]
     latency_only: bool,
-    /// Where to write the JSON (default bench/results/vs-kernel-<date>.json).
+    /// Where to write the JSON (default `bench/results/vs-kernel-<date>.json`).
     #[arg(long)]
     out: Option<PathBuf>,
 }

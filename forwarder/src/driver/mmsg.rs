@@ -5,8 +5,8 @@
 //! With offloads (as on io_uring) one TUN `read` returns a TCP super-packet, cut into GSO
 //! trains that leave in the same `sendmmsg` (one message with a `UDP_SEGMENT` cmsg each);
 //! `recvmmsg` asks for `UDP_GRO` trains, every datagram is checked on its own and merged
-//! across the batch into few TUN `write`s. Without offloads the TUN costs one `read` and one
-//! `write` per packet.
+//! across the batch into few gathering TUN `writev`s ([`Merger`]). Without offloads the TUN
+//! costs one `read` and one `write` per packet.
 
 use std::io;
 use std::net::UdpSocket;

@@ -1,5 +1,5 @@
 //! `BufPool`: one worker's packet buffers, a single anonymous mapping cut into
-//! [`SLOT_LEN`](crate::buf::SLOT_LEN) slots and registered with io_uring once.
+//! [`SLOT_LEN`] slots and registered with io_uring once.
 //!
 //! Ownership rule: a slot index is either on the free list, held by the worker while it
 //! processes a packet, or owned by the kernel between the SQE that names it and that SQE's

@@ -8,7 +8,7 @@
 //! 2. Enter the kernel once per loop: submit everything queued and wait for at least one
 //!    completion (or a 100 ms tick to notice the stop flag).
 //! 3. Load the route table once, read the clock once, then run every completion through the
-//!    sans-IO core, queueing a `SENDMSG` or a `WRITE_FIXED` for packets that go on.
+//!    sans-IO core, queueing a `SENDMSG` or a TUN write for packets that go on.
 //! 4. A send or write completion returns its slot to the pool; the next loop re-arms reads.
 //!
 //! With offloads (`reference/performance.md` §2–4) the same loop moves 64 KiB per request:
@@ -17,7 +17,9 @@
 //!   slots, each train one `SENDMSG` with a `UDP_SEGMENT` cmsg (one GSO send);
 //! - wire → TUN: with `UDP_GRO` a receive returns a train; every segment is checked by the
 //!   core on its own, then consecutive segments of one flow are merged
-//!   ([`Coalesced`]) into one super-packet written to the TUN with one `WRITE_FIXED`.
+//!   ([`crate::gro::Coalesced`], [`Merger`]) into one super-packet written to the TUN with
+//!   one `WRITEV`: the first segment's headers from a slot of their own, every payload from
+//!   where it was received.
 //!   Merging runs across all receive completions of one loop, so datagrams that arrive
 //!   separately (a Linux vxlan peer) are merged too.
 //!
@@ -188,6 +190,7 @@ pub(super) fn probe() -> io::Result<()> {
     for (name, code) in [
         ("READ_FIXED", opcode::ReadFixed::CODE),
         ("WRITE_FIXED", opcode::WriteFixed::CODE),
+        ("WRITEV", opcode::Writev::CODE),
         ("RECVMSG", opcode::RecvMsg::CODE),
         ("SENDMSG", opcode::SendMsg::CODE),
     ] {

@@ -14,7 +14,7 @@
 ///   sum since 2^16 ≡ 1).
 /// - Each 32-bit word `w` goes into two plain 32-bit reductions, `all` (wrapping) and `high`
 ///   (`w >> 16`); the low halves then sum to `all - (high << 16)` mod 2^32, which is exact
-///   while that sum stays below 2^32, so the data is taken [`FLUSH_WORDS`] words at a time.
+///   while that sum stays below 2^32, so the data is taken `FLUSH_WORDS` words at a time.
 /// - Plain reductions over an array-converted word are what the loop vectorizer recognizes;
 ///   indexing the bytes one by one or keeping explicit lanes defeats it (checked in the asm).
 ///
