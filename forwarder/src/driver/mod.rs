@@ -22,14 +22,16 @@ mod scatter;
 mod uring;
 
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
-use crate::forwarder::PacketCore;
-use crate::route::RouteTableHandle;
-use crate::stats::{OffloadCounter, WorkerStats};
+use crate::buf::PacketBuf;
+use crate::forwarder::{PacketCore, UnderlayVerdict};
+use crate::route::{RouteTable, RouteTableHandle};
+use crate::stats::{DropReason, OffloadCounter, WorkerStats};
 
 pub use pool::BufPool;
 pub use tun::TunQueue;
@@ -132,6 +134,33 @@ pub(crate) fn datagrams(n: usize, train: Option<usize>) -> impl Iterator<Item = 
     })
 }
 
+/// Runs datagram `d` (`(start, len, end)` from [`datagrams`]) of the receive in `slot`
+/// through the core, confined to its own bytes: nothing a peer sends can reach into the
+/// next datagram, nor a reply written in place into the one before, which a pending merge
+/// may still point at. Returns the verdict and where the packet now lies in the slot;
+/// `None`, counted as truncated, when the datagram does not fit the slot.
+///
+/// # Safety
+/// The caller must own `slot`: its receive completed and nothing in flight names it.
+pub(crate) unsafe fn check_datagram<C: PacketCore>(
+    pool: &mut BufPool,
+    fwd: &mut C,
+    routes: &RouteTable,
+    from: SocketAddr,
+    slot: u16,
+    (start, len, end): (usize, usize, usize),
+    now: Instant,
+) -> Option<(UnderlayVerdict, usize, usize)> {
+    // SAFETY: the caller owns the slot.
+    let buf = unsafe { pool.slot_mut(slot) };
+    let Some(mut pkt) = buf.get_mut(start..end).and_then(|b| PacketBuf::new(b, 0, len)) else {
+        fwd.stats().count_drop(DropReason::Truncated);
+        return None;
+    };
+    let verdict = fwd.from_underlay(routes, from, &mut pkt, now);
+    Some((verdict, start + pkt.head(), pkt.len()))
+}
+
 /// The kernel refused a send carrying a GSO train with `errno`. `EIO` (the underlay cannot
 /// checksum) or `EINVAL` (no GSO here) mean it refuses every train: switch GSO off for this
 /// worker and clear the TUN's offload mask, so super-packets stop coming. Other errors lose
@@ -175,8 +204,8 @@ pub struct Offloads {
     pub tun_vnet: bool,
     /// Trains of segments go out as one UDP GSO send (`UDP_SEGMENT`).
     pub gso: bool,
-    /// The UDP socket receives trains (`UDP_GRO`). Needs `tun_vnet`, because a train's
-    /// datagrams are copied out of its buffer.
+    /// The UDP socket receives trains (`UDP_GRO`). Needs `tun_vnet`: a train's datagrams
+    /// reach the TUN through the merge path, which writes a virtio-net header.
     pub gro: bool,
     /// Consecutive TCP segments of one flow are merged into one TUN write. Needs `tun_vnet`.
     pub coalesce: bool,
@@ -195,7 +224,7 @@ pub struct WorkerIo {
     /// Sockets on ephemeral ports to send from, picked by inner-flow hash, so the outer
     /// source port follows the flow as Linux vxlan's does. Empty: send from `udp`.
     pub send: Vec<UdpSocket>,
-    /// The offloads to use; all off for the mmsg backend.
+    /// The offloads to use (both backends run them).
     pub offloads: Offloads,
 }
 

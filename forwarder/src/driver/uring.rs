@@ -897,21 +897,15 @@ impl<C: PacketCore> State<C> {
                 }
             };
         }
-        // Each datagram of a train is checked within its own bounds, so nothing a peer sends
-        // can reach into the next one, nor a reply into the one before (which a merge may
-        // still point at); what passes joins the merge by reference.
+        // Each datagram is checked within its own bytes (`check_datagram`); what passes
+        // joins the merge by reference.
         if train.is_some() {
             self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
         }
-        for (start, seg_len, end) in super::datagrams(n, train) {
+        for d in super::datagrams(n, train) {
             // SAFETY: the receive completed, so the slot is ours again.
-            let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(mut pkt) = buf.get_mut(start..end).and_then(|b| PacketBuf::new(b, 0, seg_len)) else {
-                self.fwd.stats().count_drop(DropReason::Truncated);
-                break;
-            };
-            let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
-            let (head, len) = (start + pkt.head(), pkt.len());
+            let checked = unsafe { super::check_datagram(&mut self.pool, &mut self.fwd, routes, from, slot, d, now) };
+            let Some((verdict, head, len)) = checked else { break };
             match verdict {
                 UnderlayVerdict::Deliver { .. } => self.merge(q, slot, head, len)?,
                 UnderlayVerdict::Reply { to } => {
