@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::lease::{LeaseAttrs, SubnetLease};
-use crate::store::{LeaseSnapshot, StoreError};
+use crate::store::{LeaseSnapshot, Revision, StoreError};
 use crate::subnet::SubnetRange;
 use crate::watch::LeaseEvent;
 
@@ -267,7 +267,7 @@ impl LeaseKeeper {
     }
 
     fn ours(&self, subnet: Ipv4Net, expiration: Option<SystemTime>) -> SubnetLease {
-        SubnetLease { subnet, attrs: self.config.attrs.clone(), expiration }
+        SubnetLease { subnet, attrs: self.config.attrs.clone(), expiration, created: Revision(0) }
     }
 
     /// What to do next at `now`.
@@ -293,6 +293,7 @@ impl LeaseKeeper {
                     subnet: lease.subnet,
                     attrs: self.config.attrs.clone(),
                     expiration: lease.expiration,
+                    created: lease.created,
                 };
                 match at(*next_renew, LeaseAction::Renew(renew)) {
                     // Wake at the expiration too, so `Expired` is reported on time.
@@ -303,7 +304,12 @@ impl LeaseKeeper {
                 }
             }
             State::Lost { lease, retry_at } | State::Conflict { lease, retry_at } => {
-                let create = SubnetLease { subnet: lease.subnet, attrs: self.config.attrs.clone(), expiration: None };
+                let create = SubnetLease {
+                    subnet: lease.subnet,
+                    attrs: self.config.attrs.clone(),
+                    expiration: None,
+                    created: Revision(0),
+                };
                 at(*retry_at, LeaseAction::Create(create))
             }
             State::Released => LeaseAction::WaitUntil(add(now, self.config.ttl)),
@@ -995,6 +1001,7 @@ mod tests {
             subnet: net("10.244.9.0/25"),
             attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1), "udp"),
             expiration: None,
+            created: Revision(0),
         };
         block_on(store.create(&stale, DAY)).unwrap();
         let mut k = LeaseKeeper::new(cfg10(1));

@@ -14,6 +14,8 @@ use std::time::SystemTime;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::store::Revision;
+
 /// One node's claim on one subnet of the cluster network.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubnetLease {
@@ -24,6 +26,12 @@ pub struct SubnetLease {
     /// When the lease lapses unless renewed. `None` is flannel's "reservation": a record with no
     /// TTL, made by an administrator, that never expires and is never handed to anyone else.
     pub expiration: Option<SystemTime>,
+    /// The store revision at which this record was created (etcd's `create_revision`; the file
+    /// store's counter at create). Two records that conflict (overlapping subnets, one
+    /// endpoint) are resolved in favour of the older one, so a record written later can never
+    /// displace a peer already in use. `Revision(0)` when the store does not know (file
+    /// records written before weft recorded it): such records count as oldest.
+    pub created: Revision,
 }
 
 impl SubnetLease {
@@ -255,6 +263,7 @@ mod tests {
             subnet: "10.244.1.0/24".parse().unwrap(),
             attrs: LeaseAttrs::new(Ipv4Addr::LOCALHOST, "udp"),
             expiration: Some(t),
+            created: Revision(0),
         };
         assert!(!lease.is_expired(t - std::time::Duration::from_millis(1)));
         assert!(lease.is_expired(t));

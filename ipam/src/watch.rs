@@ -74,6 +74,7 @@ pub fn apply(known: &mut BTreeMap<Ipv4Net, SubnetLease>, events: &[LeaseEvent]) 
 mod tests {
     use super::*;
     use crate::lease::LeaseAttrs;
+    use crate::store::Revision;
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
     use std::time::{Duration, SystemTime};
@@ -83,6 +84,7 @@ mod tests {
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
             attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, host), "udp"),
             expiration: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp_secs)),
+            created: Revision(0),
         }
     }
 

@@ -20,8 +20,8 @@ use weft_ipam::keeper::AcquireSource;
 use weft_ipam::lease_loop::execute;
 use weft_ipam::store::{EtcdOptions, EtcdStore};
 use weft_ipam::{
-    KeeperConfig, KeeperEvent, LeaseAction, LeaseAttrs, LeaseEvent, LeaseKeeper, LeaseStore, NetworkConfig, StoreError,
-    SubnetLease,
+    KeeperConfig, KeeperEvent, LeaseAction, LeaseAttrs, LeaseEvent, LeaseKeeper, LeaseStore, NetworkConfig, Revision,
+    StoreError, SubnetLease,
 };
 
 /// One etcd process; killed (SIGKILL) and reaped on drop, data dir removed with the guard.
@@ -244,7 +244,7 @@ async fn list_reads_each_etcd_lease_once_and_keeps_every_kind_of_record() {
     let attrs = |third: u8| LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp");
     let own: Vec<u8> = (100..180).collect();
     for &third in &own {
-        let lease = SubnetLease { subnet: subnet(third), attrs: attrs(third), expiration: None };
+        let lease = SubnetLease { subnet: subnet(third), attrs: attrs(third), expiration: None, created: Revision(0) };
         s.create(&lease, Duration::from_secs(600)).await.unwrap().unwrap();
     }
     let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
@@ -316,6 +316,7 @@ async fn compaction_resyncs_with_a_diff_not_a_wipe() {
         subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
         attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp"),
         expiration: None,
+        created: Revision(0),
     };
     for third in 1..=3 {
         s.create(&mk(third), Duration::from_secs(600)).await.unwrap().unwrap();
@@ -351,7 +352,12 @@ async fn expired_and_retaken_subnet_is_never_overwritten() {
     let snap = s.list().await.unwrap();
     let mut watch = Box::pin(s.watch(&snap));
     let subnet: Ipv4Net = "10.244.9.0/24".parse().unwrap();
-    let a = SubnetLease { subnet, attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1), "udp"), expiration: None };
+    let a = SubnetLease {
+        subnet,
+        attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1), "udp"),
+        expiration: None,
+        created: Revision(0),
+    };
     let b = SubnetLease { attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 2), "udp"), ..a.clone() };
     s.create(&a, Duration::from_secs(3)).await.unwrap().unwrap();
     assert!(matches!(&watch.next().await.unwrap().unwrap().events[..], [LeaseEvent::Added(_)]));
@@ -369,6 +375,25 @@ async fn expired_and_retaken_subnet_is_never_overwritten() {
     assert!(!s.release(&a).await.unwrap());
     let holder = s.list().await.unwrap().leases.into_iter().find(|l| l.subnet == subnet).unwrap();
     assert_eq!(holder.attrs, b.attrs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_revision_is_etcds_and_survives_renewal() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let mk = |third: u8| SubnetLease {
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
+        attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp"),
+        expiration: None,
+        created: Revision(0),
+    };
+    let a = s.create(&mk(1), Duration::from_secs(60)).await.unwrap().unwrap();
+    let b = s.create(&mk(2), Duration::from_secs(60)).await.unwrap().unwrap();
+    assert!(a.created > Revision(0) && b.created > a.created, "{:?} {:?}", a.created, b.created);
+    let renewed = s.renew(&a, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(renewed.created, a.created, "a renewal is not a new record");
+    let listed = s.list().await.unwrap().leases;
+    assert_eq!(listed.iter().map(|l| l.created).collect::<Vec<_>>(), [a.created, b.created]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use weft_ipam::lease_loop::execute;
 use weft_ipam::store::{FilePodStore, FileStore, FileStoreOptions};
 use weft_ipam::{
     Attachment, KeeperConfig, LeaseAction, LeaseAttrs, LeaseEvent, LeaseKeeper, LeaseStore, NetworkConfig,
-    PodAllocator, SubnetLease,
+    PodAllocator, Revision, SubnetLease,
 };
 
 /// The heavy tests (50 processes, kill loops) and the latency test must not share the two
@@ -106,7 +106,7 @@ fn child_churn_leases() {
         let mut attrs = LeaseAttrs::new(public_ip(rng.random_range(1..5)), "vxlan");
         attrs.backend_data =
             serde_json::json!({"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44", "Pad": "x".repeat(rng.random_range(0..4000))});
-        let lease = SubnetLease { subnet, attrs, expiration: None };
+        let lease = SubnetLease { subnet, attrs, expiration: None, created: Revision(0) };
         let now = SystemTime::now();
         let _ = match rng.random_range(0..4) {
             0 => store.blocking_create(&lease, Duration::from_secs(3600), now).map(|_| ()),
@@ -278,6 +278,7 @@ fn a_new_lease_reaches_a_watcher_within_one_second() {
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
             attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, third), "udp"),
             expiration: None,
+            created: Revision(0),
         };
         let created = block_on(other.create(&lease, Duration::from_secs(60))).unwrap().unwrap();
         let t = Instant::now();

@@ -409,11 +409,12 @@ pub fn write_subnet_env(path: &Path, env: &SubnetEnv) -> Result<(), DaemonError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_ipam::Revision;
 
     fn lease(subnet: &str, ip: [u8; 4], backend: &str, data: serde_json::Value) -> SubnetLease {
         let mut attrs = LeaseAttrs::new(Ipv4Addr::from(ip), backend);
         attrs.backend_data = data;
-        SubnetLease { subnet: subnet.parse().unwrap(), attrs, expiration: None }
+        SubnetLease { subnet: subnet.parse().unwrap(), attrs, expiration: None, created: Revision(0) }
     }
 
     fn ctx(backend: &str, vni: Option<u32>) -> LeaseContext {

@@ -103,6 +103,21 @@ fn unavailable(op: &str, e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable { reason: format!("etcd {op}: {e}") }
 }
 
+/// etcd's own ceiling on a lease TTL (`MaxLeaseTTL`, 9 000 000 000 s, about 285 years).
+const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+
+/// When a lease with `ttl_secs` (as etcd reports it, untrusted) left at `now` expires. The TTL
+/// is clamped to etcd's ceiling so that no value on the wire can overflow the clock.
+fn expires_at(now: SystemTime, ttl_secs: u64) -> SystemTime {
+    let ttl = Duration::from_secs(ttl_secs.min(MAX_LEASE_TTL_SECS));
+    now.checked_add(ttl).unwrap_or(now)
+}
+
+/// etcd's revision numbers are `i64`; negative ones never occur and read as 0.
+fn rev(r: i64) -> Revision {
+    Revision(u64::try_from(r).unwrap_or(0))
+}
+
 fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX)
 }
@@ -168,7 +183,7 @@ impl EtcdStore {
         let mut c = self.inner.client.clone();
         let resp = c.lease_time_to_live(id, None).await.map_err(|e| Some(unavailable("lease ttl", e)))?;
         match u64::try_from(resp.ttl()) {
-            Ok(secs) if secs > 0 => Ok(Some(now + Duration::from_secs(secs))),
+            Ok(secs) if secs > 0 => Ok(Some(expires_at(now, secs))),
             _ => Err(None),
         }
     }
@@ -213,7 +228,7 @@ impl EtcdStore {
             Err(_) => return Ok(None),
         };
         match self.expiration(kv.lease(), now).await {
-            Ok(expiration) => Ok(Some(SubnetLease { subnet, attrs, expiration })),
+            Ok(expiration) => Ok(Some(SubnetLease { subnet, attrs, expiration, created: rev(kv.create_revision()) })),
             Err(None) => Ok(None),
             Err(Some(e)) => Err(e),
         }
@@ -261,18 +276,18 @@ impl LeaseStore for EtcdStore {
         let mut records = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             match self.parse_kv(kv) {
-                Ok((subnet, attrs)) => records.push((subnet, attrs, kv.lease())),
+                Ok((subnet, attrs)) => records.push((subnet, attrs, kv.lease(), rev(kv.create_revision()))),
                 Err(unreadable) => {
                     warn!(key = %unreadable.key, reason = %unreadable.reason, "ignoring unreadable lease record");
                     snap.unreadable.push(unreadable);
                 }
             }
         }
-        let live = self.expirations(records.iter().map(|&(_, _, id)| id), now).await?;
-        for (subnet, attrs, id) in records {
+        let live = self.expirations(records.iter().map(|&(_, _, id, _)| id), now).await?;
+        for (subnet, attrs, id, created) in records {
             // Not in `live`: expiring right now, etcd deletes the key momentarily.
             if let Some(&expiration) = live.get(&id) {
-                snap.leases.push(SubnetLease { subnet, attrs, expiration });
+                snap.leases.push(SubnetLease { subnet, attrs, expiration, created });
             }
         }
         snap.leases.sort_by_key(|l| l.subnet);
@@ -291,7 +306,8 @@ impl LeaseStore for EtcdStore {
         )]);
         match c.txn(txn).await {
             Ok(resp) if resp.succeeded() => Ok(Some(SubnetLease {
-                expiration: Some(now + Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0))),
+                expiration: Some(expires_at(now, u64::try_from(granted.ttl()).unwrap_or(0))),
+                created: resp.header().map_or(Revision(0), |h| rev(h.revision())),
                 ..lease.clone()
             })),
             Ok(_) => {
@@ -325,7 +341,7 @@ impl LeaseStore for EtcdStore {
             } else {
                 let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| unavailable("lease grant", e))?;
                 let secs = u64::try_from(granted.ttl()).unwrap_or(0);
-                (granted.id(), Some(now + Duration::from_secs(secs)))
+                (granted.id(), Some(expires_at(now, secs)))
             };
             let put_opts = (new_id != 0).then(|| PutOptions::new().with_lease(new_id));
             let txn = Txn::new()
@@ -334,7 +350,12 @@ impl LeaseStore for EtcdStore {
             match c.txn(txn).await {
                 Ok(resp) if resp.succeeded() => {
                     self.revoke_quietly(kv.lease()).await;
-                    return Ok(SubnetLease { subnet: lease.subnet, attrs: lease.attrs.clone(), expiration });
+                    return Ok(SubnetLease {
+                        subnet: lease.subnet,
+                        attrs: lease.attrs.clone(),
+                        expiration,
+                        created: rev(kv.create_revision()),
+                    });
                 }
                 Ok(_) => self.revoke_quietly(new_id).await,
                 Err(e) => return Err(unavailable("renew", e)),

@@ -77,6 +77,10 @@ struct Record {
     expiration_unix_ms: Option<u64>,
     #[serde(rename = "Attrs")]
     attrs: LeaseAttrs,
+    /// The store revision the record was created at (absent in records from before it was
+    /// kept: they count as oldest).
+    #[serde(rename = "CreatedRevision", default, skip_serializing_if = "Option::is_none")]
+    created_revision: Option<u64>,
 }
 
 enum Stored {
@@ -166,8 +170,12 @@ impl FileStore {
         };
         Ok(match serde_json::from_slice::<Record>(&bytes) {
             Ok(rec) => {
-                let lease =
-                    SubnetLease { subnet, attrs: rec.attrs, expiration: rec.expiration_unix_ms.map(from_unix_ms) };
+                let lease = SubnetLease {
+                    subnet,
+                    attrs: rec.attrs,
+                    expiration: rec.expiration_unix_ms.map(from_unix_ms),
+                    created: Revision(rec.created_revision.unwrap_or(0)),
+                };
                 if lease.is_expired(now) { Stored::Absent } else { Stored::Live(lease) }
             }
             Err(e) => Stored::Unreadable(e.to_string()),
@@ -175,7 +183,11 @@ impl FileStore {
     }
 
     fn write_record(&self, lease: &SubnetLease) -> Result<(), StoreError> {
-        let rec = Record { expiration_unix_ms: lease.expiration.map(to_unix_ms), attrs: lease.attrs.clone() };
+        let rec = Record {
+            expiration_unix_ms: lease.expiration.map(to_unix_ms),
+            attrs: lease.attrs.clone(),
+            created_revision: (lease.created.0 > 0).then_some(lease.created.0),
+        };
         let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
             key: self.lease_path(lease.subnet).display().to_string(),
             reason: format!("cannot encode: {e}"),
@@ -257,7 +269,8 @@ impl FileStore {
             // A record we cannot read is still somebody's: never overwrite it.
             Stored::Live(_) | Stored::Unreadable(_) => return Ok(None),
         }
-        let created = SubnetLease { expiration: Some(expiry(now, ttl)), ..lease.clone() };
+        let revision = Revision(self.revision()?.0.saturating_add(1));
+        let created = SubnetLease { expiration: Some(expiry(now, ttl)), created: revision, ..lease.clone() };
         self.write_record(&created)?;
         self.bump_revision()?;
         Ok(Some(created))
@@ -288,6 +301,7 @@ impl FileStore {
             subnet: lease.subnet,
             attrs: lease.attrs.clone(),
             expiration: current.expiration.map(|_| expiry(now, ttl)),
+            created: current.created,
         };
         self.write_record(&renewed)?;
         self.bump_revision()?;
@@ -462,6 +476,7 @@ mod tests {
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
             attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, host), "udp"),
             expiration: None,
+            created: Revision(0),
         }
     }
 
@@ -479,6 +494,27 @@ mod tests {
         assert!(s.blocking_list(t(10)).unwrap().leases.is_empty(), "expired at its expiration");
         let b = s.blocking_create(&lease(1, 2), TTL, t(10)).unwrap().unwrap();
         assert_eq!(b.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
+    }
+
+    #[test]
+    fn creation_revision_is_recorded_and_kept_by_renewals() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        let a = s.blocking_create(&lease(1, 1), TTL, t(0)).unwrap().unwrap();
+        let b = s.blocking_create(&lease(2, 2), TTL, t(0)).unwrap().unwrap();
+        assert_eq!((a.created, b.created), (Revision(1), Revision(2)));
+        let renewed = s.blocking_renew(&lease(1, 1), TTL, t(5)).unwrap();
+        assert_eq!(renewed.created, Revision(1), "a renewal is not a new record");
+        let listed = s.blocking_list(t(5)).unwrap().leases;
+        assert_eq!(listed.iter().map(|l| l.created).collect::<Vec<_>>(), [Revision(1), Revision(2)]);
+        // A record from before the field existed reads as the oldest.
+        fs::write(
+            dir.path().join("subnets/10.244.9.0-24"),
+            br#"{"ExpirationUnixMs":null,"Attrs":{"PublicIP":"198.18.0.9"}}"#,
+        )
+        .unwrap();
+        let old = s.blocking_list(t(5)).unwrap().leases.into_iter().find(|l| l.subnet == lease(9, 9).subnet).unwrap();
+        assert_eq!(old.created, Revision(0));
     }
 
     #[test]

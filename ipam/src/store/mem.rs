@@ -151,9 +151,10 @@ impl LeaseStore for MemStore {
             if inner.leases.contains_key(&lease.subnet) {
                 return Ok(None);
             }
-            let created = SubnetLease { expiration: Some(now + ttl), ..lease.clone() };
-            inner.leases.insert(lease.subnet, created.clone());
             inner.revision += 1;
+            let created =
+                SubnetLease { expiration: Some(now + ttl), created: Revision(inner.revision), ..lease.clone() };
+            inner.leases.insert(lease.subnet, created.clone());
             Ok(Some(created))
         })
     }
