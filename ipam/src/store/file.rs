@@ -20,9 +20,10 @@
 //! few seconds as a safety net for a writer killed between writing a record and bumping the
 //! counter.
 //!
-//! The methods do blocking file I/O (a few fsyncs; at most `lock_timeout` waiting for the
-//! lock). The `blocking_*` methods are the same operations with an explicit `now`, for callers
-//! that run them on a blocking thread and for tests with a fake clock.
+//! The `blocking_*` methods do blocking file I/O (a few fsyncs; at most `lock_timeout` waiting
+//! for the lock), with an explicit `now` for tests with a fake clock. The [`LeaseStore`] methods
+//! run them on a thread of their own, so an async caller is never stalled by a slow disk or a
+//! lock another process holds.
 
 use std::fs;
 use std::io;
@@ -396,33 +397,64 @@ impl FileStore {
 
 type WatchItem = Result<WatchBatch, StoreError>;
 
+impl FileStore {
+    /// Runs the blocking operation `op` on a thread of its own and awaits its answer, so that
+    /// fsyncs and a lock held by another process (up to `lock_timeout`) never stall the
+    /// caller's async runtime: the daemon's lease loop shares its thread with the API, the
+    /// signal handling and the netlink connection. An operation is rare (start-up, renewals,
+    /// resyncs), so a thread per call costs nothing that matters and needs no runtime.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&FileStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("weft-file-store".into())
+            .spawn(move || {
+                let _ = tx.send(op(&store));
+            })
+            .map_err(|e| StoreError::Io {
+                path: self.dir.clone(),
+                source: io::Error::new(e.kind(), format!("cannot start a store thread: {e}")),
+            })?;
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable { reason: format!("{}: store thread died", self.dir.display()) })
+        })
+    }
+}
+
 impl LeaseStore for FileStore {
     async fn get_config(&self) -> Result<NetworkConfig, StoreError> {
-        self.blocking_get_config()
+        self.off_thread(FileStore::blocking_get_config).await
     }
 
     async fn put_config(&self, config: &NetworkConfig) -> Result<(), StoreError> {
-        self.blocking_put_config(config)
+        let config = config.clone();
+        self.off_thread(move |s| s.blocking_put_config(&config)).await
     }
 
     async fn list(&self) -> Result<LeaseSnapshot, StoreError> {
-        self.blocking_list(SystemTime::now())
+        self.off_thread(|s| s.blocking_list(SystemTime::now())).await
     }
 
     async fn create(&self, lease: &SubnetLease, ttl: Duration) -> Result<Option<SubnetLease>, StoreError> {
-        self.blocking_create(lease, ttl, SystemTime::now())
+        let lease = lease.clone();
+        self.off_thread(move |s| s.blocking_create(&lease, ttl, SystemTime::now())).await
     }
 
     async fn renew(&self, lease: &SubnetLease, ttl: Duration) -> Result<SubnetLease, StoreError> {
-        self.blocking_renew(lease, ttl, SystemTime::now())
+        let lease = lease.clone();
+        self.off_thread(move |s| s.blocking_renew(&lease, ttl, SystemTime::now())).await
     }
 
     async fn release(&self, lease: &SubnetLease) -> Result<bool, StoreError> {
-        self.blocking_release(lease, SystemTime::now())
+        let lease = lease.clone();
+        self.off_thread(move |s| s.blocking_release(&lease, SystemTime::now())).await
     }
 
     async fn delete(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
-        self.blocking_delete(subnet)
+        self.off_thread(move |s| s.blocking_delete(subnet)).await
     }
 
     /// Polls from a thread of its own, which exits once the stream is dropped (at the next poll).
@@ -494,6 +526,22 @@ mod tests {
         assert!(s.blocking_list(t(10)).unwrap().leases.is_empty(), "expired at its expiration");
         let b = s.blocking_create(&lease(1, 2), TTL, t(10)).unwrap().unwrap();
         assert_eq!(b.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
+    }
+
+    #[test]
+    fn a_held_lock_does_not_stall_the_async_caller() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = FileStoreOptions { lock_timeout: Duration::from_secs(3), ..FileStoreOptions::default() };
+        let s = FileStore::open_with(dir.path(), opts).unwrap();
+        // Another process (here: another descriptor) holds the store's lock.
+        let held = durable::lock(&dir.path().join("lock"), true, Duration::from_secs(1)).unwrap();
+        let t = Instant::now();
+        let mut list = Box::pin(s.list());
+        assert!(list.as_mut().now_or_never().is_none(), "the lock wait must not run on the caller's thread");
+        assert!(t.elapsed() < Duration::from_secs(1), "polling took {:?}", t.elapsed());
+        drop(held);
+        assert!(futures::executor::block_on(list).unwrap().leases.is_empty());
     }
 
     #[test]
