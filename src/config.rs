@@ -25,6 +25,8 @@ pub const DEFAULT_STORE_DIR: &str = "/var/lib/weft/store";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
 /// Default pod allocation directory.
 pub const DEFAULT_POD_DIR: &str = "/var/lib/weft/pods";
+/// Default directory of the lease cache (`<dir>/<node name>.json`).
+pub const DEFAULT_LEASE_CACHE_DIR: &str = "/var/lib/weft/leases";
 /// Default etcd prefix: flannel's, so weft and flannel nodes can share a network.
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 /// Most workers a node may run.
@@ -128,6 +130,9 @@ pub struct RawConfig {
     pub lease_ttl_secs: Option<u64>,
     /// Lease mode: release the lease on a graceful stop.
     pub release_on_exit: Option<bool>,
+    /// Lease mode: where the last known leases are kept, so a restart during a store outage
+    /// brings the data plane up at once (default `/var/lib/weft/leases/<node_name>.json`).
+    pub lease_cache: Option<PathBuf>,
     /// Pod address allocations (served to the CNI plugin over the API socket).
     pub pod_dir: Option<PathBuf>,
     /// GC spares allocations younger than this, so an ADD racing a GC keeps its address.
@@ -229,6 +234,7 @@ impl RawConfig {
             subnet_file,
             lease_ttl_secs,
             release_on_exit,
+            lease_cache,
             pod_dir,
             pod_gc_grace_secs
         );
@@ -372,6 +378,8 @@ pub struct LeaseSettings {
     pub ttl: std::time::Duration,
     /// Release the lease on a graceful stop.
     pub release_on_exit: bool,
+    /// The lease cache file.
+    pub lease_cache: PathBuf,
 }
 
 /// A loaded configuration: complete (static peers), or waiting for its network settings and
@@ -405,6 +413,7 @@ impl Loaded {
                 ("etcd_endpoints", raw.etcd_endpoints.is_some()),
                 ("subnet_file", raw.subnet_file.is_some()),
                 ("release_on_exit", raw.release_on_exit.is_some()),
+                ("lease_cache", raw.lease_cache.is_some()),
             ] {
                 if set {
                     return Err(invalid(field, "only applies in lease mode (remove `subnet` and `peers` to lease)"));
@@ -435,6 +444,9 @@ impl Loaded {
             subnet_file: raw.subnet_file.clone().unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
             ttl: std::time::Duration::from_secs(ttl_secs),
             release_on_exit: raw.release_on_exit.unwrap_or(false),
+            lease_cache: raw.lease_cache.clone().unwrap_or_else(|| {
+                Path::new(DEFAULT_LEASE_CACHE_DIR).join(format!("{}.json", raw.node_name.as_deref().unwrap_or("node")))
+            }),
         };
         // Validate what can be validated now, with a stand-in subnet and the format whose
         // options are a superset (vtep_mac, device = "tap"); the real values are leased.

@@ -43,6 +43,19 @@ enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+    /// Take this node out of the cluster: the running daemon releases its lease, removes its
+    /// fail-closed route and exits. (A plain stop keeps both, so that pod traffic never leaves
+    /// unencapsulated while weft restarts.)
+    Leave(LeaveArgs),
+}
+
+#[derive(Debug, Args)]
+struct LeaveArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Seconds to wait for the daemon to finish leaving.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,9 +232,14 @@ struct RunArgs {
     /// Lease lifetime in seconds [default: 86400].
     #[arg(long)]
     lease_ttl_secs: Option<u64>,
-    /// Release the lease on a graceful stop.
+    /// Release the lease on a graceful stop (and remove the fail-closed route): every stop is
+    /// then a leave.
     #[arg(long)]
     release_on_exit: bool,
+    /// Lease cache: the last known leases, so a restart while the store is down comes up at
+    /// once [default: /var/lib/weft/leases/<node name>.json].
+    #[arg(long)]
+    lease_cache: Option<PathBuf>,
     /// Pod allocation directory [default: /var/lib/weft/pods/<node name>].
     #[arg(long)]
     pod_dir: Option<PathBuf>,
@@ -276,6 +294,7 @@ fn run(args: RunArgs) -> ExitCode {
         subnet_file: args.subnet_file,
         lease_ttl_secs: args.lease_ttl_secs,
         release_on_exit: args.release_on_exit.then_some(true),
+        lease_cache: args.lease_cache,
         pod_dir: args.pod_dir,
         pod_gc_grace_secs: args.pod_gc_grace_secs,
         ..args.store.raw()
@@ -478,6 +497,25 @@ fn ipam(c: IpamCommand) -> ExitCode {
     }
 }
 
+fn leave(a: LeaveArgs) -> ExitCode {
+    let path = &a.socket.socket;
+    match api::request(path, &api::Request::Leave) {
+        Ok(_) => {}
+        Err(api::ClientError::Refused(e)) => return fail(8, format!("{} ({})", e.message, e.code)),
+        Err(e) => return fail(7, e),
+    }
+    // The daemon removes its socket last, once the lease is released and the routes are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_secs);
+    while path.exists() {
+        if std::time::Instant::now() >= deadline {
+            return fail(1, format!("the daemon did not finish leaving within {} s", a.timeout_secs));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("left the cluster");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -486,5 +524,6 @@ fn main() -> ExitCode {
         Command::Network { command: NetworkCommand::Init(a) } => network_init(a),
         Command::Leases(a) => leases(a),
         Command::Ipam { command } => ipam(command),
+        Command::Leave(a) => leave(a),
     }
 }

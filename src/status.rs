@@ -132,8 +132,34 @@ pub fn render(s: &Status) -> String {
                 "lease     {} {} ({exp}), {} store {up}, {} leases known, ready: {}",
                 l.subnet, l.phase, l.store, l.known_leases, l.ready
             );
+            if l.provisional {
+                let _ = writeln!(o, "          provisional: running from the lease cache until the store confirms it");
+            }
             if let Some(e) = &l.last_error {
                 let _ = writeln!(o, "          last store error: {e}");
+            }
+            let refused: u64 = l.refused_total.values().sum();
+            if refused > 0 || !l.refused_leases.is_empty() || l.unreadable_leases > 0 {
+                let totals: Vec<String> =
+                    l.refused_total.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(
+                    o,
+                    "          {} lease records refused now, {} unreadable; since start: {}",
+                    l.refused_leases.len(),
+                    l.unreadable_leases,
+                    if totals.is_empty() { "none".to_owned() } else { totals.join(" ") }
+                );
+                for r in &l.refused_leases {
+                    let _ = writeln!(o, "            {} from {}: {}", r.subnet, r.public_ip, r.reason);
+                }
+            }
+            if l.table_refusals > 0 {
+                let _ = writeln!(
+                    o,
+                    "          {} route tables refused (last good table kept): {}",
+                    l.table_refusals,
+                    l.last_table_error.as_deref().unwrap_or("")
+                );
             }
         }
         None => {

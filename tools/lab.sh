@@ -14,7 +14,8 @@
 # All addresses stay inside the namespaces: underlay 198.18.0.0/15 (RFC 2544 benchmarking
 # space), overlay 10.244.0.0/16.
 #
-# Usage: tools/lab.sh [--keep] [--no-build]   build and run the lab (--keep leaves it up)
+# Usage (as root; as another user it re-runs itself through sudo where sudo exists):
+#        tools/lab.sh [--keep] [--no-build]   build and run the lab (--keep leaves it up)
 #        tools/lab.sh down                    remove a kept lab
 # Env:   WEFT_BIN=/path/to/weft               use this binary (implies --no-build)
 set -euo pipefail
@@ -105,6 +106,7 @@ write_config() {
     echo "store_dir = \"$dir/store\""
     echo "subnet_file = \"$dir/n$i.subnet.env\""
     echo "pod_dir = \"$dir/n$i.pods\""
+    echo "lease_cache = \"$dir/n$i.lease-cache.json\""
     echo "tun_name = \"weft0\""
     echo "workers = 1"
     echo "api_socket = \"$dir/n$i.sock\""
@@ -281,4 +283,8 @@ main() {
   fi
 }
 
+# Network namespaces, veths and TUN devices need root: run as root, or let sudo re-run us.
+if [ "$(id -u)" != 0 ] && [ "${1:-}" != -h ] && [ "${1:-}" != --help ] && command -v sudo >/dev/null; then
+  exec sudo -E "$0" "$@"
+fi
 main "$@"

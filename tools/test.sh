@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what it needs on a fresh Debian machine,
 # then format, lints, layering, unit tests and the network-namespace integration tests.
-# Needs root (network namespaces, TUN devices). Usage: sudo tools/test.sh
+# Needs root (network namespaces, TUN devices). Usage, as root: tools/test.sh
+# (run as another user, it re-runs itself through sudo where sudo exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || { echo "tools/test.sh: run as root (network namespaces, TUN)" >&2; exit 1; }
+  exec sudo -E "$0" "$@"
+fi
 
+# Every program the build and the tests run, as command:Debian-package. The check after the
+# install step fails loudly if one is still missing, so a machine that happens to have a tool
+# cannot hide a missing install line (etcdctl is Debian's etcd-client, not etcd-server).
+required=(iperf3:iperf3 ping:iputils-ping ip:iproute2 ss:iproute2 tc:iproute2 bridge:iproute2
+  tcpdump:tcpdump tshark:tshark ethtool:ethtool setpriv:util-linux protoc:protobuf-compiler
+  etcd:etcd-server etcdctl:etcd-client iptables:iptables timeout:coreutils getconf:libc-bin)
 need_pkgs=()
-for bin in iperf3:iperf3 ping:iputils-ping ip:iproute2 tcpdump:tcpdump tshark:tshark ethtool:ethtool \
-  setpriv:util-linux protoc:protobuf-compiler etcd:etcd-server; do
+for bin in "${required[@]}"; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")
 done
 # The CNI chain test runs Debian's reference plugins (portmap needs iptables).
 [ -x /usr/lib/cni/portmap ] || need_pkgs+=(containernetworking-plugins)
-command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  mapfile -t need_pkgs < <(printf '%s\n' "${need_pkgs[@]}" | sort -u)
   echo "==> installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+missing=()
+for bin in "${required[@]}"; do
+  command -v "${bin%%:*}" >/dev/null 2>&1 || missing+=("${bin%%:*} (Debian package ${bin##*:})")
+done
+for plugin in portmap bandwidth; do
+  [ -x "/usr/lib/cni/$plugin" ] || missing+=("/usr/lib/cni/$plugin (Debian package containernetworking-plugins)")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  printf 'tools/test.sh: still missing after the install step:\n' >&2
+  printf '  %s\n' "${missing[@]}" >&2
+  exit 1
+fi
+echo "==> every program the tests run is present"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 

@@ -14,8 +14,9 @@
 //!    [`store::EtcdStore`] (feature `etcd`, across machines), [`store::MemStore`] (tests), all
 //!    behind [`store::LeaseStore`]; plus [`store::FilePodStore`] behind [`store::PodStore`].
 //! 5. [`lease_loop`]: the thin async step that runs one keeper action against a store.
-//! 6. [`pod`]: per-node pod address allocation over the leased subnet, and [`subnet_env`]: the
-//!    `subnet.env` hand-off file.
+//! 6. [`pod`]: per-node pod address allocation over the leased subnet, [`subnet_env`]: the
+//!    `subnet.env` hand-off file, and [`lease_cache`]: the last known lease set, so a node
+//!    restarting while its store is down comes up at once.
 //!
 //! The crate never touches the data plane: it depends on neither `weft-forwarder`, netlink nor
 //! TUN (design.md §2.5). The daemon maps leases to routes.
@@ -28,6 +29,7 @@ pub mod config;
 mod durable;
 pub mod keeper;
 pub mod lease;
+pub mod lease_cache;
 pub mod lease_loop;
 pub mod pod;
 pub mod store;
@@ -39,6 +41,7 @@ pub use backoff::Backoff;
 pub use config::{BackendConfig, BackendKind, ConfigError, NetworkConfig};
 pub use keeper::{AcquireSource, KeeperConfig, KeeperEvent, KeeperPhase, KeeperStatus, LeaseAction, LeaseKeeper};
 pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, SubnetLease};
+pub use lease_cache::{LeaseCache, LeaseCacheError};
 pub use pod::{Attachment, AttachmentError, ContainerId, IfName, PodAddress, PodAllocator, PodError};
 pub use store::{
     AnyStore, FilePodStore, FileStore, LeaseSnapshot, LeaseStore, MemStore, PodRecord, PodStore, Revision, StoreError,

@@ -104,6 +104,9 @@ pub struct LeaseSettings {
     pub subnet_file: PathBuf,
     /// Pod IPAM state, per node in tests.
     pub pod_dir: PathBuf,
+    /// The lease cache, per node in tests (the default under /var/lib/weft would be shared by
+    /// every test's `n1`).
+    pub lease_cache: PathBuf,
     /// `lease_ttl_secs`; `None` is weft's default (24 h).
     pub lease_ttl_secs: Option<u64>,
     /// `release_on_exit`: delete the lease on a graceful stop.
@@ -112,13 +115,14 @@ pub struct LeaseSettings {
 
 impl LeaseSettings {
     /// Settings for node `node` in a test's scratch `dir`: `subnet_file` `<dir>/<node>.subnet.env`,
-    /// `pod_dir` `<dir>/<node>.pods` (neither is created here; the daemon creates them), the
-    /// default TTL, no release on exit.
+    /// `pod_dir` `<dir>/<node>.pods`, `lease_cache` `<dir>/<node>.lease-cache.json` (none is
+    /// created here; the daemon creates them), the default TTL, no release on exit.
     pub fn for_node(store: &StoreConfig, dir: &Path, node: &str) -> Self {
         Self {
             store: store.clone(),
             subnet_file: dir.join(format!("{node}.subnet.env")),
             pod_dir: dir.join(format!("{node}.pods")),
+            lease_cache: dir.join(format!("{node}.lease-cache.json")),
             lease_ttl_secs: None,
             release_on_exit: false,
         }
@@ -142,6 +146,7 @@ impl LeaseSettings {
         // Writing to a String cannot fail.
         let _ = writeln!(s, "subnet_file = {}", quote(&self.subnet_file.display().to_string()));
         let _ = writeln!(s, "pod_dir = {}", quote(&self.pod_dir.display().to_string()));
+        let _ = writeln!(s, "lease_cache = {}", quote(&self.lease_cache.display().to_string()));
         if let Some(ttl) = self.lease_ttl_secs {
             let _ = writeln!(s, "lease_ttl_secs = {ttl}");
         }
@@ -686,6 +691,7 @@ store = "file"
 store_dir = "/tmp/wt1-x/store"
 subnet_file = "/tmp/wt1-x/n1.subnet.env"
 pod_dir = "/tmp/wt1-x/n1.pods"
+lease_cache = "/tmp/wt1-x/n1.lease-cache.json"
 lease_ttl_secs = 20
 release_on_exit = true
 tun_name = "weft0"

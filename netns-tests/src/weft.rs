@@ -529,6 +529,31 @@ impl<'t> WeftNode<'t> {
         Ok(status)
     }
 
+    /// `weft leave`: the node leaves the cluster (lease released, fail-closed route removed)
+    /// and the daemon exits; waits for it and requires exit status 0 and the TUN gone.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the command fails, or the daemon does not exit 0 within 10 s.
+    pub fn leave(&mut self) -> Result<ExitStatus> {
+        let name = self.config.node_name.clone();
+        let socket = self.socket.display().to_string();
+        let bin = self.bin.display().to_string();
+        self.host.ns().exec_timeout(STOP_TIMEOUT, &bin, &["leave", "--socket", &socket])?.ok()?;
+        let proc = self.proc_mut()?;
+        let Some(status) = proc.wait_timeout(STOP_TIMEOUT)? else {
+            bail!("weft {name} still running {STOP_TIMEOUT:?} after `weft leave`");
+        };
+        self.proc = None;
+        if !status.success() {
+            bail!("weft {name} exited with {status} after `weft leave`; log tail:\n{}", self.log_tail(LOG_TAIL_LINES));
+        }
+        if self.host.ns().has_link(&self.config.tun_name)? {
+            bail!("weft {name} left but {} is still in {}", self.config.tun_name, self.host.ns().name());
+        }
+        Ok(status)
+    }
+
     /// Waits up to `timeout` for the daemon to exit by itself; `None` if it is still running.
     ///
     /// # Errors

@@ -236,8 +236,9 @@ fn unknown_destination_gets_net_unreachable() {
 }
 
 #[test]
-fn graceful_stop_removes_tun() {
-    let Some(topo) = Topology::for_test("graceful_stop_removes_tun", "stop", 2).expect("topology") else {
+fn graceful_stop_keeps_only_the_fail_closed_route_and_leave_removes_it() {
+    let Some(topo) = Topology::for_test("graceful_stop_keeps_only_the_fail_closed_route", "stop", 2).expect("topology")
+    else {
         return;
     };
     let mut n1 = topo.start_weft(NodeConfig::mesh(1, 2)).expect("starting n1");
@@ -249,6 +250,16 @@ fn graceful_stop_removes_tun() {
     let status = n1.stop().expect("graceful stop");
     assert!(status.success());
     assert!(!ns.has_link(TUN).unwrap(), "{TUN} left behind");
+    // A stop is not a leave: only the fail-closed route stays, so that pod traffic for the
+    // cluster network is refused, not sent out of the default route, until weft is back.
     let left = routes();
-    assert!(left.trim().is_empty(), "overlay routes left behind:\n{left}");
+    let lines: Vec<&str> = left.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected only the fail-closed route:\n{left}");
+    assert!(lines[0].starts_with("unreachable 10.244.0.0/16") && lines[0].contains("metric 4000000000"), "{left}");
+
+    // `weft leave` takes the node out: nothing of weft's is left.
+    let mut n1 = topo.start_weft(NodeConfig::mesh(1, 2)).expect("starting n1 again");
+    n1.leave().expect("weft leave");
+    let left = routes();
+    assert!(left.trim().is_empty(), "routes left behind after leave:\n{left}");
 }

@@ -45,6 +45,9 @@ pub enum Request {
         /// The attachments that are still alive.
         valid: Vec<AttachmentRef>,
     },
+    /// The node leaves the cluster: the daemon releases its lease, removes its fail-closed
+    /// route and exits (`weft leave`). A plain stop keeps both.
+    Leave,
 }
 
 /// (container id, interface name), as the CNI runtime names an attachment.
@@ -123,6 +126,8 @@ pub struct ApiState {
     pub lease: Option<Arc<Mutex<LeaseView>>>,
     /// Pod address allocation over our subnet.
     pub pods: Arc<PodAllocator<FilePodStore>>,
+    /// Tells the signal loop that the node leaves ([`Request::Leave`]).
+    pub leave: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 impl ApiState {
@@ -199,6 +204,10 @@ impl ApiState {
                     })
                     .collect();
                 json(serde_json::to_value(list))
+            }
+            Request::Leave => {
+                self.leave.send(()).map_err(|_| ApiError::new("store", "the daemon is already stopping"))?;
+                Ok(serde_json::json!({ "leaving": true }))
             }
             Request::Gc { valid } => {
                 let valid = valid.iter().map(AttachmentRef::parse).collect::<Result<Vec<_>, _>>()?;

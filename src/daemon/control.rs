@@ -1,11 +1,11 @@
 //! Peers → route table. This is the one place that maps the control plane's view of other
-//! nodes (static peers today, subnet leases later) onto the forwarder's [`RouteTable`], and
-//! carries each peer's counters over when the table is rebuilt.
+//! nodes (static peers from the config, or the leases [`super::peers`] accepted) onto the
+//! forwarder's [`RouteTable`], and carries each peer's counters over when the table is rebuilt.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use weft_forwarder::{NextHop, PeerCounters, RouteError, RouteTable};
+use weft_forwarder::{NextHop, PeerCounters, RouteError, RouteTable, RouteTableHandle};
 
 use crate::config::Peer;
 
@@ -42,61 +42,31 @@ pub fn build_table(
     RouteTable::new(hops, source_port_matters)
 }
 
-/// Like [`build_table`], for peers read from a shared store: a peer that conflicts with one
-/// already accepted (overlapping subnet, same endpoint or MAC: a stale or bogus record) is
-/// left out with a warning instead of failing the whole table. Returns the table and the
-/// peers it holds.
-pub fn build_table_lenient(
+/// Builds the table for `peers` and swaps it in. On error the running table stays in force:
+/// a table that cannot be built (more peers than a [`weft_forwarder::PeerId`] indexes,
+/// overlapping static peers) never replaces a working one with an empty one.
+///
+/// The one path by which both a static reload and a lease change reach the data plane.
+///
+/// # Errors
+/// [`RouteError`], with the running table untouched.
+pub fn apply_peers(
+    routes: &RouteTableHandle,
     peers: &[Peer],
     mtu: u16,
     workers: usize,
-    old: Option<&RouteTable>,
     source_port_matters: bool,
-) -> (RouteTable, Vec<Peer>) {
-    // One pass in address order: a subnet overlaps an earlier one iff it starts before the
-    // furthest end seen so far.
-    let mut sorted: Vec<&Peer> = peers.iter().collect();
-    sorted.sort_by_key(|p| (u32::from(p.subnet.network()), p.subnet.prefix_len()));
-    let mut kept: Vec<Peer> = Vec::with_capacity(peers.len());
-    let mut furthest: Option<u32> = None;
-    let mut endpoints = std::collections::HashSet::new();
-    let mut macs = std::collections::HashSet::new();
-    for p in sorted {
-        let start = u32::from(p.subnet.network());
-        let endpoint = if source_port_matters { p.endpoint } else { std::net::SocketAddr::new(p.endpoint.ip(), 0) };
-        let why = if furthest.is_some_and(|end| start <= end) {
-            Some("overlaps another peer's subnet")
-        } else if endpoints.contains(&endpoint) {
-            Some("shares its endpoint with another peer")
-        } else if p.mac.is_some_and(|m| macs.contains(&m)) {
-            Some("shares its VTEP MAC with another peer")
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            tracing::warn!(peer = %p.name, endpoint = %p.endpoint, "conflicting peer record left out: {why}");
-            continue;
-        }
-        endpoints.insert(endpoint);
-        if let Some(m) = p.mac {
-            macs.insert(m);
-        }
-        furthest = Some(furthest.map_or(u32::from(p.subnet.broadcast()), |f| f.max(u32::from(p.subnet.broadcast()))));
-        kept.push(p.clone());
-    }
-    match build_table(&kept, mtu, workers, old, source_port_matters) {
-        Ok(t) => (t, kept),
-        // Unreachable after the checks above; stay safe rather than panic.
-        Err(e) => {
-            tracing::error!(error = %e, "route table rejected filtered peers");
-            (RouteTable::empty(source_port_matters), Vec::new())
-        }
-    }
+) -> Result<(), RouteError> {
+    let old = routes.load_full();
+    let table = build_table(peers, mtu, workers, Some(&old), source_port_matters)?;
+    routes.store(table);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::Ipv4Net;
 
     fn peer(name: &str, third: u8) -> Peer {
         Peer {
@@ -110,12 +80,32 @@ mod tests {
     }
 
     #[test]
-    fn lenient_build_leaves_out_conflicting_records() {
-        let mut stale = peer("n2-stale", 9);
-        stale.endpoint = peer("n2", 2).endpoint;
-        let (t, kept) = build_table_lenient(&[peer("n2", 2), stale, peer("n3", 3)], 1472, 1, None, true);
-        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["n2", "n3"]);
-        assert_eq!(t.peers().len(), 2);
+    fn a_refused_table_keeps_the_running_one() {
+        let routes = RouteTableHandle::new(build_table(&[peer("n2", 2)], 1472, 1, None, true).unwrap());
+        let mut clash = peer("n9", 9);
+        clash.endpoint = peer("n3", 3).endpoint;
+        assert!(apply_peers(&routes, &[peer("n3", 3), clash], 1472, 1, true).is_err());
+        assert_eq!(routes.load().peers().iter().map(|p| &*p.name).collect::<Vec<_>>(), ["n2"]);
+        apply_peers(&routes, &[peer("n3", 3)], 1472, 1, true).unwrap();
+        assert_eq!(routes.load().peers().iter().map(|p| &*p.name).collect::<Vec<_>>(), ["n3"]);
+    }
+
+    #[test]
+    fn more_peers_than_a_table_holds_keep_the_last_good_table() {
+        let routes = RouteTableHandle::new(build_table(&[peer("n2", 2)], 1472, 1, None, true).unwrap());
+        let many: Vec<Peer> = (0..65_537u32)
+            .map(|i| Peer {
+                name: format!("p{i}"),
+                subnet: Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap(),
+                subnet_v6: None,
+                endpoint: std::net::SocketAddr::new(std::net::Ipv4Addr::from(0xc612_0000 + i).into(), 8285),
+                mac: None,
+                mtu: None,
+            })
+            .collect();
+        let e = apply_peers(&routes, &many, 1472, 1, true).unwrap_err();
+        assert!(matches!(e, RouteError::TooManyPeers { .. }), "{e}");
+        assert_eq!(routes.load().peers().len(), 1, "the last good table stays");
     }
 
     #[test]

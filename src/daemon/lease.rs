@@ -1,33 +1,42 @@
 //! Lease mode: the node leases its subnet from the store (flannel's algorithm, in
 //! `weft_ipam::LeaseKeeper`) and learns its peers from everyone else's leases.
 //!
-//! 1. [`open_store`]; read the network config (`weft network init` wrote it).
-//! 2. [`acquire`]: run the keeper until it holds a lease, retrying while the store is down;
-//!    a stop signal ends the wait.
-//! 3. After the data plane is up, [`run`] keeps renewing, follows the store's watch and swaps
-//!    the route table on every change. The data plane never waits on the store: while it is
+//! 1. [`prepare`]: open the store, read the lease cache. With a usable cache the data plane
+//!    comes up at once from it (our subnet, the network config, the peers' leases), before the
+//!    store answers: a node restarted during a store outage keeps forwarding. Without one, wait
+//!    for the network config, install the fail-closed route as soon as the network is known,
+//!    and acquire the lease first, as flannel does.
+//! 2. [`run`], once the data plane is up: confirm the cached state against the store (a changed
+//!    network config or a moved subnet stops the daemon with an error so that it restarts
+//!    cleanly), then keep renewing, follow the store's watch, rebuild the route table on every
+//!    change and keep the cache current. The data plane never waits on the store: while it is
 //!    unreachable, the last table stays in force and the keeper retries with backoff.
+//!
+//! Every lease record goes through [`super::peers::LeasePeers`] before it becomes a route.
 
-use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use weft_forwarder::RouteTableHandle;
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_ipam::{
-    AnyStore, FileStore, KeeperConfig, KeeperEvent, KeeperPhase, LeaseAction, LeaseAttrs, LeaseKeeper, LeaseSnapshot,
-    LeaseStore, NetworkConfig, StoreError, SubnetEnv, SubnetLease, lease_loop, watch,
+    AnyStore, FileStore, KeeperConfig, KeeperEvent, KeeperPhase, LeaseAction, LeaseAttrs, LeaseCache, LeaseKeeper,
+    LeaseSnapshot, LeaseStore, NetworkConfig, StoreError, SubnetEnv, SubnetLease, lease_loop,
 };
 
+use super::netlink::Netlink;
+use super::peers::{LeasePeers, PeerRules, RefusedLease};
 use super::{DaemonError, control};
-use crate::config::{LeaseSettings, Peer, StoreSettings};
+use crate::config::{Config, ConfigError, LeaseSettings, Peer, RawConfig, StoreSettings};
+
+/// Least time between two writes of the lease cache (a burst of store events is written once).
+const CACHE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Opens the store `s` names. An etcd store connects lazily: this succeeds while etcd is down.
 ///
@@ -44,20 +53,18 @@ pub async fn open_store(s: &StoreSettings) -> Result<AnyStore, StoreError> {
     }
 }
 
-/// What the lease side hands the rest of the daemon once a lease is held.
-pub struct Leased {
-    /// The store.
-    pub store: AnyStore,
-    /// The keeper, holding our lease.
-    pub keeper: LeaseKeeper,
-    /// The network config read from the store.
-    pub network: NetworkConfig,
-    /// Our lease.
-    pub lease: SubnetLease,
+/// Names the store a lease cache belongs to: a cache written against another store (another
+/// directory, other endpoints or prefix) is never used.
+pub fn store_identity(s: &StoreSettings) -> String {
+    match s {
+        StoreSettings::File { dir } => format!("file:{}", dir.display()),
+        StoreSettings::Etcd { endpoints, prefix } => format!("etcd:{}|{prefix}", endpoints.join(",")),
+    }
 }
 
 /// A random seed from the OS (std's hasher keys are random per process).
 fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(u64::from(std::process::id()));
     h.finish()
@@ -72,22 +79,146 @@ pub fn attrs(public_ip: Ipv4Addr, network: &NetworkConfig, vtep_mac: Option<MacA
     a
 }
 
-/// Reads the network config and runs the keeper until it holds a lease.
+/// How lease mode starts its data plane.
+pub enum Start {
+    /// The lease is held already (no usable cache: acquired before the data plane came up).
+    Held {
+        /// The keeper, holding our lease.
+        keeper: LeaseKeeper,
+        /// Our lease.
+        lease: SubnetLease,
+    },
+    /// From the lease cache; [`run`] acquires the lease and confirms it.
+    Cached {
+        /// The keeper, not yet holding anything.
+        keeper: LeaseKeeper,
+        /// What the cache held.
+        cache: LeaseCache,
+    },
+}
+
+/// Lease mode, ready for the data plane: the completed configuration and how it was obtained.
+pub struct Prepared {
+    /// The configuration, completed with the network config and our subnet.
+    pub cfg: Config,
+    /// The network config the data plane runs with.
+    pub network: NetworkConfig,
+    /// The store.
+    pub store: AnyStore,
+    /// The lease settings.
+    pub settings: LeaseSettings,
+    /// Held, or from the cache.
+    pub start: Start,
+    /// What happened to the cache, for `weft status` (`loaded`, `none`, or why it was ignored).
+    pub cache_note: String,
+}
+
+fn lease_public_ip(raw: &RawConfig) -> Result<Ipv4Addr, DaemonError> {
+    match raw.public_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+        Some(Ok(std::net::IpAddr::V4(ip))) => Ok(ip),
+        _ => Err(ConfigError::Invalid {
+            field: "public_ip".into(),
+            message: "lease mode needs an IPv4 public_ip (flannel's lease record holds one)".into(),
+        }
+        .into()),
+    }
+}
+
+fn vtep_mac(raw: &RawConfig, n: &NetworkConfig) -> Option<MacAddr> {
+    match n.backend.kind {
+        weft_ipam::BackendKind::Vxlan => Some(match raw.vtep_mac.as_deref().map(str::parse::<MacAddr>) {
+            Some(Ok(m)) => m,
+            _ => crate::config::derived_vtep_mac(raw.node_name.as_deref().unwrap_or_default()),
+        }),
+        _ => None,
+    }
+}
+
+fn resolve(raw: &RawConfig, n: &NetworkConfig, subnet: Ipv4Net) -> Result<Config, ConfigError> {
+    let vni = matches!(n.backend.kind, weft_ipam::BackendKind::Vxlan).then(|| n.backend.vni());
+    crate::config::resolve_leased(raw, n.network, n.backend.kind.as_str(), n.backend.port(), vni, subnet)
+}
+
+fn keeper_for(
+    settings: &LeaseSettings,
+    raw: &RawConfig,
+    public_ip: Ipv4Addr,
+    n: &NetworkConfig,
+    previous: Option<Ipv4Net>,
+) -> LeaseKeeper {
+    let mut kc = KeeperConfig::new(n.subnet_range(), attrs(public_ip, n, vtep_mac(raw, n)));
+    kc.previous_subnet = previous.or_else(|| SubnetEnv::read_previous_subnet(&settings.subnet_file));
+    kc.ttl = settings.ttl;
+    kc.renew_margin = KeeperConfig::DEFAULT_RENEW_MARGIN.min(settings.ttl / 2);
+    kc.seed = random_seed();
+    LeaseKeeper::new(kc)
+}
+
+/// Reads the lease cache and decides whether it may bring the data plane up.
+fn usable_cache(settings: &LeaseSettings, public_ip: Ipv4Addr) -> (Option<LeaseCache>, String) {
+    let path = &settings.lease_cache;
+    match LeaseCache::read(path) {
+        Ok(None) => (None, "none".into()),
+        Ok(Some(c)) if c.store != store_identity(&settings.store) => {
+            let note = format!("ignored: written for store {:?}", c.store);
+            warn!(path = %path.display(), store = %c.store, "lease cache belongs to another store; ignored");
+            (None, note)
+        }
+        Ok(Some(c)) if c.lease.attrs.public_ip != public_ip => {
+            let note = format!("ignored: written for public_ip {}", c.lease.attrs.public_ip);
+            warn!(path = %path.display(), public_ip = %c.lease.attrs.public_ip, "lease cache belongs to another address; ignored");
+            (None, note)
+        }
+        Ok(Some(c)) => (Some(c), "loaded".into()),
+        Err(e) => {
+            warn!(error = %e, "lease cache unusable; waiting for the store");
+            (None, format!("ignored: {e}"))
+        }
+    }
+}
+
+/// Opens the store and either takes the data plane's settings from the lease cache, or waits
+/// for the store, installs the fail-closed route for the network and acquires a lease.
 ///
 /// # Errors
-/// [`DaemonError::Store`] when the network config is missing or invalid (not worth retrying),
-/// [`DaemonError::Stopped`] when `stop` fires first.
-pub async fn acquire(
-    store: AnyStore,
-    settings: &LeaseSettings,
-    public_ip: Ipv4Addr,
-    vtep_mac: impl Fn(&NetworkConfig) -> Option<MacAddr>,
+/// A configuration error, [`DaemonError::Store`] when the network config is missing or
+/// invalid (not worth retrying), [`DaemonError::Stopped`] when `stop` fires first.
+pub async fn prepare(
+    raw: &RawConfig,
+    settings: LeaseSettings,
+    nl: &Netlink,
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
-) -> Result<Leased, DaemonError> {
+) -> Result<Prepared, DaemonError> {
+    let public_ip = lease_public_ip(raw)?;
+    let store = open_store(&settings.store).await?;
+    let (cache, cache_note) = usable_cache(&settings, public_ip);
+    if let Some(cache) = cache {
+        let cfg = resolve(raw, &cache.network, cache.lease.subnet)?;
+        nl.add_fail_closed(IpNet::V4(cache.network.network)).await?;
+        info!(subnet = %cache.lease.subnet, network = %cache.network.network, peers = cache.peers.len(),
+            path = %settings.lease_cache.display(), "lease cache loaded; data plane comes up before the store answers");
+        let keeper = keeper_for(&settings, raw, public_ip, &cache.network, Some(cache.lease.subnet));
+        let network = cache.network.clone();
+        return Ok(Prepared { cfg, network, store, settings, start: Start::Cached { keeper, cache }, cache_note });
+    }
+    let network = network_config(&store, stop).await?;
+    // The network is known: from here on, pod traffic for it never leaves unencapsulated.
+    nl.add_fail_closed(IpNet::V4(network.network)).await?;
+    let mut keeper = keeper_for(&settings, raw, public_ip, &network, None);
+    let lease = acquire(&mut keeper, &store, settings.ttl, stop).await?;
+    let cfg = resolve(raw, &network, lease.subnet)?;
+    Ok(Prepared { cfg, network, store, settings, start: Start::Held { keeper, lease }, cache_note })
+}
+
+/// Reads the network config, retrying while the store is unreachable.
+async fn network_config(
+    store: &AnyStore,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<NetworkConfig, DaemonError> {
     let mut warned = false;
-    let network = loop {
+    loop {
         match store.get_config().await {
-            Ok(n) => break n,
+            Ok(n) => return Ok(n),
             Err(e) if e.is_transient() => {
                 if !warned {
                     warn!(error = %e, "store unreachable; waiting for the network config");
@@ -100,13 +231,20 @@ pub async fn acquire(
             }
             Err(e) => return Err(DaemonError::Store(e)),
         }
-    };
-    let mut kc = KeeperConfig::new(network.subnet_range(), attrs(public_ip, &network, vtep_mac(&network)));
-    kc.previous_subnet = SubnetEnv::read_previous_subnet(&settings.subnet_file);
-    kc.ttl = settings.ttl;
-    kc.renew_margin = KeeperConfig::DEFAULT_RENEW_MARGIN.min(settings.ttl / 2);
-    kc.seed = random_seed();
-    let mut keeper = LeaseKeeper::new(kc);
+    }
+}
+
+/// Runs the keeper until it holds a lease.
+///
+/// # Errors
+/// [`DaemonError::Stopped`] when `stop` fires first.
+async fn acquire(
+    keeper: &mut LeaseKeeper,
+    store: &AnyStore,
+    ttl: Duration,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<SubnetLease, DaemonError> {
+    let mut warned = false;
     loop {
         let now = SystemTime::now();
         match keeper.poll(now) {
@@ -118,7 +256,7 @@ pub async fn acquire(
                 }
             }
             action => tokio::select! {
-                _ = lease_loop::execute(&mut keeper, &store, action, SystemTime::now) => {}
+                _ = lease_loop::execute(keeper, store, action, SystemTime::now) => {}
                 _ = &mut *stop => return Err(DaemonError::Stopped),
             },
         }
@@ -126,8 +264,8 @@ pub async fn acquire(
             match ev {
                 KeeperEvent::Acquired { lease, source } => {
                     info!(subnet = %lease.subnet, public_ip = %lease.attrs.public_ip, source = ?source,
-                        ttl_secs = settings.ttl.as_secs(), "lease acquired");
-                    return Ok(Leased { store, keeper, network, lease });
+                        ttl_secs = ttl.as_secs(), "lease acquired");
+                    return Ok(lease);
                 }
                 other => log_event(&other),
             }
@@ -178,9 +316,53 @@ pub struct LeaseView {
     pub known_leases: usize,
     /// Times the watch lost track and re-listed.
     pub resyncs: u64,
+    /// The data plane runs from the lease cache and the store has not confirmed it yet.
+    #[serde(default)]
+    pub provisional: bool,
+    /// What happened to the lease cache at start: `loaded`, `none`, or why it was ignored.
+    #[serde(default)]
+    pub cache: String,
+    /// Lease records refused right now, with why (see [`super::peers`]).
+    #[serde(default)]
+    pub refused_leases: Vec<RefusedLease>,
+    /// Lease records refused since start, by reason.
+    #[serde(default)]
+    pub refused_total: std::collections::BTreeMap<String, u64>,
+    /// Records in the store that do not parse, at the last list.
+    #[serde(default)]
+    pub unreadable_leases: usize,
+    /// Route tables refused (too many peers, say): the last good table stayed in force.
+    #[serde(default)]
+    pub table_refusals: u64,
+    /// Why the last route table was refused.
+    #[serde(default)]
+    pub last_table_error: Option<String>,
 }
 
 impl LeaseView {
+    /// The view before the lease task has run.
+    pub fn new(subnet: Ipv4Net, store: &str, provisional: bool, cache: String) -> Self {
+        Self {
+            subnet: subnet.to_string(),
+            phase: if provisional { "acquiring" } else { "held" }.into(),
+            expires_in_secs: None,
+            store: store.into(),
+            store_up: !provisional,
+            renew_failures: 0,
+            last_error: None,
+            ready: !provisional,
+            known_leases: 0,
+            resyncs: 0,
+            provisional,
+            cache,
+            refused_leases: Vec::new(),
+            refused_total: std::collections::BTreeMap::new(),
+            unreadable_leases: 0,
+            table_refusals: 0,
+            last_table_error: None,
+        }
+    }
+
     fn update(&mut self, keeper: &LeaseKeeper, now: SystemTime) {
         let st = keeper.status(now);
         self.phase = match st.phase {
@@ -193,10 +375,16 @@ impl LeaseView {
         }
         .into();
         self.expires_in_secs = st.expiration.map(|t| t.duration_since(now).map_or(0, |d| d.as_secs()));
-        self.store_up = st.failures == 0;
+        self.store_up = st.failures == 0 && !matches!(st.phase, KeeperPhase::Acquiring);
         self.renew_failures = st.failures;
         self.last_error = st.last_error;
-        self.ready = st.ready;
+        self.ready = st.ready && !self.provisional;
+    }
+
+    fn peers(&mut self, peers: &LeasePeers) {
+        self.known_leases = peers.len();
+        self.refused_leases = peers.refused();
+        self.refused_total = peers.refused_total();
     }
 }
 
@@ -213,78 +401,57 @@ pub struct LeaseContext {
     pub workers: usize,
     /// The wire format's peer identity rule.
     pub source_port_matters: bool,
-    /// Port peers listen on.
-    pub port: u16,
-    /// Our public IP.
-    pub public_ip: Ipv4Addr,
-    /// Backend type name and, for VXLAN, our VNI.
-    pub backend: (String, Option<u32>),
     /// Where `subnet.env` is written, and its contents.
-    pub subnet_env: (std::path::PathBuf, SubnetEnv),
-    /// Release the lease on the way out.
-    pub release_on_exit: bool,
+    pub subnet_env: (PathBuf, SubnetEnv),
+    /// The lease settings (cache path, release on exit).
+    pub settings: LeaseSettings,
     /// Shared status.
     pub view: Arc<Mutex<LeaseView>>,
     /// TAP mode: called with (old, new) peers to reconcile per-peer kernel routes.
     pub on_peers: Option<PeersChanged>,
 }
 
-/// The peers a set of leases describes: everyone but us, with our backend, reachable at their
-/// PublicIP and the network's port, VXLAN peers with the VtepMAC they published.
-pub fn peers_from_leases(known: &BTreeMap<Ipv4Net, SubnetLease>, ours: Ipv4Net, ctx: &LeaseContext) -> Vec<Peer> {
-    let (kind, vni) = (&ctx.backend.0, ctx.backend.1);
-    known
-        .values()
-        .filter(|l| l.subnet != ours && l.attrs.public_ip != ctx.public_ip)
-        .filter_map(|l| {
-            let name = l.key().to_string();
-            if l.attrs.backend_type != *kind {
-                warn!(peer = %name, theirs = %l.attrs.backend_type, ours = %kind, "peer speaks another backend; ignored");
-                return None;
+/// The rules lease records are held to, from the network config and our own lease.
+pub fn rules(network: &NetworkConfig, ours: Ipv4Net, public_ip: Ipv4Addr) -> PeerRules {
+    let vxlan = matches!(network.backend.kind, weft_ipam::BackendKind::Vxlan);
+    PeerRules {
+        network: network.network,
+        subnet_len: network.subnet_len,
+        ours,
+        public_ip,
+        backend: network.backend.kind.as_str().into(),
+        vni: vxlan.then(|| network.backend.vni()),
+        port: network.backend.port(),
+    }
+}
+
+/// Swaps in the table for the accepted peers, keeping the running one if the new one is
+/// refused (and saying so in status). Returns the peers now in force.
+fn apply(peers: &LeasePeers, ctx: &LeaseContext, in_force: &[Peer]) -> Vec<Peer> {
+    let wanted = peers.peers();
+    match control::apply_peers(&ctx.routes, &wanted, ctx.mtu, ctx.workers, ctx.source_port_matters) {
+        Ok(()) => wanted,
+        Err(e) => {
+            error!(error = %e, peers = wanted.len(), "route table refused; the last good table stays in force");
+            if let Ok(mut v) = ctx.view.lock() {
+                v.table_refusals += 1;
+                v.last_table_error = Some(e.to_string());
             }
-            let mac = match vni {
-                None => None,
-                Some(ours_vni) => {
-                    let data = &l.attrs.backend_data;
-                    let theirs_vni = data.get("VNI").and_then(serde_json::Value::as_u64);
-                    let mac = data.get("VtepMAC").and_then(serde_json::Value::as_str).and_then(|m| m.parse().ok());
-                    if theirs_vni.is_some_and(|v| v != u64::from(ours_vni)) || mac.is_none() {
-                        warn!(peer = %name, data = %data, "vxlan peer without a usable VNI/VtepMAC; ignored");
-                        return None;
-                    }
-                    mac
-                }
-            };
-            Some(Peer {
-                name,
-                subnet: l.subnet,
-                subnet_v6: None,
-                endpoint: SocketAddr::new(IpAddr::V4(l.attrs.public_ip), ctx.port),
-                mac,
-                mtu: None,
-            })
-        })
-        .collect()
+            in_force.to_vec()
+        }
+    }
 }
 
-/// Swaps in the table for `known` (used once before the workers start).
-pub fn peers_now(known: &BTreeMap<Ipv4Net, SubnetLease>, ours: Ipv4Net, ctx: &LeaseContext) -> Vec<Peer> {
-    apply(known, ours, ctx)
-}
-
-/// Swaps in the table for `known`; returns the peers now in force.
-fn apply(known: &BTreeMap<Ipv4Net, SubnetLease>, ours: Ipv4Net, ctx: &LeaseContext) -> Vec<Peer> {
-    let peers = peers_from_leases(known, ours, ctx);
-    let old = ctx.routes.load_full();
-    let (table, kept) = control::build_table_lenient(&peers, ctx.mtu, ctx.workers, Some(&old), ctx.source_port_matters);
-    for p in table.peers().iter().filter(|p| !old.peers().iter().any(|o| o.name == p.name)) {
-        info!(peer = %p.name, endpoint = %p.endpoint, "peer added");
+/// Builds the first route table from `leases` before the workers start; returns the peer set
+/// the lease task continues from and the peers in force.
+pub fn first_table(rules: PeerRules, leases: &[SubnetLease], ctx: &LeaseContext) -> (LeasePeers, Vec<Peer>) {
+    let mut peers = LeasePeers::new(rules);
+    peers.replace_all(leases);
+    let in_force = apply(&peers, ctx, &[]);
+    if let Ok(mut v) = ctx.view.lock() {
+        v.peers(&peers);
     }
-    for p in old.peers().iter().filter(|o| !table.peers().iter().any(|p| p.name == o.name)) {
-        info!(peer = %p.name, "peer removed");
-    }
-    ctx.routes.store(table);
-    kept
+    (peers, in_force)
 }
 
 /// Lists the store until it answers (the watch starts from that snapshot).
@@ -306,28 +473,179 @@ pub async fn first_snapshot(
     }
 }
 
-/// Keeps the lease and the route table current until `stop` fires; then releases the lease if
-/// asked to. Never returns early because of the store: outages are retried.
-pub async fn run(mut leased: Leased, snapshot: LeaseSnapshot, ctx: LeaseContext, mut stop: oneshot::Receiver<()>) {
-    let ours = leased.lease.subnet;
-    let mut known: BTreeMap<Ipv4Net, SubnetLease> = snapshot.leases.iter().map(|l| (l.subnet, l.clone())).collect();
-    let mut peers = apply(&known, ours, &ctx);
-    if let Some(f) = &ctx.on_peers {
-        f(Vec::new(), peers.clone()).await;
+/// How the daemon asks the lease task to stop.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Exit {
+    /// A restart, a crash-safe stop: keep the lease (it is ours on the way back) and the cache.
+    Stop,
+    /// The node leaves the cluster: release the lease and forget the cache.
+    Leave,
+}
+
+/// Why the network config in the store does not match what the data plane runs with.
+fn network_mismatch(running: &NetworkConfig, store: &NetworkConfig) -> Option<String> {
+    let pairs = [
+        ("Network", running.network.to_string(), store.network.to_string()),
+        ("SubnetLen", running.subnet_len.to_string(), store.subnet_len.to_string()),
+        ("Backend.Type", running.backend.kind.as_str().to_owned(), store.backend.kind.as_str().to_owned()),
+        ("Backend.Port", running.backend.port().to_string(), store.backend.port().to_string()),
+        ("Backend.VNI", running.backend.vni().to_string(), store.backend.vni().to_string()),
+    ];
+    pairs.into_iter().find(|(_, a, b)| a != b).map(|(f, a, b)| format!("{f} {a} -> {b}"))
+}
+
+/// The lease task's state after start-up.
+pub struct LeaseTask {
+    /// The store.
+    pub store: AnyStore,
+    /// The keeper (holding our lease, or about to acquire it for a cached start).
+    pub keeper: LeaseKeeper,
+    /// The network config the data plane runs with.
+    pub network: NetworkConfig,
+    /// Our subnet.
+    pub ours: Ipv4Net,
+    /// The records known and what each is to us.
+    pub peers: LeasePeers,
+    /// The peers in the running table.
+    pub in_force: Vec<Peer>,
+    /// The snapshot the watch starts from; `None` for a cached start (listed once confirmed).
+    pub snapshot: Option<LeaseSnapshot>,
+    /// Our lease, once held.
+    pub lease: Option<SubnetLease>,
+}
+
+impl LeaseTask {
+    fn cache(&self, settings: &LeaseSettings) -> Option<LeaseCache> {
+        let lease = self.lease.clone()?;
+        let peers = self.peers.leases().filter(|l| l.subnet != self.ours).cloned().collect();
+        Some(LeaseCache { store: store_identity(&settings.store), network: self.network.clone(), lease, peers })
     }
-    let mut watch = Box::pin(leased.store.watch(&snapshot));
-    let mut watch_down = false;
+}
+
+/// Writes the cache off the runtime thread (a fsync, and up to megabytes of JSON).
+async fn write_cache(cache: Option<LeaseCache>, path: &Path) {
+    let Some(cache) = cache else { return };
+    let path = path.to_path_buf();
+    let r = tokio::task::spawn_blocking(move || cache.write(&path)).await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot write the lease cache"),
+        Err(e) => warn!(error = %e, "lease cache writer failed"),
+    }
+}
+
+/// A failure the daemon cannot run through: it exits non-zero so that its supervisor restarts
+/// it (the fail-closed route stays in place meanwhile).
+fn fatal(task: &LeaseTask, ctx: &LeaseContext, e: DaemonError) -> Result<(), DaemonError> {
+    // The next start must not come up from a cache the store has contradicted.
+    if let Err(err) = LeaseCache::remove(&ctx.settings.lease_cache) {
+        warn!(error = %err, "cannot remove the lease cache");
+    }
+    error!(error = %e, subnet = %task.ours, "lease mode cannot go on; exiting so that weft restarts");
+    Err(e)
+}
+
+/// For a cached start: reads the network config and acquires the lease, and checks both
+/// against what the data plane runs with. `Ok(false)`: stopped first.
+async fn confirm(
+    task: &mut LeaseTask,
+    ctx: &LeaseContext,
+    stop: &mut oneshot::Receiver<Exit>,
+    exit: &mut Exit,
+) -> Result<bool, DaemonError> {
+    let mut stopped = Box::pin(async {
+        *exit = stop.await.unwrap_or(Exit::Stop);
+    });
+    let network = match network_config(&task.store, &mut stopped).await {
+        Ok(n) => n,
+        Err(DaemonError::Stopped) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if let Some(diff) = network_mismatch(&task.network, &network) {
+        return Err(DaemonError::NetworkChanged(diff));
+    }
+    let lease = match acquire(&mut task.keeper, &task.store, ctx.settings.ttl, &mut stopped).await {
+        Ok(l) => l,
+        Err(DaemonError::Stopped) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if lease.subnet != task.ours {
+        return Err(DaemonError::LeaseMoved { old: task.ours, new: lease.subnet });
+    }
+    let Some(snapshot) = first_snapshot(&task.store, &mut stopped).await else { return Ok(false) };
+    drop(stopped);
+    task.lease = Some(lease);
+    info!(subnet = %task.ours, leases = snapshot.leases.len(), "lease confirmed by the store; leaving provisional mode");
+    if let Err(e) = write_subnet_env(&ctx.subnet_env.0, &ctx.subnet_env.1) {
+        error!(error = %e, "cannot rewrite subnet.env");
+    }
+    if task.peers.replace_all(&snapshot.leases) {
+        let new = apply(&task.peers, ctx, &task.in_force);
+        if let Some(f) = &ctx.on_peers {
+            f(task.in_force.clone(), new.clone()).await;
+        }
+        task.in_force = new;
+    }
     if let Ok(mut v) = ctx.view.lock() {
-        v.known_leases = known.len();
-        v.update(&leased.keeper, SystemTime::now());
+        v.provisional = false;
+        v.unreadable_leases = snapshot.unreadable.len();
+        v.peers(&task.peers);
+        v.update(&task.keeper, SystemTime::now());
+    }
+    task.snapshot = Some(snapshot);
+    Ok(true)
+}
+
+/// Keeps the lease, the route table and the lease cache current until `stop` says so; then
+/// releases the lease if the node leaves (or `release_on_exit` is set). Outages of the store
+/// are retried, never fatal.
+///
+/// # Errors
+/// What the daemon cannot run through: the store's network config differs from the cached one
+/// the data plane came up with, or our lease moved to another subnet. The daemon then exits so
+/// that its supervisor restarts it with the store's view.
+pub async fn run(mut task: LeaseTask, ctx: LeaseContext, mut stop: oneshot::Receiver<Exit>) -> Result<(), DaemonError> {
+    if super::failpoint::armed("lease-panic") {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        #[allow(clippy::panic)] // A test hook: proves a dead lease task stops the daemon.
+        {
+            panic!("failpoint lease-panic");
+        }
+    }
+    let mut exit = Exit::Stop;
+    if task.snapshot.is_none() {
+        match confirm(&mut task, &ctx, &mut stop, &mut exit).await {
+            Ok(true) => {}
+            Ok(false) => return finish(task, &ctx, exit).await,
+            Err(e) => return fatal(&task, &ctx, e),
+        }
+    }
+    let Some(snapshot) = task.snapshot.take() else { return Ok(()) };
+    let mut watch = Box::pin(task.store.watch(&snapshot));
+    drop(snapshot);
+    let mut watch_down = false;
+    let mut cache_due: Option<Instant> = Some(Instant::now());
+    let mut last_cache_write: Option<Instant> = None;
+    if let Ok(mut v) = ctx.view.lock() {
+        v.peers(&task.peers);
+        v.update(&task.keeper, SystemTime::now());
     }
     loop {
         let now = SystemTime::now();
-        match leased.keeper.poll(now) {
+        let cache_sleep = cache_due.map(|t| {
+            let earliest = last_cache_write.map_or(t, |w| t.max(w + CACHE_WRITE_INTERVAL));
+            earliest.saturating_duration_since(Instant::now())
+        });
+        match task.keeper.poll(now) {
             LeaseAction::WaitUntil(t) => {
                 let wait = t.duration_since(now).unwrap_or_default();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(cache_sleep.unwrap_or(Duration::MAX)), if cache_sleep.is_some() => {
+                        cache_due = None;
+                        last_cache_write = Some(Instant::now());
+                        write_cache(task.cache(&ctx.settings), &ctx.settings.lease_cache).await;
+                    }
                     item = watch.next() => match item {
                         Some(Ok(batch)) => {
                             if watch_down {
@@ -335,16 +653,18 @@ pub async fn run(mut leased: Leased, snapshot: LeaseSnapshot, ctx: LeaseContext,
                                 watch_down = false;
                             }
                             for e in &batch.events {
-                                leased.keeper.on_lease_event(e, SystemTime::now());
+                                task.keeper.on_lease_event(e, SystemTime::now());
                             }
-                            watch::apply(&mut known, &batch.events);
-                            let new = apply(&known, ours, &ctx);
-                            if let Some(f) = &ctx.on_peers {
-                                f(peers.clone(), new.clone()).await;
+                            if task.peers.apply(&batch.events) {
+                                let new = apply(&task.peers, &ctx, &task.in_force);
+                                if let Some(f) = &ctx.on_peers {
+                                    f(task.in_force.clone(), new.clone()).await;
+                                }
+                                task.in_force = new;
                             }
-                            peers = new;
+                            cache_due.get_or_insert_with(Instant::now);
                             if let Ok(mut v) = ctx.view.lock() {
-                                v.known_leases = known.len();
+                                v.peers(&task.peers);
                                 v.resyncs += u64::from(batch.resync);
                             }
                         }
@@ -358,23 +678,26 @@ pub async fn run(mut leased: Leased, snapshot: LeaseSnapshot, ctx: LeaseContext,
                             error!("lease watch ended; keeping the last route table");
                             tokio::select! {
                                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                _ = &mut stop => break,
+                                r = &mut stop => { exit = r.unwrap_or(Exit::Stop); break }
                             }
                         }
                     },
-                    _ = &mut stop => break,
+                    r = &mut stop => { exit = r.unwrap_or(Exit::Stop); break }
                 }
             }
             action => tokio::select! {
-                _ = lease_loop::execute(&mut leased.keeper, &leased.store, action, SystemTime::now) => {}
-                _ = &mut stop => break,
+                _ = lease_loop::execute(&mut task.keeper, &task.store, action, SystemTime::now) => {}
+                r = &mut stop => { exit = r.unwrap_or(Exit::Stop); break }
             },
         }
-        while let Some(ev) = leased.keeper.poll_event() {
+        while let Some(ev) = task.keeper.poll_event() {
             if let KeeperEvent::Acquired { lease, .. } = &ev {
-                if lease.subnet != ours {
-                    error!(old = %ours, new = %lease.subnet, "lease moved to another subnet; restart weft to use it");
+                if lease.subnet != task.ours {
+                    let e = DaemonError::LeaseMoved { old: task.ours, new: lease.subnet };
+                    return fatal(&task, &ctx, e);
                 }
+                task.lease = Some(lease.clone());
+                cache_due.get_or_insert_with(Instant::now);
                 if let Err(e) = ctx.subnet_env.1.write(&ctx.subnet_env.0) {
                     error!(path = %ctx.subnet_env.0.display(), error = %e, "cannot rewrite subnet.env");
                 }
@@ -382,17 +705,29 @@ pub async fn run(mut leased: Leased, snapshot: LeaseSnapshot, ctx: LeaseContext,
             log_event(&ev);
         }
         if let Ok(mut v) = ctx.view.lock() {
-            v.update(&leased.keeper, SystemTime::now());
+            v.update(&task.keeper, SystemTime::now());
         }
     }
-    if ctx.release_on_exit {
-        if let Some(l) = leased.keeper.release() {
-            match leased.store.release(&l).await {
+    finish(task, &ctx, exit).await
+}
+
+/// The way out: on a leave (or with `release_on_exit`) release the lease and remove the
+/// cache; on a plain stop write the cache one last time, for the restart.
+async fn finish(mut task: LeaseTask, ctx: &LeaseContext, exit: Exit) -> Result<(), DaemonError> {
+    if exit == Exit::Leave || ctx.settings.release_on_exit {
+        if let Some(l) = task.keeper.release() {
+            match task.store.release(&l).await {
                 Ok(_) => info!(subnet = %l.subnet, "lease released"),
                 Err(e) => warn!(subnet = %l.subnet, error = %e, "could not release the lease; it will expire"),
             }
         }
+        if let Err(e) = LeaseCache::remove(&ctx.settings.lease_cache) {
+            warn!(error = %e, "cannot remove the lease cache");
+        }
+    } else {
+        write_cache(task.cache(&ctx.settings), &ctx.settings.lease_cache).await;
     }
+    Ok(())
 }
 
 /// Writes `subnet.env`, creating its directory.
@@ -409,78 +744,22 @@ pub fn write_subnet_env(path: &Path, env: &SubnetEnv) -> Result<(), DaemonError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_ipam::Revision;
 
-    fn lease(subnet: &str, ip: [u8; 4], backend: &str, data: serde_json::Value) -> SubnetLease {
-        let mut attrs = LeaseAttrs::new(Ipv4Addr::from(ip), backend);
-        attrs.backend_data = data;
-        SubnetLease { subnet: subnet.parse().unwrap(), attrs, expiration: None, created: Revision(0) }
-    }
-
-    fn ctx(backend: &str, vni: Option<u32>) -> LeaseContext {
-        LeaseContext {
-            routes: RouteTableHandle::new(weft_forwarder::RouteTable::empty(false)),
-            mtu: 1450,
-            workers: 1,
-            source_port_matters: false,
-            port: 8472,
-            public_ip: Ipv4Addr::new(198, 18, 0, 1),
-            backend: (backend.into(), vni),
-            subnet_env: (
-                "/nonexistent".into(),
-                SubnetEnv {
-                    network: "10.244.0.0/16".parse().unwrap(),
-                    subnet: "10.244.1.0/24".parse().unwrap(),
-                    ipv6_network: None,
-                    ipv6_subnet: None,
-                    mtu: 1450,
-                    ipmasq: false,
-                },
-            ),
-            release_on_exit: false,
-            view: Arc::new(Mutex::new(LeaseView {
-                subnet: String::new(),
-                phase: String::new(),
-                expires_in_secs: None,
-                store: "file".into(),
-                store_up: true,
-                renew_failures: 0,
-                last_error: None,
-                ready: true,
-                known_leases: 0,
-                resyncs: 0,
-            })),
-            on_peers: None,
-        }
+    #[test]
+    fn network_mismatch_names_the_field() {
+        let a = NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(network_mismatch(&a, &a.clone()), None);
+        let b = NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":2}}"#).unwrap();
+        assert_eq!(network_mismatch(&a, &b).as_deref(), Some("Backend.VNI 1 -> 2"));
+        let c = NetworkConfig::from_json(r#"{"Network":"10.245.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert!(network_mismatch(&a, &c).is_some_and(|d| d.starts_with("Network")));
     }
 
     #[test]
-    fn leases_map_to_peers_and_bad_records_are_left_out() {
-        let vx = |mac: &str| serde_json::json!({"VNI": 1, "VtepMAC": mac});
-        let known: BTreeMap<Ipv4Net, SubnetLease> = [
-            lease("10.244.1.0/24", [198, 18, 0, 1], "vxlan", vx("02:00:00:00:00:01")), // ours
-            lease("10.244.2.0/24", [198, 18, 0, 2], "vxlan", vx("02:00:00:00:00:02")),
-            lease("10.244.3.0/24", [198, 18, 0, 3], "udp", serde_json::Value::Null), // other backend
-            lease("10.244.4.0/24", [198, 18, 0, 4], "vxlan", serde_json::json!({"VNI": 1})), // no MAC
-            lease("10.244.5.0/24", [198, 18, 0, 5], "vxlan", vx("02:00:00:00:00:05")),
-            lease(
-                "10.244.6.0/24",
-                [198, 18, 0, 6],
-                "vxlan",
-                serde_json::json!({"VNI": 2, "VtepMAC": "02:00:00:00:00:06"}),
-            ),
-        ]
-        .into_iter()
-        .map(|l| (l.subnet, l))
-        .collect();
-        let c = ctx("vxlan", Some(1));
-        let peers = peers_from_leases(&known, "10.244.1.0/24".parse().unwrap(), &c);
-        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["10.244.2.0-24", "10.244.5.0-24"]);
-        assert_eq!(peers[0].endpoint, "198.18.0.2:8472".parse().unwrap());
-        assert_eq!(peers[0].mac, Some("02:00:00:00:00:02".parse().unwrap()));
-        let kept = peers_now(&known, "10.244.1.0/24".parse().unwrap(), &c);
-        assert_eq!(kept.len(), 2);
-        assert_eq!(c.routes.load().peers().len(), 2);
+    fn store_identity_tells_stores_apart() {
+        let f = |d: &str| StoreSettings::File { dir: d.into() };
+        assert_ne!(store_identity(&f("/a")), store_identity(&f("/b")));
+        let e = |p: &str| StoreSettings::Etcd { endpoints: vec!["http://198.18.0.100:2379".into()], prefix: p.into() };
+        assert_ne!(store_identity(&e("/coreos.com/network")), store_identity(&e("/other")));
     }
 }

@@ -9,8 +9,10 @@
 
 pub mod api;
 pub mod control;
+pub mod failpoint;
 pub mod lease;
 pub mod netlink;
+pub mod peers;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -100,6 +102,35 @@ pub enum DaemonError {
     /// A stop signal arrived before start-up finished.
     #[error("stopped before start-up finished")]
     Stopped,
+    /// A worker thread ended on its own or panicked: the data plane is (partly) gone.
+    #[error("worker {worker} died: {why}")]
+    WorkerDied {
+        /// The worker's index.
+        worker: usize,
+        /// How it ended.
+        why: String,
+    },
+    /// A control-plane task ended on its own or panicked.
+    #[error("{task} task died: {why}")]
+    TaskDied {
+        /// `lease` or `api`.
+        task: &'static str,
+        /// How it ended.
+        why: String,
+    },
+    /// The store gave us another subnet than the one the data plane runs with (our lease
+    /// expired and was taken during an outage, say): restart to re-address.
+    #[error("lease moved from {old} to {new}: restarting to use the new subnet")]
+    LeaseMoved {
+        /// The subnet in use.
+        old: ipnet::Ipv4Net,
+        /// The one the store gave us.
+        new: ipnet::Ipv4Net,
+    },
+    /// The store's network config is not the one the data plane came up with (from the lease
+    /// cache): restart to apply it.
+    #[error("network config changed in the store ({0}): restarting to apply it")]
+    NetworkChanged(String),
 }
 
 impl From<NetlinkError> for DaemonError {
@@ -147,66 +178,38 @@ impl ConfigSource {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT or a worker failure.
+/// Runs the daemon until SIGTERM/SIGINT, a leave, or a failure it cannot run through.
 ///
 /// # Errors
-/// [`DaemonError`] when start-up fails or a worker dies.
+/// [`DaemonError`] when start-up fails, or a worker or task dies.
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
+    let nl = Netlink::connect()?;
     let (cfg, leased) = match source.load()? {
         Loaded::Static(cfg) => (*cfg, None),
         Loaded::Lease { raw, lease: settings } => {
-            let public_ip = match raw.public_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
-                Some(Ok(std::net::IpAddr::V4(ip))) => ip,
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        field: "public_ip".into(),
-                        message: "lease mode needs an IPv4 public_ip (flannel's lease record holds one)".into(),
-                    }
-                    .into());
-                }
-            };
-            let store = lease::open_store(&settings.store).await?;
-            let vtep = |n: &weft_ipam::NetworkConfig| match n.backend.kind {
-                weft_ipam::BackendKind::Vxlan => Some(match raw.vtep_mac.as_deref().map(str::parse::<MacAddr>) {
-                    Some(Ok(m)) => m,
-                    _ => crate::config::derived_vtep_mac(raw.node_name.as_deref().unwrap_or_default()),
-                }),
-                _ => None,
-            };
             let mut stop = Box::pin(signals.stopped());
-            let leased = lease::acquire(store, &settings, public_ip, vtep, &mut stop).await?;
+            let prepared = lease::prepare(&raw, settings, &nl, &mut stop).await?;
             drop(stop);
-            let n = &leased.network;
-            let vni = matches!(n.backend.kind, weft_ipam::BackendKind::Vxlan).then(|| n.backend.vni());
-            let cfg = crate::config::resolve_leased(
-                &raw,
-                n.network,
-                n.backend.kind.as_str(),
-                n.backend.port(),
-                vni,
-                leased.lease.subnet,
-            )?;
-            (cfg, Some((leased, settings)))
+            (prepared.cfg.clone(), Some(prepared))
         }
     };
     // The mode is chosen once here; everything below is monomorphised per core, so the data
     // path has no dynamic dispatch.
-    match (cfg.backend, cfg.device) {
+    let start = Start { cfg, source, leased, nl, signals };
+    match (start.cfg.backend, start.cfg.device) {
         (Backend::Udp, Device::Tun) => {
-            run_with(Wire::of::<UdpEncap>(None), cfg, source, leased, signals, |i, local, stats| {
-                Forwarder::new(UdpEncap, local, i, stats)
-            })
-            .await
+            run_with(Wire::of::<UdpEncap>(None), start, |i, local, stats| Forwarder::new(UdpEncap, local, i, stats))
+                .await
         }
         (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tun) => {
-            run_with(Wire::of::<VxlanEncap>(None), cfg, source, leased, signals, move |i, local, stats| {
+            run_with(Wire::of::<VxlanEncap>(None), start, move |i, local, stats| {
                 Forwarder::new(VxlanEncap::new(vni, vtep_mac), local, i, stats)
             })
             .await
         }
         (Backend::Vxlan { vni, vtep_mac, .. }, Device::Tap) => {
-            run_with(Wire::of::<VxlanEncap>(Some(vtep_mac)), cfg, source, leased, signals, move |i, local, stats| {
+            run_with(Wire::of::<VxlanEncap>(Some(vtep_mac)), start, move |i, local, stats| {
                 Bridge::new(vni, vtep_mac, local, i, stats)
             })
             .await
@@ -217,6 +220,16 @@ pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
         }
         .into()),
     }
+}
+
+/// What start-up hands the data plane: the completed configuration and, in lease mode, how the
+/// lease was obtained.
+struct Start {
+    cfg: Config,
+    source: ConfigSource,
+    leased: Option<lease::Prepared>,
+    nl: Netlink,
+    signals: Signals,
 }
 
 /// The signals the daemon reacts to, registered once at start.
@@ -283,14 +296,17 @@ fn choose_offloads(cfg: &Config, tun: driver::tun::TunOffloads, sockets: &[std::
 
 async fn run_with<C: PacketCore + 'static>(
     wire: Wire,
-    cfg: Config,
-    source: ConfigSource,
-    leased: Option<(lease::Leased, crate::config::LeaseSettings)>,
-    mut signals: Signals,
+    start: Start,
     make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
+    let Start { cfg, source, leased, nl, mut signals } = start;
     let started = Instant::now();
-    let nl = Netlink::connect()?;
+    // Fail closed first: from here on, pod traffic for the cluster network is either
+    // encapsulated or refused, never sent out of the default route (lease mode installed it
+    // already, as soon as it knew the network).
+    for net in cfg.cluster_networks() {
+        nl.add_fail_closed(net).await?;
+    }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
     let max_mtu = underlay.mtu.saturating_sub(wire.kind.overhead(cfg.public_ip.is_ipv6()) as u32);
     let max_mtu = u16::try_from(max_mtu).unwrap_or(u16::MAX);
@@ -367,20 +383,20 @@ async fn run_with<C: PacketCore + 'static>(
         local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
     let tun_index = nl.link_index(&cfg.tun_name).await?;
     nl.configure_tun(tun_index, &cfg.tun_name, mtu, wire.tap, &gateways).await?;
-    for (net, gw) in cfg.cluster_networks().zip(gateways.iter()) {
-        if wire.tap.is_none() {
+    if wire.tap.is_none() {
+        for (net, gw) in cfg.cluster_networks().zip(gateways.iter()) {
             nl.add_device_route(net, tun_index, *gw).await?;
         }
-        nl.add_fail_closed(net).await?;
     }
     if wire.tap.is_some() {
         sync_tap_routes(&nl, tun_index, &[], &cfg.peers).await?;
     }
     info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
 
-    // Lease mode: subnet.env, and the leases the store holds, before anyone is told we are up.
+    // Lease mode: subnet.env, and the leases the store (or the cache) holds, before anyone is
+    // told we are up.
     let mut lease_parts = None;
-    if let Some((leased, settings)) = leased {
+    if let Some(prepared) = leased {
         let env = weft_ipam::SubnetEnv {
             network: cfg.network,
             subnet: cfg.subnet,
@@ -389,18 +405,17 @@ async fn run_with<C: PacketCore + 'static>(
             mtu: u32::from(mtu),
             ipmasq: false,
         };
-        lease::write_subnet_env(&settings.subnet_file, &env)?;
-        let snapshot = {
-            let mut stop = Box::pin(signals.stopped());
-            lease::first_snapshot(&leased.store, &mut stop).await
-        };
-        let Some(snapshot) = snapshot else {
-            for net in cfg.cluster_networks() {
-                let _ = nl.del_fail_closed(net).await;
+        lease::write_subnet_env(&prepared.settings.subnet_file, &env)?;
+        let snapshot = match &prepared.start {
+            lease::Start::Held { .. } => {
+                let mut stop = Box::pin(signals.stopped());
+                // Stopped before the store answered: the fail-closed route stays, as on any stop.
+                let Some(snapshot) = lease::first_snapshot(&prepared.store, &mut stop).await else { return Ok(()) };
+                Some(snapshot)
             }
-            return Ok(());
+            lease::Start::Cached { .. } => None,
         };
-        lease_parts = Some((leased, settings, snapshot, env));
+        lease_parts = Some((prepared, env, snapshot));
     }
     let pods = weft_ipam::FilePodStore::open(cfg.pod_dir.clone())
         .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
@@ -417,19 +432,20 @@ async fn run_with<C: PacketCore + 'static>(
     let routes = RouteTableHandle::new(table);
     let mut lease_task = None;
     let mut lease_view = None;
-    if let Some((leased, settings, snapshot, env)) = lease_parts {
-        let view = Arc::new(std::sync::Mutex::new(lease::LeaseView {
-            subnet: cfg.subnet.to_string(),
-            phase: "held".into(),
-            expires_in_secs: None,
-            store: settings.store.kind().into(),
-            store_up: true,
-            renew_failures: 0,
-            last_error: None,
-            ready: true,
-            known_leases: snapshot.leases.len(),
-            resyncs: 0,
-        }));
+    let mut release_on_exit = false;
+    if let Some((prepared, env, snapshot)) = lease_parts {
+        release_on_exit = prepared.settings.release_on_exit;
+        let public_ip = match cfg.public_ip {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        let provisional = matches!(prepared.start, lease::Start::Cached { .. });
+        let view = Arc::new(std::sync::Mutex::new(lease::LeaseView::new(
+            cfg.subnet,
+            prepared.settings.store.kind(),
+            provisional,
+            prepared.cache_note.clone(),
+        )));
         let on_peers: Option<lease::PeersChanged> = wire.tap.map(|_| {
             let nl = nl.clone();
             let f: lease::PeersChanged = Box::new(move |old: Vec<Peer>, new: Vec<Peer>| {
@@ -447,50 +463,78 @@ async fn run_with<C: PacketCore + 'static>(
             mtu,
             workers: cfg.workers,
             source_port_matters: wire.source_port_matters,
-            port: cfg.port,
-            public_ip: match cfg.public_ip {
-                IpAddr::V4(a) => a,
-                IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-            },
-            backend: (
-                cfg.backend.as_str().to_string(),
-                match cfg.backend {
-                    Backend::Vxlan { vni, .. } => Some(vni.get()),
-                    Backend::Udp => None,
-                },
-            ),
-            subnet_env: (settings.subnet_file.clone(), env),
-            release_on_exit: settings.release_on_exit,
+            subnet_env: (prepared.settings.subnet_file.clone(), env),
+            settings: prepared.settings.clone(),
             view: Arc::clone(&view),
             on_peers,
         };
-        // The first table from the snapshot, before the workers start.
-        let known = snapshot.leases.iter().map(|l| (l.subnet, l.clone())).collect();
-        let _ = lease::peers_now(&known, cfg.subnet, &ctx);
+        // The first table, before the workers start: from the store's list, or from the cache.
+        let rules = lease::rules(&prepared.network, cfg.subnet, public_ip);
+        let (keeper, lease, leases) = match prepared.start {
+            lease::Start::Held { keeper, lease } => {
+                (keeper, Some(lease), snapshot.as_ref().map(|s| s.leases.clone()).unwrap_or_default())
+            }
+            lease::Start::Cached { keeper, cache } => (keeper, None, cache.peers),
+        };
+        let (peers, in_force) = lease::first_table(rules, &leases, &ctx);
+        if let (Some(s), Ok(mut v)) = (&snapshot, view.lock()) {
+            v.unreadable_leases = s.unreadable.len();
+        }
+        if let Some(f) = &ctx.on_peers {
+            f(Vec::new(), in_force.clone()).await;
+        }
+        let task = lease::LeaseTask {
+            store: prepared.store,
+            keeper,
+            network: prepared.network,
+            ours: cfg.subnet,
+            peers,
+            in_force,
+            snapshot,
+            lease,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        lease_task = Some((tx, tokio::spawn(lease::run(leased, snapshot, ctx, rx))));
+        lease_task = Some((tx, futures::FutureExt::fuse(tokio::spawn(lease::run(task, ctx, rx)))));
         lease_view = Some(view);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<(), DriverError>)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, WorkerEnd)>();
     let mut threads = Vec::with_capacity(cfg.workers);
     for (i, ((tun, udp), send)) in queues.into_iter().zip(sockets).zip(send_sets).enumerate() {
         let fwd = make_core(i, local, Arc::clone(&stats[i]));
-        let (routes, stop, done, backend) = (routes.clone(), Arc::clone(&stop), done_tx.clone(), probe.backend);
+        let (routes, done, backend) = (routes.clone(), done_tx.clone(), probe.backend);
+        let worker_stop = worker_stop_flag(i, &stop);
+        let panic_after = i == 0 && failpoint::armed("worker-panic");
         let t = std::thread::Builder::new()
             .name(format!("weft-worker-{i}"))
             .spawn(move || {
                 let span = info_span!("worker", id = i, io = backend.as_str());
                 let _g = span.enter();
-                let r = driver::run_worker(backend, WorkerIo { tun, udp, send, offloads }, fwd, routes, stop);
-                let _ = done.send((i, r));
+                let run = std::panic::AssertUnwindSafe(|| {
+                    let r =
+                        driver::run_worker(backend, WorkerIo { tun, udp, send, offloads }, fwd, routes, worker_stop);
+                    if panic_after {
+                        #[allow(clippy::panic)] // A test hook: proves a dead worker stops the daemon.
+                        {
+                            panic!("failpoint worker-panic");
+                        }
+                    }
+                    r
+                });
+                let end = match std::panic::catch_unwind(run) {
+                    Ok(Ok(())) => WorkerEnd::Returned,
+                    Ok(Err(e)) => WorkerEnd::Failed(e),
+                    Err(p) => WorkerEnd::Panicked(panic_message(p.as_ref())),
+                };
+                let _ = done.send((i, end));
             })
             .map_err(DaemonError::Thread)?;
         threads.push(t);
     }
     drop(done_tx);
 
+    let (leave_tx, mut leave_rx) = mpsc::unbounded_channel::<()>();
     let state = Arc::new(api::ApiState {
         cfg: cfg.clone(),
         mtu,
@@ -511,16 +555,25 @@ async fn run_with<C: PacketCore + 'static>(
         reload_failures: AtomicU64::new(0),
         lease: lease_view,
         pods: Arc::new(pods),
+        leave: leave_tx,
     });
     let listener =
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
-    let api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
+    let mut api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
     info!(node = %cfg.node_name, subnet = %cfg.subnet, public_ip = %cfg.public_ip, port = cfg.port, workers = cfg.workers,
         backend = wire.kind.as_str(), io = probe.backend.as_str(), api = %cfg.api_socket.display(), "weft ready");
 
     let mut ctl =
         Control { cfg: &cfg, source: &source, state: &state, mtu, wire, nl: &nl, tun_index, peers: cfg.peers.clone() };
-    let outcome = signal_loop(&mut ctl, &mut signals, &mut done_rx).await;
+    let (exit, mut outcome) = {
+        let mut watched = Watched {
+            done: &mut done_rx,
+            lease: lease_task.as_mut().map(|(_, t)| t),
+            api: &mut api_task,
+            leave: &mut leave_rx,
+        };
+        signal_loop(&mut ctl, &mut signals, &mut watched).await
+    };
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
@@ -528,21 +581,82 @@ async fn run_with<C: PacketCore + 'static>(
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     if let Some((tx, task)) = lease_task {
-        let _ = tx.send(());
-        let _ = task.await;
+        let _ = tx.send(if exit == Exit::Leave { lease::Exit::Leave } else { lease::Exit::Stop });
+        if !futures::future::FusedFuture::is_terminated(&task) {
+            if let Ok(Err(e)) = task.await {
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
+            }
+        }
     }
-    // The TUN (and with it its address and device route) vanished with the last queue.
-    for net in cfg.cluster_networks() {
-        if let Err(e) = nl.del_fail_closed(net).await {
-            warn!(error = %e, "could not remove fail-closed route");
+    let left = exit == Exit::Leave || (release_on_exit && outcome.is_ok());
+    // The TUN (and with it its address and device route) vanished with the last queue. The
+    // fail-closed route stays unless the node leaves: a restart, a crash or a failed start must
+    // not let pod traffic out of the default route unencapsulated.
+    if left {
+        for net in cfg.cluster_networks() {
+            if let Err(e) = nl.del_fail_closed(net).await {
+                warn!(error = %e, "could not remove fail-closed route");
+            }
         }
     }
     let _ = std::fs::remove_file(&cfg.api_socket);
     let s = state.status();
     let dropped: Vec<String> = s.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let (rx, tx) = s.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_packets, t + p.tx_packets));
-    info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), "weft stopped; tun and routes removed");
+    if left {
+        info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), "weft left the cluster; tun and routes removed");
+    } else {
+        info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), network = %cfg.network,
+            "weft stopped; tun removed, fail-closed route kept until weft is back or `weft leave`");
+    }
     outcome
+}
+
+/// How a worker thread ended.
+#[derive(Debug)]
+enum WorkerEnd {
+    /// Its loop returned without error; only right after a stop request.
+    Returned,
+    /// Its loop failed.
+    Failed(DriverError),
+    /// It panicked.
+    Panicked(String),
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// The stop flag worker `i` watches: the daemon's, except under the `worker-exit` and
+/// `worker-panic` failpoints, where worker 0 gets one of its own that trips after a second.
+fn worker_stop_flag(i: usize, daemon: &Arc<AtomicBool>) -> Arc<AtomicBool> {
+    if i != 0 || !(failpoint::armed("worker-exit") || failpoint::armed("worker-panic")) {
+        return Arc::clone(daemon);
+    }
+    let own = Arc::new(AtomicBool::new(false));
+    let trip = Arc::clone(&own);
+    let spawned = std::thread::Builder::new().name("weft-failpoint".into()).spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        trip.store(true, Ordering::Relaxed);
+    });
+    if spawned.is_err() {
+        return Arc::clone(daemon);
+    }
+    own
+}
+
+/// Why the signal loop returned.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Exit {
+    /// A stop signal, or a failure: keep the fail-closed route and the lease.
+    Stop,
+    /// `weft leave`: release the lease and remove the fail-closed route.
+    Leave,
 }
 
 /// What the signal loop and reloads act on.
@@ -558,28 +672,80 @@ struct Control<'a> {
     peers: Vec<Peer>,
 }
 
-/// Waits for signals and worker exits; returns when the daemon should stop.
+/// The lease task, fused so that it can be awaited once more after the signal loop saw it end.
+type LeaseJoin = futures::future::Fuse<tokio::task::JoinHandle<Result<(), DaemonError>>>;
+
+/// Everything whose end stops the daemon.
+struct Watched<'a> {
+    done: &'a mut mpsc::UnboundedReceiver<(usize, WorkerEnd)>,
+    lease: Option<&'a mut LeaseJoin>,
+    api: &'a mut tokio::task::JoinHandle<()>,
+    leave: &'a mut mpsc::UnboundedReceiver<()>,
+}
+
+/// Waits for signals, a leave request, and the end of any worker or task; returns when the
+/// daemon should stop. Any worker or task that ends on its own is a failure: the daemon exits
+/// non-zero so that its supervisor restarts it, instead of staying "ready" with nothing behind.
 async fn signal_loop(
     ctl: &mut Control<'_>,
     signals: &mut Signals,
-    done: &mut mpsc::UnboundedReceiver<(usize, Result<(), DriverError>)>,
-) -> Result<(), DaemonError> {
+    w: &mut Watched<'_>,
+) -> (Exit, Result<(), DaemonError>) {
     let Signals { hup, term, int } = signals;
+    let Watched { done, lease, api, leave } = w;
+    let lease_alive = lease.is_some();
+    let mut lease_end = std::pin::pin!(async {
+        match lease {
+            Some(h) => (&mut **h).await,
+            None => futures::future::pending().await,
+        }
+    });
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 let counter = if reload(ctl).await { &ctl.state.reloads } else { &ctl.state.reload_failures };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
-            _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()) }
-            Some((i, r)) = done.recv() => {
-                return match r {
-                    Ok(()) => Ok(()),
-                    Err(e) => { error!(worker = i, error = %e, "worker failed; stopping"); Err(e.into()) }
+            _ = term.recv() => { info!("SIGTERM: stopping"); return (Exit::Stop, Ok(())) }
+            _ = int.recv() => { info!("SIGINT: stopping"); return (Exit::Stop, Ok(())) }
+            Some(()) = leave.recv() => { info!("leave requested: releasing the lease and removing the routes"); return (Exit::Leave, Ok(())) }
+            end = done.recv() => {
+                let e = match end {
+                    Some((i, WorkerEnd::Failed(e))) => { error!(worker = i, error = %e, "worker failed; stopping"); e.into() }
+                    Some((i, WorkerEnd::Panicked(m))) => {
+                        error!(worker = i, panic = %m, "worker panicked; stopping");
+                        DaemonError::WorkerDied { worker: i, why: format!("panicked: {m}") }
+                    }
+                    Some((i, WorkerEnd::Returned)) => {
+                        error!(worker = i, "worker ended without being asked to; stopping");
+                        DaemonError::WorkerDied { worker: i, why: "its loop ended".into() }
+                    }
+                    None => DaemonError::WorkerDied { worker: 0, why: "every worker is gone".into() },
                 };
+                return (Exit::Stop, Err(e));
+            }
+            r = &mut lease_end, if lease_alive => {
+                let e = match r {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => DaemonError::TaskDied { task: "lease", why: "it ended".into() },
+                    Err(j) => DaemonError::TaskDied { task: "lease", why: join_why(j) },
+                };
+                error!(error = %e, "lease task ended; stopping");
+                return (Exit::Stop, Err(e));
+            }
+            r = &mut **api => {
+                let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
+                error!(why = %why, "api task ended; stopping");
+                return (Exit::Stop, Err(DaemonError::TaskDied { task: "api", why }));
             }
         }
+    }
+}
+
+fn join_why(j: tokio::task::JoinError) -> String {
+    match j.try_into_panic() {
+        Ok(p) => format!("panicked: {}", panic_message(p.as_ref())),
+        Err(j) => j.to_string(),
     }
 }
 
@@ -624,21 +790,18 @@ async fn reload(ctl: &mut Control<'_>) -> bool {
     if !ignored.is_empty() {
         warn!(fields = ?ignored, "reload: these fields need a restart and keep their running values");
     }
-    let old = routes.load_full();
-    let table = match control::build_table(&new.peers, ctl.mtu, cfg.workers, Some(&old), ctl.wire.source_port_matters) {
-        Ok(t) => t,
-        Err(e) => {
-            error!(error = %e, "reload refused, keeping the running peers");
-            return false;
-        }
-    };
-    for p in table.peers().iter().filter(|p| !old.peers().iter().any(|o| o.name == p.name)) {
-        info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
+    if let Err(e) = control::apply_peers(routes, &new.peers, ctl.mtu, cfg.workers, ctl.wire.source_port_matters) {
+        error!(error = %e, "reload refused, keeping the running peers");
+        return false;
     }
-    for p in old.peers().iter().filter(|o| !table.peers().iter().any(|p| p.name == o.name)) {
+    let before: std::collections::HashSet<&str> = ctl.peers.iter().map(|p| p.name.as_str()).collect();
+    let after: std::collections::HashSet<&str> = new.peers.iter().map(|p| p.name.as_str()).collect();
+    for p in new.peers.iter().filter(|p| !before.contains(p.name.as_str())) {
+        info!(peer = %p.name, subnet = %p.subnet, endpoint = %p.endpoint, "peer added");
+    }
+    for p in ctl.peers.iter().filter(|o| !after.contains(o.name.as_str())) {
         info!(peer = %p.name, "peer removed");
     }
-    routes.store(table);
     if ctl.wire.tap.is_some() {
         if let Err(e) = sync_tap_routes(ctl.nl, ctl.tun_index, &ctl.peers, &new.peers).await {
             error!(error = %e, "reload: could not update the per-peer routes");
