@@ -390,7 +390,12 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ClientEr
     let line = serde_json::to_string(req).map_err(|e| decode(e.to_string()))?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).map_err(io)?;
+    if BufReader::new(s).read_line(&mut answer).map_err(io)? == 0 {
+        // The daemon stopped (or crashed) with our request in flight: that is no answer, like
+        // a timeout, not an answer that fails to parse. The request may or may not have run.
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without an answer");
+        return Err(io(eof));
+    }
     let mut v: serde_json::Value =
         serde_json::from_str(&answer).map_err(|e| decode(format!("{e}: {}", answer.trim())))?;
     if let Some(e) = v.get_mut("error") {
