@@ -168,7 +168,9 @@ impl ApiState {
             Request::Allocate(a) => {
                 self.ready()?;
                 let who = a.parse()?;
-                let p = self.pods.allocate(&who).map_err(store_err)?;
+                // An ADD after a DEL that was recorded while we were down wins over that record.
+                let spool = weft_ipam::PendingReleases::new(&self.cfg.pending_release_dir);
+                let p = super::pending::allocate(&spool, &self.pods, &self.cfg.api_socket, &who).map_err(store_err)?;
                 json(serde_json::to_value(to_alloc(&who, &p)))
             }
             Request::Get(a) => {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod control;
 pub mod lease;
 pub mod netlink;
+pub mod pending;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -512,6 +513,7 @@ async fn run_with<C: PacketCore + 'static>(
         lease: lease_view,
         pods: Arc::new(pods),
     });
+    let pending_task = pending::start(Arc::clone(&state)).await;
     let listener =
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
     let api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
@@ -524,6 +526,7 @@ async fn run_with<C: PacketCore + 'static>(
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
+    pending_task.abort();
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
