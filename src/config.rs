@@ -137,6 +137,9 @@ pub struct RawConfig {
     pub pod_dir: Option<PathBuf>,
     /// GC spares allocations younger than this, so an ADD racing a GC keeps its address.
     pub pod_gc_grace_secs: Option<u64>,
+    /// Where the CNI plugin records releases it could not hand over while the daemon was down;
+    /// the plugin's `pendingReleaseDir` must name the same directory.
+    pub pending_release_dir: Option<PathBuf>,
     /// Static peers.
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -236,7 +239,8 @@ impl RawConfig {
             release_on_exit,
             lease_cache,
             pod_dir,
-            pod_gc_grace_secs
+            pod_gc_grace_secs,
+            pending_release_dir
         );
         if !over.peers.is_empty() {
             self.peers = over.peers;
@@ -519,6 +523,8 @@ pub struct Config {
     pub pod_dir: PathBuf,
     /// Pod GC grace period.
     pub pod_gc_grace: std::time::Duration,
+    /// Pending-release directory, drained at start and every 30 s (`daemon::pending`).
+    pub pending_release_dir: PathBuf,
     /// Static peers.
     pub peers: Vec<Peer>,
 }
@@ -675,6 +681,10 @@ impl Config {
         // One directory per node by default, so several daemons on one host never share one.
         let pod_dir = raw.pod_dir.unwrap_or_else(|| Path::new(DEFAULT_POD_DIR).join(&node_name));
         let pod_gc_grace = std::time::Duration::from_secs(raw.pod_gc_grace_secs.unwrap_or(60));
+        // One directory for all daemons on a host by default, unlike pod_dir: the plugin cannot
+        // know the node's name, and each entry names the socket of the daemon it is for.
+        let pending_release_dir =
+            raw.pending_release_dir.unwrap_or_else(|| weft_ipam::PendingReleases::DEFAULT_DIR.into());
         let own = SocketAddr::new(public_ip, port);
         let mut names = HashSet::new();
         let mut peers = Vec::with_capacity(raw.peers.len());
@@ -765,6 +775,7 @@ impl Config {
             api_socket,
             pod_dir,
             pod_gc_grace,
+            pending_release_dir,
             peers,
         })
     }
@@ -798,7 +809,8 @@ impl Config {
             gro,
             api_socket,
             pod_dir,
-            pod_gc_grace
+            pod_gc_grace,
+            pending_release_dir
         );
         out
     }

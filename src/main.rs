@@ -246,6 +246,10 @@ struct RunArgs {
     /// GC spares pod allocations younger than this many seconds [default: 60].
     #[arg(long)]
     pod_gc_grace_secs: Option<u64>,
+    /// Where weft-cni records releases it could not hand over while the daemon was down; the
+    /// daemon frees them at start and every 30 s [default: /var/lib/weft/pending-release].
+    #[arg(long)]
+    pending_release_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -297,6 +301,7 @@ fn run(args: RunArgs) -> ExitCode {
         lease_cache: args.lease_cache,
         pod_dir: args.pod_dir,
         pod_gc_grace_secs: args.pod_gc_grace_secs,
+        pending_release_dir: args.pending_release_dir,
         ..args.store.raw()
     };
     let source = ConfigSource { path: args.config, flags };

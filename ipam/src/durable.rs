@@ -17,6 +17,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -49,12 +50,16 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
-/// Writes `bytes` to a fresh temporary file beside `target` and fsyncs it. On error the
-/// temporary file is removed again.
-fn write_temp(target: &Path, bytes: &[u8]) -> Result<PathBuf, PathError> {
+/// The mode `open(2)` is given for state files unless a caller asks for another; the umask
+/// applies, as it does for `File::create`.
+const DEFAULT_MODE: u32 = 0o666;
+
+/// Writes `bytes` to a fresh temporary file beside `target`, created with `mode` (before the
+/// umask), and fsyncs it. On error the temporary file is removed again.
+fn write_temp(target: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, PathError> {
     let tmp = temp_path(target);
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -74,7 +79,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), PathError> {
 
 /// Replaces `target` with `bytes` atomically and durably (temp + fsync + rename + fsync dir).
 pub(crate) fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PathError> {
-    let tmp = write_temp(target, bytes)?;
+    write_atomic_mode(target, bytes, DEFAULT_MODE)
+}
+
+/// [`write_atomic`] for a file created with `mode` (e.g. `0o600` for one only root may read):
+/// the mode is set when the temporary file is created, so the bytes are never readable by
+/// anyone else, not even between the write and a `chmod`.
+pub(crate) fn write_atomic_mode(target: &Path, bytes: &[u8], mode: u32) -> Result<(), PathError> {
+    let tmp = write_temp(target, bytes, mode)?;
     if let Err(e) = fs::rename(&tmp, target) {
         let _ = fs::remove_file(&tmp);
         return Err(PathError { path: target.to_path_buf(), source: e });
@@ -86,7 +98,7 @@ pub(crate) fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PathError>
 /// appears complete or not at all (temp + fsync + link + unlink temp + fsync dir).
 /// Returns `Ok(false)` when `target` already exists, leaving it untouched.
 pub(crate) fn create_exclusive(target: &Path, bytes: &[u8]) -> Result<bool, PathError> {
-    let tmp = write_temp(target, bytes)?;
+    let tmp = write_temp(target, bytes, DEFAULT_MODE)?;
     let linked = fs::hard_link(&tmp, target);
     let _ = fs::remove_file(&tmp);
     match linked {
@@ -209,6 +221,16 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(remove(&q).unwrap());
         assert!(!remove(&q).unwrap());
+    }
+
+    #[test]
+    fn atomic_write_with_a_private_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("secret");
+        write_atomic_mode(&p, b"x", 0o600).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"x");
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! 3. [`watch`]: lease events and the re-list-and-diff used after a watch loses history.
 //! 4. [`store`]: where leases live. [`store::FileStore`] (embedded default, one machine),
 //!    [`store::EtcdStore`] (feature `etcd`, across machines), [`store::MemStore`] (tests), all
-//!    behind [`store::LeaseStore`]; plus [`store::FilePodStore`] behind [`store::PodStore`].
+//!    behind [`store::LeaseStore`]; plus [`store::FilePodStore`] behind [`store::PodStore`], and
+//!    [`store::PendingReleases`], the releases the CNI plugin leaves for a daemon that was down.
 //! 5. [`lease_loop`]: the thin async step that runs one keeper action against a store.
 //! 6. [`pod`]: per-node pod address allocation over the leased subnet, [`subnet_env`]: the
 //!    `subnet.env` hand-off file, and [`lease_cache`]: the last known lease set, so a node
@@ -44,8 +45,8 @@ pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, SubnetLease};
 pub use lease_cache::{LeaseCache, LeaseCacheError};
 pub use pod::{Attachment, AttachmentError, ContainerId, IfName, PodAddress, PodAllocator, PodError};
 pub use store::{
-    AnyStore, FilePodStore, FileStore, LeaseSnapshot, LeaseStore, MemStore, PodRecord, PodStore, Revision, StoreError,
-    WatchBatch,
+    AnyStore, FilePodStore, FileStore, LeaseSnapshot, LeaseStore, MemStore, PendingRelease, PendingReleases, PodRecord,
+    PodStore, Revision, StoreError, WatchBatch,
 };
 #[cfg(feature = "etcd")]
 pub use store::{EtcdOptions, EtcdStore};

@@ -90,9 +90,11 @@ pub fn debian_plugins_missing() -> Option<String> {
         .then(|| format!("missing {} (apt-get install containernetworking-plugins iptables)", missing.join(", ")))
 }
 
-/// A weft daemon for CNI tests: static mode, with its pod-address store (`pod_dir`) in the
-/// test's scratch directory rather than /var/lib/weft, so every run starts empty and a leak
-/// check can look at the files. Stopped on drop; its log tail is printed if the test fails.
+/// A weft daemon for CNI tests: static mode, with its pod-address store (`pod_dir`) and its
+/// pending-release directory (`pending_release_dir`, which [`CniRuntime::weft_only`] gives the
+/// plugin too) in the test's scratch directory rather than /var/lib/weft, so every run starts
+/// empty and a leak check can look at the files. Stopped on drop; its log tail is printed if
+/// the test fails.
 #[derive(Debug)]
 pub struct CniHost<'t> {
     host: &'t Host,
@@ -101,6 +103,7 @@ pub struct CniHost<'t> {
     config_path: PathBuf,
     socket: PathBuf,
     pod_dir: PathBuf,
+    pending_dir: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
 }
@@ -122,6 +125,7 @@ impl<'t> CniHost<'t> {
             config_path: dir.join(format!("{name}.toml")),
             socket: dir.join(format!("{name}.sock")),
             pod_dir: dir.join(format!("{name}.pods")),
+            pending_dir: dir.join(format!("{name}.pending")),
             log: dir.join(format!("{name}.log")),
             proc: None,
         };
@@ -131,7 +135,12 @@ impl<'t> CniHost<'t> {
 
     fn spawn(&mut self) -> Result<()> {
         // Top-level keys may come anywhere before the first [[peers]] table.
-        let toml = format!("pod_dir = \"{}\"\n{}", self.pod_dir.display(), self.config.to_toml(&self.socket));
+        let toml = format!(
+            "pod_dir = \"{}\"\npending_release_dir = \"{}\"\n{}",
+            self.pod_dir.display(),
+            self.pending_dir.display(),
+            self.config.to_toml(&self.socket)
+        );
         std::fs::write(&self.config_path, toml).with_context(|| format!("writing {}", self.config_path.display()))?;
         let config_arg = self.config_path.display().to_string();
         self.proc = Some(self.host.ns().spawn(&self.bin, &["run", "--config", &config_arg], &self.log)?);
@@ -198,6 +207,31 @@ impl<'t> CniHost<'t> {
         &self.pod_dir
     }
 
+    /// Where the plugin records releases while the daemon is down (the plugin's
+    /// `pendingReleaseDir`).
+    pub fn pending_dir(&self) -> &Path {
+        &self.pending_dir
+    }
+
+    /// The names of the releases recorded in [`CniHost::pending_dir`], sorted.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the directory exists but cannot be listed.
+    pub fn pending_releases(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        if self.pending_dir.exists() {
+            for e in std::fs::read_dir(&self.pending_dir)? {
+                let name = e?.file_name().to_string_lossy().into_owned();
+                if name != "lock" {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// The node's config.
     pub fn config(&self) -> &NodeConfig {
         &self.config
@@ -251,7 +285,8 @@ impl<'t> CniHost<'t> {
         Ok(peers.iter().filter_map(|p| p.get("tx_packets").and_then(Value::as_u64)).sum())
     }
 
-    /// What CNI left on this host: weft veths, /32 pod routes, address records, allocations.
+    /// What CNI left on this host: weft veths, /32 pod routes, address records, allocations,
+    /// pending releases.
     ///
     /// # Errors
     ///
@@ -280,7 +315,13 @@ impl<'t> CniHost<'t> {
                 }
             }
         }
-        Ok(Leftovers { veths, pod_routes, records, allocations: self.allocations()? })
+        Ok(Leftovers {
+            veths,
+            pod_routes,
+            records,
+            allocations: self.allocations()?,
+            pending: self.pending_releases()?,
+        })
     }
 }
 
@@ -309,12 +350,18 @@ pub struct Leftovers {
     pub records: Vec<String>,
     /// The daemon's allocations.
     pub allocations: Vec<Value>,
+    /// Releases recorded for the daemon and not carried out yet.
+    pub pending: Vec<String>,
 }
 
 impl Leftovers {
     /// Whether nothing is left.
     pub fn is_empty(&self) -> bool {
-        self.veths.is_empty() && self.pod_routes.is_empty() && self.records.is_empty() && self.allocations.is_empty()
+        self.veths.is_empty()
+            && self.pod_routes.is_empty()
+            && self.records.is_empty()
+            && self.allocations.is_empty()
+            && self.pending.is_empty()
     }
 }
 
@@ -524,7 +571,7 @@ impl CniRuntime {
         let conflist = json!({
             "cniVersion": version,
             "name": "weft",
-            "plugins": [{"type": "weft-cni", "socket": host.socket()}],
+            "plugins": [{"type": "weft-cni", "socket": host.socket(), "pendingReleaseDir": host.pending_dir()}],
         });
         Self::new(host.ns().name(), plugin_dir(dir)?, conflist)
     }

@@ -376,14 +376,113 @@ fn status_version_and_try_again_later() {
     n1.restart().expect("restart weft");
     rt.status().expect("STATUS after restart");
     rt.add(&att).expect("ADD after restart");
-    n1.stop().expect("stop weft");
-    // DEL cannot release the address: it fails with 11 (the runtime retries) after removing
-    // the interface, and succeeds once the daemon is back.
-    must_fail_with(rt.del(&att), 11, "DEL with the daemon down");
-    assert!(!p1.ns().has_link("eth0").expect("ip"), "DEL with the daemon down kept eth0");
-    n1.restart().expect("restart weft");
-    rt.del(&att).expect("DEL after restart");
+    rt.del(&att).expect("DEL");
     assert_clean(&n1, "after DEL");
+}
+
+/// Moves the recorded releases out of `host`'s pending directory and returns them, so a
+/// daemon can start without draining them.
+fn take_pending(host: &CniHost<'_>, aside: &std::path::Path) -> Vec<String> {
+    std::fs::create_dir_all(aside).expect("aside dir");
+    let names = host.pending_releases().expect("pending");
+    for n in &names {
+        std::fs::rename(host.pending_dir().join(n), aside.join(n)).expect("move entry aside");
+    }
+    names
+}
+
+#[test]
+fn del_with_the_daemon_down_succeeds_and_the_address_is_freed_when_it_is_back() {
+    let Some(topo) =
+        Topology::for_test("del_with_the_daemon_down_succeeds_and_the_address_is_freed_when_it_is_back", "cnioff", 1)
+            .expect("topology")
+    else {
+        return;
+    };
+    let mut n1 = CniHost::start(&topo, NodeConfig::for_host(1)).expect("weft n1");
+    let rt = CniRuntime::weft_only(&n1, topo.dir(), "1.1.0").expect("runtime");
+    let p1 = Pod::create(&topo, "p1").expect("pod");
+    let att = p1.attachment("eth0");
+    let result = rt.add(&att).expect("ADD");
+    let (ip, host) = (ip_of(&result), host_veth(&result).expect("host veth in result"));
+
+    // Socket gone (a clean stop): DEL removes the veth and succeeds, and so does every DEL after.
+    n1.stop().expect("stop weft");
+    rt.del(&att).expect("DEL with the daemon down");
+    assert!(!p1.ns().has_link("eth0").expect("ip"), "DEL with the daemon down kept eth0");
+    assert!(!n1.ns().has_link(&host).expect("ip"), "DEL with the daemon down kept {host}");
+    rt.del(&att).expect("second DEL with the daemon down");
+    // A stale socket nobody listens on (a crashed daemon): connection refused, DEL still succeeds.
+    drop(std::os::unix::net::UnixListener::bind(n1.socket()).expect("stale socket"));
+    rt.del(&att).expect("DEL with a stale socket");
+    rt.del(&Attachment { container_id: "never-added".into(), ..att.clone() }).expect("DEL of an unknown attachment");
+    assert_eq!(
+        n1.pending_releases().expect("pending"),
+        ["never-added:eth0".to_owned(), format!("{}:eth0", att.container_id)],
+        "one recorded release per attachment, however often DEL ran"
+    );
+
+    // Back up: the releases were carried out before the daemon answered its first request.
+    n1.restart().expect("restart weft");
+    let held = n1.allocations().expect("list");
+    assert!(held.is_empty(), "{ip} still allocated after the daemon came back: {held:?}");
+    assert_clean(&n1, "after the daemon came back");
+}
+
+#[test]
+fn an_add_after_an_offline_del_keeps_its_address_and_other_releases_still_happen() {
+    let Some(topo) = Topology::for_test(
+        "an_add_after_an_offline_del_keeps_its_address_and_other_releases_still_happen",
+        "cniorder",
+        1,
+    )
+    .expect("topology") else {
+        return;
+    };
+    let mut n1 = CniHost::start(&topo, NodeConfig::for_host(1)).expect("weft n1");
+    let rt = CniRuntime::weft_only(&n1, topo.dir(), "1.1.0").expect("runtime");
+    let (p1, p2) = (Pod::create(&topo, "p1").expect("pod p1"), Pod::create(&topo, "p2").expect("pod p2"));
+    let (att1, att2) = (p1.attachment("eth0"), p2.attachment("eth0"));
+    let ip1 = ip_of(&rt.add(&att1).expect("ADD p1"));
+    rt.add(&att2).expect("ADD p2");
+    n1.stop().expect("stop weft");
+    rt.del(&att1).expect("DEL p1 with the daemon down");
+    rt.del(&att2).expect("DEL p2 with the daemon down");
+
+    // The daemon starts without seeing the records, and they reappear while it runs, as when
+    // DELs time out against a busy daemon: nothing has drained them yet when p1's container
+    // is restarted under the same id.
+    let aside = topo.dir().join("pending-aside");
+    let names = take_pending(&n1, &aside);
+    assert_eq!(names.len(), 2, "{names:?}");
+    n1.restart().expect("restart weft");
+    for n in &names {
+        std::fs::rename(aside.join(n), n1.pending_dir().join(n)).expect("put entry back");
+    }
+    let again = rt.add(&att1).expect("ADD p1 again, same container id");
+    assert_eq!(ip_of(&again), ip1, "p1 still held its address and gets it back");
+    assert_eq!(n1.pending_releases().expect("pending"), [format!("{}:eth0", att2.container_id)], "ADD cancels its own");
+
+    // The next drain (at start) frees p2's address, and leaves p1's alone.
+    n1.stop().expect("stop weft");
+    n1.restart().expect("restart weft");
+    let held: Vec<(String, String)> = n1
+        .allocations()
+        .expect("list")
+        .iter()
+        .map(|a| {
+            (
+                a["container_id"].as_str().unwrap_or_default().to_owned(),
+                a["address"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0, att1.container_id, "{held:?}");
+    assert!(held[0].1.starts_with(&format!("{ip1}/")), "{held:?}");
+    ping_all(n1.ns(), &ip1, 1).expect("host -> p1 after the drain");
+    rt.del(&att1).expect("DEL p1");
+    assert_clean(&n1, "at the end");
 }
 
 #[test]
@@ -547,6 +646,7 @@ fn portmap_and_bandwidth_chained_after_weft() {
     let text = std::fs::read_to_string(example_conflist_path()).expect("example conflist");
     let mut conflist: Value = serde_json::from_str(&text).expect("example conflist is JSON");
     conflist["plugins"][0]["socket"] = json!(n1.socket());
+    conflist["plugins"][0]["pendingReleaseDir"] = json!(n1.pending_dir());
     let rt = CniRuntime::new(n1.ns().name(), plugin_dir(topo.dir()).expect("plugin dir"), conflist).expect("runtime");
     let pod = Pod::create(&topo, "web").expect("pod");
     let att = Attachment {

@@ -1,9 +1,12 @@
 //! ADD: attaches a container to the overlay.
 //!
-//! 1. Open `CNI_NETNS` (code 8 if it is missing, not a network namespace, or the host's own)
+//! 1. Check the rest of the configuration (`prevResult` 6, `pendingReleaseDir` 7), open
+//!    `CNI_NETNS` (code 8 if it is missing, not a network namespace, or the host's own)
 //!    and make sure `CNI_IFNAME` is not there yet (101), before anything is allocated.
 //! 2. Ask the daemon for the overlay MTU, whether it already holds an address for this
 //!    attachment, and an address (11 while it is unreachable or not ready, 102 when full).
+//!    The daemon first drops a release an earlier DEL of this attachment recorded while it was
+//!    down, so that record can never free the address this ADD gets (`daemon::pending`).
 //! 3. In the container (on a thread of its own): the veth pair, its host end created straight
 //!    into the host namespace; `CNI_IFNAME` up with `<pod>/32` and `default via <gateway>
 //!    onlink`.
@@ -61,6 +64,8 @@ struct ContainerSide {
 pub fn run(args: &CniArgs, conf: &NetConf, now: SystemTime) -> Result<CniResult, CniError> {
     let (cid, ifname) = args.attachment()?;
     let prev = conf.prev_result()?;
+    // Not used here, but a bad value must stop the pod now, not its DEL with the daemon down.
+    super::del::pending_releases(conf)?;
     let ns = NetnsFile::open(args.netns()?)?;
     let exists = netns::run_in(&ns, |nl, _| Ok(nl.block_on(veth::link(nl.handle(), ifname.as_str()))?))?;
     if exists.is_some() {

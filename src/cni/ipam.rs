@@ -2,7 +2,9 @@
 //! its own, so only the daemon ever writes the store (design.md §2.4).
 //!
 //! Daemon answers map to CNI codes: unreachable or `not_ready` is 11 (try again later: the
-//! daemon is starting or its lease is not held), `exhausted` is 102, anything else 103.
+//! daemon is starting or its lease is not held), `exhausted` is 102, anything else 103. DEL
+//! alone takes an unreachable daemon as an answer ([`Ipam::try_release`]): it cannot wait for
+//! one, so it records the release for later instead.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,16 @@ pub struct Overlay {
     /// The overlay MTU: every pod interface gets it, so no pod sends what the tunnel cannot
     /// carry.
     pub mtu: u32,
+}
+
+/// How a release went: a daemon that could not be reached is told apart from one that answered.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Release {
+    /// The daemon answered and freed these addresses (none: the attachment held nothing).
+    Done(Vec<String>),
+    /// No answer: no socket, nobody listening, a timeout, or the daemon went away mid-request.
+    /// Nothing is known to be freed (the request may still have run). The reason, for messages.
+    Unreachable(String),
 }
 
 /// The daemon at one socket.
@@ -135,6 +147,19 @@ impl Ipam {
     pub fn release(&self, cid: &ContainerId, ifname: &IfName) -> Result<Vec<String>, CniError> {
         let v = self.call(&Request::Release(attachment(cid, ifname)))?;
         Ok(strings(v.get("released")))
+    }
+
+    /// Frees the attachment's address like [`Self::release`], but answers
+    /// [`Release::Unreachable`] instead of failing when the daemon cannot be reached.
+    ///
+    /// # Errors
+    /// The daemon refused (103) or answered something that does not parse (103).
+    pub fn try_release(&self, cid: &ContainerId, ifname: &IfName) -> Result<Release, CniError> {
+        match api::request(&self.socket, &Request::Release(attachment(cid, ifname))) {
+            Ok(v) => Ok(Release::Done(strings(v.get("released")))),
+            Err(e @ (ClientError::Connect { .. } | ClientError::Io { .. })) => Ok(Release::Unreachable(e.to_string())),
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     /// Frees every allocation not in `valid` (the daemon spares very young ones). Returns the

@@ -248,6 +248,10 @@ pub struct NetConf {
     /// weft's own field: the daemon's API socket.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// weft's own field: where DEL records a release the daemon cannot be reached for, so the
+    /// daemon frees the address when it is back (the daemon's `pending_release_dir`).
+    #[serde(default)]
+    pub pending_release_dir: Option<PathBuf>,
     /// DNS settings copied into the result.
     #[serde(default)]
     pub dns: Option<Dns>,
@@ -356,6 +360,12 @@ impl NetConf {
     /// The daemon socket: `socket`, else [`DEFAULT_SOCKET`].
     pub fn socket(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    /// The pending-release directory: `pendingReleaseDir`, else the daemon's default
+    /// ([`weft_ipam::PendingReleases::DEFAULT_DIR`]), so both sides agree unless told otherwise.
+    pub fn pending_release_dir(&self) -> PathBuf {
+        self.pending_release_dir.clone().unwrap_or_else(|| PathBuf::from(weft_ipam::PendingReleases::DEFAULT_DIR))
     }
 
     /// The previous result, parsed, if there is one (an empty object counts as none: DEL may

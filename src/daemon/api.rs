@@ -173,7 +173,9 @@ impl ApiState {
             Request::Allocate(a) => {
                 self.ready()?;
                 let who = a.parse()?;
-                let p = self.pods.allocate(&who).map_err(store_err)?;
+                // An ADD after a DEL that was recorded while we were down wins over that record.
+                let spool = weft_ipam::PendingReleases::new(&self.cfg.pending_release_dir);
+                let p = super::pending::allocate(&spool, &self.pods, &self.cfg.api_socket, &who).map_err(store_err)?;
                 json(serde_json::to_value(to_alloc(&who, &p)))
             }
             Request::Get(a) => {
@@ -399,7 +401,12 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ClientEr
     let line = serde_json::to_string(req).map_err(|e| decode(e.to_string()))?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).map_err(io)?;
+    if BufReader::new(s).read_line(&mut answer).map_err(io)? == 0 {
+        // The daemon stopped (or crashed) with our request in flight: that is no answer, like
+        // a timeout, not an answer that fails to parse. The request may or may not have run.
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without an answer");
+        return Err(io(eof));
+    }
     let mut v: serde_json::Value =
         serde_json::from_str(&answer).map_err(|e| decode(format!("{e}: {}", answer.trim())))?;
     if let Some(e) = v.get_mut("error") {

@@ -1,11 +1,18 @@
 //! `weft run`: start-up, the signal loop and shutdown.
 //!
-//! Start-up order: validated config → (lease mode: store, network config, lease) → netlink
-//! (underlay interface, MTU) → I/O backend probe → TUN queues → UDP sockets → TUN address,
-//! link and routes → (lease mode: `subnet.env`, peers from the store) → route table →
-//! workers → API socket. In static mode SIGHUP re-reads the peers and swaps the route table
-//! while traffic flows; in lease mode peers follow the store. SIGTERM or SIGINT stop the
-//! workers, remove the routes and the TUN, optionally release the lease, and log the counters.
+//! Start-up order: validated config → (lease mode: store and lease cache; with a usable cache
+//! its network config and subnet, else the store's network config, the fail-closed route, and
+//! the lease) → the fail-closed `unreachable` route for the cluster network → underlay
+//! interface and MTU → I/O backend probe → TUN queues → UDP sockets → TUN address, link and
+//! routes → (lease mode: `subnet.env`, the first route table from the store's list or the
+//! cache, the lease task) → workers → pending CNI releases drained → API socket.
+//!
+//! In static mode SIGHUP re-reads the peers and swaps the route table while traffic flows; in
+//! lease mode peers follow the store. SIGTERM or SIGINT stop the workers and the lease task;
+//! the TUN goes with the process, the lease and the fail-closed route stay, so that pod
+//! traffic is never sent unencapsulated while weft restarts. Only a leave (`weft leave`, or
+//! `release_on_exit`) releases the lease and removes the route. A worker or task that ends on
+//! its own stops the daemon with an error (exit 1), for its supervisor to restart it.
 
 pub mod api;
 pub mod control;
@@ -13,6 +20,7 @@ pub mod failpoint;
 pub mod lease;
 pub mod netlink;
 pub mod peers;
+pub mod pending;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -113,7 +121,7 @@ pub enum DaemonError {
     /// A control-plane task ended on its own or panicked.
     #[error("{task} task died: {why}")]
     TaskDied {
-        /// `lease` or `api`.
+        /// `lease`, `api` or `pending-release`.
         task: &'static str,
         /// How it ended.
         why: String,
@@ -557,6 +565,7 @@ async fn run_with<C: PacketCore + 'static>(
         pods: Arc::new(pods),
         leave: leave_tx,
     });
+    let mut pending_task = pending::start(Arc::clone(&state)).await;
     let listener =
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
     let mut api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
@@ -570,6 +579,7 @@ async fn run_with<C: PacketCore + 'static>(
             done: &mut done_rx,
             lease: lease_task.as_mut().map(|(_, t)| t),
             api: &mut api_task,
+            pending: &mut pending_task,
             leave: &mut leave_rx,
         };
         signal_loop(&mut ctl, &mut signals, &mut watched).await
@@ -577,6 +587,7 @@ async fn run_with<C: PacketCore + 'static>(
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
+    pending_task.abort();
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
@@ -680,6 +691,7 @@ struct Watched<'a> {
     done: &'a mut mpsc::UnboundedReceiver<(usize, WorkerEnd)>,
     lease: Option<&'a mut LeaseJoin>,
     api: &'a mut tokio::task::JoinHandle<()>,
+    pending: &'a mut tokio::task::JoinHandle<()>,
     leave: &'a mut mpsc::UnboundedReceiver<()>,
 }
 
@@ -692,7 +704,7 @@ async fn signal_loop(
     w: &mut Watched<'_>,
 ) -> (Exit, Result<(), DaemonError>) {
     let Signals { hup, term, int } = signals;
-    let Watched { done, lease, api, leave } = w;
+    let Watched { done, lease, api, pending, leave } = w;
     let lease_alive = lease.is_some();
     let mut lease_end = std::pin::pin!(async {
         match lease {
@@ -737,6 +749,11 @@ async fn signal_loop(
                 let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
                 error!(why = %why, "api task ended; stopping");
                 return (Exit::Stop, Err(DaemonError::TaskDied { task: "api", why }));
+            }
+            r = &mut **pending => {
+                let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
+                error!(why = %why, "pending-release task ended; stopping");
+                return (Exit::Stop, Err(DaemonError::TaskDied { task: "pending-release", why }));
             }
         }
     }

@@ -5,6 +5,8 @@
 //! The trait uses `impl Future + Send` (native async, static dispatch) so the daemon can hold an
 //! [`AnyStore`] and run its futures on a multi-threaded runtime. [`PodStore`] is synchronous and
 //! local: pod addresses belong to one node, and only the daemon writes them (design.md §2.4).
+//! [`PendingReleases`] is the one exception's mailbox: releases the CNI plugin could not hand
+//! to a daemon that was down, which the daemon carries out when it is back.
 
 use std::fmt;
 use std::future::Future;
@@ -24,12 +26,14 @@ use crate::watch::LeaseEvent;
 mod etcd;
 mod file;
 mod mem;
+mod pending_file;
 mod pod_file;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use file::{FileStore, FileStoreOptions};
 pub use mem::MemStore;
+pub use pending_file::{PendingRelease, PendingReleases, PendingScan, SkipReason, SkippedEntry};
 pub use pod_file::FilePodStore;
 
 /// A point in a store's history. Watching from a revision yields the changes after it.
