@@ -166,6 +166,8 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Lease mode: the store and per-node state files. `None` is static mode.
     pub lease: Option<LeaseSettings>,
+    /// Extra environment for the daemon (`WEFT_FAILPOINT=worker-panic`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeConfig {
@@ -192,6 +194,7 @@ impl NodeConfig {
             gro: None,
             peers: Vec::new(),
             lease: None,
+            env: Vec::new(),
         }
     }
 
@@ -200,6 +203,12 @@ impl NodeConfig {
     /// ([`LeaseSettings::for_node`] builds one in a test's scratch dir).
     pub fn leased(i: u8, lease: LeaseSettings) -> Self {
         Self { lease: Some(lease), ..Self::for_host(i) }
+    }
+
+    /// Adds `key=value` to the daemon's environment.
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Whether this config runs the daemon in lease mode.
@@ -372,7 +381,11 @@ impl<'t> WeftNode<'t> {
         let name = self.config.node_name.clone();
         self.write_config()?;
         let config_arg = self.config_path.display().to_string();
-        self.proc = Some(self.host.ns().spawn(&self.bin, &["run", "--config", &config_arg], &self.log)?);
+        let args = ["run", "--config", config_arg.as_str()];
+        let mut cmd = self.host.ns().command(&self.bin, &args);
+        cmd.envs(self.config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let what = format!("[{}] {} {}", self.host.ns().name(), self.bin.display(), args.join(" "));
+        self.proc = Some(Proc::spawn(cmd, &what, Some(&self.log))?);
         self.wait_ready().with_context(|| format!("weft {name} did not become ready"))
     }
 

@@ -3,9 +3,9 @@
 //! leaving it "ready" with nothing behind it (security.md R7 names the same mechanism).
 //!
 //! Read once per site at start-up, never on the packet path. Names:
-//! - `worker-exit`: worker 0 returns from its loop after a second, as if it had finished;
-//! - `worker-panic`: worker 0's thread panics after a second;
-//! - `lease-panic`: the lease task panics after a second.
+//! - `worker-exit`: worker 0 returns from its loop after two seconds, as if it had finished;
+//! - `worker-panic`: worker 0's thread panics after two seconds;
+//! - `lease-panic`: the lease task panics after two seconds.
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "WEFT_FAILPOINT";

@@ -606,7 +606,7 @@ async fn confirm(
 /// that its supervisor restarts it with the store's view.
 pub async fn run(mut task: LeaseTask, ctx: LeaseContext, mut stop: oneshot::Receiver<Exit>) -> Result<(), DaemonError> {
     if super::failpoint::armed("lease-panic") {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         #[allow(clippy::panic)] // A test hook: proves a dead lease task stops the daemon.
         {
             panic!("failpoint lease-panic");

@@ -652,7 +652,7 @@ fn worker_stop_flag(i: usize, daemon: &Arc<AtomicBool>) -> Arc<AtomicBool> {
     let own = Arc::new(AtomicBool::new(false));
     let trip = Arc::clone(&own);
     let spawned = std::thread::Builder::new().name("weft-failpoint".into()).spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        std::thread::sleep(std::time::Duration::from_secs(2));
         trip.store(true, Ordering::Relaxed);
     });
     if spawned.is_err() {
