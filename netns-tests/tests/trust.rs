@@ -262,3 +262,31 @@ fn a_dead_worker_or_task_stops_the_daemon() {
         assert!(fail_closed_route(&topo, 1).is_some(), "{failpoint}: the fail-closed route went with the daemon");
     }
 }
+
+/// `weft leave` in lease mode: the lease is released (the other node drops the route), the
+/// lease cache is forgotten and the fail-closed route removed; a plain stop keeps all three.
+#[test]
+fn leave_releases_the_lease_and_removes_the_fail_closed_route() {
+    let Some(topo) = Topology::for_test("leave_releases_the_lease", "trleave", 2).expect("topology") else {
+        return;
+    };
+    let store = topo.file_store();
+    topo.network_init(&store, &NetworkInit::udp()).expect("weft network init");
+    let mut n1 = topo.start_weft(topo.lease_config(1, &store)).expect("n1");
+    let n2 = topo.start_weft(topo.lease_config(2, &store)).expect("n2");
+    let s1 = n1.leased_subnet().expect("n1 subnet");
+    assert!(wait_for(SETTLE, || peer_subnets(&n2).contains(&s1).then_some(())).is_some(), "n2 never saw n1");
+    let cache = n1.config().lease.as_ref().expect("lease mode").lease_cache.clone();
+
+    n1.stop().expect("graceful stop");
+    assert!(fail_closed_route(&topo, 1).is_some(), "a stop removed the fail-closed route");
+    assert!(cache.exists(), "a stop removed the lease cache");
+    assert!(topo.leases(&store).expect("weft leases").iter().any(|l| l.subnet == s1), "a stop released the lease");
+
+    n1.restart().expect("restart");
+    n1.leave().expect("weft leave");
+    assert!(fail_closed_route(&topo, 1).is_none(), "weft leave kept the fail-closed route");
+    assert!(!cache.exists(), "weft leave kept the lease cache");
+    assert!(!topo.leases(&store).expect("weft leases").iter().any(|l| l.subnet == s1), "weft leave kept the lease");
+    assert!(wait_for(SETTLE, || (!peer_subnets(&n2).contains(&s1)).then_some(())).is_some(), "n2 still routes to n1");
+}
