@@ -768,12 +768,16 @@ fn join_why(j: tokio::task::JoinError) -> String {
 
 /// TAP mode: makes the kernel's per-peer routes (`<peer subnet> via <peer gateway> onlink`)
 /// match `new`, removing those of peers in `old` that are gone.
+///
+/// A route depends on the subnet alone, so only subnets that came or went cost a request.
 async fn sync_tap_routes(nl: &Netlink, index: u32, old: &[Peer], new: &[Peer]) -> Result<(), NetlinkError> {
-    for p in old.iter().filter(|o| !new.iter().any(|n| n.subnet == o.subnet)) {
-        nl.del_onlink_route(IpNet::V4(p.subnet), gateway_of(p.subnet).into(), index).await?;
+    let before: std::collections::HashSet<ipnet::Ipv4Net> = old.iter().map(|p| p.subnet).collect();
+    let after: std::collections::HashSet<ipnet::Ipv4Net> = new.iter().map(|p| p.subnet).collect();
+    for s in before.difference(&after) {
+        nl.del_onlink_route(IpNet::V4(*s), gateway_of(*s).into(), index).await?;
     }
-    for p in new {
-        nl.add_onlink_route(IpNet::V4(p.subnet), gateway_of(p.subnet).into(), index).await?;
+    for s in after.difference(&before) {
+        nl.add_onlink_route(IpNet::V4(*s), gateway_of(*s).into(), index).await?;
     }
     Ok(())
 }
