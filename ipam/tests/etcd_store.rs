@@ -1,5 +1,6 @@
 //! The etcd store against a real etcd (Debian's `etcd-server`), started by each test on
-//! 127.0.0.1 with free ports and a temporary data dir, and killed when the test ends.
+//! 127.0.0.1 with free ports and a temporary data dir, and killed when the test ends
+//! (`support::Etcd`).
 //!
 //! Without an `etcd` binary the tests fail under `CI=true` and otherwise skip, saying so.
 
@@ -8,14 +9,15 @@
 // fail the test loudly, which is what these lints exist to prevent elsewhere.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
+use support::Etcd;
 use weft_ipam::keeper::AcquireSource;
 use weft_ipam::lease_loop::execute;
 use weft_ipam::store::{EtcdOptions, EtcdStore};
@@ -23,87 +25,6 @@ use weft_ipam::{
     KeeperConfig, KeeperEvent, LeaseAction, LeaseAttrs, LeaseEvent, LeaseKeeper, LeaseStore, NetworkConfig, Revision,
     StoreError, SubnetLease,
 };
-
-/// One etcd process; killed (SIGKILL) and reaped on drop, data dir removed with the guard.
-struct Etcd {
-    child: Option<Child>,
-    client_port: u16,
-    peer_port: u16,
-    data: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Etcd {
-    /// Starts etcd, or returns `None` (after saying why) when it is not installed and this is
-    /// not CI.
-    fn start() -> Option<Self> {
-        if Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
-            let why = "etcd not found (Debian: apt-get install etcd-server)";
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{why}; CI must run the etcd tests");
-            }
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
-        let mut etcd =
-            Self { child: None, client_port: free_port(), peer_port: free_port(), data: tempfile::tempdir().unwrap() };
-        etcd.spawn();
-        Some(etcd)
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.data.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "weft-test", "--data-dir"])
-            .arg(self.data.path().join("data"))
-            .args(["--listen-client-urls", &self.endpoint(), "--advertise-client-urls", &self.endpoint()])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("weft-test={peer}"), "--initial-cluster-state", "new"])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not listen; see {}", self.log_path().display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.data.path().join("etcd.log")
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Restarts on the same ports and data dir (what a crashed etcd does under systemd).
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn options(etcd: &Etcd) -> EtcdOptions {
     EtcdOptions { request_timeout: Duration::from_secs(2), ..EtcdOptions::new([etcd.endpoint()]) }
