@@ -45,7 +45,7 @@ pub use store::{
     WatchBatch,
 };
 #[cfg(feature = "etcd")]
-pub use store::{EtcdOptions, EtcdStore};
+pub use store::{EtcdCredentials, EtcdOptions, EtcdStore, EtcdTls, EtcdTlsError, Password, TlsFile};
 pub use subnet::SubnetRange;
 pub use subnet_env::{SubnetEnv, SubnetEnvError};
 pub use watch::LeaseEvent;

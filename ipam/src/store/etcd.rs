@@ -17,10 +17,14 @@
 //!
 //! Connecting is lazy: [`EtcdStore::connect`] succeeds while etcd is down (flannel#323), and
 //! each call fails with [`StoreError::Unavailable`] within `request_timeout` until it is back.
+//! That holds with TLS and with etcd users too: the first call authenticates (etcd-client's own
+//! `with_user` would authenticate inside `connect`, which then fails while etcd is down), and
+//! a refused password is [`StoreError::Denied`], which is not retried as if etcd were down.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
@@ -33,6 +37,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tracing::{debug, warn};
 
+use super::etcd_auth::{EtcdCredentials, EtcdTls, tls_hint};
 use super::{LeaseSnapshot, LeaseStore, Revision, StoreError, UnreadableLease, WatchBatch};
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
@@ -59,6 +64,12 @@ pub struct EtcdOptions {
     /// HTTP/2 keep-alive interval and timeout, so a silently dead connection (etcd stopped,
     /// network black-holed) is noticed even by an idle watch.
     pub keep_alive: (Duration, Duration),
+    /// TLS files (flannel's `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`). Used with
+    /// `https://` endpoints; see [`EtcdTls`] for what is trusted when no CA is given.
+    pub tls: EtcdTls,
+    /// An etcd user (flannel's `--etcd-username`, `--etcd-password`), for an etcd with auth
+    /// enabled.
+    pub credentials: Option<EtcdCredentials>,
 }
 
 impl EtcdOptions {
@@ -74,6 +85,8 @@ impl EtcdOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             keep_alive: (Duration::from_secs(5), Duration::from_secs(3)),
+            tls: EtcdTls::default(),
+            credentials: None,
         }
     }
 }
@@ -91,6 +104,16 @@ struct Clients {
     client: Client,
     /// For watches: no request timeout (it would cut long-lived streams); keep-alive only.
     watch_client: Client,
+    /// The etcd user to authenticate as, if any.
+    credentials: Option<EtcdCredentials>,
+    /// Whether both clients hold a token for `credentials` (or etcd has auth disabled).
+    authenticated: AtomicBool,
+    /// Serializes authenticating, so a burst of first calls authenticates once.
+    auth_lock: tokio::sync::Mutex<()>,
+    /// Deadline of the authenticate calls (the watch client has no request timeout).
+    request_timeout: Duration,
+    /// The TLS files when the endpoints are `https://`, for error hints.
+    tls: Option<EtcdTls>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -99,8 +122,47 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
-fn unavailable(op: &str, e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable { reason: format!("etcd {op}: {e}") }
+/// An etcd-client error as one line: the gRPC message and each distinct cause below it (TLS
+/// alerts and certificate errors are causes; etcd-client's own `Display` shows them as `Debug`
+/// of the first one only).
+fn describe(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (mut parts, mut source) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let first =
+                if s.message().is_empty() { format!("grpc status {:?}", s.code()) } else { s.message().to_owned() };
+            (vec![first], s.source())
+        }
+        etcd_client::Error::TransportError(t) => (vec![t.to_string()], t.source()),
+        other => (vec![other.to_string()], None),
+    };
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether etcd refused who we are (etcd's `rpctypes`: `ErrGRPCUserEmpty`,
+/// `ErrGRPCAuthFailed`, `ErrGRPCPermissionDenied`, `ErrGRPCInvalidAuthToken`).
+fn is_denied(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(s) = e else { return false };
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => true,
+        tonic::Code::InvalidArgument => {
+            let m = s.message();
+            m.contains("authentication failed") || m.contains("user name is empty")
+        }
+        _ => false,
+    }
+}
+
+/// `ErrGRPCAuthNotEnabled`: we have credentials, etcd has no users.
+fn is_auth_not_enabled(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("authentication is not enabled"))
 }
 
 /// etcd's own ceiling on a lease TTL (`MaxLeaseTTL`, 9 000 000 000 s, about 285 years).
@@ -128,18 +190,111 @@ impl EtcdStore {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] for an empty or malformed endpoint list.
+    ///
+    /// With `https://` endpoints, the TLS files are read here ([`StoreError::Io`] naming the
+    /// file when one is unusable); TLS files with `http://` endpoints are refused by
+    /// etcd-client as unavailable (weft's config validation refuses them first, by name).
     pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
-        let base = ConnectOptions::new()
+        let mut base = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(options.keep_alive.0, options.keep_alive.1)
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(&options.endpoints, Some(base.clone().with_timeout(options.request_timeout)))
-            .await
-            .map_err(|e| unavailable("connect", e))?;
-        let watch_client =
-            Client::connect(&options.endpoints, Some(base)).await.map_err(|e| unavailable("connect", e))?;
+            .with_keep_alive_while_idle(true)
+            // etcd's simple tokens expire (5 min idle by default): authenticate again.
+            .with_auto_token_refresh(true);
+        let https = options.endpoints.iter().any(|e| e.starts_with("https://"));
+        if https || options.tls.is_set() {
+            let tls = options.tls.client_config(options.connect_timeout).map_err(|e| StoreError::Io {
+                path: e.path().to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+            base = base.with_tls(tls);
+        }
+        if options.credentials.is_some() && options.endpoints.iter().any(|e| !e.starts_with("https://")) {
+            warn!("etcd password over plain http: anyone on the path can read it; use https:// endpoints");
+        }
+        let connect = |o: ConnectOptions| async {
+            Client::connect(&options.endpoints, Some(o))
+                .await
+                .map_err(|e| StoreError::Unavailable { reason: format!("etcd connect: {}", describe(&e)) })
+        };
+        let client = connect(base.clone().with_timeout(options.request_timeout)).await?;
+        let watch_client = connect(base).await?;
         let prefix = options.prefix.trim_end_matches('/').into();
-        Ok(Self { inner: Arc::new(Clients { client, watch_client }), prefix })
+        let inner = Clients {
+            client,
+            watch_client,
+            credentials: options.credentials,
+            authenticated: AtomicBool::new(false),
+            auth_lock: tokio::sync::Mutex::new(()),
+            request_timeout: options.request_timeout,
+            tls: https.then_some(options.tls),
+        };
+        Ok(Self { inner: Arc::new(inner), prefix })
+    }
+
+    /// Turns a failed call into a [`StoreError`]: [`StoreError::Denied`] when etcd refused who
+    /// we are, [`StoreError::Unavailable`] otherwise, with a hint when it looks like etcd hung
+    /// up on our TLS certificate.
+    fn error(&self, op: &str, e: &etcd_client::Error) -> StoreError {
+        let description = describe(e);
+        if is_denied(e) {
+            // The token may have been revoked or the password changed: authenticate again next
+            // time.
+            self.inner.authenticated.store(false, Ordering::Release);
+            let hint = match &self.inner.credentials {
+                Some(c) => format!(" (as etcd user {:?})", c.username),
+                None => " (etcd has auth enabled: set --etcd-username and --etcd-password)".to_owned(),
+            };
+            return StoreError::Denied { reason: format!("etcd {op}: {description}{hint}") };
+        }
+        let hint = self.inner.tls.as_ref().and_then(|tls| tls_hint(&description, tls));
+        let reason = match hint {
+            Some(h) => format!("etcd {op}: {description} ({h})"),
+            None => format!("etcd {op}: {description}"),
+        };
+        StoreError::Unavailable { reason }
+    }
+
+    /// Authenticates both clients as [`EtcdOptions::credentials`] unless done already.
+    async fn authenticate(&self) -> Result<(), StoreError> {
+        let Some(creds) = &self.inner.credentials else { return Ok(()) };
+        if self.inner.authenticated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.inner.auth_lock.lock().await;
+        if self.inner.authenticated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for client in [&self.inner.client, &self.inner.watch_client] {
+            let mut c = client.clone();
+            let user = Some((creds.username.clone(), creds.password.expose().to_owned()));
+            match tokio::time::timeout(self.inner.request_timeout, c.update_user(user)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if is_auth_not_enabled(&e) => {
+                    warn!(user = %creds.username, "etcd has authentication disabled; talking to it without a user");
+                    break;
+                }
+                Ok(Err(e)) if is_denied(&e) => {
+                    return Err(StoreError::Denied {
+                        reason: format!("etcd authenticate as user {:?}: {}", creds.username, describe(&e)),
+                    });
+                }
+                Ok(Err(e)) => return Err(self.error("authenticate", &e)),
+                Err(_) => {
+                    return Err(StoreError::Unavailable {
+                        reason: format!("etcd authenticate: no answer within {:?}", self.inner.request_timeout),
+                    });
+                }
+            }
+        }
+        self.inner.authenticated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The unary client, authenticated.
+    async fn client(&self) -> Result<Client, StoreError> {
+        self.authenticate().await?;
+        Ok(self.inner.client.clone())
     }
 
     /// The key prefix.
@@ -180,8 +335,8 @@ impl EtcdStore {
         if id == 0 {
             return Ok(None);
         }
-        let mut c = self.inner.client.clone();
-        let resp = c.lease_time_to_live(id, None).await.map_err(|e| Some(unavailable("lease ttl", e)))?;
+        let mut c = self.client().await.map_err(Some)?;
+        let resp = c.lease_time_to_live(id, None).await.map_err(|e| Some(self.error("lease ttl", &e)))?;
         match u64::try_from(resp.ttl()) {
             Ok(secs) if secs > 0 => Ok(Some(expires_at(now, secs))),
             _ => Err(None),
@@ -244,8 +399,8 @@ impl EtcdStore {
     }
 
     async fn get_one(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut c = self.inner.client.clone();
-        let mut resp = c.get(key, None).await.map_err(|e| unavailable("get", e))?;
+        let mut c = self.client().await?;
+        let mut resp = c.get(key, None).await.map_err(|e| self.error("get", &e))?;
         Ok(resp.take_kvs().into_iter().next())
     }
 }
@@ -259,17 +414,17 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn put_config(&self, config: &NetworkConfig) -> Result<(), StoreError> {
-        let mut c = self.inner.client.clone();
-        c.put(self.config_key(), config.to_json(), None).await.map_err(|e| unavailable("put config", e))?;
+        let mut c = self.client().await?;
+        c.put(self.config_key(), config.to_json(), None).await.map_err(|e| self.error("put config", &e))?;
         Ok(())
     }
 
     async fn list(&self) -> Result<LeaseSnapshot, StoreError> {
-        let mut c = self.inner.client.clone();
+        let mut c = self.client().await?;
         let resp = c
             .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|e| unavailable("list", e))?;
+            .map_err(|e| self.error("list", &e))?;
         let now = SystemTime::now();
         let revision = Revision(resp.header().map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)));
         let mut snap = LeaseSnapshot { revision, ..LeaseSnapshot::default() };
@@ -297,8 +452,8 @@ impl LeaseStore for EtcdStore {
     async fn create(&self, lease: &SubnetLease, ttl: Duration) -> Result<Option<SubnetLease>, StoreError> {
         let key = self.lease_key(lease.subnet);
         let now = SystemTime::now();
-        let mut c = self.inner.client.clone();
-        let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| unavailable("lease grant", e))?;
+        let mut c = self.client().await?;
+        let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| self.error("lease grant", &e))?;
         let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
             key,
             lease.attrs.to_json(),
@@ -317,7 +472,7 @@ impl LeaseStore for EtcdStore {
             Err(e) => {
                 // If the Txn did commit and only the answer was lost, the record is ours and
                 // bound to this lease: keep it; the keeper finds it by PublicIP on the re-list.
-                Err(unavailable("create", e))
+                Err(self.error("create", &e))
             }
         }
     }
@@ -335,11 +490,11 @@ impl LeaseStore for EtcdStore {
                 return Err(StoreError::LeaseTaken { subnet: lease.subnet, holder: current.public_ip });
             }
             let now = SystemTime::now();
-            let mut c = self.inner.client.clone();
+            let mut c = self.client().await?;
             let (new_id, expiration) = if kv.lease() == 0 {
                 (0, None)
             } else {
-                let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| unavailable("lease grant", e))?;
+                let granted = c.lease_grant(ttl_secs(ttl), None).await.map_err(|e| self.error("lease grant", &e))?;
                 let secs = u64::try_from(granted.ttl()).unwrap_or(0);
                 (granted.id(), Some(expires_at(now, secs)))
             };
@@ -358,7 +513,7 @@ impl LeaseStore for EtcdStore {
                     });
                 }
                 Ok(_) => self.revoke_quietly(new_id).await,
-                Err(e) => return Err(unavailable("renew", e)),
+                Err(e) => return Err(self.error("renew", &e)),
             }
         }
         Err(StoreError::Unavailable { reason: format!("{key}: record kept changing during renewal") })
@@ -371,11 +526,11 @@ impl LeaseStore for EtcdStore {
         if !ours {
             return Ok(false);
         }
-        let mut c = self.inner.client.clone();
+        let mut c = self.client().await?;
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
             .and_then([TxnOp::delete(key, None)]);
-        let resp = c.txn(txn).await.map_err(|e| unavailable("release", e))?;
+        let resp = c.txn(txn).await.map_err(|e| self.error("release", &e))?;
         if resp.succeeded() {
             self.revoke_quietly(kv.lease()).await;
         }
@@ -383,8 +538,8 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn delete(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
-        let mut c = self.inner.client.clone();
-        let resp = c.delete(self.lease_key(subnet), None).await.map_err(|e| unavailable("delete", e))?;
+        let mut c = self.client().await?;
+        let resp = c.delete(self.lease_key(subnet), None).await.map_err(|e| self.error("delete", &e))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -448,11 +603,14 @@ impl Watch {
                 }
             }
             if self.stream.is_none() {
+                if let Err(e) = self.store.authenticate().await {
+                    return self.fail(e);
+                }
                 let opts = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1).with_prev_key();
                 let mut c = self.store.inner.watch_client.clone();
                 match c.watch(self.store.subnets_prefix(), Some(opts)).await {
                     Ok(s) => self.stream = Some(s),
-                    Err(e) => return self.fail(unavailable("watch", e)),
+                    Err(e) => return self.fail(self.store.error("watch", &e)),
                 }
             }
             let Some(stream) = self.stream.as_mut() else { continue };
@@ -461,7 +619,7 @@ impl Watch {
                 Ok(None) => {
                     return self.fail(StoreError::Unavailable { reason: "etcd watch: stream closed".into() });
                 }
-                Err(e) => return self.fail(unavailable("watch", e)),
+                Err(e) => return self.fail(self.store.error("watch", &e)),
             };
             if resp.compact_revision() > 0 || resp.canceled() {
                 warn!(

@@ -8,6 +8,8 @@
 // Test harness code: a failed setup should fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+pub mod pki;
+
 use std::ffi::OsString;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
