@@ -515,3 +515,75 @@ async fn etcd_auth_right_password_works_wrong_one_is_denied() {
     let err = anonymous.get_config().await.unwrap_err();
     assert!(matches!(err, StoreError::Denied { .. }) && err.to_string().contains("--etcd-username"), "{err}");
 }
+
+/// 20 000 leases (each on its own etcd lease, as 20 000 nodes would be) plus three records of
+/// about 1 MiB: far more than one 4 MiB gRPC message, which is what a single Range returned
+/// (and still returns, shown first). The paged list returns every lease, and the huge records
+/// as unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_twenty_thousand_leases_and_huge_records() {
+    const N: u32 = 20_000;
+    let Some(etcd) = Etcd::start() else { return };
+    let s = ready_store(&etcd).await;
+    let raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let subnet = |i: u32| Ipv4Net::new(Ipv4Addr::new(10, (i / 256) as u8, (i % 256) as u8, 0), 24).unwrap();
+    let key = |net: Ipv4Net| format!("/coreos.com/network/subnets/{}-{}", net.addr(), net.prefix_len());
+    let attrs = |i: u32| LeaseAttrs::new(Ipv4Addr::from(0xc612_0000 + i), "udp");
+
+    let t = Instant::now();
+    let grants: Vec<i64> = futures::stream::iter(0..N)
+        .map(|_| {
+            let mut c = raw.clone();
+            async move { c.lease_grant(600, None).await.unwrap().id() }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    let ids: Vec<u32> = (0..N).collect();
+    futures::stream::iter(ids.chunks(128)) // etcd's --max-txn-ops default
+        .map(|chunk| {
+            let mut c = raw.clone();
+            let ops: Vec<etcd_client::TxnOp> = chunk
+                .iter()
+                .map(|&i| {
+                    let opts = etcd_client::PutOptions::new().with_lease(grants[i as usize]);
+                    etcd_client::TxnOp::put(key(subnet(i)), attrs(i).to_json(), Some(opts))
+                })
+                .collect();
+            async move { c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap() }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let huge: Vec<Ipv4Net> = (0..3).map(|i| Ipv4Net::new(Ipv4Addr::new(10, 250, i, 0), 24).unwrap()).collect();
+    let mut c = raw.clone();
+    let big_backend =
+        LeaseAttrs { backend_data: serde_json::json!({ "Padding": "x".repeat(1_000_000) }), ..attrs(N + 1) };
+    c.put(key(huge[0]), big_backend.to_json(), None).await.unwrap();
+    c.put(key(huge[1]), vec![b'{'; 1_000_000], None).await.unwrap();
+    c.put(key(huge[2]), vec![0xff; 1_000_000], None).await.unwrap();
+    eprintln!("wrote {N} leases and 3 x 1 MB records in {:?}", t.elapsed());
+
+    // What list did before: one Range, over the client's 4 MiB default.
+    let err = c.get("/coreos.com/network/subnets/", Some(etcd_client::GetOptions::new().with_prefix())).await;
+    let err = err.map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("decoded message length too large"), "{err}");
+
+    let t = Instant::now();
+    let snap = s.list().await.unwrap();
+    eprintln!("listed {} leases ({} unreadable) in {:?}", snap.leases.len(), snap.unreadable.len(), t.elapsed());
+    assert_eq!(snap.leases.len(), N as usize);
+    assert!(snap.leases.iter().all(|l| l.expiration.is_some() && l.created > Revision(0)));
+    assert_eq!(snap.leases.iter().map(|l| l.subnet).collect::<Vec<_>>(), (0..N).map(subnet).collect::<Vec<_>>());
+    let mut unreadable: Vec<Option<Ipv4Net>> = snap.unreadable.iter().map(|u| u.subnet).collect();
+    unreadable.sort_unstable();
+    assert_eq!(unreadable, huge.iter().copied().map(Some).collect::<Vec<_>>());
+    assert!(snap.unreadable.iter().all(|u| u.reason.contains("bytes, more than")), "{:?}", snap.unreadable[0].reason);
+
+    // The snapshot's revision is the one the pages were read at: a watch from it sees only what
+    // comes after.
+    let mut watch = Box::pin(s.watch(&snap));
+    c.delete(key(subnet(7)), None).await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(batch.events, vec![LeaseEvent::Removed(subnet(7))]);
+}

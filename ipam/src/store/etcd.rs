@@ -12,6 +12,8 @@
 //!   `ModRevision` after checking that its `PublicIP` is ours: an expired-and-retaken subnet is
 //!   reported, never overwritten (flannel#1289). The old etcd lease is then revoked.
 //! - A key without an etcd lease is a reservation and stays one.
+//! - **list** reads the subnets prefix in pages pinned to one revision (`etcd_pages`), so
+//!   that no gRPC message nears the client's decode limit however many leases there are.
 //! - **watch** watches the subnets prefix from a revision with `prev_kv`, resumes from its last
 //!   revision after a disconnect, and re-lists and diffs when that revision was compacted.
 //!
@@ -28,8 +30,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp,
+    WatchClient, WatchOptions, WatchStream,
 };
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
@@ -38,6 +40,7 @@ use rand::rngs::StdRng;
 use tracing::{debug, warn};
 
 use super::etcd_auth::{EtcdCredentials, EtcdTls, tls_hint};
+use super::etcd_pages::{Next, PAGE_KEYS, PageFailure, PageGaveUp, Pager};
 use super::{LeaseSnapshot, LeaseStore, Revision, StoreError, UnreadableLease, WatchBatch};
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
@@ -48,6 +51,19 @@ use crate::watch::{LeaseEvent, resync};
 /// `EtcdStore::expirations`): enough to hide the round trip, few enough that a bootstrap storm
 /// of listing nodes does not flood etcd.
 const TTL_CONCURRENCY: usize = 32;
+
+/// Largest gRPC message taken from etcd: a list page or one watch response. tonic's default,
+/// 4 MiB, is less than etcd sends legitimately: one record may be up to etcd's request limit
+/// (`--max-request-bytes`, 1.5 MiB by default) and one watch response carries up to 1 000
+/// revisions of events. 64 MiB is far above that and still bounds what one message can make us
+/// allocate. A list page above it is asked again smaller (`etcd_pages`); a watch response above
+/// it makes the watch re-list and resume after the list.
+pub const MAX_DECODE_BYTES: usize = 64 << 20;
+
+/// Largest value read as a lease record. flannel's lease JSON is about 150 bytes (with VXLAN
+/// `BackendData`); a bigger value is a writer's mistake or mischief (security.md T10), so it is
+/// reported unreadable instead of being kept in memory and routed to.
+pub const MAX_RECORD_BYTES: usize = 64 << 10;
 
 /// How to reach etcd and where the network lives in it.
 #[derive(Clone, Debug)]
@@ -104,6 +120,10 @@ struct Clients {
     client: Client,
     /// For watches: no request timeout (it would cut long-lived streams); keep-alive only.
     watch_client: Client,
+    /// `client`'s KV with [`MAX_DECODE_BYTES`], for list pages.
+    kv: KvClient,
+    /// `watch_client`'s watch with [`MAX_DECODE_BYTES`].
+    watch: WatchClient,
     /// The etcd user to authenticate as, if any.
     credentials: Option<EtcdCredentials>,
     /// Whether both clients hold a token for `credentials` (or etcd has auth disabled).
@@ -165,6 +185,18 @@ fn is_auth_not_enabled(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("authentication is not enabled"))
 }
 
+/// The failures paging handles itself (see `etcd_pages`).
+fn page_failure(e: &etcd_client::Error) -> Option<PageFailure> {
+    let etcd_client::Error::GRpcStatus(s) = e else { return None };
+    if s.message().contains("decoded message length too large") {
+        Some(PageFailure::TooLarge)
+    } else if s.message().contains("required revision has been compacted") {
+        Some(PageFailure::Compacted)
+    } else {
+        None
+    }
+}
+
 /// etcd's own ceiling on a lease TTL (`MaxLeaseTTL`, 9 000 000 000 s, about 285 years).
 const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
 
@@ -219,10 +251,14 @@ impl EtcdStore {
         };
         let client = connect(base.clone().with_timeout(options.request_timeout)).await?;
         let watch_client = connect(base).await?;
+        let kv = client.kv_client().max_decoding_message_size(MAX_DECODE_BYTES);
+        let watch = watch_client.watch_client().max_decoding_message_size(MAX_DECODE_BYTES);
         let prefix = options.prefix.trim_end_matches('/').into();
         let inner = Clients {
             client,
             watch_client,
+            kv,
+            watch,
             credentials: options.credentials,
             authenticated: AtomicBool::new(false),
             auth_lock: tokio::sync::Mutex::new(()),
@@ -322,6 +358,10 @@ impl EtcdStore {
             Ok(k) => k.subnet(),
             Err(e) => return Err(UnreadableLease { key, subnet: None, reason: e.to_string() }),
         };
+        if kv.value().len() > MAX_RECORD_BYTES {
+            let reason = format!("{} bytes, more than the {MAX_RECORD_BYTES} a lease record may be", kv.value().len());
+            return Err(UnreadableLease { key, subnet: Some(subnet), reason });
+        }
         LeaseAttrs::from_json(kv.value()).map(|attrs| (subnet, attrs)).map_err(|e| UnreadableLease {
             key,
             subnet: Some(subnet),
@@ -420,24 +460,66 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn list(&self) -> Result<LeaseSnapshot, StoreError> {
-        let mut c = self.client().await?;
-        let resp = c
-            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.error("list", &e))?;
-        let now = SystemTime::now();
-        let revision = Revision(resp.header().map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)));
-        let mut snap = LeaseSnapshot { revision, ..LeaseSnapshot::default() };
-        let mut records = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            match self.parse_kv(kv) {
-                Ok((subnet, attrs)) => records.push((subnet, attrs, kv.lease(), rev(kv.create_revision()))),
-                Err(unreadable) => {
-                    warn!(key = %unreadable.key, reason = %unreadable.reason, "ignoring unreadable lease record");
-                    snap.unreadable.push(unreadable);
+        self.authenticate().await?;
+        let prefix = self.subnets_prefix();
+        let mut pager = Pager::new(prefix.as_bytes(), PAGE_KEYS);
+        let mut snap = LeaseSnapshot::default();
+        let mut records = Vec::new();
+        loop {
+            let req = pager.request();
+            let mut opts = GetOptions::new().with_range(req.end).with_limit(req.limit);
+            if req.revision > 0 {
+                opts = opts.with_revision(req.revision);
+            }
+            let mut kv = self.inner.kv.clone();
+            let next = match kv.get(req.from, Some(opts)).await {
+                Ok(mut resp) => {
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    let more = resp.more();
+                    // Parse page by page and drop the raw values: only small records outlive
+                    // their page.
+                    let kvs = resp.take_kvs();
+                    for kv in &kvs {
+                        match self.parse_kv(kv) {
+                            Ok((subnet, attrs)) => records.push((subnet, attrs, kv.lease(), rev(kv.create_revision()))),
+                            Err(unreadable) => snap.unreadable.push(unreadable),
+                        }
+                    }
+                    pager.on_page(kvs.last().map(KeyValue::key), more, revision)
                 }
+                Err(e) => match page_failure(&e) {
+                    Some(failure) => {
+                        debug!(?failure, limit = req.limit, revision = req.revision, "list page failed; paging again");
+                        pager.on_failure(failure).map_err(|g| match g {
+                            PageGaveUp::RecordTooLarge { from } => StoreError::Corrupt {
+                                key: prefix.clone(),
+                                reason: format!(
+                                    "the first record from {:?} on is larger than {MAX_DECODE_BYTES} bytes; cannot list",
+                                    String::from_utf8_lossy(&from).trim_end_matches('\0')
+                                ),
+                            },
+                            PageGaveUp::KeptCompacting => StoreError::Unavailable {
+                                reason: format!("etcd list: {prefix}: history compacted during every attempt"),
+                            },
+                        })?
+                    }
+                    None => return Err(self.error("list", &e)),
+                },
+            };
+            match next {
+                Next::Done => break,
+                Next::Restart => {
+                    records.clear();
+                    snap.unreadable.clear();
+                }
+                Next::Fetch => {}
             }
         }
+        snap.revision = rev(pager.revision());
+        for unreadable in &snap.unreadable {
+            warn!(key = %unreadable.key, reason = %unreadable.reason, "ignoring unreadable lease record");
+        }
+        let now = SystemTime::now();
         let live = self.expirations(records.iter().map(|&(_, _, id, _)| id), now).await?;
         for (subnet, attrs, id, created) in records {
             // Not in `live`: expiring right now, etcd deletes the key momentarily.
@@ -607,7 +689,7 @@ impl Watch {
                     return self.fail(e);
                 }
                 let opts = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1).with_prev_key();
-                let mut c = self.store.inner.watch_client.clone();
+                let mut c = self.store.inner.watch.clone();
                 match c.watch(self.store.subnets_prefix(), Some(opts)).await {
                     Ok(s) => self.stream = Some(s),
                     Err(e) => return self.fail(self.store.error("watch", &e)),
@@ -618,6 +700,15 @@ impl Watch {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     return self.fail(StoreError::Unavailable { reason: "etcd watch: stream closed".into() });
+                }
+                Err(e) if page_failure(&e) == Some(PageFailure::TooLarge) => {
+                    // One response above MAX_DECODE_BYTES: resuming would fail on it again.
+                    // Re-list instead (paged, so it fits) and watch on from the list.
+                    warn!(from_revision = self.revision + 1, error = %describe(&e),
+                        "lease watch response too large; re-listing and diffing");
+                    self.stream = None;
+                    self.relist = true;
+                    continue;
                 }
                 Err(e) => return self.fail(self.store.error("watch", &e)),
             };

@@ -24,12 +24,14 @@ use crate::watch::LeaseEvent;
 mod etcd;
 #[cfg(feature = "etcd")]
 mod etcd_auth;
+#[cfg(feature = "etcd")]
+mod etcd_pages;
 mod file;
 mod mem;
 mod pod_file;
 
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, MAX_DECODE_BYTES, MAX_RECORD_BYTES};
 #[cfg(feature = "etcd")]
 pub use etcd_auth::{EtcdCredentials, EtcdTls, EtcdTlsError, Password, TlsFile};
 pub use file::{FileStore, FileStoreOptions};
