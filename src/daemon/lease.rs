@@ -36,9 +36,11 @@ use crate::config::{LeaseSettings, Peer, StoreSettings};
 pub async fn open_store(s: &StoreSettings) -> Result<AnyStore, StoreError> {
     match s {
         StoreSettings::File { dir } => Ok(AnyStore::File(FileStore::open(dir.clone())?)),
-        StoreSettings::Etcd { endpoints, prefix } => {
+        StoreSettings::Etcd { endpoints, prefix, tls, credentials } => {
             let mut o = weft_ipam::EtcdOptions::new(endpoints.clone());
             o.prefix.clone_from(prefix);
+            o.tls = tls.clone();
+            o.credentials.clone_from(credentials);
             Ok(AnyStore::Etcd(weft_ipam::EtcdStore::connect(o).await?))
         }
     }
