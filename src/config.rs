@@ -12,6 +12,7 @@ use weft_forwarder::driver::IoPreference;
 use weft_forwarder::encap::{flannel_udp, vxlan};
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_forwarder::wire::vxlan::Vni;
+use weft_ipam::{EtcdCredentials, EtcdTls, Password, TlsFile};
 
 /// Default cluster network, as flannel's and kubeadm's examples use.
 pub const DEFAULT_NETWORK: &str = "10.244.0.0/16";
@@ -124,6 +125,21 @@ pub struct RawConfig {
     pub etcd_endpoints: Option<Vec<String>>,
     /// Lease mode, etcd store: key prefix (flannel's `--etcd-prefix`).
     pub etcd_prefix: Option<String>,
+    /// Lease mode, etcd store: PEM CAs for etcd's server certificate (flannel's
+    /// `--etcd-cafile`); without it, `https://` endpoints are checked against the system trust
+    /// store.
+    pub etcd_cafile: Option<PathBuf>,
+    /// Lease mode, etcd store: PEM client certificate for etcd's `--client-cert-auth`
+    /// (flannel's `--etcd-certfile`).
+    pub etcd_certfile: Option<PathBuf>,
+    /// Lease mode, etcd store: PEM private key of `etcd_certfile` (flannel's `--etcd-keyfile`).
+    pub etcd_keyfile: Option<PathBuf>,
+    /// Lease mode, etcd store: etcd user, for an etcd with auth enabled (flannel's
+    /// `--etcd-username`).
+    pub etcd_username: Option<String>,
+    /// Lease mode, etcd store: that user's password (flannel's `--etcd-password`; better given
+    /// as `WEFT_ETCD_PASSWORD` than in a world-readable file or on the command line).
+    pub etcd_password: Option<Password>,
     /// Lease mode: where `subnet.env` is written (flannel's format).
     pub subnet_file: Option<PathBuf>,
     /// Lease lifetime in seconds (flannel: 86400).
@@ -234,6 +250,11 @@ impl RawConfig {
             store_dir,
             etcd_endpoints,
             etcd_prefix,
+            etcd_cafile,
+            etcd_certfile,
+            etcd_keyfile,
+            etcd_username,
+            etcd_password,
             subnet_file,
             lease_ttl_secs,
             release_on_exit,
@@ -318,10 +339,14 @@ pub enum StoreSettings {
     },
     /// etcd v3 with flannel's key layout.
     Etcd {
-        /// Client URLs.
+        /// Client URLs, all `http://` or all `https://`.
         endpoints: Vec<String>,
         /// Key prefix.
         prefix: String,
+        /// TLS files (checked readable and PEM); only with `https://` endpoints.
+        tls: EtcdTls,
+        /// The etcd user, if etcd has auth enabled.
+        credentials: Option<EtcdCredentials>,
     },
 }
 
@@ -342,8 +367,8 @@ impl StoreSettings {
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         match raw.store.as_deref().unwrap_or("file") {
             "file" => {
-                if raw.etcd_endpoints.is_some() || raw.etcd_prefix.is_some() {
-                    return Err(invalid("etcd_endpoints", "set, but store is \"file\" (set store = \"etcd\")"));
+                if let Some(field) = etcd_fields_set(raw).next() {
+                    return Err(invalid(field, "set, but store is \"file\" (set store = \"etcd\")"));
                 }
                 Ok(Self::File { dir: raw.store_dir.clone().unwrap_or_else(|| DEFAULT_STORE_DIR.into()) })
             }
@@ -364,9 +389,90 @@ impl StoreSettings {
                 if !prefix.starts_with('/') || prefix.ends_with('/') {
                     return Err(invalid("etcd_prefix", format!("{prefix:?} must start with '/' and not end with one")));
                 }
-                Ok(Self::Etcd { endpoints, prefix })
+                let tls = etcd_tls(raw, &endpoints)?;
+                let credentials = etcd_credentials(raw)?;
+                Ok(Self::Etcd { endpoints, prefix, tls, credentials })
             }
             other => Err(invalid("store", format!("{other:?} must be \"file\" or \"etcd\""))),
+        }
+    }
+}
+
+/// The etcd fields of `raw` that are set, by name.
+fn etcd_fields_set(raw: &RawConfig) -> impl Iterator<Item = &'static str> {
+    [
+        ("etcd_endpoints", raw.etcd_endpoints.is_some()),
+        ("etcd_prefix", raw.etcd_prefix.is_some()),
+        ("etcd_cafile", raw.etcd_cafile.is_some()),
+        ("etcd_certfile", raw.etcd_certfile.is_some()),
+        ("etcd_keyfile", raw.etcd_keyfile.is_some()),
+        ("etcd_username", raw.etcd_username.is_some()),
+        ("etcd_password", raw.etcd_password.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+}
+
+fn tls_field(file: TlsFile) -> &'static str {
+    match file {
+        TlsFile::Ca => "etcd_cafile",
+        TlsFile::Cert => "etcd_certfile",
+        TlsFile::Key => "etcd_keyfile",
+    }
+}
+
+/// The TLS files, read and checked now so that a typo stops the start naming the field.
+///
+/// Endpoints are all `http://` or all `https://` (etcd-client applies one TLS setting to all).
+/// TLS files with `http://` endpoints are an error, not a warning: they would be ignored and
+/// the leases sent in clear while the operator believes them protected. `https://` without
+/// `etcd_cafile` is fine: etcd's certificate is checked against the system trust store, as
+/// flanneld does.
+fn etcd_tls(raw: &RawConfig, endpoints: &[String]) -> Result<EtcdTls, ConfigError> {
+    let https = endpoints.first().is_some_and(|e| e.starts_with("https://"));
+    if let Some((i, e)) = endpoints.iter().enumerate().find(|(_, e)| e.starts_with("https://") != https) {
+        return Err(invalid(
+            format!("etcd_endpoints[{i}]"),
+            format!("{e:?} mixes http:// and https:// endpoints; use one scheme for all"),
+        ));
+    }
+    let tls = EtcdTls {
+        ca_file: raw.etcd_cafile.clone(),
+        cert_file: raw.etcd_certfile.clone(),
+        key_file: raw.etcd_keyfile.clone(),
+    };
+    if !https && tls.is_set() {
+        let field = [("etcd_cafile", &tls.ca_file), ("etcd_certfile", &tls.cert_file), ("etcd_keyfile", &tls.key_file)]
+            .into_iter()
+            .find_map(|(f, v)| v.as_ref().map(|_| f))
+            .unwrap_or("etcd_cafile");
+        return Err(invalid(
+            field,
+            format!(
+                "set, but etcd_endpoints are plain http ({:?}); use https:// endpoints \
+                 (with http the TLS files would be ignored and the leases sent in clear)",
+                endpoints.first().map_or("", String::as_str)
+            ),
+        ));
+    }
+    tls.check().map_err(|e| invalid(tls_field(e.file()), e.to_string()))?;
+    Ok(tls)
+}
+
+/// The etcd user: a name and a password, or neither.
+fn etcd_credentials(raw: &RawConfig) -> Result<Option<EtcdCredentials>, ConfigError> {
+    match (&raw.etcd_username, &raw.etcd_password) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid(
+            "etcd_password",
+            "required with etcd_username (set it with --etcd-password or the WEFT_ETCD_PASSWORD environment variable)",
+        )),
+        (None, Some(_)) => Err(ConfigError::Missing { field: "etcd_username", flag: "etcd-username" }),
+        (Some(name), Some(_)) if name.is_empty() || name.chars().any(char::is_whitespace) => {
+            Err(invalid("etcd_username", format!("{name:?} is not an etcd user name")))
+        }
+        (Some(name), Some(password)) => {
+            Ok(Some(EtcdCredentials { username: name.clone(), password: password.clone() }))
         }
     }
 }
@@ -389,6 +495,8 @@ pub struct LeaseSettings {
 /// A loaded configuration: complete (static peers), or waiting for its network settings and
 /// subnet from the lease store.
 #[derive(Clone, Debug)]
+// One value per start or reload; boxing the lease settings would only churn the daemon's code.
+#[allow(clippy::large_enum_variant)]
 pub enum Loaded {
     /// `subnet` and `[[peers]]` are in the configuration.
     Static(Box<Config>),
@@ -411,17 +519,16 @@ impl Loaded {
     /// A [`ConfigError`] naming the field.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         if raw.subnet.is_some() {
-            for (field, set) in [
+            let set = [
                 ("store", raw.store.is_some()),
                 ("store_dir", raw.store_dir.is_some()),
-                ("etcd_endpoints", raw.etcd_endpoints.is_some()),
                 ("subnet_file", raw.subnet_file.is_some()),
                 ("release_on_exit", raw.release_on_exit.is_some()),
                 ("lease_cache", raw.lease_cache.is_some()),
-            ] {
-                if set {
-                    return Err(invalid(field, "only applies in lease mode (remove `subnet` and `peers` to lease)"));
-                }
+            ];
+            let first = set.into_iter().filter_map(|(f, s)| s.then_some(f)).chain(etcd_fields_set(&raw)).next();
+            if let Some(field) = first {
+                return Err(invalid(field, "only applies in lease mode (remove `subnet` and `peers` to lease)"));
             }
             return Config::validate(raw).map(|c| Loaded::Static(Box::new(c)));
         }
@@ -984,6 +1091,72 @@ mtu = 1200
         .unwrap();
         assert_eq!((c.subnet.to_string(), c.port), ("10.244.9.0/24".to_string(), 8472));
         assert!(matches!(c.backend, Backend::Vxlan { .. }));
+    }
+
+    /// flannel's etcd TLS and user options: each bad combination or unusable file is refused
+    /// naming its field; the password never shows in `Debug`.
+    #[test]
+    fn etcd_tls_and_user_fields_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let (ca, crt, pem_key, junk) =
+            (dir.path().join("ca.crt"), dir.path().join("c.crt"), dir.path().join("c.key"), dir.path().join("junk"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&pem_key, key.serialize_pem()).unwrap();
+        std::fs::write(&junk, "not pem").unwrap();
+        let (ca, crt, pem_key, junk) = (ca.display(), crt.display(), pem_key.display(), junk.display());
+        let store = |extra: &str| {
+            let text = format!("store = \"etcd\"\n{extra}");
+            StoreSettings::from_raw(&toml::from_str::<RawConfig>(&text).unwrap())
+        };
+        let https = "etcd_endpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n";
+        let good = store(&format!(
+            "{https}etcd_cafile = \"{ca}\"\netcd_certfile = \"{crt}\"\netcd_keyfile = \"{pem_key}\"\n\
+             etcd_username = \"weft\"\netcd_password = \"s3cret\""
+        ))
+        .unwrap();
+        let StoreSettings::Etcd { tls, credentials: Some(user), .. } = &good else { panic!("{good:?}") };
+        assert_eq!(tls.cert_file.as_deref(), Some(Path::new(&crt.to_string())));
+        assert_eq!((user.username.as_str(), user.password.expose()), ("weft", "s3cret"));
+        assert!(!format!("{good:?}").contains("s3cret"), "the password stays out of Debug output");
+        // https without a CA: etcd's certificate is checked against the system trust store.
+        assert!(matches!(store(https), Ok(StoreSettings::Etcd { tls, .. }) if !tls.is_set()));
+
+        for (extra, want) in [
+            (format!("{https}etcd_certfile = \"{crt}\""), format!("etcd_keyfile: {crt}: the client key is missing")),
+            (
+                format!("{https}etcd_keyfile = \"{pem_key}\""),
+                "etcd_certfile: ".to_owned() + &format!("{pem_key}: the client certificate is missing"),
+            ),
+            (
+                format!("{https}etcd_cafile = \"/nonexistent/ca.crt\""),
+                "etcd_cafile: /nonexistent/ca.crt: cannot read the CA certificate".into(),
+            ),
+            (format!("{https}etcd_cafile = \"{junk}\""), format!("etcd_cafile: {junk}: not a PEM CA certificate")),
+            (
+                format!("{https}etcd_certfile = \"{crt}\"\netcd_keyfile = \"{crt}\""),
+                format!("etcd_keyfile: {crt}: not a PEM client key"),
+            ),
+            (
+                format!("etcd_endpoints = [\"http://10.0.0.1:2379\"]\netcd_cafile = \"{ca}\""),
+                "etcd_cafile: set, but etcd_endpoints are plain http (\"http://10.0.0.1:2379\"); use https://".into(),
+            ),
+            (
+                "etcd_endpoints = [\"https://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]".into(),
+                "etcd_endpoints[1]: \"http://10.0.0.2:2379\" mixes http:// and https://".into(),
+            ),
+            (format!("{https}etcd_username = \"weft\""), "etcd_password: required with etcd_username".into()),
+            (format!("{https}etcd_password = \"x\""), "etcd_username: required".into()),
+            (format!("{https}etcd_username = \"\"\netcd_password = \"x\""), "etcd_username: \"\" is not".into()),
+        ] {
+            let err = store(&extra).unwrap_err().to_string();
+            assert!(err.starts_with(&want), "{extra}: got {err:?}, want {want:?}");
+        }
+        let file_store = toml::from_str::<RawConfig>(&format!("etcd_cafile = \"{ca}\"")).unwrap();
+        let err = StoreSettings::from_raw(&file_store).unwrap_err().to_string();
+        assert!(err.starts_with("etcd_cafile: set, but store is \"file\""), "{err}");
     }
 
     #[test]

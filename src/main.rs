@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use weft::config::{self, RawConfig, RawPeer, StoreSettings};
 use weft::daemon::{self, ConfigSource, api};
 use weft::status;
-use weft_ipam::{LeaseStore, NetworkConfig, StoreError};
+use weft_ipam::{LeaseStore, NetworkConfig, Password, StoreError};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "Userspace overlay network for containers")]
@@ -78,6 +78,25 @@ struct StoreArgs {
     /// etcd key prefix [default: /coreos.com/network].
     #[arg(long)]
     etcd_prefix: Option<String>,
+    /// PEM CA bundle for etcd's server certificate [default with https://: the system trust store].
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate, for an etcd with --client-cert-auth (needs --etcd-keyfile).
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    /// PEM private key of --etcd-certfile.
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user, for an etcd with auth enabled (needs a password).
+    #[arg(long)]
+    etcd_username: Option<String>,
+    /// Password of --etcd-username; prefer the environment variable, which `ps` does not show.
+    #[arg(long, env = "WEFT_ETCD_PASSWORD", hide_env_values = true, value_parser = password)]
+    etcd_password: Option<Password>,
+}
+
+fn password(s: &str) -> Result<Password, std::convert::Infallible> {
+    Ok(Password::new(s))
 }
 
 impl StoreArgs {
@@ -87,6 +106,11 @@ impl StoreArgs {
             store_dir: self.store_dir.clone(),
             etcd_endpoints: self.etcd_endpoints.clone(),
             etcd_prefix: self.etcd_prefix.clone(),
+            etcd_cafile: self.etcd_cafile.clone(),
+            etcd_certfile: self.etcd_certfile.clone(),
+            etcd_keyfile: self.etcd_keyfile.clone(),
+            etcd_username: self.etcd_username.clone(),
+            etcd_password: self.etcd_password.clone(),
             ..RawConfig::default()
         }
     }

@@ -14,17 +14,40 @@
 //! Locks are `flock(2)` on a dedicated `lock` file, taken on a fresh descriptor per operation:
 //! `flock` excludes per open file description, so sharing one descriptor between threads would
 //! let them all in at once.
+//!
+//! **Who may open the lock.** `flock` needs only a descriptor, and a read-only one will do, so
+//! anyone who can open the lock file can hold it forever and freeze every writer (pod ADD/DEL,
+//! the lease loop). Hence:
+//! - state directories are 0700 ([`private_dir`] creates them so and tightens looser ones), and
+//!   one owned by another user is refused, since its owner could loosen it again;
+//! - lock files are created 0600, opened without following symlinks, and refused when owned
+//!   by another user;
+//! - a lock file looser than 0600 (left by an older weft, under a then-0755 directory) is not
+//!   merely chmod-ed: whoever opened it back then may still hold a descriptor, and with it the
+//!   lock. It is replaced by a fresh 0600 file (rename over it), and a locker whose file was
+//!   replaced while it waited notices (the path no longer names its inode) and locks the new
+//!   one. Two new-version processes that meet the same loose file at the same instant could
+//!   each replace it once; each checks just before renaming that the loose inode is still in
+//!   place, which leaves a window of microseconds, once, at the upgrade.
+//! - other state files are created 0600 ([`write_atomic`]); `subnet.env`, which the CNI
+//!   plugins and kubelet read as flannel's, is 0644 ([`write_atomic_mode`]).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{FlockOperation, flock};
+use rustix::fs::{FlockOperation, Mode, OFlags, flock};
+use tracing::warn;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Mode of a state directory: ours alone.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of a lock file and of the state files in private directories.
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// A path plus the I/O error that happened on it.
 #[derive(Debug)]
@@ -50,16 +73,13 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
-/// The mode `open(2)` is given for state files unless a caller asks for another; the umask
-/// applies, as it does for `File::create`.
-const DEFAULT_MODE: u32 = 0o666;
-
-/// Writes `bytes` to a fresh temporary file beside `target`, created with `mode` (before the
-/// umask), and fsyncs it. On error the temporary file is removed again.
+/// Writes `bytes` to a fresh temporary file beside `target` with exactly `mode` (whatever
+/// the umask) and fsyncs it. On error the temporary file is removed again.
 fn write_temp(target: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, PathError> {
     let tmp = temp_path(target);
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -77,14 +97,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), PathError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))
 }
 
-/// Replaces `target` with `bytes` atomically and durably (temp + fsync + rename + fsync dir).
+/// Replaces `target` with `bytes` atomically and durably (temp + fsync + rename + fsync dir),
+/// readable and writable by us only.
 pub(crate) fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PathError> {
-    write_atomic_mode(target, bytes, DEFAULT_MODE)
+    write_atomic_mode(target, bytes, FILE_MODE)
 }
 
-/// [`write_atomic`] for a file created with `mode` (e.g. `0o600` for one only root may read):
-/// the mode is set when the temporary file is created, so the bytes are never readable by
-/// anyone else, not even between the write and a `chmod`.
+/// [`write_atomic`] with the file's permission bits: for files others must read.
 pub(crate) fn write_atomic_mode(target: &Path, bytes: &[u8], mode: u32) -> Result<(), PathError> {
     let tmp = write_temp(target, bytes, mode)?;
     if let Err(e) = fs::rename(&tmp, target) {
@@ -98,7 +117,7 @@ pub(crate) fn write_atomic_mode(target: &Path, bytes: &[u8], mode: u32) -> Resul
 /// appears complete or not at all (temp + fsync + link + unlink temp + fsync dir).
 /// Returns `Ok(false)` when `target` already exists, leaving it untouched.
 pub(crate) fn create_exclusive(target: &Path, bytes: &[u8]) -> Result<bool, PathError> {
-    let tmp = write_temp(target, bytes, DEFAULT_MODE)?;
+    let tmp = write_temp(target, bytes, FILE_MODE)?;
     let linked = fs::hard_link(&tmp, target);
     let _ = fs::remove_file(&tmp);
     match linked {
@@ -169,32 +188,121 @@ pub(crate) enum LockError {
     Timeout { path: PathBuf, waited: Duration },
 }
 
+fn denied(path: &Path, why: String) -> PathError {
+    PathError { path: path.to_path_buf(), source: io::Error::new(io::ErrorKind::PermissionDenied, why) }
+}
+
+/// Refuses `meta` (of `path`) unless we own it: its owner could loosen its mode again.
+fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), PathError> {
+    let ours = rustix::process::geteuid().as_raw();
+    if meta.uid() == ours {
+        Ok(())
+    } else {
+        Err(denied(path, format!("owned by uid {}, not by us (uid {ours}); chown it to us, or remove it", meta.uid())))
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700, or tightens an existing `dir` to 0700
+/// (a directory from an older weft is 0755); refuses a `dir` that is not a directory or is
+/// owned by another user. Only then is a lock file inside out of everyone else's reach.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), PathError> {
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(at(dir))?;
+    let meta = fs::metadata(dir).map_err(at(dir))?;
+    if !meta.is_dir() {
+        return Err(denied(dir, "not a directory".into()));
+    }
+    check_owner(dir, &meta)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(at(dir))?;
+        warn!(path = %dir.display(), old_mode = format!("{mode:o}"), "state directory was open to other users; now 0700");
+    }
+    Ok(())
+}
+
+/// Opens (creating 0600) the lock file at `path` without following a symlink, refusing one
+/// owned by another user, and replacing one looser than 0600 (see the module docs).
+fn open_lock(path: &Path) -> Result<File, PathError> {
+    for _ in 0..3 {
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(FILE_MODE)).map_err(|e| {
+            if e == rustix::io::Errno::LOOP {
+                denied(path, "is a symbolic link; a lock file must be a plain file".into())
+            } else {
+                PathError { path: path.to_path_buf(), source: io::Error::from(e) }
+            }
+        })?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(at(path))?;
+        if !meta.is_file() {
+            return Err(denied(path, "not a regular file".into()));
+        }
+        check_owner(path, &meta)?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            return Ok(file);
+        }
+        replace_lock_file(path, &meta)?;
+        warn!(path = %path.display(), old_mode = format!("{mode:o}"),
+            "lock file was open to other users (an older weft's); replaced it with a private one");
+    }
+    Err(denied(path, "kept being replaced by a lock file open to other users".into()))
+}
+
+/// Puts a fresh 0600 file at `path`, if `path` still names the loose inode `loose`.
+fn replace_lock_file(path: &Path, loose: &fs::Metadata) -> Result<(), PathError> {
+    let tmp = write_temp(path, b"", FILE_MODE)?;
+    let still_loose = fs::symlink_metadata(path).is_ok_and(|m| m.dev() == loose.dev() && m.ino() == loose.ino());
+    if !still_loose {
+        // Someone replaced it first; use theirs.
+        let _ = fs::remove_file(&tmp);
+        return Ok(());
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(PathError { path: path.to_path_buf(), source: e });
+    }
+    sync_dir(parent(path))
+}
+
+/// Whether `path` still names the inode `file` is open on.
+fn still_at(path: &Path, file: &File) -> Result<bool, PathError> {
+    let ours = file.metadata().map_err(at(path))?;
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(m.dev() == ours.dev() && m.ino() == ours.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(PathError { path: path.to_path_buf(), source: e }),
+    }
+}
+
 /// Takes `flock(path, exclusive or shared)`, polling with a non-blocking attempt so that a
-/// stuck holder (a stopped process) turns into a timeout instead of blocking forever.
+/// stuck holder (a stopped process) turns into a timeout instead of blocking forever. The lock
+/// file is opened as [`open_lock`] says; if it is replaced while we wait or just after we got
+/// it, the new one is locked instead.
 pub(crate) fn lock(path: &Path, exclusive: bool, timeout: Duration) -> Result<FileLock, LockError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| LockError::Io(PathError { path: path.to_path_buf(), source: e }))?;
     let op = if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
     let start = Instant::now();
     let mut pause = Duration::from_micros(200);
-    loop {
-        match flock(&file, op) {
-            Ok(()) => return Ok(FileLock { _file: file }),
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {
-                let waited = start.elapsed();
-                if waited >= timeout {
-                    return Err(LockError::Timeout { path: path.to_path_buf(), waited });
+    'open: loop {
+        let file = open_lock(path).map_err(LockError::Io)?;
+        loop {
+            match flock(&file, op) {
+                Ok(()) if still_at(path, &file).map_err(LockError::Io)? => return Ok(FileLock { _file: file }),
+                Ok(()) => continue 'open,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {
+                    let waited = start.elapsed();
+                    if waited >= timeout {
+                        return Err(LockError::Timeout { path: path.to_path_buf(), waited });
+                    }
+                    if !still_at(path, &file).map_err(LockError::Io)? {
+                        continue 'open;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
                 }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(20));
-            }
-            Err(e) => {
-                return Err(LockError::Io(PathError { path: path.to_path_buf(), source: io::Error::from(e) }));
+                Err(e) => {
+                    return Err(LockError::Io(PathError { path: path.to_path_buf(), source: io::Error::from(e) }));
+                }
             }
         }
     }
@@ -240,6 +348,99 @@ mod tests {
         fs::write(dir.path().join("f"), b"whole").unwrap();
         assert_eq!(sweep_temp_files(dir.path()).unwrap(), 1);
         assert!(dir.path().join("f").exists());
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn files_are_private_unless_asked_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, q, r) = (dir.path().join("f"), dir.path().join("g"), dir.path().join("subnet.env"));
+        write_atomic(&p, b"x").unwrap();
+        assert!(create_exclusive(&q, b"y").unwrap());
+        write_atomic_mode(&r, b"z", 0o644).unwrap();
+        assert_eq!((mode(&p), mode(&q), mode(&r)), (0o600, 0o600, 0o644));
+    }
+
+    #[test]
+    fn private_dir_creates_0700_and_tightens_an_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        private_dir(&nested).unwrap();
+        assert_eq!((mode(&dir.path().join("a")), mode(&nested)), (0o700, 0o700));
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let err = private_dir(&file).unwrap_err();
+        assert_eq!(err.path, file);
+    }
+
+    #[test]
+    fn lock_file_is_0600_and_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        drop(lock(&p, true, Duration::from_secs(1)).unwrap());
+        assert_eq!(mode(&p), 0o600);
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let Err(LockError::Io(e)) = lock(&link, true, Duration::from_secs(1)) else { panic!("a symlink was followed") };
+        assert_eq!(e.path, link);
+        assert!(e.source.to_string().contains("symbolic link"), "{}", e.source);
+        assert_eq!(mode(&target), 0o644, "nothing was done to the link's target");
+    }
+
+    /// An older weft's 0644 lock file, and someone who opened it back then and holds a lock on
+    /// it forever (the denial of service): the lock file is replaced, so the holder's lock no
+    /// longer matters.
+    #[test]
+    fn a_loose_lock_file_held_by_someone_is_replaced() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        fs::write(&p, b"").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let squatter = File::open(&p).unwrap();
+        flock(&squatter, FlockOperation::NonBlockingLockShared).unwrap();
+        let old_ino = squatter.metadata().unwrap().ino();
+        let held = lock(&p, true, Duration::from_millis(500)).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_ne!(fs::metadata(&p).unwrap().ino(), old_ino, "a fresh inode, not a chmod");
+        drop(held);
+        // And it stays put from then on.
+        let ino = fs::metadata(&p).unwrap().ino();
+        drop(lock(&p, false, Duration::from_millis(100)).unwrap());
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+    }
+
+    /// A locker waiting on a lock file that gets replaced takes the new file's lock instead of
+    /// waiting on the orphan.
+    #[test]
+    fn a_waiter_follows_a_replaced_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let held = lock(&p, true, Duration::from_secs(1)).unwrap();
+        let waiter = {
+            let p = p.clone();
+            std::thread::spawn(move || lock(&p, true, Duration::from_secs(5)).map(drop))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let fresh = dir.path().join("fresh");
+        fs::write(&fresh, b"").unwrap();
+        fs::set_permissions(&fresh, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(&fresh, &p).unwrap();
+        let t = Instant::now();
+        waiter.join().unwrap().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "the waiter kept waiting on the old file");
+        drop(held);
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub use store::{
     PodStore, Revision, StoreError, WatchBatch,
 };
 #[cfg(feature = "etcd")]
-pub use store::{EtcdOptions, EtcdStore};
+pub use store::{EtcdCredentials, EtcdOptions, EtcdStore, EtcdTls, EtcdTlsError, Password, TlsFile};
 pub use subnet::SubnetRange;
 pub use subnet_env::{SubnetEnv, SubnetEnvError};
 pub use watch::LeaseEvent;

@@ -26,6 +26,10 @@ use crate::durable;
 /// flannel's default location, which the flannel CNI plugin reads.
 pub const DEFAULT_PATH: &str = "/run/flannel/subnet.env";
 
+/// `subnet.env` is world-readable, as flannel's is (`WriteSubnetFile` writes 0644): the CNI
+/// plugins and kubelet read it.
+pub const SUBNET_ENV_MODE: u32 = 0o644;
+
 /// The contents of `subnet.env`.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct SubnetEnv {
@@ -163,7 +167,10 @@ impl SubnetEnv {
         Self::read(path).ok().flatten().map(|env| env.subnet)
     }
 
-    /// Writes `path` atomically and durably, creating its directory if needed.
+    /// Writes `path` atomically and durably, creating its directory if needed. The file is
+    /// 0644 whatever the umask, and its directory keeps the usual 0755: the flannel CNI plugin
+    /// and kubelet read it, as they read flannel's `/run/flannel/subnet.env`. Nothing is
+    /// locked here, so nothing in that directory needs hiding.
     ///
     /// # Errors
     /// The I/O error, naming the path.
@@ -171,7 +178,7 @@ impl SubnetEnv {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| SubnetEnvError::Io { path: dir.to_path_buf(), source: e })?;
         }
-        durable::write_atomic(path, self.to_text().as_bytes()).map_err(io_err)
+        durable::write_atomic_mode(path, self.to_text().as_bytes(), SUBNET_ENV_MODE).map_err(io_err)
     }
 }
 
@@ -260,6 +267,9 @@ mod tests {
         assert_eq!(SubnetEnv::read_previous_subnet(&path), None);
         env().write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), Some(env()));
+        // Readable by the CNI plugins and kubelet, as flannel's.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
         assert_eq!(SubnetEnv::read_previous_subnet(&path), Some(env().subnet));
         std::fs::write(&path, "FLANNEL_SUBNET=junk\n").unwrap();
         assert_eq!(SubnetEnv::read_previous_subnet(&path), None);

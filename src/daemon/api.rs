@@ -292,22 +292,34 @@ impl ApiState {
     }
 }
 
-/// Binds the API socket, replacing a stale one, readable and writable by root only.
+/// Binds the API socket, replacing a stale one, connectable by its owner (root) only.
+///
+/// Connecting needs write permission on the socket, so 0600 keeps everyone else out. Binding
+/// then chmod-ing would leave a moment in which the socket has the umask's mode and anyone
+/// may connect and keep the connection; so the socket is bound inside a fresh 0700 directory
+/// (nobody else can even reach it there), made 0600, and only then renamed into place, which
+/// also replaces a stale socket atomically. The directory of `path` keeps its mode: by default
+/// it also holds `subnet.env`, which must stay readable (flannel's `/run/flannel` is 0755).
 ///
 /// # Errors
 /// The directory or socket cannot be created.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let private = dir.join(format!(".{name}.bind.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private); // left by a crashed start that had our pid
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged).and_then(|l| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 /// Serves requests until the task is dropped.

@@ -45,9 +45,11 @@ const CACHE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn open_store(s: &StoreSettings) -> Result<AnyStore, StoreError> {
     match s {
         StoreSettings::File { dir } => Ok(AnyStore::File(FileStore::open(dir.clone())?)),
-        StoreSettings::Etcd { endpoints, prefix } => {
+        StoreSettings::Etcd { endpoints, prefix, tls, credentials } => {
             let mut o = weft_ipam::EtcdOptions::new(endpoints.clone());
             o.prefix.clone_from(prefix);
+            o.tls = tls.clone();
+            o.credentials.clone_from(credentials);
             Ok(AnyStore::Etcd(weft_ipam::EtcdStore::connect(o).await?))
         }
     }
@@ -58,7 +60,7 @@ pub async fn open_store(s: &StoreSettings) -> Result<AnyStore, StoreError> {
 pub fn store_identity(s: &StoreSettings) -> String {
     match s {
         StoreSettings::File { dir } => format!("file:{}", dir.display()),
-        StoreSettings::Etcd { endpoints, prefix } => format!("etcd:{}|{prefix}", endpoints.join(",")),
+        StoreSettings::Etcd { endpoints, prefix, .. } => format!("etcd:{}|{prefix}", endpoints.join(",")),
     }
 }
 
@@ -759,7 +761,12 @@ mod tests {
     fn store_identity_tells_stores_apart() {
         let f = |d: &str| StoreSettings::File { dir: d.into() };
         assert_ne!(store_identity(&f("/a")), store_identity(&f("/b")));
-        let e = |p: &str| StoreSettings::Etcd { endpoints: vec!["http://198.18.0.100:2379".into()], prefix: p.into() };
+        let e = |p: &str| StoreSettings::Etcd {
+            endpoints: vec!["http://198.18.0.100:2379".into()],
+            prefix: p.into(),
+            tls: weft_ipam::EtcdTls::default(),
+            credentials: None,
+        };
         assert_ne!(store_identity(&e("/coreos.com/network")), store_identity(&e("/other")));
     }
 }

@@ -1,8 +1,8 @@
 //! The embedded lease store: a directory of atomically written files under an advisory lock.
 //!
 //! ```text
-//! /var/lib/weft/store/
-//!   lock                    flock(2) target: exclusive for writes, shared for lists
+//! /var/lib/weft/store/      0700: nobody else can open the lock, so nobody else can hold it
+//!   lock                    flock(2) target: exclusive for writes, shared for lists (0600)
 //!   config                  the network config (flannel net-conf JSON)
 //!   revision                a decimal counter, bumped after every lease write
 //!   subnets/10.244.1.0-24   one lease record per subnet (flannel's key as the file name)
@@ -103,14 +103,17 @@ impl FileStore {
     }
 
     /// Opens (creating if needed) the store in `dir`, and removes temporary files left by
-    /// writers that died mid-write.
+    /// writers that died mid-write. `dir` and `dir/subnets` are made 0700 and the lock file
+    /// 0600, so no other user can hold the lock (see `durable`).
     ///
     /// # Errors
-    /// The directory cannot be created or locked.
+    /// The directory cannot be created or locked, or it or the lock file belongs to another
+    /// user.
     pub fn open_with(dir: impl Into<PathBuf>, options: FileStoreOptions) -> Result<Self, StoreError> {
         let store = Self { dir: dir.into(), options };
         let subnets = store.subnets_dir();
-        fs::create_dir_all(&subnets).map_err(|e| StoreError::Io { path: subnets.clone(), source: e })?;
+        durable::private_dir(&store.dir).map_err(StoreError::from_path)?;
+        durable::private_dir(&subnets).map_err(StoreError::from_path)?;
         let _lock = store.lock(true)?;
         durable::sweep_temp_files(&store.dir).map_err(StoreError::from_path)?;
         durable::sweep_temp_files(&subnets).map_err(StoreError::from_path)?;
@@ -510,6 +513,26 @@ mod tests {
             expiration: None,
             created: Revision(0),
         }
+    }
+
+    /// The lock-file denial of service (anyone who can open the lock can hold it) is closed
+    /// for new stores and for an older weft's 0755/0644 layout alike.
+    #[test]
+    fn store_directories_and_lock_are_private_also_after_an_upgrade() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let s = FileStore::open(&root).unwrap();
+        s.blocking_create(&lease(1, 1), TTL, t(0)).unwrap().unwrap();
+        assert_eq!((mode(&root), mode(&root.join("subnets")), mode(&root.join("lock"))), (0o700, 0o700, 0o600));
+        assert_eq!(mode(&root.join("subnets/10.244.1.0-24")), 0o600);
+        for (p, m) in [(root.clone(), 0o755), (root.join("subnets"), 0o755), (root.join("lock"), 0o644)] {
+            fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        }
+        let s = FileStore::open(&root).unwrap();
+        assert_eq!((mode(&root), mode(&root.join("subnets")), mode(&root.join("lock"))), (0o700, 0o700, 0o600));
+        assert_eq!(s.blocking_list(t(1)).unwrap().leases.len(), 1);
     }
 
     #[test]

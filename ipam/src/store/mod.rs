@@ -24,13 +24,19 @@ use crate::watch::LeaseEvent;
 
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "etcd")]
+mod etcd_auth;
+#[cfg(feature = "etcd")]
+mod etcd_pages;
 mod file;
 mod mem;
 mod pending_file;
 mod pod_file;
 
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, MAX_DECODE_BYTES, MAX_RECORD_BYTES};
+#[cfg(feature = "etcd")]
+pub use etcd_auth::{EtcdCredentials, EtcdTls, EtcdTlsError, Password, TlsFile};
 pub use file::{FileStore, FileStoreOptions};
 pub use mem::MemStore;
 pub use pending_file::{PendingRelease, PendingReleases, PendingScan, SkipReason, SkippedEntry};
@@ -121,6 +127,14 @@ pub enum StoreError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The store refused who we are: a wrong etcd user or password, no user where etcd has
+    /// auth enabled, or a user without permission on the prefix. Not transient: retrying with
+    /// the same credentials does not help, an operator has to fix them (or the user's role).
+    #[error("store refused our credentials: {reason}")]
+    Denied {
+        /// What etcd said, and as whom we asked.
+        reason: String,
     },
     /// A record exists but does not parse.
     #[error("{key}: corrupt record: {reason}")]

@@ -1,8 +1,8 @@
 //! Pod address records on disk, in CNI host-local's layout.
 //!
 //! ```text
-//! /var/lib/weft/pods/
-//!   lock                 flock(2) target held for each whole allocator operation
+//! /var/lib/weft/pods/<node>/   0700: nobody else can open the lock, so nobody else can hold it
+//!   lock                 flock(2) target held for each whole allocator operation (0600)
 //!   10.244.1.7           "<container id>\r\n<ifname>" (host-local's format)
 //!   last_reserved_ip.0   the round-robin cursor
 //! ```
@@ -37,13 +37,15 @@ impl FilePodStore {
     pub const DEFAULT_DIR: &'static str = "/var/lib/weft/pods";
 
     /// Opens (creating if needed) the store in `dir` and removes temporary files left by a
-    /// writer that died mid-claim.
+    /// writer that died mid-claim. `dir` is made 0700 and the lock file 0600, so no other user
+    /// can hold the lock and freeze ADD/DEL (see `durable`).
     ///
     /// # Errors
-    /// The directory cannot be created or locked.
+    /// The directory cannot be created or locked, or it or the lock file belongs to another
+    /// user.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let store = Self { dir: dir.into(), lock_timeout: Duration::from_secs(10) };
-        fs::create_dir_all(&store.dir).map_err(|e| StoreError::Io { path: store.dir.clone(), source: e })?;
+        durable::private_dir(&store.dir).map_err(StoreError::from_path)?;
         store.with_lock(|s| durable::sweep_temp_files(&s.dir).map(|_| ()).map_err(StoreError::from_path))?;
         Ok(store)
     }
@@ -129,6 +131,23 @@ mod tests {
         let recs = s.records().unwrap();
         assert_eq!(recs.len(), 1, "lock and cursor files are not records");
         assert_eq!(recs[0].owner, Some(who));
+    }
+
+    #[test]
+    fn directory_and_lock_are_private_also_after_an_upgrade() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let pods = dir.path().join("pods/n1");
+        let s = FilePodStore::open(&pods).unwrap();
+        assert!(s.claim("10.244.1.2".parse().unwrap(), &Attachment::new("abc", "eth0").unwrap()).unwrap());
+        assert_eq!((mode(&pods), mode(&pods.join("lock")), mode(&pods.join("10.244.1.2"))), (0o700, 0o600, 0o600));
+        // What an older weft left: 0755 and 0644.
+        fs::set_permissions(&pods, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(pods.join("lock"), fs::Permissions::from_mode(0o644)).unwrap();
+        let s = FilePodStore::open(&pods).unwrap();
+        assert_eq!((mode(&pods), mode(&pods.join("lock"))), (0o700, 0o600));
+        assert_eq!(s.records().unwrap().len(), 1);
     }
 
     #[test]
