@@ -337,12 +337,9 @@ impl LeasePeers {
 
     /// Replaces everything with `leases` (start-up, a re-list); returns whether the peers changed.
     pub fn replace_all(&mut self, leases: &[SubnetLease]) -> bool {
-        let mut events: Vec<LeaseEvent> = self
-            .entries
-            .keys()
-            .filter(|s| !leases.iter().any(|l| l.subnet == **s))
-            .map(|s| LeaseEvent::Removed(*s))
-            .collect();
+        let listed: BTreeSet<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+        let mut events: Vec<LeaseEvent> =
+            self.entries.keys().filter(|s| !listed.contains(*s)).map(|s| LeaseEvent::Removed(*s)).collect();
         events.extend(
             leases
                 .iter()
@@ -585,6 +582,11 @@ mod tests {
             .collect();
         assert!(p.replace_all(&leases));
         assert_eq!(p.peers().len(), 20_000);
+        // A re-list that finds everything gone but one costs no more than the first list.
+        let mut q = LeasePeers::new(p.rules().clone());
+        q.replace_all(&leases);
+        assert!(q.replace_all(&leases[..1]));
+        assert_eq!(q.peers().len(), 1);
         let one = SubnetLease { attrs: LeaseAttrs::new(Ipv4Addr::new(198, 19, 0, 1), "udp"), ..leases[7].clone() };
         assert!(p.apply(&[LeaseEvent::Added(one)]));
         assert_eq!(p.peers().len(), 20_000);
