@@ -328,7 +328,7 @@ fn run(args: RunArgs) -> ExitCode {
         pending_release_dir: args.pending_release_dir,
         ..args.store.raw()
     };
-    let source = ConfigSource { path: args.config, flags };
+    let source = ConfigSource { path: args.config, flags, detected_public_ip: None };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

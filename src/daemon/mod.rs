@@ -21,6 +21,7 @@ pub mod lease;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
+pub mod underlay;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -164,25 +165,40 @@ impl DaemonError {
 }
 
 /// Where a reload reads its configuration from: the file again, with the same flags on top.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConfigSource {
     /// The config file, if any.
     pub path: Option<PathBuf>,
     /// Flag overrides.
     pub flags: RawConfig,
+    /// The public address found at start when neither file nor flags set one
+    /// ([`underlay::pin_public_ip`]); kept, so a reload never moves the node.
+    pub detected_public_ip: Option<IpAddr>,
 }
 
 impl ConfigSource {
+    /// The file with the flags on top, before validation.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn raw(&self) -> Result<RawConfig, ConfigError> {
+        let file = match &self.path {
+            Some(p) => RawConfig::from_file(p)?,
+            None => RawConfig::default(),
+        };
+        let mut raw = file.merge(self.flags.clone());
+        if raw.public_ip.is_none() {
+            raw.public_ip = self.detected_public_ip.map(|ip| ip.to_string());
+        }
+        Ok(raw)
+    }
+
     /// Reads and validates the configuration.
     ///
     /// # Errors
     /// [`ConfigError`].
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        let file = match &self.path {
-            Some(p) => RawConfig::from_file(p)?,
-            None => RawConfig::default(),
-        };
-        Loaded::from_raw(file.merge(self.flags.clone()))
+        Loaded::from_raw(self.raw()?)
     }
 }
 
@@ -193,6 +209,7 @@ impl ConfigSource {
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
     let nl = Netlink::connect()?;
+    let source = underlay::pin_public_ip(source, &nl).await?;
     let (cfg, leased) = match source.load()? {
         Loaded::Static(cfg) => (*cfg, None),
         Loaded::Lease { raw, lease: settings } => {
