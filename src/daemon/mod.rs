@@ -18,6 +18,7 @@ pub mod api;
 pub mod control;
 pub mod failpoint;
 pub mod lease;
+pub mod mtu;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
@@ -54,8 +55,9 @@ pub enum DaemonError {
     /// The peers cannot form a route table.
     #[error("peers: {0}")]
     Peers(#[from] RouteError),
-    /// The overlay MTU does not fit the underlay.
-    #[error("mtu: {0}")]
+    /// The overlay MTU does not fit the underlay; the message starts with the field (`mtu` or
+    /// `Backend.MTU`).
+    #[error("{0}")]
     Mtu(String),
     /// `/dev/net/tun` is missing.
     #[error("cannot open /dev/net/tun: {0} (load the tun module, or pass the device into the container)")]
@@ -333,27 +335,7 @@ async fn run_with<C: PacketCore + 'static>(
         nl.add_fail_closed(net).await?;
     }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
-    let max_mtu = underlay.mtu.saturating_sub(wire.kind.overhead(cfg.public_ip.is_ipv6()) as u32);
-    let max_mtu = u16::try_from(max_mtu).unwrap_or(u16::MAX);
-    let mtu = match cfg.mtu {
-        Some(m) if m > max_mtu => {
-            return Err(DaemonError::Mtu(format!(
-                "{m} exceeds what {} (MTU {}) carries after {} bytes of {} encapsulation: at most {max_mtu}",
-                underlay.name,
-                underlay.mtu,
-                wire.kind.overhead(cfg.public_ip.is_ipv6()),
-                wire.kind.as_str()
-            )));
-        }
-        Some(m) => m,
-        None => max_mtu,
-    };
-    if mtu < 576 || (cfg.subnet_v6.is_some() && mtu < 1280) {
-        return Err(DaemonError::Mtu(format!(
-            "underlay {} has MTU {}, leaving only {mtu} for the overlay",
-            underlay.name, underlay.mtu
-        )));
-    }
+    let mtu = mtu::overlay_mtu(&cfg, &underlay, wire.kind)?;
     let probe = driver::probe(cfg.io)?;
     match &probe.fallback_reason {
         Some(reason) => warn!(backend = "mmsg", reason = %reason, "io_uring unavailable, falling back"),
