@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod control;
+pub mod direct;
 pub mod failpoint;
 pub mod lease;
 pub mod mtu;
@@ -465,6 +466,7 @@ async fn run_with<C: PacketCore + 'static>(
             });
             f
         });
+        let on_peers = direct::hook(on_peers, &prepared.network, &nl, underlay.index).await;
         let ctx = lease::LeaseContext {
             routes: routes.clone(),
             mtu,
@@ -610,6 +612,7 @@ async fn run_with<C: PacketCore + 'static>(
                 warn!(error = %e, "could not remove fail-closed route");
             }
         }
+        direct::remove_all(&nl).await;
     }
     let _ = std::fs::remove_file(&cfg.api_socket);
     let s = state.status();
