@@ -123,3 +123,21 @@ fn run_help_states_the_variable_rule() {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");
     }
 }
+
+/// A network config weft would have to ignore part of is refused before it reaches the store,
+/// naming the Backend field.
+#[test]
+fn network_init_refuses_backend_options_weft_cannot_honour() {
+    let store = std::env::temp_dir().join(format!("weft-cli-{}-store", std::process::id()));
+    for (json, want) in [
+        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#, "Backend.GBP: true is not supported"),
+        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","DirectRouting":true}}"#, "Backend.DirectRouting:"),
+        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":100}}"#, "Backend.MTU: 100 must be between"),
+    ] {
+        let file = config("net-conf.json", json);
+        let (code, err) =
+            run(&["network", "init", "--store", "file", "--store-dir", store.to_str().unwrap(), "--json", &file]);
+        assert_eq!(code, Some(3), "{json}: {err}");
+        assert!(err.contains(want), "{json}: want {want:?} in {err:?}");
+    }
+}
