@@ -24,6 +24,9 @@ pub const DEFAULT_API_SOCKET: &str = "/run/weft/weft.sock";
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/weft/store";
 /// Default `subnet.env` path.
 pub const DEFAULT_SUBNET_FILE: &str = "/run/weft/subnet.env";
+/// flanneld's `subnet.env` path (its `--subnet-file` default), where flannel's CNI plugin and
+/// tooling read it; the default with `flannel_paths`.
+pub const FLANNEL_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 /// Default pod allocation directory.
 pub const DEFAULT_POD_DIR: &str = "/var/lib/weft/pods";
 /// Default directory of the lease cache (`<dir>/<node name>.json`).
@@ -80,8 +83,13 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 pub struct RawConfig {
     /// This node's name, unique in the cluster.
     pub node_name: Option<String>,
-    /// The underlay address the UDP socket binds to and peers send to.
+    /// The underlay address the UDP socket binds to and peers send to. Without it, the first
+    /// IPv4 address of `iface`, else of the interface of the IPv4 default route (flanneld's
+    /// choice), found once at start.
     pub public_ip: Option<String>,
+    /// The underlay interface, by name or by one of its addresses (flanneld's `--iface`).
+    /// With `public_ip` too, `public_ip` must be one of its addresses.
+    pub iface: Option<String>,
     /// Wire format: `udp` (flannel's udp backend, the default) or `vxlan`.
     pub backend: Option<String>,
     /// The underlay UDP port (default 8285 for udp, 8472 for vxlan, as flannel).
@@ -142,6 +150,9 @@ pub struct RawConfig {
     pub etcd_password: Option<Password>,
     /// Lease mode: where `subnet.env` is written (flannel's format).
     pub subnet_file: Option<PathBuf>,
+    /// Lease mode: use flannel's paths for what flannel's CNI plugin and tools read, so they
+    /// work unchanged: `subnet_file` defaults to `/run/flannel/subnet.env`.
+    pub flannel_paths: Option<bool>,
     /// Lease lifetime in seconds (flannel: 86400).
     pub lease_ttl_secs: Option<u64>,
     /// Lease mode: release the lease on a graceful stop.
@@ -229,6 +240,7 @@ impl RawConfig {
         take!(
             node_name,
             public_ip,
+            iface,
             backend,
             port,
             vni,
@@ -256,6 +268,7 @@ impl RawConfig {
             etcd_username,
             etcd_password,
             subnet_file,
+            flannel_paths,
             lease_ttl_secs,
             release_on_exit,
             lease_cache,
@@ -523,6 +536,7 @@ impl Loaded {
                 ("store", raw.store.is_some()),
                 ("store_dir", raw.store_dir.is_some()),
                 ("subnet_file", raw.subnet_file.is_some()),
+                ("flannel_paths", raw.flannel_paths.is_some()),
                 ("release_on_exit", raw.release_on_exit.is_some()),
                 ("lease_cache", raw.lease_cache.is_some()),
             ];
@@ -552,7 +566,9 @@ impl Loaded {
         }
         let lease = LeaseSettings {
             store,
-            subnet_file: raw.subnet_file.clone().unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
+            subnet_file: raw.subnet_file.clone().unwrap_or_else(|| {
+                if raw.flannel_paths.unwrap_or(false) { FLANNEL_SUBNET_FILE } else { DEFAULT_SUBNET_FILE }.into()
+            }),
             ttl: std::time::Duration::from_secs(ttl_secs),
             release_on_exit: raw.release_on_exit.unwrap_or(false),
             lease_cache: raw.lease_cache.clone().unwrap_or_else(|| {
@@ -567,28 +583,38 @@ impl Loaded {
     }
 }
 
-/// Completes a lease-mode configuration with the store's network settings and our leased
-/// subnet (no static peers: they come from the store).
+/// Completes a lease-mode configuration with the store's network config and our leased
+/// subnet (no static peers: they come from the store). The network's `Backend.MTU` is the
+/// overlay MTU unless this node sets its own `mtu` (a node with a smaller underlay may).
 ///
 /// # Errors
-/// A [`ConfigError`] if the combination is invalid (e.g. a vtep_mac with a udp network).
-pub fn resolve_leased(
-    raw: &RawConfig,
-    network: Ipv4Net,
-    backend: &str,
-    port: u16,
-    vni: Option<u32>,
-    subnet: Ipv4Net,
-) -> Result<Config, ConfigError> {
-    Config::validate(RawConfig {
-        network: Some(network.to_string()),
-        backend: Some(backend.to_string()),
-        port: Some(port),
-        vni,
+/// A [`ConfigError`] if the combination is invalid (e.g. a vtep_mac with a udp network, or
+/// `Backend.DirectRouting` with `device = "tap"`).
+pub fn resolve_leased(raw: &RawConfig, net: &weft_ipam::NetworkConfig, subnet: Ipv4Net) -> Result<Config, ConfigError> {
+    let b = &net.backend;
+    let vxlan = matches!(b.kind, weft_ipam::BackendKind::Vxlan);
+    let mut cfg = Config::validate(RawConfig {
+        network: Some(net.network.to_string()),
+        backend: Some(b.kind.as_str().to_string()),
+        port: Some(b.port()),
+        vni: vxlan.then(|| b.vni()),
         subnet: Some(subnet.to_string()),
         peers: Vec::new(),
         ..raw.clone()
-    })
+    })?;
+    if b.direct_routing() && cfg.device == Device::Tap {
+        // A TAP routes every peer subnet onlink through itself; a direct route for the same
+        // prefix would replace it, and which one wins would depend on the order of events.
+        return Err(invalid(
+            "Backend.DirectRouting",
+            "true does not work with device = \"tap\" on this node (use device = \"tun\")",
+        ));
+    }
+    if let (None, Some(m)) = (cfg.mtu, b.mtu) {
+        cfg.mtu = Some(m);
+        cfg.mtu_field = "Backend.MTU";
+    }
+    Ok(cfg)
 }
 
 /// A validated configuration.
@@ -598,6 +624,8 @@ pub struct Config {
     pub node_name: String,
     /// Underlay address.
     pub public_ip: IpAddr,
+    /// The underlay interface as configured (a name or an address), if any.
+    pub iface: Option<String>,
     /// Wire format.
     pub backend: Backend,
     /// Underlay port.
@@ -616,6 +644,9 @@ pub struct Config {
     pub device: Device,
     /// Explicit overlay MTU.
     pub mtu: Option<u16>,
+    /// Where `mtu` came from, for messages: `mtu` (this node) or `Backend.MTU` (the network
+    /// config).
+    pub mtu_field: &'static str,
     /// Worker count.
     pub workers: usize,
     /// I/O backend preference.
@@ -663,6 +694,15 @@ fn parse_mac(field: &str, s: &str) -> Result<MacAddr, ConfigError> {
     Ok(m)
 }
 
+/// Whether `s` can name a Linux interface: 1-15 bytes, no '/', ':' or white space, not `.`/`..`.
+fn is_ifname(s: &str) -> bool {
+    !(s.is_empty()
+        || s.len() > 15
+        || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || s == "."
+        || s == "..")
+}
+
 /// A node name: what flannel and Kubernetes accept, letters, digits, `.`, `_`, `-`.
 fn check_name(field: &str, s: &str) -> Result<(), ConfigError> {
     let ok = !s.is_empty()
@@ -689,6 +729,16 @@ impl Config {
             ip_s.parse().map_err(|_| invalid("public_ip", format!("{ip_s:?} is not an IP address")))?;
         if public_ip.is_unspecified() || public_ip.is_multicast() {
             return Err(invalid("public_ip", format!("{public_ip} is not a unicast address peers can send to")));
+        }
+        if let Some(i) = raw.iface.as_deref() {
+            if i.parse::<IpAddr>().is_err() && !is_ifname(i) {
+                return Err(invalid(
+                    "iface",
+                    format!(
+                        "{i:?} is neither an IP address nor an interface name (example: \"eth0\" or \"198.18.0.1\")"
+                    ),
+                ));
+            }
         }
         let backend = match raw.backend.as_deref().unwrap_or("udp") {
             "udp" => {
@@ -751,12 +801,7 @@ impl Config {
             }
         };
         let tun_name = raw.tun_name.unwrap_or_else(|| DEFAULT_TUN.to_string());
-        if tun_name.is_empty()
-            || tun_name.len() > 15
-            || tun_name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
-            || tun_name == "."
-            || tun_name == ".."
-        {
+        if !is_ifname(&tun_name) {
             return Err(invalid(
                 "tun_name",
                 format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
@@ -866,6 +911,7 @@ impl Config {
         Ok(Self {
             node_name,
             public_ip,
+            iface: raw.iface,
             backend,
             port,
             network,
@@ -875,6 +921,7 @@ impl Config {
             tun_name,
             device,
             mtu: raw.mtu,
+            mtu_field: "mtu",
             workers,
             io,
             offload: raw.offload.unwrap_or(true),
@@ -901,6 +948,7 @@ impl Config {
         cmp!(
             node_name,
             public_ip,
+            iface,
             backend,
             port,
             network,
@@ -1080,17 +1128,17 @@ mtu = 1200
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("store_dir: only applies in lease mode"), "{err}");
+        let net =
+            weft_ipam::NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         let c = resolve_leased(
             &toml::from_str("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"").unwrap(),
-            "10.244.0.0/16".parse().unwrap(),
-            "vxlan",
-            8472,
-            Some(1),
+            &net,
             "10.244.9.0/24".parse().unwrap(),
         )
         .unwrap();
         assert_eq!((c.subnet.to_string(), c.port), ("10.244.9.0/24".to_string(), 8472));
         assert!(matches!(c.backend, Backend::Vxlan { .. }));
+        assert_eq!((c.mtu, c.mtu_field), (None, "mtu"));
     }
 
     /// flannel's etcd TLS and user options: each bad combination or unusable file is refused
@@ -1167,5 +1215,63 @@ mtu = 1200
         assert!(a.restart_only_changes(&b).is_empty());
         b.port = 1;
         assert_eq!(a.restart_only_changes(&b), vec!["port"]);
+    }
+
+    /// The network config's Backend.MTU is the overlay MTU unless the node sets its own;
+    /// DirectRouting cannot share a node with a TAP.
+    #[test]
+    fn leased_backend_mtu_and_direct_routing() {
+        let raw = |extra: &str| {
+            toml::from_str::<RawConfig>(&format!("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"\n{extra}")).unwrap()
+        };
+        let net = |backend: &str| {
+            weft_ipam::NetworkConfig::from_json(&format!(r#"{{"Network":"10.244.0.0/16","Backend":{backend}}}"#))
+                .unwrap()
+        };
+        let sub = "10.244.9.0/24".parse().unwrap();
+        let c = resolve_leased(&raw(""), &net(r#"{"Type":"vxlan","MTU":1400}"#), sub).unwrap();
+        assert_eq!((c.mtu, c.mtu_field), (Some(1400), "Backend.MTU"));
+        let c = resolve_leased(&raw("mtu = 1300"), &net(r#"{"Type":"vxlan","MTU":1400}"#), sub).unwrap();
+        assert_eq!((c.mtu, c.mtu_field), (Some(1300), "mtu"));
+        let err = resolve_leased(&raw("device = \"tap\""), &net(r#"{"Type":"vxlan","DirectRouting":true}"#), sub)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("Backend.DirectRouting: true does not work with device = \"tap\""), "{err}");
+        assert!(resolve_leased(&raw("device = \"tap\""), &net(r#"{"Type":"vxlan"}"#), sub).is_ok());
+    }
+
+    /// `flannel_paths` moves subnet.env to where flannel's CNI plugin reads it; an explicit
+    /// `subnet_file` still wins, and static mode (no subnet.env) refuses it.
+    #[test]
+    fn flannel_paths_default_the_subnet_file() {
+        let lease = |extra: &str| {
+            let text = format!("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"\n{extra}");
+            match Loaded::from_raw(toml::from_str(&text).unwrap()) {
+                Ok(Loaded::Lease { lease, .. }) => Ok(lease.subnet_file),
+                Ok(Loaded::Static(_)) => panic!("static"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(lease(""), Ok(PathBuf::from(DEFAULT_SUBNET_FILE)));
+        assert_eq!(lease("flannel_paths = true"), Ok(PathBuf::from("/run/flannel/subnet.env")));
+        assert_eq!(lease("flannel_paths = false"), Ok(PathBuf::from(DEFAULT_SUBNET_FILE)));
+        assert_eq!(lease("flannel_paths = true\nsubnet_file = \"/x/s.env\""), Ok(PathBuf::from("/x/s.env")));
+        let err = Loaded::from_raw(toml::from_str(&format!("flannel_paths = true\n{GOOD}")).unwrap()).unwrap_err();
+        assert!(err.to_string().starts_with("flannel_paths: only applies in lease mode"), "{err}");
+    }
+
+    #[test]
+    fn iface_is_a_name_or_an_address() {
+        for ok in ["iface = \"eth0\"", "iface = \"198.18.0.1\"", "iface = \"enp0s31f6.100\""] {
+            let c = parse(&GOOD.replace("workers = 1", &format!("workers = 1\n{ok}"))).unwrap();
+            assert!(c.iface.is_some(), "{ok}");
+        }
+        for bad in ["iface = \"\"", "iface = \"eth/0\"", "iface = \"a-very-long-interface\""] {
+            let err = parse(&GOOD.replace("workers = 1", &format!("workers = 1\n{bad}"))).unwrap_err().to_string();
+            assert!(
+                err.starts_with("iface: ") && err.contains("neither an IP address nor an interface name"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

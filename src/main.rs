@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use weft::config::{self, RawConfig, RawPeer, StoreSettings};
 use weft::daemon::{self, ConfigSource, api};
@@ -67,28 +68,28 @@ enum NetworkCommand {
 #[derive(Debug, Args)]
 struct StoreArgs {
     /// file (embedded) or etcd [default: file].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_STORE")]
     store: Option<String>,
     /// File store directory [default: /var/lib/weft/store].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_STORE_DIR")]
     store_dir: Option<PathBuf>,
     /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Option<Vec<String>>,
     /// etcd key prefix [default: /coreos.com/network].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
     /// PEM CA bundle for etcd's server certificate [default with https://: the system trust store].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_ETCD_CAFILE")]
     etcd_cafile: Option<PathBuf>,
     /// PEM client certificate, for an etcd with --client-cert-auth (needs --etcd-keyfile).
-    #[arg(long)]
+    #[arg(long, env = "WEFT_ETCD_CERTFILE")]
     etcd_certfile: Option<PathBuf>,
     /// PEM private key of --etcd-certfile.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_ETCD_KEYFILE")]
     etcd_keyfile: Option<PathBuf>,
     /// etcd user, for an etcd with auth enabled (needs a password).
-    #[arg(long)]
+    #[arg(long, env = "WEFT_ETCD_USERNAME")]
     etcd_username: Option<String>,
     /// Password of --etcd-username; prefer the environment variable, which `ps` does not show.
     #[arg(long, env = "WEFT_ETCD_PASSWORD", hide_env_values = true, value_parser = password)]
@@ -194,89 +195,125 @@ struct IpamGcArgs {
     valid: Vec<String>,
 }
 
+/// The rule for `weft run`'s environment variables, shown under `weft run --help`.
+const RUN_ENV_HELP: &str = "\
+Every flag can also be given as an environment variable: WEFT_ and the flag's long name in
+capitals, '-' written '_' (--node-name: WEFT_NODE_NAME, --etcd-endpoints: WEFT_ETCD_ENDPOINTS),
+as flanneld reads FLANNELD_*. A flag on the command line wins over its variable, and both win
+over the config file. On/off flags take true/false, yes/no, on/off or 1/0; repeated --peer
+values are separated by ';' in WEFT_PEER. RUST_LOG, when set, wins over --log-level.";
+
 #[derive(Debug, Args)]
+#[command(after_help = RUN_ENV_HELP)]
 struct RunArgs {
     /// TOML config file; flags override its fields.
-    #[arg(long, short = 'c')]
+    #[arg(long, short = 'c', env = "WEFT_CONFIG")]
     config: Option<PathBuf>,
     /// This node's name.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: Option<String>,
-    /// Underlay address to bind and publish.
-    #[arg(long)]
+    /// Underlay address to bind and publish [default: the first IPv4 address of --iface, else
+    /// of the interface of the IPv4 default route, as flanneld].
+    #[arg(long, env = "WEFT_PUBLIC_IP")]
     public_ip: Option<String>,
+    /// Underlay interface, by name or by one of its addresses (flanneld's --iface): public_ip
+    /// defaults to its first IPv4 address [default: the interface of the IPv4 default route].
+    #[arg(long, env = "WEFT_IFACE")]
+    iface: Option<String>,
     /// Wire format: udp or vxlan [default: udp].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_BACKEND")]
     backend: Option<String>,
     /// Underlay UDP port [default: 8285 for udp, 8472 for vxlan].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_PORT")]
     port: Option<u16>,
     /// VXLAN network identifier [default: 1].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_VNI")]
     vni: Option<u32>,
     /// Our VTEP MAC [default: derived from the node name].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_VTEP_MAC")]
     vtep_mac: Option<String>,
     /// Send outer UDP checksums with VXLAN [default: false, as Linux vxlan].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_UDP_CHECKSUM")]
     udp_checksum: Option<bool>,
     /// Cluster network [default: 10.244.0.0/16].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_NETWORK")]
     network: Option<String>,
     /// This node's subnet.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_SUBNET")]
     subnet: Option<String>,
     /// TUN device name [default: weft0].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_TUN_NAME")]
     tun_name: Option<String>,
     /// tun (IP packets) or tap (Ethernet frames; vxlan only) [default: tun].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_DEVICE")]
     device: Option<String>,
-    /// Overlay MTU [default: underlay MTU minus encapsulation overhead].
-    #[arg(long)]
+    /// Overlay MTU [default: the network config's Backend.MTU, else the underlay MTU minus the
+    /// encapsulation overhead].
+    #[arg(long, env = "WEFT_MTU")]
     mtu: Option<u16>,
     /// Worker threads [default: one per core].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_WORKERS")]
     workers: Option<usize>,
     /// I/O backend: auto, uring or mmsg [default: auto].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_IO")]
     io: Option<String>,
     /// API socket path [default: /run/weft/weft.sock].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_API_SOCKET")]
     api_socket: Option<PathBuf>,
     /// A static peer: name=N,subnet=CIDR,endpoint=IP[:PORT][,mac=MAC][,mtu=M] (repeatable; replaces the file's list).
-    #[arg(long = "peer", value_parser = RawPeer::from_flag)]
+    #[arg(long = "peer", env = "WEFT_PEER", value_delimiter = ';', value_parser = RawPeer::from_flag)]
     peers: Vec<RawPeer>,
     /// Lease mode: where the store is.
     #[command(flatten)]
     store: StoreArgs,
-    /// Where to write subnet.env [default: /run/weft/subnet.env].
-    #[arg(long)]
+    /// Where to write subnet.env [default: /run/weft/subnet.env, or /run/flannel/subnet.env
+    /// with --flannel-paths].
+    #[arg(long, env = "WEFT_SUBNET_FILE")]
     subnet_file: Option<PathBuf>,
+    /// Use flannel's paths for what flannel's CNI plugin and tools read: subnet.env defaults to
+    /// /run/flannel/subnet.env (lease mode).
+    #[arg(long, env = "WEFT_FLANNEL_PATHS", value_parser = BoolishValueParser::new())]
+    flannel_paths: bool,
     /// Lease lifetime in seconds [default: 86400].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_LEASE_TTL_SECS")]
     lease_ttl_secs: Option<u64>,
     /// Release the lease on a graceful stop (and remove the fail-closed route): every stop is
     /// then a leave.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_RELEASE_ON_EXIT", value_parser = BoolishValueParser::new())]
     release_on_exit: bool,
     /// Lease cache: the last known leases, so a restart while the store is down comes up at
     /// once [default: /var/lib/weft/leases/<node name>.json].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_LEASE_CACHE")]
     lease_cache: Option<PathBuf>,
     /// Pod allocation directory [default: /var/lib/weft/pods/<node name>].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_POD_DIR")]
     pod_dir: Option<PathBuf>,
     /// GC spares pod allocations younger than this many seconds [default: 60].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_POD_GC_GRACE_SECS")]
     pod_gc_grace_secs: Option<u64>,
     /// Where weft-cni records releases it could not hand over while the daemon was down; the
     /// daemon frees them at start and every 30 s [default: /var/lib/weft/pending-release].
-    #[arg(long)]
+    #[arg(long, env = "WEFT_PENDING_RELEASE_DIR")]
     pending_release_dir: Option<PathBuf>,
     /// Log format: text or json.
-    #[arg(long, default_value = "text")]
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Log level: error, warn, info, debug or trace (klog's -v=N also works: 0 info, 1-4
+    /// debug, 5 and up trace). RUST_LOG, when set, wins: it can pick levels per module.
+    #[arg(long, short = 'v', env = "WEFT_LOG_LEVEL", default_value = "info", value_parser = log_level)]
+    log_level: tracing::Level,
+}
+
+/// A `--log-level`: a level name, or flanneld's (klog's) `-v=N` verbosity.
+fn log_level(s: &str) -> Result<tracing::Level, String> {
+    if let Ok(n) = s.parse::<u8>() {
+        return Ok(match n {
+            0 => tracing::Level::INFO,
+            1..=4 => tracing::Level::DEBUG,
+            _ => tracing::Level::TRACE,
+        });
+    }
+    s.parse().map_err(|_| format!("{s:?} is not a log level (error, warn, info, debug, trace)"))
 }
 
 #[derive(Debug, Args)]
@@ -289,11 +326,43 @@ struct StatusArgs {
     json: bool,
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" { b.json().init() } else { b.init() }
+/// The log filter: `RUST_LOG` when it is set (and valid), else `level` for weft's own crates.
+///
+/// `RUST_LOG` wins because it is the finer tool (levels per module, `weft_ipam=trace`) and is
+/// only ever set on purpose, while `--log-level` / `WEFT_LOG_LEVEL` sit in a unit file. At
+/// debug and trace, other crates (tokio, h2, tonic) stay at info: their debug output is
+/// per-frame noise that drowns weft's. Returns the filter and, for an unusable `RUST_LOG`,
+/// why it was ignored.
+fn log_filter(level: tracing::Level, rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::EnvFilter;
+    let ignored = match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(directives) => match EnvFilter::try_new(directives) {
+            Ok(f) => return (f, None),
+            Err(e) => Some(format!("RUST_LOG={directives:?} ignored: {e}")),
+        },
+        None => None,
+    };
+    let l = level.as_str().to_ascii_lowercase();
+    let directives =
+        if level <= tracing::Level::INFO { l } else { format!("info,weft={l},weft_ipam={l},weft_forwarder={l}") };
+    (EnvFilter::new(directives), ignored)
+}
+
+/// Logs go to stderr, with colours only on a terminal (and not with `NO_COLOR`), so that a
+/// journal or a container log gets plain text.
+fn init_logging(format: &str, level: tracing::Level) {
+    use std::io::IsTerminal;
+    let (filter, ignored) = log_filter(level, std::env::var("RUST_LOG").ok().as_deref());
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
+    if let Some(why) = ignored {
+        tracing::warn!("{why}; using --log-level {}", level.as_str().to_ascii_lowercase());
+    }
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -301,10 +370,11 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("error: --log-format: {:?} must be \"text\" or \"json\"", args.log_format);
         return ExitCode::from(2);
     }
-    init_logging(&args.log_format);
+    init_logging(&args.log_format, args.log_level);
     let flags = RawConfig {
         node_name: args.node_name,
         public_ip: args.public_ip,
+        iface: args.iface,
         backend: args.backend,
         port: args.port,
         vni: args.vni,
@@ -320,6 +390,7 @@ fn run(args: RunArgs) -> ExitCode {
         api_socket: args.api_socket,
         peers: args.peers,
         subnet_file: args.subnet_file,
+        flannel_paths: args.flannel_paths.then_some(true),
         lease_ttl_secs: args.lease_ttl_secs,
         release_on_exit: args.release_on_exit.then_some(true),
         lease_cache: args.lease_cache,
@@ -328,20 +399,26 @@ fn run(args: RunArgs) -> ExitCode {
         pending_release_dir: args.pending_release_dir,
         ..args.store.raw()
     };
-    let source = ConfigSource { path: args.config, flags };
+    let source = ConfigSource { path: args.config, flags, detected_public_ip: None };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
+            tracing::error!(error = %e, exit_code = 1, "weft run failed: cannot start runtime");
             return ExitCode::from(1);
         }
     };
+    // One line for a failed start, through the log (so it is JSON with --log-format json and
+    // lands in the journal with the rest), not a second copy on stderr.
     match rt.block_on(daemon::run(source)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.exit_code() == 0 => {
+            tracing::info!(reason = %e, "weft stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            tracing::error!(error = %e, "weft run failed");
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
+            let code = e.exit_code();
+            tracing::error!(error = %e, exit_code = code, "weft run failed");
+            ExitCode::from(code)
         }
     }
 }
@@ -554,5 +631,66 @@ fn main() -> ExitCode {
         Command::Leases(a) => leases(a),
         Command::Ipam { command } => ipam(command),
         Command::Leave(a) => leave(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// flanneld's convention, FLANNELD_<FLAG>: every `weft run` flag has its variable, named
+    /// by one rule, so a DaemonSet can set any of them without a command line.
+    #[test]
+    fn every_run_flag_has_its_weft_variable() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run subcommand");
+        let mut checked = 0;
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let want = format!("WEFT_{}", long.to_ascii_uppercase().replace('-', "_"));
+            let got = arg.get_env().and_then(|e| e.to_str());
+            assert_eq!(got, Some(want.as_str()), "--{long}");
+            checked += 1;
+        }
+        assert!(checked >= 30, "only {checked} flags seen");
+    }
+
+    #[test]
+    fn env_rule_is_in_the_help() {
+        let help = Cli::command().find_subcommand_mut("run").expect("run").render_long_help().to_string();
+        assert!(help.contains("WEFT_NODE_NAME") && help.contains("WEFT_ and the flag's long name"), "{help}");
+    }
+
+    #[test]
+    fn log_levels_by_name_and_by_klog_number() {
+        assert_eq!(log_level("debug"), Ok(tracing::Level::DEBUG));
+        assert_eq!(log_level("WARN"), Ok(tracing::Level::WARN));
+        assert_eq!(log_level("0"), Ok(tracing::Level::INFO));
+        assert_eq!(log_level("2"), Ok(tracing::Level::DEBUG));
+        assert_eq!(log_level("9"), Ok(tracing::Level::TRACE));
+        assert!(log_level("loud").unwrap_err().contains("error, warn, info, debug, trace"));
+        let parsed = Cli::try_parse_from(["weft", "run", "-v=2"]).expect("-v=2 parses");
+        let Command::Run(a) = parsed.command else { panic!("not run") };
+        assert_eq!(a.log_level, tracing::Level::DEBUG);
+    }
+
+    #[test]
+    fn rust_log_wins_over_the_level_unless_unusable() {
+        let show = |level, rust_log| {
+            let (f, why) = log_filter(level, rust_log);
+            (f.to_string(), why.is_some())
+        };
+        assert_eq!(show(tracing::Level::WARN, None), ("warn".to_owned(), false));
+        assert_eq!(show(tracing::Level::INFO, Some("  ")), ("info".to_owned(), false));
+        let (f, ignored) = show(tracing::Level::DEBUG, None);
+        assert!(f.contains("weft=debug") && f.contains("weft_ipam=debug") && !ignored, "{f}");
+        assert_eq!(show(tracing::Level::ERROR, Some("weft_ipam=trace")), ("weft_ipam=trace".to_owned(), false));
+        let (f, ignored) = show(tracing::Level::INFO, Some("weft=[[["));
+        assert_eq!((f.as_str(), ignored), ("info", true));
     }
 }

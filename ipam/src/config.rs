@@ -13,6 +13,12 @@
 //!   the wrong subnet size. Fields flannel knows but weft does not use (`EnableNFTables`,
 //!   `Networks`, `IPv6Networks`) are accepted and written back unchanged.
 //!
+//! Three of flannel's vxlan `Backend` options change what a node does, so weft reads them
+//! rather than carrying them along unread: `MTU` (the overlay MTU, honoured), `DirectRouting`
+//! (peers on our L2 subnet are routed without encapsulation, honoured for vxlan) and `GBP`
+//! (VXLAN Group Based Policy, which weft does not implement: `true` is refused). Accepting a
+//! `GBP: true` silently would leave flannel peers expecting policy bits weft never sends.
+//!
 //! The fields are read one by one from a JSON object rather than through a derived
 //! deserialiser so that every error names the field it is about.
 
@@ -61,7 +67,17 @@ pub struct BackendConfig {
     pub port: Option<u16>,
     /// `VNI` as written (vxlan only); `None` means 1.
     pub vni: Option<u32>,
-    /// Other backend fields (`GBP`, `DirectRouting`, `MTU`, …), kept verbatim.
+    /// `DirectRouting` as written (vxlan only): peers whose PublicIP is directly reachable on
+    /// our underlay subnet get a kernel route instead of encapsulation
+    /// (flannel `pkg/backend/vxlan/vxlan_network.go`). `None` means false.
+    pub direct_routing: Option<bool>,
+    /// `GBP` as written; only `false` is accepted (weft does not implement VXLAN GBP).
+    pub gbp: Option<bool>,
+    /// `MTU` as written: the overlay MTU every node uses, capped by what its underlay carries.
+    /// `None` (or 0 in the JSON, flannel's "automatic") means the underlay MTU minus the
+    /// encapsulation overhead.
+    pub mtu: Option<u16>,
+    /// Other backend fields (`Learning`, …), kept verbatim.
     pub extra: Map<String, Value>,
 }
 
@@ -221,7 +237,26 @@ pub enum ConfigError {
         /// The value given.
         port: u64,
     },
+    /// An overlay MTU weft cannot use.
+    #[error(
+        "Backend.MTU: {mtu} must be between {MIN_OVERLAY_MTU} and 65535 (0 or absent: the underlay MTU minus the encapsulation overhead)"
+    )]
+    MtuOutOfRange {
+        /// The value given.
+        mtu: u64,
+    },
+    /// A flannel backend option weft does not implement, set to a value that would need it.
+    #[error("{field}: {message}")]
+    Unsupported {
+        /// The field, e.g. `Backend.GBP`.
+        field: &'static str,
+        /// Why weft refuses it and what to do instead.
+        message: &'static str,
+    },
 }
+
+/// The smallest overlay MTU weft accepts (IPv4's minimum datagram size every host must take).
+pub const MIN_OVERLAY_MTU: u16 = 576;
 
 const KNOWN_FIELDS: [&str; 14] = [
     "Network",
@@ -333,7 +368,20 @@ impl NetworkConfig {
 impl BackendConfig {
     /// flannel's default backend when `Backend` is absent: `{"Type":"udp"}`.
     pub fn udp() -> Self {
-        Self { kind: BackendKind::Udp, port: None, vni: None, extra: Map::new() }
+        Self {
+            kind: BackendKind::Udp,
+            port: None,
+            vni: None,
+            direct_routing: None,
+            gbp: None,
+            mtu: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Whether peers on our underlay subnet are routed directly (`DirectRouting`).
+    pub fn direct_routing(&self) -> bool {
+        self.direct_routing.unwrap_or(false)
     }
 
     /// The UDP port the backend listens on: `Port`, else 8285 for udp and 8472 for vxlan
@@ -377,7 +425,31 @@ impl BackendConfig {
             }
             Some(other) => return Err(wrong_type("Backend.VNI", "an integer", &other)),
         };
-        Ok(Self { kind, port, vni, extra: obj })
+        let direct_routing =
+            take_bool(&mut obj, "DirectRouting").map_err(|e| backend_field(e, "Backend.DirectRouting"))?;
+        if direct_routing == Some(true) && kind == BackendKind::Udp {
+            return Err(ConfigError::Unsupported {
+                field: "Backend.DirectRouting",
+                message: "true only applies to Type \"vxlan\": flannel's udp backend has no direct routing, \
+                          so its nodes would keep encapsulating and answer over another path",
+            });
+        }
+        let gbp = take_bool(&mut obj, "GBP").map_err(|e| backend_field(e, "Backend.GBP"))?;
+        if gbp == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "Backend.GBP",
+                message: "true is not supported: weft does not implement the VXLAN Group Based Policy \
+                          extension (remove GBP or set it to false)",
+            });
+        }
+        let mtu = match take_u64(&mut obj, "MTU").map_err(|e| backend_field(e, "Backend.MTU"))? {
+            None => None,
+            Some(m) => match u16::try_from(m) {
+                Ok(m) if m >= MIN_OVERLAY_MTU => Some(m),
+                _ => return Err(ConfigError::MtuOutOfRange { mtu: m }),
+            },
+        };
+        Ok(Self { kind, port, vni, direct_routing, gbp, mtu, extra: obj })
     }
 
     fn to_object(&self) -> Map<String, Value> {
@@ -388,6 +460,15 @@ impl BackendConfig {
         }
         if let Some(v) = self.vni {
             obj.insert("VNI".into(), Value::from(v));
+        }
+        if let Some(d) = self.direct_routing {
+            obj.insert("DirectRouting".into(), Value::Bool(d));
+        }
+        if let Some(g) = self.gbp {
+            obj.insert("GBP".into(), Value::Bool(g));
+        }
+        if let Some(m) = self.mtu {
+            obj.insert("MTU".into(), Value::from(m));
         }
         for (k, v) in &self.extra {
             obj.insert(k.clone(), v.clone());
@@ -564,6 +645,17 @@ fn wrong_type(field: &str, expected: &'static str, found: &Value) -> ConfigError
     ConfigError::WrongType { field: field.to_owned(), expected, found: found.to_string() }
 }
 
+/// Renames the field of a [`ConfigError::WrongType`] from `MTU` to `Backend.MTU`, say: the
+/// `take_*` helpers know the key, not the object it sits in.
+fn backend_field(e: ConfigError, field: &str) -> ConfigError {
+    match e {
+        ConfigError::WrongType { expected, found, .. } => {
+            ConfigError::WrongType { field: field.to_owned(), expected, found }
+        }
+        other => other,
+    }
+}
+
 fn take_bool(obj: &mut Map<String, Value>, field: &'static str) -> Result<Option<bool>, ConfigError> {
     match obj.remove(field) {
         None | Some(Value::Null) => Ok(None),
@@ -657,7 +749,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.backend.port(), c.backend.vni()), (4789, 42));
-        assert_eq!(c.backend.extra["DirectRouting"], true);
+        assert!(c.backend.direct_routing());
+        assert!(c.backend.extra.is_empty(), "DirectRouting is read, not carried: {:?}", c.backend.extra);
+    }
+
+    /// flannel's vxlan options that change what a node does are read, checked and written
+    /// back: MTU honoured (0 = automatic, as flannel), DirectRouting for vxlan, GBP false only.
+    #[test]
+    fn mtu_direct_routing_and_gbp_are_read() {
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true,"GBP":false,"MTU":1400,"Learning":false}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.backend.direct_routing(), c.backend.gbp, c.backend.mtu), (true, Some(false), Some(1400)));
+        assert_eq!(c.backend.extra.keys().collect::<Vec<_>>(), ["Learning"]);
+        assert_eq!(NetworkConfig::from_json(&c.to_json()).unwrap(), c);
+        let auto = NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","MTU":0}}"#).unwrap();
+        assert_eq!((auto.backend.mtu, auto.backend.direct_routing()), (None, false));
+        let off = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","DirectRouting":false}}"#;
+        assert!(!NetworkConfig::from_json(off).unwrap().backend.direct_routing());
     }
 
     #[test]
@@ -718,6 +828,38 @@ mod tests {
                 "Backend.Port: 70000 is not a UDP port (0-65535)",
             ),
             (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+                "Backend.GBP: true is not supported: weft does not implement the VXLAN Group Based Policy \
+                 extension (remove GBP or set it to false)",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","GBP":"yes"}}"#,
+                "Backend.GBP: expected true or false, found \"yes\"",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","DirectRouting":true}}"#,
+                "Backend.DirectRouting: true only applies to Type \"vxlan\": flannel's udp backend has no \
+                 direct routing, so its nodes would keep encapsulating and answer over another path",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":1}}"#,
+                "Backend.DirectRouting: expected true or false, found 1",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":500}}"#,
+                "Backend.MTU: 500 must be between 576 and 65535 (0 or absent: the underlay MTU minus the \
+                 encapsulation overhead)",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":70000}}"#,
+                "Backend.MTU: 70000 must be between 576 and 65535 (0 or absent: the underlay MTU minus the \
+                 encapsulation overhead)",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":"1400"}}"#,
+                "Backend.MTU: expected a non-negative integer, found \"1400\"",
+            ),
+            (
                 r#"{"Network":"10.244.0.0/16","Backend":"udp"}"#,
                 "Backend: expected an object like {\"Type\":\"udp\"}, found \"udp\"",
             ),
@@ -751,7 +893,7 @@ mod tests {
 
     #[test]
     fn passthrough_fields_survive() {
-        let json = r#"{"Network":"10.244.0.0/16","EnableNFTables":false,"IPv6Network":"fd00::/48","Backend":{"Type":"vxlan","GBP":true}}"#;
+        let json = r#"{"Network":"10.244.0.0/16","EnableNFTables":false,"IPv6Network":"fd00::/48","Backend":{"Type":"vxlan","GBP":false}}"#;
         let c = NetworkConfig::from_json(json).unwrap();
         assert!(c.ipv6.is_none());
         let again = NetworkConfig::from_json(&c.to_json()).unwrap();

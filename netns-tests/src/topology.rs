@@ -46,6 +46,7 @@ pub fn underlay_ip(octet: u8) -> Ipv4Addr {
 pub struct Host {
     name: String,
     octet: u8,
+    ip: Ipv4Addr,
     ns: Netns,
 }
 
@@ -60,9 +61,10 @@ impl Host {
         self.octet
     }
 
-    /// Its underlay address, `198.18.0.<octet>`.
+    /// Its underlay address: `198.18.0.<octet>` on the bridge, `198.18.<net>.<octet>` for a
+    /// host behind a router ([`Topology::add_routed_host`]).
     pub fn ip(&self) -> Ipv4Addr {
-        underlay_ip(self.octet)
+        self.ip
     }
 
     /// The host's namespace.
@@ -156,7 +158,62 @@ impl Topology {
         let cidr = format!("{}/{UNDERLAY_PREFIX_LEN}", underlay_ip(octet));
         ns.exec_ok("ip", &["addr", "add", &cidr, "dev", HOST_IF])?;
         ns.exec_ok("ip", &["link", "set", HOST_IF, "up"])?;
-        self.hosts.push(Host { name: name.to_owned(), octet, ns });
+        self.hosts.push(Host { name: name.to_owned(), octet, ip: underlay_ip(octet), ns });
+        self.hosts.last().context("host vanished right after being added")
+    }
+
+    /// Adds host `name` on another underlay subnet, `198.18.<net>.0/24`, at
+    /// `198.18.<net>.<octet>`, behind a router: host `r<net>` on the bridge at `198.18.0.254`
+    /// (created with the first routed host of `net`), forwarding to its `eth1`
+    /// `198.18.<net>.254`. The new host's default route points at the router, and every host
+    /// already on the bridge gets a route to `198.18.<net>.0/24` through it, so add the bridge
+    /// hosts first. Such a host is reachable from the bridge hosts, but not on their L2 subnet.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `net` is 0 (the bridge's own subnet), a name is taken, or a namespace, link,
+    /// address or route cannot be set up.
+    pub fn add_routed_host(&mut self, name: &str, net: u8, octet: u8) -> Result<&Host> {
+        if net == 0 || octet == 0 || octet >= 254 {
+            bail!("routed host {name}: net {net} must not be 0 and octet {octet} must be 1..=253");
+        }
+        if self.hosts.iter().any(|h| h.name == name) {
+            bail!("host {name} already in topology {}", self.test);
+        }
+        let [a, b, _] = UNDERLAY_NET;
+        let router = format!("r{net}");
+        let router_leg = format!("eth{net}");
+        let router_ip = Ipv4Addr::new(a, b, net, 254);
+        if self.hosts.iter().all(|h| h.name != router) {
+            let bridge_hosts: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+            self.add_host(&router, 254)?;
+            self.host(&router)?.ns.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            for h in &bridge_hosts {
+                let host = self.host(h)?;
+                host.ns.exec_ok(
+                    "ip",
+                    &["route", "add", &format!("{a}.{b}.{net}.0/24"), "via", &underlay_ip(254).to_string()],
+                )?;
+            }
+        }
+        let r_ns = self.host(&router)?.ns.name().to_owned();
+        let ns = Netns::create(&netns::ns_name(&self.test, name))?;
+        crate::cmd::run(
+            "ip",
+            &["link", "add", HOST_IF, "netns", ns.name(), "type", "veth", "peer", "name", &router_leg, "netns", &r_ns],
+            crate::cmd::DEFAULT_TIMEOUT,
+        )?
+        .ok()?;
+        let r = &self.host(&router)?.ns;
+        if !r.exec_ok("ip", &["-o", "addr", "show", "dev", &router_leg])?.stdout.contains(&router_ip.to_string()) {
+            r.exec_ok("ip", &["addr", "add", &format!("{router_ip}/24"), "dev", &router_leg])?;
+        }
+        r.exec_ok("ip", &["link", "set", &router_leg, "up"])?;
+        let ip = Ipv4Addr::new(a, b, net, octet);
+        ns.exec_ok("ip", &["addr", "add", &format!("{ip}/24"), "dev", HOST_IF])?;
+        ns.exec_ok("ip", &["link", "set", HOST_IF, "up"])?;
+        ns.exec_ok("ip", &["route", "add", "default", "via", &router_ip.to_string()])?;
+        self.hosts.push(Host { name: name.to_owned(), octet, ip, ns });
         self.hosts.last().context("host vanished right after being added")
     }
 

@@ -138,6 +138,11 @@ pub struct NodeConfig {
     pub node_name: String,
     /// Underlay address the socket binds.
     pub public_ip: Ipv4Addr,
+    /// Leave `public_ip` out of the file, for weft to find it (from `iface`, else from the
+    /// default route); [`NodeConfig::public_ip`] is then only what the test expects.
+    pub omit_public_ip: bool,
+    /// `iface`: the underlay interface by name or address; `None` leaves it out.
+    pub iface: Option<String>,
     /// UDP port.
     pub port: u16,
     /// Cluster network.
@@ -180,6 +185,8 @@ impl NodeConfig {
         Self {
             node_name: format!("n{i}"),
             public_ip: underlay_ip(i),
+            omit_public_ip: false,
+            iface: None,
             port: PORT,
             network: NETWORK.to_owned(),
             subnet: format!("10.244.{i}.0/24"),
@@ -261,7 +268,12 @@ impl NodeConfig {
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = writeln!(s, "node_name = {}", quote(&self.node_name));
-        let _ = writeln!(s, "public_ip = {}", quote(&self.public_ip.to_string()));
+        if !self.omit_public_ip {
+            let _ = writeln!(s, "public_ip = {}", quote(&self.public_ip.to_string()));
+        }
+        if let Some(i) = &self.iface {
+            let _ = writeln!(s, "iface = {}", quote(i));
+        }
         if let Some(lease) = &self.lease {
             lease.write_toml(&mut s);
         } else {

@@ -2,6 +2,11 @@
 //! 1.0.0 and answers 0.3.0, 0.3.1 and 0.4.0 configurations in their own result format.
 //!
 //! One invocation, checked in the order Go's `skel` uses:
+//! 0. [`main`] only: no `CNI_COMMAND` at all (a person running the binary) prints the
+//!    plugin's name and version and the protocol versions it speaks on stderr and exits 0,
+//!    without reading stdin, as the reference plugins do (skel's `about`: `CNI bridge plugin
+//!    v1.4.0` / `CNI protocol versions supported: …`). [`run`] itself keeps answering code 4,
+//!    which is what a runtime that forgot the variable should see.
 //! 1. `CNI_COMMAND` (code 4 if missing or unknown). VERSION is answered right away, whatever
 //!    the other variables hold (libcni sends placeholders).
 //! 2. The environment the command needs ([`args`], code 4).
@@ -52,9 +57,27 @@ impl Outcome {
     }
 }
 
+/// The plugin's name and version and the protocol versions it speaks, in the reference
+/// plugins' shape (containernetworking/plugins `pkg/utils/buildversion`), when `CNI_COMMAND`
+/// is unset or empty; `None` when there is a command to run.
+pub fn about_if_no_command(getenv: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    getenv("CNI_COMMAND").is_none_or(|c| c.is_empty()).then(|| {
+        format!(
+            "CNI weft-cni plugin v{}\nCNI protocol versions supported: {}",
+            env!("CARGO_PKG_VERSION"),
+            CniVersion::supported().join(", ")
+        )
+    })
+}
+
 /// The plugin's entry point: reads the process environment and stdin, runs, prints, and
 /// returns the exit code.
 pub fn main() -> i32 {
+    if let Some(text) = about_if_no_command(&|k: &str| std::env::var(k).ok()) {
+        // As skel: for a person at a terminal, so stderr, exit 0, and stdin is never read.
+        let _ = writeln!(io::stderr().lock(), "{text}");
+        return 0;
+    }
     let mut input = Vec::new();
     let stdin = io::stdin().read_to_end(&mut input).map(|_| input);
     let getenv = |k: &str| std::env::var(k).ok();
@@ -156,6 +179,19 @@ mod tests {
         assert_eq!(v["supportedVersions"], serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
         let (v, code) = invoke(&env, "");
         assert_eq!((v["cniVersion"].as_str(), code), (Some("1.1.0"), 0));
+    }
+
+    /// `/usr/lib/cni/bridge` with no environment prints "CNI bridge plugin version unknown" and
+    /// "CNI protocol versions supported: 0.1.0, …": the same two lines, for weft's versions.
+    #[test]
+    fn no_command_is_answered_with_the_plugin_and_its_versions() {
+        let text = about_if_no_command(&|_: &str| None).expect("about without CNI_COMMAND");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0], format!("CNI weft-cni plugin v{}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(lines[1], "CNI protocol versions supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0");
+        assert!(about_if_no_command(&|_: &str| Some(String::new())).is_some(), "empty is unset, as skel");
+        assert!(about_if_no_command(&|_: &str| Some("ADD".into())).is_none());
     }
 
     #[test]

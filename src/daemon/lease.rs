@@ -137,8 +137,7 @@ fn vtep_mac(raw: &RawConfig, n: &NetworkConfig) -> Option<MacAddr> {
 }
 
 fn resolve(raw: &RawConfig, n: &NetworkConfig, subnet: Ipv4Net) -> Result<Config, ConfigError> {
-    let vni = matches!(n.backend.kind, weft_ipam::BackendKind::Vxlan).then(|| n.backend.vni());
-    crate::config::resolve_leased(raw, n.network, n.backend.kind.as_str(), n.backend.port(), vni, subnet)
+    crate::config::resolve_leased(raw, n, subnet)
 }
 
 fn keeper_for(
@@ -492,6 +491,12 @@ fn network_mismatch(running: &NetworkConfig, store: &NetworkConfig) -> Option<St
         ("Backend.Type", running.backend.kind.as_str().to_owned(), store.backend.kind.as_str().to_owned()),
         ("Backend.Port", running.backend.port().to_string(), store.backend.port().to_string()),
         ("Backend.VNI", running.backend.vni().to_string(), store.backend.vni().to_string()),
+        ("Backend.MTU", format!("{:?}", running.backend.mtu), format!("{:?}", store.backend.mtu)),
+        (
+            "Backend.DirectRouting",
+            running.backend.direct_routing().to_string(),
+            store.backend.direct_routing().to_string(),
+        ),
     ];
     pairs.into_iter().find(|(_, a, b)| a != b).map(|(f, a, b)| format!("{f} {a} -> {b}"))
 }

@@ -16,11 +16,14 @@
 
 pub mod api;
 pub mod control;
+pub mod direct;
 pub mod failpoint;
 pub mod lease;
+pub mod mtu;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
+pub mod underlay;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -53,8 +56,9 @@ pub enum DaemonError {
     /// The peers cannot form a route table.
     #[error("peers: {0}")]
     Peers(#[from] RouteError),
-    /// The overlay MTU does not fit the underlay.
-    #[error("mtu: {0}")]
+    /// The overlay MTU does not fit the underlay; the message starts with the field (`mtu` or
+    /// `Backend.MTU`).
+    #[error("{0}")]
     Mtu(String),
     /// `/dev/net/tun` is missing.
     #[error("cannot open /dev/net/tun: {0} (load the tun module, or pass the device into the container)")]
@@ -164,25 +168,40 @@ impl DaemonError {
 }
 
 /// Where a reload reads its configuration from: the file again, with the same flags on top.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConfigSource {
     /// The config file, if any.
     pub path: Option<PathBuf>,
     /// Flag overrides.
     pub flags: RawConfig,
+    /// The public address found at start when neither file nor flags set one
+    /// ([`underlay::pin_public_ip`]); kept, so a reload never moves the node.
+    pub detected_public_ip: Option<IpAddr>,
 }
 
 impl ConfigSource {
+    /// The file with the flags on top, before validation.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn raw(&self) -> Result<RawConfig, ConfigError> {
+        let file = match &self.path {
+            Some(p) => RawConfig::from_file(p)?,
+            None => RawConfig::default(),
+        };
+        let mut raw = file.merge(self.flags.clone());
+        if raw.public_ip.is_none() {
+            raw.public_ip = self.detected_public_ip.map(|ip| ip.to_string());
+        }
+        Ok(raw)
+    }
+
     /// Reads and validates the configuration.
     ///
     /// # Errors
     /// [`ConfigError`].
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        let file = match &self.path {
-            Some(p) => RawConfig::from_file(p)?,
-            None => RawConfig::default(),
-        };
-        Loaded::from_raw(file.merge(self.flags.clone()))
+        Loaded::from_raw(self.raw()?)
     }
 }
 
@@ -193,6 +212,7 @@ impl ConfigSource {
 pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
     let nl = Netlink::connect()?;
+    let source = underlay::pin_public_ip(source, &nl).await?;
     let (cfg, leased) = match source.load()? {
         Loaded::Static(cfg) => (*cfg, None),
         Loaded::Lease { raw, lease: settings } => {
@@ -316,27 +336,7 @@ async fn run_with<C: PacketCore + 'static>(
         nl.add_fail_closed(net).await?;
     }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
-    let max_mtu = underlay.mtu.saturating_sub(wire.kind.overhead(cfg.public_ip.is_ipv6()) as u32);
-    let max_mtu = u16::try_from(max_mtu).unwrap_or(u16::MAX);
-    let mtu = match cfg.mtu {
-        Some(m) if m > max_mtu => {
-            return Err(DaemonError::Mtu(format!(
-                "{m} exceeds what {} (MTU {}) carries after {} bytes of {} encapsulation: at most {max_mtu}",
-                underlay.name,
-                underlay.mtu,
-                wire.kind.overhead(cfg.public_ip.is_ipv6()),
-                wire.kind.as_str()
-            )));
-        }
-        Some(m) => m,
-        None => max_mtu,
-    };
-    if mtu < 576 || (cfg.subnet_v6.is_some() && mtu < 1280) {
-        return Err(DaemonError::Mtu(format!(
-            "underlay {} has MTU {}, leaving only {mtu} for the overlay",
-            underlay.name, underlay.mtu
-        )));
-    }
+    let mtu = mtu::overlay_mtu(&cfg, &underlay, wire.kind)?;
     let probe = driver::probe(cfg.io)?;
     match &probe.fallback_reason {
         Some(reason) => warn!(backend = "mmsg", reason = %reason, "io_uring unavailable, falling back"),
@@ -466,6 +466,7 @@ async fn run_with<C: PacketCore + 'static>(
             });
             f
         });
+        let on_peers = direct::hook(on_peers, &prepared.network, &nl, underlay.index).await;
         let ctx = lease::LeaseContext {
             routes: routes.clone(),
             mtu,
@@ -611,6 +612,7 @@ async fn run_with<C: PacketCore + 'static>(
                 warn!(error = %e, "could not remove fail-closed route");
             }
         }
+        direct::remove_all(&nl).await;
     }
     let _ = std::fs::remove_file(&cfg.api_socket);
     let s = state.status();

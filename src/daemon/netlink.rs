@@ -89,6 +89,12 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    /// The rtnetlink handle, for the modules that make their own requests (`underlay`,
+    /// `direct`).
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Finds the interface that holds `ip` and its MTU.
     ///
     /// # Errors
