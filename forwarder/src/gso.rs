@@ -15,6 +15,7 @@
 
 use std::ops::Range;
 
+use crate::stats::DropReason;
 use crate::wire::checksum;
 
 /// Length of the virtio-net header without the `num_buffers` field.
@@ -92,12 +93,49 @@ impl VnetHdr {
 /// Why a packet from the TUN could not be segmented or completed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum GsoError {
-    /// Header fields contradict the packet (lengths, offsets, version, protocol).
+    /// The virtio-net header contradicts the packet (GSO type against IP version or
+    /// protocol, `csum_start`, `csum_offset`, `gso_size` 0).
     Malformed,
+    /// The super-packet's IP header is malformed: IHL below 5, a total length that is not
+    /// the packet's, or a fragment (nothing the kernel's TSO/USO hands over).
+    BadIpHeader,
+    /// The super-packet's TCP header is malformed: a data offset below 5 (a header shorter
+    /// than 20 bytes, whose flags and checksum the segments would be cut through) or one
+    /// reaching past the packet.
+    BadL4Header,
     /// A GSO type weft does not cut (ECN, unknown types).
     Unsupported,
     /// The output buffer cannot hold the segments.
     NoRoom,
+}
+
+impl GsoError {
+    /// The drop reason a driver counts this under, so that a malformed super-packet is as
+    /// visible in `weft status` as a malformed datagram.
+    pub const fn reason(self) -> DropReason {
+        match self {
+            Self::BadIpHeader => DropReason::BadIpHeader,
+            Self::BadL4Header => DropReason::BadL4Header,
+            Self::Malformed | Self::Unsupported | Self::NoRoom => DropReason::BadOffload,
+        }
+    }
+}
+
+/// Checks a packet read from a TUN opened with `IFF_VNET_HDR` against its virtio-net header,
+/// the one place both drivers do it: a super-packet (`gso_type` set) is checked for cutting
+/// and its [`Segmentation`] returned; a single packet whose L4 checksum the kernel left
+/// partial (`F_NEEDS_CSUM`) has it completed in place; anything else passes as it is.
+///
+/// # Errors
+/// The [`GsoError`] naming what contradicts what; [`GsoError::reason`] is what to count.
+pub fn check_read(hdr: &VnetHdr, ip: &mut [u8]) -> Result<Option<Segmentation>, GsoError> {
+    if hdr.is_gso() {
+        return Segmentation::parse(hdr, ip).map(Some);
+    }
+    if hdr.flags & F_NEEDS_CSUM != 0 {
+        complete_checksum(ip, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))?;
+    }
+    Ok(None)
 }
 
 /// Completes a partial L4 checksum in place: the field at `csum_start + csum_offset` holds
@@ -163,32 +201,43 @@ impl Segmentation {
             (GSO_TCPV4 | GSO_TCPV6, _) | (GSO_UDP_L4, _) => return Err(GsoError::Malformed),
             _ => return Err(GsoError::Unsupported),
         };
+        let be16 = |at: usize| ip.get(at..at + 2).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
         let (l4, proto, ip_total) = if v6 {
-            let plen = ip.get(4..6).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-            (40, ip.get(6).copied(), 40 + plen)
+            (40, ip.get(6).copied(), 40 + be16(4))
         } else {
-            let tot = ip.get(2..4).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-            (usize::from(ip[0] & 0x0f) * 4, ip.get(9).copied(), tot)
+            // IHL < 5 and fragments are refused here, before any offset is derived from them.
+            let ihl = usize::from(ip.first().map_or(0, |b| b & 0x0f)) * 4;
+            if ihl < 20 || be16(6) & 0x3fff != 0 {
+                return Err(GsoError::BadIpHeader);
+            }
+            (ihl, ip.get(9).copied(), be16(2))
         };
+        if ip_total != ip.len() || l4 > ip.len() {
+            return Err(GsoError::BadIpHeader);
+        }
         let want_proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
         let csum_offset = if tcp { 16 } else { 6 };
-        if proto != Some(want_proto)
-            || usize::from(hdr.csum_start) != l4
-            || hdr.csum_offset != csum_offset
-            || ip_total != ip.len()
-            || l4 < 20
-        {
+        if proto != Some(want_proto) || usize::from(hdr.csum_start) != l4 || hdr.csum_offset != csum_offset {
             return Err(GsoError::Malformed);
         }
         let l4_len = if tcp {
-            let off = ip.get(l4 + 12).ok_or(GsoError::Malformed)?;
-            usize::from(off >> 4) * 4
+            // The data offset comes from the packet: below 5 the "header" would end before the
+            // flags and the checksum that every segment's header gets written into.
+            let off = ip.get(l4 + 12).ok_or(GsoError::BadL4Header)?;
+            let len = usize::from(off >> 4) * 4;
+            if len < 20 {
+                return Err(GsoError::BadL4Header);
+            }
+            len
         } else {
             8
         };
         let hdrs = l4 + l4_len;
+        if hdrs > ip.len() {
+            return Err(if tcp { GsoError::BadL4Header } else { GsoError::BadIpHeader });
+        }
         let mss = usize::from(hdr.gso_size);
-        if l4_len < 8 || hdrs > ip.len() || mss == 0 {
+        if mss == 0 {
             return Err(GsoError::Malformed);
         }
         Ok(Self { v6, tcp, l4, hdrs, mss, payload: ip.len() - hdrs })
@@ -440,12 +489,101 @@ mod tests {
         for (name, h, want) in cases {
             assert_eq!(Segmentation::parse(&h, &pkt).err(), Some(want), "{name}");
         }
-        assert_eq!(Segmentation::parse(&good, &pkt[..30]).err(), Some(GsoError::Malformed), "truncated");
+        assert_eq!(Segmentation::parse(&good, &pkt[..30]).err(), Some(GsoError::BadIpHeader), "truncated");
         let seg = Segmentation::parse(&good, &pkt).unwrap();
         let mut out = vec![0u8; 2000];
         assert_eq!(seg.write_segments(&pkt, 0, 0..3, &mut out).err(), Some(GsoError::NoRoom));
         assert_eq!(seg.write_segments(&pkt, 0, 2..9, &mut out).err(), Some(GsoError::Malformed));
         assert_eq!(seg.write_segments(&pkt, 0, 3..3, &mut out).err(), Some(GsoError::Malformed));
+    }
+
+    /// A TCP data offset below 5 claims a header shorter than 20 bytes: the segments' flags
+    /// and checksum would be written past the header copy. It used to be accepted (offsets
+    /// 2 to 4 passed the old `l4_len < 8` test) and `write_segments` then panicked.
+    #[test]
+    fn refuses_tcp_data_offset_below_five() {
+        let good =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        for v6 in [false, true] {
+            let l4 = if v6 { 40 } else { 20 };
+            let hdr = VnetHdr { gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, csum_start: l4, ..good };
+            for doff in 0..5u8 {
+                let mut pkt = super_packet(v6, 3000, false);
+                let at = usize::from(l4) + 12;
+                pkt[at] = (doff << 4) | (pkt[at] & 0x0f);
+                let mut out = vec![0u8; 70_000];
+                match Segmentation::parse(&hdr, &pkt) {
+                    Err(e) => assert_eq!((e, e.reason()), (GsoError::BadL4Header, DropReason::BadL4Header)),
+                    Ok(seg) => {
+                        let cut = seg.write_segments(&pkt, 0, 0..seg.segments(), &mut out);
+                        panic!("v6={v6} data offset {doff} accepted (cut: {cut:?})");
+                    }
+                }
+            }
+            // A data offset reaching past the packet is refused the same way.
+            let mut pkt = super_packet(v6, 0, false);
+            pkt[usize::from(l4) + 12] = 0xf0;
+            assert_eq!(Segmentation::parse(&hdr, &pkt).err(), Some(GsoError::BadL4Header), "v6={v6}");
+        }
+    }
+
+    /// Every other length or offset taken from the packet or the virtio-net header, each
+    /// refused with the error (and so the drop reason) naming it.
+    #[test]
+    fn refuses_every_length_and_offset_that_lies() {
+        let pkt = super_packet(false, 3000, false);
+        let good =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        type Case = (&'static str, fn(&mut Vec<u8>), GsoError);
+        let cases: &[Case] = &[
+            ("ihl 4", |p| p[0] = 0x44, GsoError::BadIpHeader),
+            ("ihl 0", |p| p[0] = 0x40, GsoError::BadIpHeader),
+            ("ihl against csum_start", |p| p[0] = 0x4f, GsoError::Malformed),
+            ("total length short", |p| p[3] = p[3].wrapping_sub(1), GsoError::BadIpHeader),
+            ("total length long", |p| p.truncate(p.len() - 1), GsoError::BadIpHeader),
+            ("more fragments", |p| p[6] |= 0x20, GsoError::BadIpHeader),
+            ("fragment offset", |p| p[7] = 1, GsoError::BadIpHeader),
+            ("not tcp", |p| p[9] = 17, GsoError::Malformed),
+            ("empty", Vec::clear, GsoError::Malformed),
+        ];
+        for (name, mutate, want) in cases {
+            let mut p = pkt.clone();
+            mutate(&mut p);
+            assert_eq!(Segmentation::parse(&good, &p).err(), Some(*want), "{name}");
+        }
+        // An IHL past the end of a (short) packet.
+        let mut p = super_packet(false, 0, false);
+        p[0] = 0x4f;
+        assert_eq!(Segmentation::parse(&VnetHdr { csum_start: 60, ..good }, &p).err(), Some(GsoError::BadIpHeader));
+        // IPv6: the payload length must be the packet's; a UDP header must fit.
+        let v6 = VnetHdr { gso_type: GSO_UDP_L4, csum_start: 40, csum_offset: 6, ..good };
+        let mut p = udp_super_packet(true, 3000);
+        p[5] ^= 1;
+        assert_eq!(Segmentation::parse(&v6, &p).err(), Some(GsoError::BadIpHeader));
+        let mut p = udp_super_packet(true, 0);
+        p.truncate(44);
+        p[4..6].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(Segmentation::parse(&v6, &p).err(), Some(GsoError::BadIpHeader), "udp header cut short");
+        assert_eq!(GsoError::Malformed.reason(), DropReason::BadOffload);
+    }
+
+    /// The drivers' one entry point: super-packets are parsed, partial checksums completed
+    /// with offsets checked against the packet, everything else passed through.
+    #[test]
+    fn check_read_dispatches_on_the_header() {
+        let mut pkt = super_packet(false, 3000, false);
+        let gso =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 0, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        assert_eq!(check_read(&gso, &mut pkt).map(|s| s.map(|s| s.segments())), Ok(Some(3)));
+        let plain = VnetHdr::default();
+        assert_eq!(check_read(&plain, &mut pkt), Ok(None));
+        let len = u16::try_from(pkt.len()).unwrap();
+        for (csum_start, csum_offset) in [(len, 0), (len - 1, 0), (20, len), (u16::MAX, u16::MAX)] {
+            let partial = VnetHdr { flags: F_NEEDS_CSUM, csum_start, csum_offset, ..plain };
+            assert_eq!(check_read(&partial, &mut pkt), Err(GsoError::Malformed), "{csum_start}+{csum_offset}");
+        }
+        let partial = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: 16, ..plain };
+        assert_eq!(check_read(&partial, &mut pkt), Ok(None));
     }
 
     #[test]

@@ -56,11 +56,14 @@ pub enum DropReason {
     IoError,
     /// TUN: the virtio-net header contradicts the packet (offsets, lengths, GSO type).
     BadOffload,
+    /// TUN: a super-packet's TCP header is malformed (data offset below 5, or past the
+    /// packet), so it cannot be cut into segments.
+    BadL4Header,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -81,6 +84,7 @@ impl DropReason {
         Self::FloodLimited,
         Self::IoError,
         Self::BadOffload,
+        Self::BadL4Header,
     ];
 
     /// The label in metrics and `weft status`.
@@ -106,6 +110,7 @@ impl DropReason {
             Self::BadEthertype => "bad_ethertype",
             Self::FloodLimited => "flood_limited",
             Self::BadOffload => "bad_offload_header",
+            Self::BadL4Header => "bad_l4_header",
         }
     }
 }
