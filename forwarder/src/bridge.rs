@@ -292,6 +292,7 @@ impl Bridge {
         match ethertype {
             ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => {
                 let (isrc, idst, total, ndp) = match IpPacket::new_checked(frame.payload()) {
+                    Ok(ip) if !ip.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), is_ndp(&ip)),
                     Err(_) => return self.drop_underlay(DropReason::BadIpHeader),
                 };
@@ -513,6 +514,15 @@ mod tests {
                 DropReason::ForeignSource,
             ),
             ("VLAN", wire(frame(B_MAC, A_MAC, 0x8100, &good_ip)), DropReason::BadEthertype),
+            (
+                "bad inner header checksum",
+                wire(frame(B_MAC, A_MAC, 0x0800, &{
+                    let mut p = good_ip.clone();
+                    p[11] ^= 0x80;
+                    p
+                })),
+                DropReason::BadInnerChecksum,
+            ),
             (
                 "I flag clear",
                 {

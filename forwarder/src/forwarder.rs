@@ -14,7 +14,9 @@
 //! costs one hash probe (`reference/security.md` §1.3):
 //! 1. the outer source must be a known peer's endpoint (`unknown_sender`);
 //! 2. the format's header (`truncated`, format-specific reasons);
-//! 3. the inner packet must parse, lengths consistent (`bad_ip_header`);
+//! 3. the inner packet must parse, lengths consistent (`bad_ip_header`), and an IPv4
+//!    header's checksum verify (`bad_inner_checksum`: the kernel would drop it on the TUN
+//!    write, uncounted); the merge path gets only packets that passed all of this;
 //! 4. the inner source must be in the *sending* peer's subnet (`foreign_source`);
 //! 5. the inner destination must be in *our* subnet (`not_local_destination`), never a
 //!    martian; nothing is ever re-encapsulated;
@@ -260,6 +262,7 @@ impl<E: Encap> Forwarder<E> {
             Err(reason) => return self.drop_underlay(reason),
         }
         let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
+            Ok(ip) if !ip.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
             Err(WireError::Truncated) => return self.drop_underlay(DropReason::Truncated),
             Err(WireError::Malformed) => return self.drop_underlay(DropReason::BadIpHeader),
@@ -529,6 +532,34 @@ mod tests {
             ),
             ("short", peer, vec![0x45; 12], DropReason::Truncated),
             ("not ip", peer, vec![0x00; 40], DropReason::BadIpHeader),
+            (
+                "bad inner header checksum",
+                peer,
+                {
+                    let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+                    p[10] ^= 0x01;
+                    p
+                },
+                DropReason::BadInnerChecksum,
+            ),
+            (
+                "inner checksum wrong over the options",
+                peer,
+                {
+                    // IHL 6: the checksum covers the 4 option bytes too.
+                    let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+                    p.splice(20..20, [1, 1, 1, 0]);
+                    p[0] = 0x46;
+                    let len = p.len() as u16;
+                    p[2..4].copy_from_slice(&len.to_be_bytes());
+                    p[10..12].copy_from_slice(&[0, 0]);
+                    let c = crate::wire::checksum::checksum(&p[..24]);
+                    p[10..12].copy_from_slice(&c.to_be_bytes());
+                    p[22] = 2; // an option byte changed after the checksum
+                    p
+                },
+                DropReason::BadInnerChecksum,
+            ),
             (
                 "length lies",
                 peer,

@@ -27,6 +27,7 @@ fn check_underlay<E: Encap>(mut net: Pair<E>, data: &[u8]) -> UnderlayVerdict {
             assert!(pkt.len() <= n, "delivered more than was received");
             let ip = IpPacket::new_checked(pkt.as_slice()).expect("delivered packet is well-formed IP");
             assert_eq!(ip.total_len(), pkt.len(), "padding was trimmed");
+            assert!(ip.header_checksum_ok(), "delivered an IPv4 header whose checksum fails");
             let peer = &net.routes_b.peers()[0];
             assert!(peer.owns(ip.src()), "delivered a packet from outside the peer's subnet");
             let local = crate::testing::local(2);

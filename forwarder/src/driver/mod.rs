@@ -281,4 +281,34 @@ mod tests {
         assert_eq!(datagrams(0, Some(1000)).count(), 0);
         assert_eq!(datagrams(3, Some(0)).count(), 3, "a zero segment size cannot loop forever");
     }
+
+    /// The merge path sees only what `check_datagram` delivered: a GRO train whose middle
+    /// datagram carries a bad inner IPv4 header checksum has that one dropped and counted,
+    /// its neighbours delivered.
+    #[test]
+    fn a_train_datagram_with_a_bad_inner_checksum_never_reaches_the_merge() {
+        use crate::testing::{A_ENDPOINT, Pair, icmp_echo};
+        let mut net = Pair::vxlan();
+        let wire = net.a_encap(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 100)).unwrap();
+        let mut bad = wire.clone();
+        bad[22 + 10] ^= 0x40;
+        let mut pool = BufPool::new(1).unwrap();
+        let slot = pool.alloc().unwrap();
+        // SAFETY: just allocated, nothing in flight.
+        let buf = unsafe { pool.slot_mut(slot) };
+        for (i, d) in [&wire, &bad, &wire].into_iter().enumerate() {
+            let at = HEADROOM + i * wire.len();
+            buf[at..at + d.len()].copy_from_slice(d);
+        }
+        let from = A_ENDPOINT.parse().unwrap();
+        let verdicts: Vec<_> = datagrams(3 * wire.len(), Some(wire.len()))
+            // SAFETY: the slot is ours.
+            .map(|d| unsafe { check_datagram(&mut pool, &mut net.b, &net.routes_b, from, slot, d, net.now) })
+            .map(|c| c.map(|(v, _, _)| v))
+            .collect();
+        assert!(matches!(verdicts[0], Some(UnderlayVerdict::Deliver { .. })));
+        assert_eq!(verdicts[1], Some(UnderlayVerdict::Drop(DropReason::BadInnerChecksum)));
+        assert!(matches!(verdicts[2], Some(UnderlayVerdict::Deliver { .. })));
+        assert_eq!(net.b.stats().drops(DropReason::BadInnerChecksum), 1);
+    }
 }

@@ -227,6 +227,10 @@ mod tests {
         let spoofed = net.a_encap(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8)).unwrap();
         let mut spoofed_inner = spoofed.clone();
         spoofed_inner[22 + 12..22 + 16].copy_from_slice(&[10, 244, 3, 1]);
+        // A consistent spoof: the header checksum fixed up too, or it is dropped earlier.
+        spoofed_inner[22 + 10..22 + 12].copy_from_slice(&[0, 0]);
+        let c = crate::wire::checksum::checksum(&spoofed_inner[22..42]);
+        spoofed_inner[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
         assert!(net.b_receives(&spoofed_inner).is_none());
         assert_eq!(net.b.stats().drops(DropReason::ForeignSource), 1);
     }

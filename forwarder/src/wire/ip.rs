@@ -57,6 +57,15 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
         }
     }
 
+    /// Whether the header checksum verifies: IPv4's covers its 20–60 header bytes; IPv6 has
+    /// none, so it always does.
+    pub fn header_checksum_ok(&self) -> bool {
+        match self {
+            Self::V4(p) => p.verify_checksum(),
+            Self::V6(_) => true,
+        }
+    }
+
     /// Whether a router may not fragment this packet: IPv4 with DF set, or any IPv6 packet
     /// (RFC 8200 §5: only the source fragments).
     pub fn dont_frag(&self) -> bool {
