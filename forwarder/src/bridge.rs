@@ -157,6 +157,9 @@ impl Bridge {
 
     /// A frame the kernel wrote into the TAP.
     pub fn from_tap(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        if pkt.is_empty() {
+            return self.drop_tap(DropReason::EmptyPayload);
+        }
         let Ok(frame) = EthernetFrame::new_checked(pkt.as_slice()) else { return self.drop_tap(DropReason::Truncated) };
         let (dst, src, ethertype) = (frame.dst(), frame.src(), frame.ethertype());
         if src != self.local_mac {
@@ -268,6 +271,9 @@ impl Bridge {
         pkt: &mut PacketBuf<'_>,
         now: Instant,
     ) -> UnderlayVerdict {
+        if pkt.is_empty() {
+            return self.drop_underlay(DropReason::EmptyPayload);
+        }
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
@@ -514,6 +520,7 @@ mod tests {
                 DropReason::ForeignSource,
             ),
             ("VLAN", wire(frame(B_MAC, A_MAC, 0x8100, &good_ip)), DropReason::BadEthertype),
+            ("empty datagram", vec![], DropReason::EmptyPayload),
             (
                 "bad inner header checksum",
                 wire(frame(B_MAC, A_MAC, 0x0800, &{
@@ -542,6 +549,9 @@ mod tests {
             ra_dummy.b.from_underlay(&ra_dummy.rb, "198.18.0.9:4000".parse().unwrap(), p, ra_dummy.now)
         });
         assert_eq!(v, UnderlayVerdict::Drop(DropReason::UnknownSender));
+        let (v, _) = run(&[], |p| ra_dummy.a.from_tap(&ra_dummy.ra, p, ra_dummy.now));
+        assert_eq!(v, TunVerdict::Drop(DropReason::EmptyPayload));
+        assert_eq!(ra_dummy.a.stats.drops(DropReason::EmptyPayload), 1);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! datagram read from the underlay. The driver does the I/O the verdict asks for.
 //!
 //! From the TUN (encapsulation side), in order:
-//! 1. parse the inner header (`bad_ip_header`) and trim trailing padding;
+//! 1. parse the inner header (`empty_payload`, `bad_ip_header`) and trim trailing padding;
 //! 2. the source must be in our subnet (`tx_foreign_source`: a local pod spoofing);
 //! 3. look the destination up; a miss is `no_route` and gets ICMP destination-unreachable
 //!    written back into the TUN, as flannel does;
@@ -12,7 +12,8 @@
 //!
 //! From the underlay (decapsulation side), cheapest check first, so garbage from strangers
 //! costs one hash probe (`reference/security.md` §1.3):
-//! 1. the outer source must be a known peer's endpoint (`unknown_sender`);
+//! 1. the datagram must carry something (`empty_payload`), and its outer source must be a
+//!    known peer's endpoint (`unknown_sender`);
 //! 2. the format's header (`truncated`, format-specific reasons);
 //! 3. the inner packet must parse, lengths consistent (`bad_ip_header`), and an IPv4
 //!    header's checksum verify (`bad_inner_checksum`: the kernel would drop it on the TUN
@@ -200,6 +201,9 @@ impl<E: Encap> Forwarder<E> {
         seg: Option<&Segmentation>,
         now: Instant,
     ) -> TunVerdict {
+        if pkt.is_empty() {
+            return self.drop_tun(DropReason::EmptyPayload);
+        }
         let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
             Err(_) => return self.drop_tun(DropReason::BadIpHeader),
@@ -245,6 +249,9 @@ impl<E: Encap> Forwarder<E> {
 
     /// Decides the fate of a datagram read from the underlay; see the module doc.
     pub fn from_underlay(&mut self, routes: &RouteTable, src: SocketAddr, pkt: &mut PacketBuf<'_>) -> UnderlayVerdict {
+        if pkt.is_empty() {
+            return self.drop_underlay(DropReason::EmptyPayload);
+        }
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
@@ -531,6 +538,8 @@ mod tests {
                 DropReason::UnknownSender,
             ),
             ("short", peer, vec![0x45; 12], DropReason::Truncated),
+            ("empty", peer, vec![], DropReason::EmptyPayload),
+            ("empty, from a stranger", "198.18.0.9:8285", vec![], DropReason::EmptyPayload),
             ("not ip", peer, vec![0x00; 40], DropReason::BadIpHeader),
             (
                 "bad inner header checksum",
@@ -590,6 +599,15 @@ mod tests {
             assert_eq!(v, UnderlayVerdict::Drop(reason), "{name}");
             assert_eq!(net.b.stats().drops(reason), 1, "{name}");
         }
+    }
+
+    #[test]
+    fn empty_tun_read_is_counted() {
+        let mut net = Pair::new();
+        let mut slot = net.slot(&[]);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::EmptyPayload));
+        assert_eq!(net.a.stats().drops(DropReason::EmptyPayload), 1);
     }
 
     #[test]

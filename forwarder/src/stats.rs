@@ -63,11 +63,14 @@ pub enum DropReason {
     /// on the TUN write anyway, where weft's counters cannot see it; checked here, the drop
     /// has a name and costs a 20–60-byte sum.
     BadInnerChecksum,
+    /// A datagram or packet with nothing in it (a zero-length UDP payload or TUN read):
+    /// nothing to decapsulate or route.
+    EmptyPayload,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -90,6 +93,7 @@ impl DropReason {
         Self::BadOffload,
         Self::BadL4Header,
         Self::BadInnerChecksum,
+        Self::EmptyPayload,
     ];
 
     /// The label in metrics and `weft status`.
@@ -117,6 +121,7 @@ impl DropReason {
             Self::BadOffload => "bad_offload_header",
             Self::BadL4Header => "bad_l4_header",
             Self::BadInnerChecksum => "bad_inner_checksum",
+            Self::EmptyPayload => "empty_payload",
         }
     }
 }
