@@ -19,7 +19,7 @@ use crate::encap::vxlan::check_header;
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict, write_icmp_error};
 use crate::node::LocalNode;
 use crate::ratelimit::{IcmpLimiter, TokenBucket};
-use crate::route::{NextHop, RouteTable};
+use crate::route::{NextHop, PeerId, RouteTable};
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::ArpPacket;
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
@@ -147,12 +147,12 @@ impl Bridge {
     }
 
     /// The peer a unicast destination MAC belongs to: a configured VTEP MAC, else learned.
-    fn peer_for<'r>(&self, routes: &'r RouteTable, dst: MacAddr, now: Instant) -> Option<&'r NextHop> {
-        if let Some((_, hop)) = routes.peer_by_mac(dst) {
-            return Some(hop);
+    fn peer_for<'r>(&self, routes: &'r RouteTable, dst: MacAddr, now: Instant) -> Option<(PeerId, &'r NextHop)> {
+        if let Some(found) = routes.peer_by_mac(dst) {
+            return Some(found);
         }
         let from = self.macs.lookup(dst, now)?;
-        routes.peer_by_source(from).map(|(_, h)| h)
+        routes.peer_by_source(from)
     }
 
     /// A frame the kernel wrote into the TAP.
@@ -195,7 +195,7 @@ impl Bridge {
             _ => return self.drop_tap(DropReason::BadEthertype),
         }
         let hop = if dst.is_multicast() { None } else { self.peer_for(routes, dst, now) };
-        let Some(hop) = hop else {
+        let Some((peer, hop)) = hop else {
             if ip_dst.is_some_and(|d| self.local.owns(d)) {
                 return self.drop_tap(DropReason::NoRoute);
             }
@@ -225,11 +225,7 @@ impl Bridge {
             return self.drop_tap(r);
         }
         hop.counters.tx(self.worker, len);
-        let peer = routes.peer_by_source(hop.endpoint).map(|(id, _)| id);
-        match peer {
-            Some(peer) => TunVerdict::Send { to: hop.endpoint, peer, flow },
-            None => self.drop_tap(DropReason::NoRoute),
-        }
+        TunVerdict::Send { to: hop.endpoint, peer, flow }
     }
 
     /// A unicast IP frame larger than the path to `hop`: frag-needed or packet-too-big back

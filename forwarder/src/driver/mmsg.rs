@@ -470,7 +470,11 @@ impl<C: PacketCore> MmsgWorker<C> {
             self.fwd.stats().count_drop(DropReason::Truncated);
             return;
         }
-        let Some(from) = sockaddr::read(a) else { return };
+        let Some(from) = sockaddr::read(a) else {
+            // A source address that does not read as IPv4/IPv6 is no known peer's.
+            self.fwd.stats().count_drop(DropReason::UnknownSender);
+            return;
+        };
         if self.offloads.tun_vnet {
             let train = if self.offloads.gro {
                 self.ctrls.get(i).and_then(|c| c.gro_size(h.msg_hdr.msg_controllen))

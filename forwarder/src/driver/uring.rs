@@ -848,9 +848,8 @@ impl<C: PacketCore> State<C> {
         let from = msg.and_then(|m| sockaddr::read(&m.addr));
         let train = if self.offloads.gro { msg.and_then(MsgSlot::gro_size) } else { None };
         let (Ok(n), Some(from)) = (usize::try_from(res), from) else {
-            if res < 0 {
-                self.fwd.stats().count_drop(DropReason::IoError);
-            }
+            // A source address that does not read as IPv4/IPv6 is no known peer's.
+            self.fwd.stats().count_drop(if res < 0 { DropReason::IoError } else { DropReason::UnknownSender });
             self.pool.release(slot);
             return Ok(());
         };

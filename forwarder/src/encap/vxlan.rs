@@ -168,9 +168,8 @@ impl Encap for VxlanEncap {
                         return Err(DropReason::Oversize);
                     }
                 }
-                if let Some(out) = pkt.as_mut_slice().get_mut(ethernet::HEADER_LEN..) {
-                    ndp::emit_advertisement(out, ns, self.local_mac);
-                }
+                let out = pkt.as_mut_slice().get_mut(ethernet::HEADER_LEN..).ok_or(DropReason::Truncated)?;
+                ndp::emit_advertisement(out, ns, self.local_mac);
                 self.turn_around(pkt, ethernet::ETHERTYPE_IPV6, ethernet::HEADER_LEN + ndp::NA_LEN)
             }
             _ => Err(DropReason::BadEthertype),
