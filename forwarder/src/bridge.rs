@@ -9,6 +9,8 @@
 //! address. Pure: time comes in as `now`, the MAC table is a fixed array.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use crate::wire::vxlan::{self, Vni, VxlanHeader};
 
 /// Learned entries kept per worker; a power of two.
 const MAC_TABLE_SLOTS: usize = 1024;
+/// Mask of a slot index (the table is a ring: probing wraps past the last slot).
+const SLOT_MASK: usize = MAC_TABLE_SLOTS - 1;
 /// Slots probed from a MAC's home slot.
 const PROBE: usize = 8;
 /// How long a learned MAC stays without being seen again (Linux bridge's default).
@@ -58,7 +62,7 @@ impl MacTable {
 
     fn home(mac: MacAddr) -> usize {
         let v = mac.0.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
-        v as usize & (MAC_TABLE_SLOTS - 1)
+        v as usize & SLOT_MASK
     }
 
     fn fresh(&self, e: &MacEntry, now: Instant) -> bool {
@@ -69,7 +73,7 @@ impl MacTable {
     pub fn lookup(&self, mac: MacAddr, now: Instant) -> Option<SocketAddr> {
         let home = Self::home(mac);
         (0..PROBE)
-            .filter_map(|i| self.slots.get((home + i) & (MAC_TABLE_SLOTS - 1)))
+            .filter_map(|i| self.slots.get(home.wrapping_add(i) & SLOT_MASK))
             .find(|e| e.mac == mac && self.fresh(e, now))
             .map(|e| e.from)
     }
@@ -81,7 +85,7 @@ impl MacTable {
         let mut victim = home;
         let mut oldest: Option<Instant> = None;
         for i in 0..PROBE {
-            let idx = (home + i) & (MAC_TABLE_SLOTS - 1);
+            let idx = home.wrapping_add(i) & SLOT_MASK;
             let Some(e) = self.slots.get(idx) else { continue };
             if e.mac == mac || !self.fresh(e, now) {
                 victim = idx;
@@ -174,7 +178,7 @@ impl Bridge {
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag(), is_ndp(&ip)),
                     Err(_) => return self.drop_tap(DropReason::BadIpHeader),
                 };
-                pkt.truncate(ethernet::HEADER_LEN + total);
+                pkt.truncate(total.saturating_add(ethernet::HEADER_LEN));
                 let link_local = matches!(isrc, IpAddr::V6(a) if a.is_unicast_link_local());
                 if ndp && (link_local || self.local.owns(isrc)) {
                     // Neighbour discovery for a peer's gateway: flooded or sent below.
@@ -215,7 +219,7 @@ impl Bridge {
             if !hop.owns(d) {
                 return self.drop_tap(DropReason::NoRoute);
             }
-            if pkt.len() - ethernet::HEADER_LEN > usize::from(hop.mtu) {
+            if pkt.len().saturating_sub(ethernet::HEADER_LEN) > usize::from(hop.mtu) {
                 return self.too_big(pkt, hop, dont_frag, dst, now);
             }
         }
@@ -298,7 +302,7 @@ impl Bridge {
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), is_ndp(&ip)),
                     Err(_) => return self.drop_underlay(DropReason::BadIpHeader),
                 };
-                pkt.truncate(ethernet::HEADER_LEN + total);
+                pkt.truncate(total.saturating_add(ethernet::HEADER_LEN));
                 let link_local = matches!(isrc, IpAddr::V6(a) if a.is_unicast_link_local());
                 if ndp && (link_local || hop.owns(isrc)) {
                     // Neighbour solicitation or advertisement: the kernel answers or learns.
@@ -365,6 +369,7 @@ impl PacketCore for Bridge {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::stats::PeerCounters;

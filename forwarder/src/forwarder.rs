@@ -26,6 +26,8 @@
 //! Nothing here allocates, locks, logs or reads a clock; `now` comes in for the ICMP limiter.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -373,9 +375,10 @@ pub(crate) fn write_icmp_error(
 pub(crate) fn flow_hash(p: &[u8]) -> u32 {
     let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
         Some(4) => {
-            let ihl = usize::from(p.first().map_or(5, |b| b & 0x0f)) * 4;
-            let unfragmented = p.get(6..8).is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff == 0);
-            (p.get(12..20), p.get(9).copied(), if unfragmented { p.get(ihl..ihl + 4) } else { None })
+            let ihl = p.first().map_or(20, |b| usize::from(b & 0x0f) << 2);
+            let unfragmented = crate::wire::be16(p, 6).is_some_and(|f| f & 0x3fff == 0);
+            let ports = crate::wire::bytes::<4>(p, ihl).map(|a| a.as_slice());
+            (p.get(12..20), p.get(9).copied(), if unfragmented { ports } else { None })
         }
         Some(6) => (p.get(8..40), p.get(6).copied(), p.get(40..44)),
         _ => (None, None, None),
@@ -415,6 +418,7 @@ fn decrement_ttl(pkt: &mut PacketBuf<'_>) -> u8 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::encap::UdpEncap;

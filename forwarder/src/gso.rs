@@ -10,13 +10,21 @@
 //!
 //! Segments are written back to back at a fixed stride, each behind a copy of the
 //! encapsulation header, so one UDP GSO send (`UDP_SEGMENT` = stride) carries the train.
+//!
+//! Arithmetic, under `clippy::arithmetic_side_effects`: lengths and offsets are bounded by
+//! the 64 KiB packet, so they never overflow; they use `checked_*` where the check is the
+//! validation itself and `saturating_*` elsewhere (a saturated offset fails the `get` that
+//! follows, so even a broken invariant fails closed). Sequence numbers, IP identifications
+//! and checksums are defined modulo 2^n by their RFCs, so they use `wrapping_*`.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::ops::Range;
 
 use crate::stats::DropReason;
-use crate::wire::checksum;
+use crate::wire::{self, checksum, ipv6};
 
 /// Length of the virtio-net header without the `num_buffers` field.
 pub const VNET_HDR_LEN: usize = 10;
@@ -60,27 +68,23 @@ pub struct VnetHdr {
 impl VnetHdr {
     /// Parses the first [`VNET_HDR_LEN`] bytes.
     pub fn parse(b: &[u8]) -> Option<Self> {
-        let b = b.get(..VNET_HDR_LEN)?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let &[flags, gso_type, h0, h1, g0, g1, s0, s1, o0, o1] = wire::bytes::<VNET_HDR_LEN>(b, 0)?;
         Some(Self {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
+            flags,
+            gso_type,
+            hdr_len: u16::from_ne_bytes([h0, h1]),
+            gso_size: u16::from_ne_bytes([g0, g1]),
+            csum_start: u16::from_ne_bytes([s0, s1]),
+            csum_offset: u16::from_ne_bytes([o0, o1]),
         })
     }
 
-    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `b`.
+    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `b` (nothing if shorter).
     pub fn emit(&self, b: &mut [u8]) {
-        if let Some(b) = b.get_mut(..VNET_HDR_LEN) {
-            b[0] = self.flags;
-            b[1] = self.gso_type;
-            b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
-            b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
-            b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
-            b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        if let Some(b) = wire::bytes_mut::<VNET_HDR_LEN>(b, 0) {
+            let ([h0, h1], [g0, g1]) = (self.hdr_len.to_ne_bytes(), self.gso_size.to_ne_bytes());
+            let ([s0, s1], [o0, o1]) = (self.csum_start.to_ne_bytes(), self.csum_offset.to_ne_bytes());
+            *b = [self.flags, self.gso_type, h0, h1, g0, g1, s0, s1, o0, o1];
         }
     }
 
@@ -145,12 +149,11 @@ pub fn check_read(hdr: &VnetHdr, ip: &mut [u8]) -> Result<Option<Segmentation>, 
 /// [`GsoError::Malformed`] when the offsets fall outside the packet.
 pub fn complete_checksum(pkt: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), GsoError> {
     let field = csum_start.checked_add(csum_offset).ok_or(GsoError::Malformed)?;
-    if field + 2 > pkt.len() {
+    if wire::bytes::<2>(pkt, field).is_none() {
         return Err(GsoError::Malformed);
     }
     let c = checksum::checksum(pkt.get(csum_start..).ok_or(GsoError::Malformed)?);
-    pkt[field..field + 2].copy_from_slice(&c.to_be_bytes());
-    Ok(())
+    wire::set_be16(pkt, field, c).ok_or(GsoError::Malformed)
 }
 
 /// The one's-complement sum of the pseudo-header of an `l4_len`-byte segment of protocol
@@ -201,20 +204,21 @@ impl Segmentation {
             (GSO_TCPV4 | GSO_TCPV6, _) | (GSO_UDP_L4, _) => return Err(GsoError::Malformed),
             _ => return Err(GsoError::Unsupported),
         };
-        let be16 = |at: usize| ip.get(at..at + 2).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+        let be16 = |at: usize| wire::be16(ip, at).map_or(0, usize::from);
         let (l4, proto, ip_total) = if v6 {
-            (40, ip.get(6).copied(), 40 + be16(4))
+            (ipv6::HEADER_LEN, ip.get(6).copied(), be16(4).saturating_add(ipv6::HEADER_LEN))
         } else {
             // IHL < 5 and fragments are refused here, before any offset is derived from them.
-            let ihl = usize::from(ip.first().map_or(0, |b| b & 0x0f)) * 4;
+            let ihl = ip.first().map_or(0, |b| usize::from(b & 0x0f) << 2);
             if ihl < 20 || be16(6) & 0x3fff != 0 {
                 return Err(GsoError::BadIpHeader);
             }
             (ihl, ip.get(9).copied(), be16(2))
         };
-        if ip_total != ip.len() || l4 > ip.len() {
+        if ip_total != ip.len() {
             return Err(GsoError::BadIpHeader);
         }
+        let l4_hdr = ip.get(l4..).ok_or(GsoError::BadIpHeader)?;
         let want_proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
         let csum_offset = if tcp { 16 } else { 6 };
         if proto != Some(want_proto) || usize::from(hdr.csum_start) != l4 || hdr.csum_offset != csum_offset {
@@ -223,8 +227,8 @@ impl Segmentation {
         let l4_len = if tcp {
             // The data offset comes from the packet: below 5 the "header" would end before the
             // flags and the checksum that every segment's header gets written into.
-            let off = ip.get(l4 + 12).ok_or(GsoError::BadL4Header)?;
-            let len = usize::from(off >> 4) * 4;
+            let off = l4_hdr.get(12).ok_or(GsoError::BadL4Header)?;
+            let len = usize::from(off >> 4) << 2;
             if len < 20 {
                 return Err(GsoError::BadL4Header);
             }
@@ -232,25 +236,25 @@ impl Segmentation {
         } else {
             8
         };
-        let hdrs = l4 + l4_len;
-        if hdrs > ip.len() {
+        let Some(payload) = l4_hdr.len().checked_sub(l4_len) else {
             return Err(if tcp { GsoError::BadL4Header } else { GsoError::BadIpHeader });
-        }
+        };
         let mss = usize::from(hdr.gso_size);
         if mss == 0 {
             return Err(GsoError::Malformed);
         }
-        Ok(Self { v6, tcp, l4, hdrs, mss, payload: ip.len() - hdrs })
+        Ok(Self { v6, tcp, l4, hdrs: l4.saturating_add(l4_len), mss, payload })
     }
 
     /// How many segments the super-packet makes (at least one).
     pub fn segments(&self) -> usize {
-        self.payload.div_ceil(self.mss).max(1)
+        // `mss` ≥ 1 since `parse`; the `max` keeps even a default-built value from dividing by 0.
+        self.payload.div_ceil(self.mss.max(1)).max(1)
     }
 
     /// Length of the largest segment (headers + MSS), the size checked against the path MTU.
     pub fn segment_len(&self) -> usize {
-        self.hdrs + self.mss.min(self.payload.max(1))
+        self.hdrs.saturating_add(self.mss.min(self.payload.max(1)))
     }
 
     /// IP + L4 header bytes, repeated in every segment.
@@ -260,19 +264,22 @@ impl Segmentation {
 
     /// Bytes the segments add up to (each carries its own headers).
     pub fn wire_bytes(&self) -> usize {
-        self.payload + self.segments() * self.hdrs
+        self.payload.saturating_add(self.segments().saturating_mul(self.hdrs))
     }
 
     /// How many segments of `prefix + segment_len()` bytes fit one GSO send.
     pub fn segments_per_train(&self, prefix: usize) -> usize {
-        (MAX_TRAIN_BYTES / (prefix + self.hdrs + self.mss)).clamp(1, MAX_TRAIN_SEGMENTS)
+        let stride = prefix.saturating_add(self.hdrs).saturating_add(self.mss);
+        MAX_TRAIN_BYTES.checked_div(stride).unwrap_or(1).clamp(1, MAX_TRAIN_SEGMENTS)
     }
 
     /// Where segment `i`'s payload lies in `pkt` (the super-packet behind `prefix` bytes of
     /// encapsulation header).
     fn chunk(&self, prefix: usize, i: usize) -> Range<usize> {
-        let start = prefix + self.hdrs + (i * self.mss).min(self.payload);
-        start..prefix + self.hdrs + ((i + 1) * self.mss).min(self.payload)
+        let base = prefix.saturating_add(self.hdrs);
+        let from = i.saturating_mul(self.mss).min(self.payload);
+        let to = i.saturating_add(1).saturating_mul(self.mss).min(self.payload);
+        base.saturating_add(from)..base.saturating_add(to)
     }
 
     /// Writes segments `range` of `pkt` back to back into `out`. `pkt` is the super-packet
@@ -293,76 +300,82 @@ impl Segmentation {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<usize, GsoError> {
-        let h = prefix + self.hdrs;
-        let mut at = 0;
+        let h = prefix.saturating_add(self.hdrs);
+        let mut rest = out;
+        let mut written = 0usize;
         for i in self.checked(pkt, prefix, &range)? {
             let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
-            let seg = out.get_mut(at..at + h + chunk.len()).ok_or(GsoError::NoRoom)?;
-            self.write_header(pkt, prefix, i, &mut seg[..h])?;
-            seg[h..].copy_from_slice(chunk);
-            at += seg.len();
+            let seg_len = h.saturating_add(chunk.len());
+            let (seg, tail) = std::mem::take(&mut rest).split_at_mut_checked(seg_len).ok_or(GsoError::NoRoom)?;
+            let (head, body) = seg.split_at_mut_checked(h).ok_or(GsoError::NoRoom)?;
+            self.write_header(pkt, prefix, i, head).ok_or(GsoError::Malformed)?;
+            // `body` is `seg_len - h` = `chunk.len()` bytes: the copy cannot mismatch.
+            body.copy_from_slice(chunk);
+            written = written.saturating_add(seg_len);
+            rest = tail;
         }
-        Ok(at)
+        Ok(written)
     }
 
     /// `range` after checking it, and `pkt`, against what [`parse`](Self::parse) saw.
     fn checked(&self, pkt: &[u8], prefix: usize, range: &Range<usize>) -> Result<Range<usize>, GsoError> {
         let ip_len = pkt.len().checked_sub(prefix).ok_or(GsoError::Malformed)?;
-        if ip_len != self.hdrs + self.payload || range.end > self.segments() || range.start >= range.end {
+        if ip_len != self.hdrs.saturating_add(self.payload) || range.end > self.segments() || range.start >= range.end {
             return Err(GsoError::Malformed);
         }
         Ok(range.clone())
     }
 
     /// Writes segment `i`'s header (`prefix` + IP + L4) into `out`, which is exactly
-    /// `prefix + headers_len()` bytes, checksummed together with its payload.
-    fn write_header(&self, pkt: &[u8], prefix: usize, i: usize, out: &mut [u8]) -> Result<(), GsoError> {
-        let (l4, hdrs, mss) = (self.l4, self.hdrs, self.mss);
-        let ip = &pkt[prefix..];
-        let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
-        out.copy_from_slice(&pkt[..prefix + hdrs]);
-        let ip_seg = &mut out[prefix..];
-        let ip_len = hdrs + chunk.len();
+    /// `prefix + headers_len()` bytes, checksummed together with its payload. `None` when
+    /// `pkt` or `out` is not what [`parse`](Self::parse) and the caller promised.
+    fn write_header(&self, pkt: &[u8], prefix: usize, i: usize, out: &mut [u8]) -> Option<()> {
+        let chunk = pkt.get(self.chunk(prefix, i))?;
+        let src = pkt.get(..prefix.checked_add(self.hdrs)?)?;
+        (src.len() == out.len()).then_some(())?;
+        out.copy_from_slice(src);
+        let ip = pkt.get(prefix..)?;
+        let (ip_hdr, l4_hdr) = out.get_mut(prefix..)?.split_at_mut_checked(self.l4)?;
+        let ip_len = self.hdrs.checked_add(chunk.len())?;
+        let l4_len = ip_len.checked_sub(self.l4)?;
         if self.v6 {
-            let plen = u16::try_from(ip_len - 40).map_err(|_| GsoError::Malformed)?;
-            ip_seg[4..6].copy_from_slice(&plen.to_be_bytes());
+            wire::set_be16(ip_hdr, 4, u16::try_from(ip_len.checked_sub(ipv6::HEADER_LEN)?).ok()?)?;
         } else {
-            let tot = u16::try_from(ip_len).map_err(|_| GsoError::Malformed)?;
-            let id = u16::from_be_bytes([ip[4], ip[5]]).wrapping_add(i as u16);
-            ip_seg[2..4].copy_from_slice(&tot.to_be_bytes());
-            ip_seg[4..6].copy_from_slice(&id.to_be_bytes());
-            ip_seg[10..12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&ip_seg[..l4]);
-            ip_seg[10..12].copy_from_slice(&c.to_be_bytes());
+            // The identification counts up per segment, modulo 2^16 (RFC 6864).
+            let id = wire::be16(ip, 4)?.wrapping_add(i as u16);
+            wire::set_be16(ip_hdr, 2, u16::try_from(ip_len).ok()?)?;
+            wire::set_be16(ip_hdr, 4, id)?;
+            wire::set_be16(ip_hdr, 10, 0)?;
+            let c = checksum::checksum(ip_hdr);
+            wire::set_be16(ip_hdr, 10, c)?;
         }
-        let l4_len = ip_len - l4;
         let csum_at = if self.tcp {
-            let seq0 = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
-            ip_seg[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+            // Sequence numbers are modulo 2^32 (RFC 9293 §3.4).
+            let seq0 = wire::be32(ip.get(self.l4..)?, 4)?;
+            wire::set_be32(l4_hdr, 4, seq0.wrapping_add(i.wrapping_mul(self.mss) as u32))?;
             // FIN and PSH belong to the last segment only.
-            if i + 1 != self.segments() {
-                ip_seg[l4 + 13] &= !0x09;
+            if i.checked_add(1)? != self.segments() {
+                *l4_hdr.get_mut(13)? &= !0x09;
             }
-            l4 + 16
+            16
         } else {
-            let ulen = u16::try_from(l4_len).map_err(|_| GsoError::Malformed)?;
-            ip_seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
-            l4 + 6
+            wire::set_be16(l4_hdr, 4, u16::try_from(l4_len).ok()?)?;
+            6
         };
-        ip_seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+        wire::set_be16(l4_hdr, csum_at, 0)?;
         let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
         // L4 headers have even length, so the payload's sum chains on.
-        let acc = checksum::sum(pseudo_sum(ip_seg, self.v6, proto, l4_len), &ip_seg[l4..]);
+        let acc = checksum::sum(pseudo_sum(ip_hdr, self.v6, proto, l4_len), l4_hdr);
         let mut c = checksum::fold(checksum::sum(acc, chunk));
         if !self.tcp && c == 0 {
             c = 0xffff; // RFC 768: a computed zero is sent as all ones.
         }
-        ip_seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-        Ok(())
+        wire::set_be16(l4_hdr, csum_at, c)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};

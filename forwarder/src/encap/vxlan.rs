@@ -10,6 +10,8 @@
 //! permanent neighbour entries still resolves us.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::{Decapsulated, Encap, EncapKind};
 use crate::buf::PacketBuf;
@@ -178,6 +180,7 @@ impl Encap for VxlanEncap {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::forwarder::UnderlayVerdict;

@@ -2,6 +2,8 @@
 //! check it, whichever version it is.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::IpAddr;
 
@@ -87,6 +89,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IpPacket<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
