@@ -175,6 +175,8 @@ impl Bridge {
         match ethertype {
             ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => {
                 let (isrc, idst, total, df, ndp) = match IpPacket::new_checked(frame.payload()) {
+                    // The peer drops a bad IPv4 header checksum: don't send it.
+                    Ok(ip) if !ip.header_checksum_ok() => return self.drop_tap(DropReason::BadInnerChecksum),
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag(), is_ndp(&ip)),
                     Err(_) => return self.drop_tap(DropReason::BadIpHeader),
                 };
@@ -550,6 +552,10 @@ mod tests {
             ra_dummy.b.from_underlay(&ra_dummy.rb, "198.18.0.9:4000".parse().unwrap(), p, ra_dummy.now)
         });
         assert_eq!(v, UnderlayVerdict::Drop(DropReason::UnknownSender));
+        let mut bad = frame(B_MAC, A_MAC, 0x0800, &good_ip);
+        bad[14 + 1] = 0x10; // TOS changed, checksum not
+        let (v, _) = run(&bad, |p| ra_dummy.a.from_tap(&ra_dummy.ra, p, ra_dummy.now));
+        assert_eq!(v, TunVerdict::Drop(DropReason::BadInnerChecksum));
         let (v, _) = run(&[], |p| ra_dummy.a.from_tap(&ra_dummy.ra, p, ra_dummy.now));
         assert_eq!(v, TunVerdict::Drop(DropReason::EmptyPayload));
         assert_eq!(ra_dummy.a.stats.drops(DropReason::EmptyPayload), 1);

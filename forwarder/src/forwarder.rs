@@ -2,7 +2,8 @@
 //! datagram read from the underlay. The driver does the I/O the verdict asks for.
 //!
 //! From the TUN (encapsulation side), in order:
-//! 1. parse the inner header (`empty_payload`, `bad_ip_header`) and trim trailing padding;
+//! 1. parse the inner header (`empty_payload`, `bad_ip_header`, `bad_inner_checksum`: the
+//!    peer would drop it) and trim trailing padding;
 //! 2. the source must be in our subnet (`tx_foreign_source`: a local pod spoofing);
 //! 3. look the destination up; a miss is `no_route` and gets ICMP destination-unreachable
 //!    written back into the TUN, as flannel does;
@@ -207,6 +208,9 @@ impl<E: Encap> Forwarder<E> {
             return self.drop_tun(DropReason::EmptyPayload);
         }
         let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
+            // The peer drops a bad IPv4 header checksum: don't spend the underlay on it. A
+            // super-packet's segments get headers of their own, so only single packets count.
+            Ok(ip) if seg.is_none() && !ip.header_checksum_ok() => return self.drop_tun(DropReason::BadInnerChecksum),
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
             Err(_) => return self.drop_tun(DropReason::BadIpHeader),
         };
@@ -603,6 +607,20 @@ mod tests {
             assert_eq!(v, UnderlayVerdict::Drop(reason), "{name}");
             assert_eq!(net.b.stats().drops(reason), 1, "{name}");
         }
+    }
+
+    /// A fuzzer find: A sent a packet whose IPv4 header checksum was wrong, which B then
+    /// dropped as `bad_inner_checksum`. A drops it first, counted, and sends nothing.
+    #[test]
+    fn bad_header_checksum_from_the_tun_is_not_sent() {
+        let mut net = Pair::new();
+        let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56);
+        p[1] = 0x10; // TOS changed, checksum not
+        let mut slot = net.slot(&p);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        let v = net.a.from_tun(&net.routes_a, &mut pkt, net.now);
+        assert_eq!(v, TunVerdict::Drop(DropReason::BadInnerChecksum));
+        assert_eq!(net.a.stats().drops(DropReason::BadInnerChecksum), 1);
     }
 
     #[test]

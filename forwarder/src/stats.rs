@@ -59,9 +59,9 @@ pub enum DropReason {
     /// TUN: a super-packet's TCP header is malformed (data offset below 5, or past the
     /// packet), so it cannot be cut into segments.
     BadL4Header,
-    /// Underlay: the inner IPv4 header checksum is wrong. The kernel would drop the packet
-    /// on the TUN write anyway, where weft's counters cannot see it; checked here, the drop
-    /// has a name and costs a 20–60-byte sum.
+    /// The inner IPv4 header checksum is wrong. From the underlay, the kernel would drop the
+    /// packet on the TUN write anyway, where weft's counters cannot see it; from the TUN, the
+    /// peer would drop it. Checked, the drop has a name and costs a 20–60-byte sum.
     BadInnerChecksum,
     /// A datagram or packet with nothing in it (a zero-length UDP payload or TUN read):
     /// nothing to decapsulate or route.
