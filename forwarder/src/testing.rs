@@ -62,7 +62,7 @@ pub const B_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
 /// VNI of [`Pair::vxlan`].
 pub const VNI: u32 = 1;
 
-/// Node `third`'s local view (10.244.<third>.0/24, fd00:<third>::/64).
+/// Node `third`'s local view (10.244.`third`.0/24, fd00:`third`::/64).
 pub fn local(third: u8) -> LocalNode {
     node(third)
 }
