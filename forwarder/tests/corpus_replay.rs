@@ -287,6 +287,17 @@ mod seeds {
         let mut plain6 = vec![0u8; 10];
         plain6.extend_from_slice(&icmp_echo_v6("fd00:1::1", "fd00:2::1", 56));
         put("gso", "plain_icmp6.bin", plain6);
+        // The largest super-packets a TUN hands over: 46 × 1400 (64 440 bytes of IPv4), 64 × 1000 USO.
+        put(
+            "gso",
+            "tcp4_46x1400_64k_tso.bin",
+            read(gso(GSO_TCPV4, false, true, 1400), tcp(false, 9, &data(46 * 1400, 8), true, false)),
+        );
+        put(
+            "gso",
+            "udp6_64x1000_64k_uso.bin",
+            read(gso(GSO_UDP_L4, true, false, 1000), udp(true, &data(64 * 1000 - 8, 9))),
+        );
         // The crash this hardening fixed: a TCP data offset of 4 in a TSO super-packet.
         let mut doff = read(gso(GSO_TCPV4, false, true, 1400), tcp(false, 1000, &data(4100, 7), true, false));
         doff[10 + 20 + 12] = 0x40;
@@ -308,6 +319,10 @@ mod seeds {
         };
         put("gro", "udp4_uso_run.bin", records(true, &dgrams(false)));
         put("gro", "udp6_uso_run.bin", records(true, &dgrams(true)));
+        // At the limits: 47 full segments pass 64 KiB (two merges), 70 small datagrams pass 64.
+        put("gro", "tcp4_47x1400_64k_run.bin", records(false, &run(false, 1400, 47)));
+        let small: Vec<_> = (0..70).map(|i| (0, udp(false, &data(16, i)))).collect();
+        put("gro", "udp4_70_small_uso_run.bin", records(true, &small));
         let mut bad = tcp(false, 1100, &data(1000, 2), false, false);
         bad[60] ^= 0xff;
         let mixed = vec![
