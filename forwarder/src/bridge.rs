@@ -9,6 +9,8 @@
 //! address. Pure: time comes in as `now`, the MAC table is a fixed array.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use crate::encap::vxlan::check_header;
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict, write_icmp_error};
 use crate::node::LocalNode;
 use crate::ratelimit::{IcmpLimiter, TokenBucket};
-use crate::route::{NextHop, RouteTable};
+use crate::route::{NextHop, PeerId, RouteTable};
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::ArpPacket;
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
@@ -30,6 +32,8 @@ use crate::wire::vxlan::{self, Vni, VxlanHeader};
 
 /// Learned entries kept per worker; a power of two.
 const MAC_TABLE_SLOTS: usize = 1024;
+/// Mask of a slot index (the table is a ring: probing wraps past the last slot).
+const SLOT_MASK: usize = MAC_TABLE_SLOTS - 1;
 /// Slots probed from a MAC's home slot.
 const PROBE: usize = 8;
 /// How long a learned MAC stays without being seen again (Linux bridge's default).
@@ -58,7 +62,7 @@ impl MacTable {
 
     fn home(mac: MacAddr) -> usize {
         let v = mac.0.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
-        v as usize & (MAC_TABLE_SLOTS - 1)
+        v as usize & SLOT_MASK
     }
 
     fn fresh(&self, e: &MacEntry, now: Instant) -> bool {
@@ -69,7 +73,7 @@ impl MacTable {
     pub fn lookup(&self, mac: MacAddr, now: Instant) -> Option<SocketAddr> {
         let home = Self::home(mac);
         (0..PROBE)
-            .filter_map(|i| self.slots.get((home + i) & (MAC_TABLE_SLOTS - 1)))
+            .filter_map(|i| self.slots.get(home.wrapping_add(i) & SLOT_MASK))
             .find(|e| e.mac == mac && self.fresh(e, now))
             .map(|e| e.from)
     }
@@ -81,7 +85,7 @@ impl MacTable {
         let mut victim = home;
         let mut oldest: Option<Instant> = None;
         for i in 0..PROBE {
-            let idx = (home + i) & (MAC_TABLE_SLOTS - 1);
+            let idx = home.wrapping_add(i) & SLOT_MASK;
             let Some(e) = self.slots.get(idx) else { continue };
             if e.mac == mac || !self.fresh(e, now) {
                 victim = idx;
@@ -147,16 +151,19 @@ impl Bridge {
     }
 
     /// The peer a unicast destination MAC belongs to: a configured VTEP MAC, else learned.
-    fn peer_for<'r>(&self, routes: &'r RouteTable, dst: MacAddr, now: Instant) -> Option<&'r NextHop> {
-        if let Some((_, hop)) = routes.peer_by_mac(dst) {
-            return Some(hop);
+    fn peer_for<'r>(&self, routes: &'r RouteTable, dst: MacAddr, now: Instant) -> Option<(PeerId, &'r NextHop)> {
+        if let Some(found) = routes.peer_by_mac(dst) {
+            return Some(found);
         }
         let from = self.macs.lookup(dst, now)?;
-        routes.peer_by_source(from).map(|(_, h)| h)
+        routes.peer_by_source(from)
     }
 
     /// A frame the kernel wrote into the TAP.
     pub fn from_tap(&mut self, routes: &RouteTable, pkt: &mut PacketBuf<'_>, now: Instant) -> TunVerdict {
+        if pkt.is_empty() {
+            return self.drop_tap(DropReason::EmptyPayload);
+        }
         let Ok(frame) = EthernetFrame::new_checked(pkt.as_slice()) else { return self.drop_tap(DropReason::Truncated) };
         let (dst, src, ethertype) = (frame.dst(), frame.src(), frame.ethertype());
         if src != self.local_mac {
@@ -168,10 +175,12 @@ impl Bridge {
         match ethertype {
             ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => {
                 let (isrc, idst, total, df, ndp) = match IpPacket::new_checked(frame.payload()) {
+                    // The peer drops a bad IPv4 header checksum: don't send it.
+                    Ok(ip) if !ip.header_checksum_ok() => return self.drop_tap(DropReason::BadInnerChecksum),
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag(), is_ndp(&ip)),
                     Err(_) => return self.drop_tap(DropReason::BadIpHeader),
                 };
-                pkt.truncate(ethernet::HEADER_LEN + total);
+                pkt.truncate(total.saturating_add(ethernet::HEADER_LEN));
                 let link_local = matches!(isrc, IpAddr::V6(a) if a.is_unicast_link_local());
                 if ndp && (link_local || self.local.owns(isrc)) {
                     // Neighbour discovery for a peer's gateway: flooded or sent below.
@@ -192,7 +201,7 @@ impl Bridge {
             _ => return self.drop_tap(DropReason::BadEthertype),
         }
         let hop = if dst.is_multicast() { None } else { self.peer_for(routes, dst, now) };
-        let Some(hop) = hop else {
+        let Some((peer, hop)) = hop else {
             if ip_dst.is_some_and(|d| self.local.owns(d)) {
                 return self.drop_tap(DropReason::NoRoute);
             }
@@ -212,7 +221,7 @@ impl Bridge {
             if !hop.owns(d) {
                 return self.drop_tap(DropReason::NoRoute);
             }
-            if pkt.len() - ethernet::HEADER_LEN > usize::from(hop.mtu) {
+            if pkt.len().saturating_sub(ethernet::HEADER_LEN) > usize::from(hop.mtu) {
                 return self.too_big(pkt, hop, dont_frag, dst, now);
             }
         }
@@ -222,11 +231,7 @@ impl Bridge {
             return self.drop_tap(r);
         }
         hop.counters.tx(self.worker, len);
-        let peer = routes.peer_by_source(hop.endpoint).map(|(id, _)| id);
-        match peer {
-            Some(peer) => TunVerdict::Send { to: hop.endpoint, peer, flow },
-            None => self.drop_tap(DropReason::NoRoute),
-        }
+        TunVerdict::Send { to: hop.endpoint, peer, flow }
     }
 
     /// A unicast IP frame larger than the path to `hop`: frag-needed or packet-too-big back
@@ -268,6 +273,9 @@ impl Bridge {
         pkt: &mut PacketBuf<'_>,
         now: Instant,
     ) -> UnderlayVerdict {
+        if pkt.is_empty() {
+            return self.drop_underlay(DropReason::EmptyPayload);
+        }
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
@@ -292,10 +300,11 @@ impl Bridge {
         match ethertype {
             ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => {
                 let (isrc, idst, total, ndp) = match IpPacket::new_checked(frame.payload()) {
+                    Ok(ip) if !ip.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
                     Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), is_ndp(&ip)),
                     Err(_) => return self.drop_underlay(DropReason::BadIpHeader),
                 };
-                pkt.truncate(ethernet::HEADER_LEN + total);
+                pkt.truncate(total.saturating_add(ethernet::HEADER_LEN));
                 let link_local = matches!(isrc, IpAddr::V6(a) if a.is_unicast_link_local());
                 if ndp && (link_local || hop.owns(isrc)) {
                     // Neighbour solicitation or advertisement: the kernel answers or learns.
@@ -362,6 +371,7 @@ impl PacketCore for Bridge {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::stats::PeerCounters;
@@ -513,6 +523,16 @@ mod tests {
                 DropReason::ForeignSource,
             ),
             ("VLAN", wire(frame(B_MAC, A_MAC, 0x8100, &good_ip)), DropReason::BadEthertype),
+            ("empty datagram", vec![], DropReason::EmptyPayload),
+            (
+                "bad inner header checksum",
+                wire(frame(B_MAC, A_MAC, 0x0800, &{
+                    let mut p = good_ip.clone();
+                    p[11] ^= 0x80;
+                    p
+                })),
+                DropReason::BadInnerChecksum,
+            ),
             (
                 "I flag clear",
                 {
@@ -532,6 +552,13 @@ mod tests {
             ra_dummy.b.from_underlay(&ra_dummy.rb, "198.18.0.9:4000".parse().unwrap(), p, ra_dummy.now)
         });
         assert_eq!(v, UnderlayVerdict::Drop(DropReason::UnknownSender));
+        let mut bad = frame(B_MAC, A_MAC, 0x0800, &good_ip);
+        bad[14 + 1] = 0x10; // TOS changed, checksum not
+        let (v, _) = run(&bad, |p| ra_dummy.a.from_tap(&ra_dummy.ra, p, ra_dummy.now));
+        assert_eq!(v, TunVerdict::Drop(DropReason::BadInnerChecksum));
+        let (v, _) = run(&[], |p| ra_dummy.a.from_tap(&ra_dummy.ra, p, ra_dummy.now));
+        assert_eq!(v, TunVerdict::Drop(DropReason::EmptyPayload));
+        assert_eq!(ra_dummy.a.stats.drops(DropReason::EmptyPayload), 1);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! virtio-net header, so TUN offloads fit without new buffer types.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 /// Bytes kept free in front of every packet: enough for a 10-byte virtio-net header plus
 /// the largest prefix weft writes (an IPv6 header and an ICMPv6 header, 48 bytes; VXLAN
@@ -48,7 +50,8 @@ impl<'a> PacketBuf<'a> {
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.end - self.head
+        // `head <= end` always; saturating, a broken invariant reads as empty, not as 2^64.
+        self.end.saturating_sub(self.head)
     }
 
     /// Whether the packet is empty.
@@ -64,18 +67,21 @@ impl<'a> PacketBuf<'a> {
     /// Grows the packet by `n` bytes at the front and returns them; `None` (packet
     /// unchanged) when the headroom is too small.
     pub fn prepend(&mut self, n: usize) -> Option<&mut [u8]> {
-        let head = self.head.checked_sub(n)?;
+        let old = self.head;
+        let head = old.checked_sub(n)?;
         self.head = head;
-        self.buf.get_mut(head..head + n)
+        self.buf.get_mut(head..old)
     }
 
     /// Removes `n` bytes from the front; `false` (packet unchanged) if it is shorter.
     pub fn strip(&mut self, n: usize) -> bool {
-        if n > self.len() {
-            return false;
+        match self.head.checked_add(n) {
+            Some(head) if head <= self.end => {
+                self.head = head;
+                true
+            }
+            _ => false,
         }
-        self.head += n;
-        true
     }
 
     /// Sets the length to `len` bytes from the head, growing into the slot's tail if needed
@@ -93,12 +99,13 @@ impl<'a> PacketBuf<'a> {
     /// Shortens the packet to `len` bytes; a longer `len` changes nothing.
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
-            self.end = self.head + len;
+            self.end = self.head.saturating_add(len);
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -2,7 +2,8 @@
 //! datagram read from the underlay. The driver does the I/O the verdict asks for.
 //!
 //! From the TUN (encapsulation side), in order:
-//! 1. parse the inner header (`bad_ip_header`) and trim trailing padding;
+//! 1. parse the inner header (`empty_payload`, `bad_ip_header`, `bad_inner_checksum`: the
+//!    peer would drop it) and trim trailing padding;
 //! 2. the source must be in our subnet (`tx_foreign_source`: a local pod spoofing);
 //! 3. look the destination up; a miss is `no_route` and gets ICMP destination-unreachable
 //!    written back into the TUN, as flannel does;
@@ -12,9 +13,12 @@
 //!
 //! From the underlay (decapsulation side), cheapest check first, so garbage from strangers
 //! costs one hash probe (`reference/security.md` §1.3):
-//! 1. the outer source must be a known peer's endpoint (`unknown_sender`);
+//! 1. the datagram must carry something (`empty_payload`), and its outer source must be a
+//!    known peer's endpoint (`unknown_sender`);
 //! 2. the format's header (`truncated`, format-specific reasons);
-//! 3. the inner packet must parse, lengths consistent (`bad_ip_header`);
+//! 3. the inner packet must parse, lengths consistent (`bad_ip_header`), and an IPv4
+//!    header's checksum verify (`bad_inner_checksum`: the kernel would drop it on the TUN
+//!    write, uncounted); the merge path gets only packets that passed all of this;
 //! 4. the inner source must be in the *sending* peer's subnet (`foreign_source`);
 //! 5. the inner destination must be in *our* subnet (`not_local_destination`), never a
 //!    martian; nothing is ever re-encapsulated;
@@ -23,6 +27,8 @@
 //! Nothing here allocates, locks, logs or reads a clock; `now` comes in for the ICMP limiter.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -198,7 +204,13 @@ impl<E: Encap> Forwarder<E> {
         seg: Option<&Segmentation>,
         now: Instant,
     ) -> TunVerdict {
+        if pkt.is_empty() {
+            return self.drop_tun(DropReason::EmptyPayload);
+        }
         let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
+            // The peer drops a bad IPv4 header checksum: don't spend the underlay on it. A
+            // super-packet's segments get headers of their own, so only single packets count.
+            Ok(ip) if seg.is_none() && !ip.header_checksum_ok() => return self.drop_tun(DropReason::BadInnerChecksum),
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
             Err(_) => return self.drop_tun(DropReason::BadIpHeader),
         };
@@ -243,6 +255,9 @@ impl<E: Encap> Forwarder<E> {
 
     /// Decides the fate of a datagram read from the underlay; see the module doc.
     pub fn from_underlay(&mut self, routes: &RouteTable, src: SocketAddr, pkt: &mut PacketBuf<'_>) -> UnderlayVerdict {
+        if pkt.is_empty() {
+            return self.drop_underlay(DropReason::EmptyPayload);
+        }
         let Some((peer, hop)) = routes.peer_by_source(src) else {
             return self.drop_underlay(DropReason::UnknownSender);
         };
@@ -260,6 +275,7 @@ impl<E: Encap> Forwarder<E> {
             Err(reason) => return self.drop_underlay(reason),
         }
         let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
+            Ok(ip) if !ip.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
             Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
             Err(WireError::Truncated) => return self.drop_underlay(DropReason::Truncated),
             Err(WireError::Malformed) => return self.drop_underlay(DropReason::BadIpHeader),
@@ -363,9 +379,10 @@ pub(crate) fn write_icmp_error(
 pub(crate) fn flow_hash(p: &[u8]) -> u32 {
     let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
         Some(4) => {
-            let ihl = usize::from(p.first().map_or(5, |b| b & 0x0f)) * 4;
-            let unfragmented = p.get(6..8).is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff == 0);
-            (p.get(12..20), p.get(9).copied(), if unfragmented { p.get(ihl..ihl + 4) } else { None })
+            let ihl = p.first().map_or(20, |b| usize::from(b & 0x0f) << 2);
+            let unfragmented = crate::wire::be16(p, 6).is_some_and(|f| f & 0x3fff == 0);
+            let ports = crate::wire::bytes::<4>(p, ihl).map(|a| a.as_slice());
+            (p.get(12..20), p.get(9).copied(), if unfragmented { ports } else { None })
         }
         Some(6) => (p.get(8..40), p.get(6).copied(), p.get(40..44)),
         _ => (None, None, None),
@@ -405,6 +422,7 @@ fn decrement_ttl(pkt: &mut PacketBuf<'_>) -> u8 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::encap::UdpEncap;
@@ -528,7 +546,37 @@ mod tests {
                 DropReason::UnknownSender,
             ),
             ("short", peer, vec![0x45; 12], DropReason::Truncated),
+            ("empty", peer, vec![], DropReason::EmptyPayload),
+            ("empty, from a stranger", "198.18.0.9:8285", vec![], DropReason::EmptyPayload),
             ("not ip", peer, vec![0x00; 40], DropReason::BadIpHeader),
+            (
+                "bad inner header checksum",
+                peer,
+                {
+                    let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+                    p[10] ^= 0x01;
+                    p
+                },
+                DropReason::BadInnerChecksum,
+            ),
+            (
+                "inner checksum wrong over the options",
+                peer,
+                {
+                    // IHL 6: the checksum covers the 4 option bytes too.
+                    let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8);
+                    p.splice(20..20, [1, 1, 1, 0]);
+                    p[0] = 0x46;
+                    let len = p.len() as u16;
+                    p[2..4].copy_from_slice(&len.to_be_bytes());
+                    p[10..12].copy_from_slice(&[0, 0]);
+                    let c = crate::wire::checksum::checksum(&p[..24]);
+                    p[10..12].copy_from_slice(&c.to_be_bytes());
+                    p[22] = 2; // an option byte changed after the checksum
+                    p
+                },
+                DropReason::BadInnerChecksum,
+            ),
             (
                 "length lies",
                 peer,
@@ -559,6 +607,29 @@ mod tests {
             assert_eq!(v, UnderlayVerdict::Drop(reason), "{name}");
             assert_eq!(net.b.stats().drops(reason), 1, "{name}");
         }
+    }
+
+    /// A fuzzer find: A sent a packet whose IPv4 header checksum was wrong, which B then
+    /// dropped as `bad_inner_checksum`. A drops it first, counted, and sends nothing.
+    #[test]
+    fn bad_header_checksum_from_the_tun_is_not_sent() {
+        let mut net = Pair::new();
+        let mut p = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56);
+        p[1] = 0x10; // TOS changed, checksum not
+        let mut slot = net.slot(&p);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        let v = net.a.from_tun(&net.routes_a, &mut pkt, net.now);
+        assert_eq!(v, TunVerdict::Drop(DropReason::BadInnerChecksum));
+        assert_eq!(net.a.stats().drops(DropReason::BadInnerChecksum), 1);
+    }
+
+    #[test]
+    fn empty_tun_read_is_counted() {
+        let mut net = Pair::new();
+        let mut slot = net.slot(&[]);
+        let mut pkt = PacketBuf::new(&mut slot.0, slot.1, slot.2).unwrap();
+        assert_eq!(net.a.from_tun(&net.routes_a, &mut pkt, net.now), TunVerdict::Drop(DropReason::EmptyPayload));
+        assert_eq!(net.a.stats().drops(DropReason::EmptyPayload), 1);
     }
 
     #[test]

@@ -14,18 +14,26 @@
 //! because the merged packet is handed over with only a partial checksum, which the
 //! receiving stack then trusts: a segment that fails is written on its own, unmodified, for
 //! the kernel to reject.
+//!
+//! Arithmetic, under `clippy::arithmetic_side_effects`: lengths are bounded by 64 KiB and
+//! saturate (a saturated length fails the limit test that follows); sequence numbers are
+//! modulo 2^32 (RFC 9293 §3.4) and wrap.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::gso::{
     F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_TRAIN_SEGMENTS, VNET_HDR_LEN, VnetHdr, pseudo_sum,
 };
-use crate::wire::checksum;
+use crate::wire::{self, checksum, ipv6};
 
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// Largest IPv4 total length / IPv6 payload length.
 const MAX_IP_LEN: usize = 65_535;
+/// Length of a UDP header.
+const UDP_HEADER_LEN: usize = 8;
 /// Most packets one merge takes: a gathering write has one iovec per packet, and UDP
 /// super-packets are capped at 64 datagrams like GSO sends.
 pub const MAX_SEGMENTS: usize = MAX_TRAIN_SEGMENTS;
@@ -33,12 +41,13 @@ pub const MAX_SEGMENTS: usize = MAX_TRAIN_SEGMENTS;
 /// An IPv4 header without options, or IPv6 without extension headers, carrying `proto`,
 /// not a fragment: `Some((v6, l4))`.
 fn plain_ip(ip: &[u8], proto: u8) -> Option<(bool, usize)> {
-    match ip.first()? >> 4 {
+    let first = *ip.first()?;
+    match first >> 4 {
         4 => {
-            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
-            (ip[0] & 0x0f == 5 && *ip.get(9)? == proto && frag & 0x3fff == 0).then_some((false, 20))
+            let frag = wire::be16(ip, 6)?;
+            (first & 0x0f == 5 && *ip.get(9)? == proto && frag & 0x3fff == 0).then_some((false, 20))
         }
-        6 => (*ip.get(6)? == proto).then_some((true, 40)),
+        6 => (*ip.get(6)? == proto).then_some((true, ipv6::HEADER_LEN)),
         _ => None,
     }
 }
@@ -61,8 +70,9 @@ fn l4_checksum_ok(ip: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
 /// verified here (see [`l4_checksum_ok`]).
 fn udp_datagram(ip: &[u8]) -> Option<(bool, usize)> {
     let (v6, l4) = plain_ip(ip, 17)?;
-    let ulen = usize::from(u16::from_be_bytes([*ip.get(l4 + 4)?, *ip.get(l4 + 5)?]));
-    (ulen == ip.len() - l4 && ulen > 8).then_some((v6, l4))
+    let udp = ip.get(l4..)?;
+    let ulen = usize::from(wire::be16(udp, 4)?);
+    (ulen == udp.len() && ulen > UDP_HEADER_LEN).then_some((v6, l4))
 }
 
 /// What [`tcp_segment`] learns about a packet that may be merged.
@@ -81,40 +91,44 @@ struct Segment {
 /// [`l4_checksum_ok`]).
 fn tcp_segment(ip: &[u8]) -> Option<Segment> {
     let (v6, l4) = plain_ip(ip, 6)?;
-    let tcp_len = usize::from(ip.get(l4 + 12)? >> 4) * 4;
-    let hdrs = l4 + tcp_len;
-    let flags = *ip.get(l4 + 13)?;
-    if tcp_len < 20 || hdrs >= ip.len() || flags & !TCP_PSH != TCP_ACK {
+    let tcp = ip.get(l4..)?;
+    let tcp_len = usize::from(tcp.get(12)? >> 4) << 2;
+    let flags = *tcp.get(13)?;
+    // At least one payload byte: a bare ACK is never merged.
+    if tcp_len < 20 || tcp_len >= tcp.len() || flags & !TCP_PSH != TCP_ACK {
         return None;
     }
-    let seq = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
-    Some(Segment { v6, l4, hdrs, seq, flags })
+    let seq = wire::be32(tcp, 4)?;
+    Some(Segment { v6, l4, hdrs: l4.checked_add(tcp_len)?, seq, flags })
 }
 
 /// Whether the IP headers of `a` and `b` (same version) agree on everything that must not
 /// change within one merged packet.
+#[inline]
 fn same_ip(a: &[u8], b: &[u8], v6: bool) -> bool {
     if v6 {
         // Version, traffic class, flow label; next header, hop limit; addresses.
-        a.get(0..4) == b.get(0..4) && a.get(6..40) == b.get(6..40)
+        same::<4>(a, b, 0) && same::<34>(a, b, 6)
     } else {
         // Version/IHL, TOS; flags (DF) and TTL, protocol; addresses.
-        a.get(0..2) == b.get(0..2)
-            && a.get(6..7) == b.get(6..7)
-            && a.get(8..10) == b.get(8..10)
-            && a.get(12..20) == b.get(12..20)
+        same::<2>(a, b, 0) && same::<1>(a, b, 6) && same::<2>(a, b, 8) && same::<8>(a, b, 12)
     }
+}
+
+/// Whether `a` and `b` both hold `N` bytes at `at`, and the same ones: a fixed-size compare
+/// (a few loads), and never "equal" because both were too short.
+#[inline]
+fn same<const N: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
+    matches!((wire::bytes::<N>(a, at), wire::bytes::<N>(b, at)), (Some(x), Some(y)) if x == y)
 }
 
 /// Whether the headers of `a` and `b` (same version, same header length) agree on
 /// everything that must not change within one merged TCP packet.
+#[inline]
 fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
-    let l4 = s.l4;
+    let (Some(ta), Some(tb)) = (a.get(s.l4..s.hdrs), b.get(s.l4..s.hdrs)) else { return false };
     // Ports; ACK number; data offset; options.
-    same_ip(a, b, s.v6)
-        && a.get(l4..l4 + 4) == b.get(l4..l4 + 4)
-        && a.get(l4 + 8..l4 + 13) == b.get(l4 + 8..l4 + 13)
-        && a.get(l4 + 20..s.hdrs) == b.get(l4 + 20..s.hdrs)
+    same_ip(a, b, s.v6) && same::<4>(ta, tb, 0) && same::<5>(ta, tb, 8) && ta.get(20..) == tb.get(20..)
 }
 
 /// A super-packet being merged **by reference**: the first packet's IP and L4 headers are
@@ -151,14 +165,20 @@ impl Coalesced {
         let udp = if tcp.is_none() && uso { udp_datagram(ip) } else { None };
         let hdrs = match (tcp, udp) {
             (Some(s), _) => s.hdrs,
-            (None, Some((_, l4))) => l4 + 8,
+            (None, Some((_, l4))) => l4.checked_add(UDP_HEADER_LEN)?,
             (None, None) => 0,
         };
-        head.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + hdrs)?.copy_from_slice(ip.get(..hdrs)?);
-        let mss = ip.len() - hdrs;
+        let (h, payload) = ip.split_at_checked(hdrs)?;
+        head.get_mut(VNET_HDR_LEN..)?.get_mut(..hdrs)?.copy_from_slice(h);
+        let mss = payload.len();
         let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0) || udp.is_some();
         let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
         Some(Self { tcp, udp, hdrs, mss, len: ip.len(), next_seq, segments: 1, open })
+    }
+
+    /// The copied headers in `head`, where [`start`](Self::start) put them.
+    fn headers<'h>(&self, head: &'h [u8]) -> Option<&'h [u8]> {
+        head.get(VNET_HDR_LEN..)?.get(..self.hdrs)
     }
 
     /// Bytes at the front of every merged packet that are headers (kept in `head`, the first
@@ -180,24 +200,27 @@ impl Coalesced {
         }
         let Some(first_seg) = self.tcp else { return false };
         let Some(s) = tcp_segment(ip) else { return false };
-        let payload = ip.len() - s.hdrs;
-        let limit = if first_seg.v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
-        let Some(hdr) = head.get(VNET_HDR_LEN..VNET_HDR_LEN + first_seg.hdrs) else { return false };
+        // `tcp_segment` guarantees `hdrs < ip.len()`.
+        let payload = ip.len().saturating_sub(s.hdrs);
+        let limit = if first_seg.v6 { MAX_IP_LEN + ipv6::HEADER_LEN } else { MAX_IP_LEN };
+        let Some(hdr) = self.headers(head) else { return false };
         if s.v6 != first_seg.v6
             || s.hdrs != first_seg.hdrs
             || s.seq != self.next_seq
             || payload > self.mss
-            || self.len + payload > limit
+            || self.len.saturating_add(payload) > limit
             || !same_flow(hdr, ip, &first_seg)
             || !self.checksums_ok(ip, first, first_seg.v6, first_seg.l4, 6)
         {
             return false;
         }
-        self.len += payload;
+        self.len = self.len.saturating_add(payload);
         self.next_seq = self.next_seq.wrapping_add(payload as u32);
-        self.segments += 1;
+        self.segments = self.segments.saturating_add(1);
         if s.flags & TCP_PSH != 0 {
-            if let Some(f) = head.get_mut(VNET_HDR_LEN + first_seg.l4 + 13) {
+            let flags =
+                head.get_mut(VNET_HDR_LEN..).and_then(|h| h.get_mut(first_seg.l4..)).and_then(|t| t.get_mut(13));
+            if let Some(f) = flags {
                 *f |= TCP_PSH;
             }
             self.open = false;
@@ -210,21 +233,22 @@ impl Coalesced {
 
     fn append_udp(&mut self, ip: &[u8], head: &[u8], first: &[u8], v6: bool, l4: usize) -> bool {
         let Some((v6b, l4b)) = udp_datagram(ip) else { return false };
-        let payload = ip.len() - l4b - 8;
-        let limit = if v6 { MAX_IP_LEN + 40 } else { MAX_IP_LEN };
-        let Some(hdr) = head.get(VNET_HDR_LEN..VNET_HDR_LEN + l4 + 8) else { return false };
+        // `udp_datagram` guarantees more than a UDP header after `l4b`.
+        let payload = ip.len().saturating_sub(l4b).saturating_sub(UDP_HEADER_LEN);
+        let limit = if v6 { MAX_IP_LEN + ipv6::HEADER_LEN } else { MAX_IP_LEN };
+        let Some(hdr) = self.headers(head) else { return false };
         if v6b != v6
             || l4b != l4
             || payload > self.mss
-            || self.len + payload > limit
+            || self.len.saturating_add(payload) > limit
             || !same_ip(hdr, ip, v6)
-            || hdr.get(l4..l4 + 4) != ip.get(l4..l4 + 4)
+            || !same::<4>(hdr, ip, l4)
             || !self.checksums_ok(ip, first, v6, l4, 17)
         {
             return false;
         }
-        self.len += payload;
-        self.segments += 1;
+        self.len = self.len.saturating_add(payload);
+        self.segments = self.segments.saturating_add(1);
         if payload < self.mss {
             self.open = false;
         }
@@ -248,21 +272,27 @@ impl Coalesced {
 
     /// Writes the virtio-net header and the merged packet's lengths and checksums into
     /// `head`; returns how many bytes of `head` go in front of the payloads. A single packet
-    /// keeps its complete checksum and gets an all-zero header.
+    /// keeps its complete checksum and gets an all-zero header. 0 (write nothing) only if
+    /// `head` is not the buffer [`start`](Self::start) filled.
     pub fn finish(&self, head: &mut [u8]) -> usize {
-        let n = VNET_HDR_LEN + self.hdrs;
+        let n = VNET_HDR_LEN.saturating_add(self.hdrs);
         if let (Some((v6, l4)), true) = (self.udp, self.segments > 1) {
-            return self.finish_udp(head, v6, l4);
+            return self.finish_udp(head, v6, l4).map_or(0, |()| n);
         }
         let (Some(s), true) = (self.tcp, self.segments > 1) else {
             VnetHdr::default().emit(head);
             return n;
         };
-        let Some(ip) = head.get_mut(VNET_HDR_LEN..n) else { return 0 };
-        fix_ip_lengths(ip, s.v6, self.len);
-        // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
-        let partial = !checksum::fold(pseudo_sum(ip, s.v6, 6, self.len - s.l4));
-        ip[s.l4 + 16..s.l4 + 18].copy_from_slice(&partial.to_be_bytes());
+        let fixed = head.get_mut(VNET_HDR_LEN..n).and_then(|ip| {
+            fix_ip_lengths(ip, s.v6, self.len)?;
+            let (ip_hdr, tcp_hdr) = ip.split_at_mut_checked(s.l4)?;
+            // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
+            let partial = !checksum::fold(pseudo_sum(ip_hdr, s.v6, 6, self.len.saturating_sub(s.l4)));
+            wire::set_be16(tcp_hdr, 16, partial)
+        });
+        if fixed.is_none() {
+            return 0;
+        }
         VnetHdr {
             flags: F_NEEDS_CSUM,
             gso_type: if s.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
@@ -275,41 +305,42 @@ impl Coalesced {
         n
     }
 
-    fn finish_udp(&self, head: &mut [u8], v6: bool, l4: usize) -> usize {
-        let n = VNET_HDR_LEN + self.hdrs;
-        let Some(ip) = head.get_mut(VNET_HDR_LEN..n) else { return 0 };
-        fix_ip_lengths(ip, v6, self.len);
-        let ulen = self.len - l4;
-        ip[l4 + 4..l4 + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
-        let partial = !checksum::fold(pseudo_sum(ip, v6, 17, ulen));
-        ip[l4 + 6..l4 + 8].copy_from_slice(&partial.to_be_bytes());
+    fn finish_udp(&self, head: &mut [u8], v6: bool, l4: usize) -> Option<()> {
+        let ip = head.get_mut(VNET_HDR_LEN..)?.get_mut(..self.hdrs)?;
+        fix_ip_lengths(ip, v6, self.len)?;
+        let (ip_hdr, udp_hdr) = ip.split_at_mut_checked(l4)?;
+        let ulen = self.len.checked_sub(l4)?;
+        wire::set_be16(udp_hdr, 4, u16::try_from(ulen).ok()?)?;
+        let partial = !checksum::fold(pseudo_sum(ip_hdr, v6, 17, ulen));
+        wire::set_be16(udp_hdr, 6, partial)?;
         VnetHdr {
             flags: F_NEEDS_CSUM,
             gso_type: GSO_UDP_L4,
-            hdr_len: (l4 + 8) as u16,
+            hdr_len: self.hdrs as u16,
             gso_size: self.mss as u16,
             csum_start: l4 as u16,
             csum_offset: 6,
         }
         .emit(head);
-        n
+        Some(())
     }
 }
 
 /// Sets the IPv4 total length and header checksum, or the IPv6 payload length, for an IP
-/// packet of `len` bytes.
-fn fix_ip_lengths(ip: &mut [u8], v6: bool, len: usize) {
+/// packet of `len` bytes (at most 64 KiB of IP payload: [`Coalesced::append`]'s limit).
+fn fix_ip_lengths(ip: &mut [u8], v6: bool, len: usize) -> Option<()> {
     if v6 {
-        ip[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        wire::set_be16(ip, 4, u16::try_from(len.checked_sub(ipv6::HEADER_LEN)?).ok()?)
     } else {
-        ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        ip[10..12].copy_from_slice(&[0, 0]);
-        let c = checksum::checksum(&ip[..20]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        wire::set_be16(ip, 2, u16::try_from(len).ok()?)?;
+        wire::set_be16(ip, 10, 0)?;
+        let c = checksum::checksum(ip.get(..20)?);
+        wire::set_be16(ip, 10, c)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};

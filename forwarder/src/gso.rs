@@ -10,12 +10,21 @@
 //!
 //! Segments are written back to back at a fixed stride, each behind a copy of the
 //! encapsulation header, so one UDP GSO send (`UDP_SEGMENT` = stride) carries the train.
+//!
+//! Arithmetic, under `clippy::arithmetic_side_effects`: lengths and offsets are bounded by
+//! the 64 KiB packet, so they never overflow; they use `checked_*` where the check is the
+//! validation itself and `saturating_*` elsewhere (a saturated offset fails the `get` that
+//! follows, so even a broken invariant fails closed). Sequence numbers, IP identifications
+//! and checksums are defined modulo 2^n by their RFCs, so they use `wrapping_*`.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::ops::Range;
 
-use crate::wire::checksum;
+use crate::stats::DropReason;
+use crate::wire::{self, checksum, ipv6};
 
 /// Length of the virtio-net header without the `num_buffers` field.
 pub const VNET_HDR_LEN: usize = 10;
@@ -59,27 +68,23 @@ pub struct VnetHdr {
 impl VnetHdr {
     /// Parses the first [`VNET_HDR_LEN`] bytes.
     pub fn parse(b: &[u8]) -> Option<Self> {
-        let b = b.get(..VNET_HDR_LEN)?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let &[flags, gso_type, h0, h1, g0, g1, s0, s1, o0, o1] = wire::bytes::<VNET_HDR_LEN>(b, 0)?;
         Some(Self {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
+            flags,
+            gso_type,
+            hdr_len: u16::from_ne_bytes([h0, h1]),
+            gso_size: u16::from_ne_bytes([g0, g1]),
+            csum_start: u16::from_ne_bytes([s0, s1]),
+            csum_offset: u16::from_ne_bytes([o0, o1]),
         })
     }
 
-    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `b`.
+    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `b` (nothing if shorter).
     pub fn emit(&self, b: &mut [u8]) {
-        if let Some(b) = b.get_mut(..VNET_HDR_LEN) {
-            b[0] = self.flags;
-            b[1] = self.gso_type;
-            b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
-            b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
-            b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
-            b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        if let Some(b) = wire::bytes_mut::<VNET_HDR_LEN>(b, 0) {
+            let ([h0, h1], [g0, g1]) = (self.hdr_len.to_ne_bytes(), self.gso_size.to_ne_bytes());
+            let ([s0, s1], [o0, o1]) = (self.csum_start.to_ne_bytes(), self.csum_offset.to_ne_bytes());
+            *b = [self.flags, self.gso_type, h0, h1, g0, g1, s0, s1, o0, o1];
         }
     }
 
@@ -92,12 +97,49 @@ impl VnetHdr {
 /// Why a packet from the TUN could not be segmented or completed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum GsoError {
-    /// Header fields contradict the packet (lengths, offsets, version, protocol).
+    /// The virtio-net header contradicts the packet (GSO type against IP version or
+    /// protocol, `csum_start`, `csum_offset`, `gso_size` 0).
     Malformed,
+    /// The super-packet's IP header is malformed: IHL below 5, a total length that is not
+    /// the packet's, or a fragment (nothing the kernel's TSO/USO hands over).
+    BadIpHeader,
+    /// The super-packet's TCP header is malformed: a data offset below 5 (a header shorter
+    /// than 20 bytes, whose flags and checksum the segments would be cut through) or one
+    /// reaching past the packet.
+    BadL4Header,
     /// A GSO type weft does not cut (ECN, unknown types).
     Unsupported,
     /// The output buffer cannot hold the segments.
     NoRoom,
+}
+
+impl GsoError {
+    /// The drop reason a driver counts this under, so that a malformed super-packet is as
+    /// visible in `weft status` as a malformed datagram.
+    pub const fn reason(self) -> DropReason {
+        match self {
+            Self::BadIpHeader => DropReason::BadIpHeader,
+            Self::BadL4Header => DropReason::BadL4Header,
+            Self::Malformed | Self::Unsupported | Self::NoRoom => DropReason::BadOffload,
+        }
+    }
+}
+
+/// Checks a packet read from a TUN opened with `IFF_VNET_HDR` against its virtio-net header,
+/// the one place both drivers do it: a super-packet (`gso_type` set) is checked for cutting
+/// and its [`Segmentation`] returned; a single packet whose L4 checksum the kernel left
+/// partial (`F_NEEDS_CSUM`) has it completed in place; anything else passes as it is.
+///
+/// # Errors
+/// The [`GsoError`] naming what contradicts what; [`GsoError::reason`] is what to count.
+pub fn check_read(hdr: &VnetHdr, ip: &mut [u8]) -> Result<Option<Segmentation>, GsoError> {
+    if hdr.is_gso() {
+        return Segmentation::parse(hdr, ip).map(Some);
+    }
+    if hdr.flags & F_NEEDS_CSUM != 0 {
+        complete_checksum(ip, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))?;
+    }
+    Ok(None)
 }
 
 /// Completes a partial L4 checksum in place: the field at `csum_start + csum_offset` holds
@@ -107,12 +149,11 @@ pub enum GsoError {
 /// [`GsoError::Malformed`] when the offsets fall outside the packet.
 pub fn complete_checksum(pkt: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), GsoError> {
     let field = csum_start.checked_add(csum_offset).ok_or(GsoError::Malformed)?;
-    if field + 2 > pkt.len() {
+    if wire::bytes::<2>(pkt, field).is_none() {
         return Err(GsoError::Malformed);
     }
     let c = checksum::checksum(pkt.get(csum_start..).ok_or(GsoError::Malformed)?);
-    pkt[field..field + 2].copy_from_slice(&c.to_be_bytes());
-    Ok(())
+    wire::set_be16(pkt, field, c).ok_or(GsoError::Malformed)
 }
 
 /// The one's-complement sum of the pseudo-header of an `l4_len`-byte segment of protocol
@@ -163,45 +204,57 @@ impl Segmentation {
             (GSO_TCPV4 | GSO_TCPV6, _) | (GSO_UDP_L4, _) => return Err(GsoError::Malformed),
             _ => return Err(GsoError::Unsupported),
         };
+        let be16 = |at: usize| wire::be16(ip, at).map_or(0, usize::from);
         let (l4, proto, ip_total) = if v6 {
-            let plen = ip.get(4..6).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-            (40, ip.get(6).copied(), 40 + plen)
+            (ipv6::HEADER_LEN, ip.get(6).copied(), be16(4).saturating_add(ipv6::HEADER_LEN))
         } else {
-            let tot = ip.get(2..4).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-            (usize::from(ip[0] & 0x0f) * 4, ip.get(9).copied(), tot)
+            // IHL < 5 and fragments are refused here, before any offset is derived from them.
+            let ihl = ip.first().map_or(0, |b| usize::from(b & 0x0f) << 2);
+            if ihl < 20 || be16(6) & 0x3fff != 0 {
+                return Err(GsoError::BadIpHeader);
+            }
+            (ihl, ip.get(9).copied(), be16(2))
         };
+        if ip_total != ip.len() {
+            return Err(GsoError::BadIpHeader);
+        }
+        let l4_hdr = ip.get(l4..).ok_or(GsoError::BadIpHeader)?;
         let want_proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
         let csum_offset = if tcp { 16 } else { 6 };
-        if proto != Some(want_proto)
-            || usize::from(hdr.csum_start) != l4
-            || hdr.csum_offset != csum_offset
-            || ip_total != ip.len()
-            || l4 < 20
-        {
+        if proto != Some(want_proto) || usize::from(hdr.csum_start) != l4 || hdr.csum_offset != csum_offset {
             return Err(GsoError::Malformed);
         }
         let l4_len = if tcp {
-            let off = ip.get(l4 + 12).ok_or(GsoError::Malformed)?;
-            usize::from(off >> 4) * 4
+            // The data offset comes from the packet: below 5 the "header" would end before the
+            // flags and the checksum that every segment's header gets written into.
+            let off = l4_hdr.get(12).ok_or(GsoError::BadL4Header)?;
+            let len = usize::from(off >> 4) << 2;
+            if len < 20 {
+                return Err(GsoError::BadL4Header);
+            }
+            len
         } else {
             8
         };
-        let hdrs = l4 + l4_len;
+        let Some(payload) = l4_hdr.len().checked_sub(l4_len) else {
+            return Err(if tcp { GsoError::BadL4Header } else { GsoError::BadIpHeader });
+        };
         let mss = usize::from(hdr.gso_size);
-        if l4_len < 8 || hdrs > ip.len() || mss == 0 {
+        if mss == 0 {
             return Err(GsoError::Malformed);
         }
-        Ok(Self { v6, tcp, l4, hdrs, mss, payload: ip.len() - hdrs })
+        Ok(Self { v6, tcp, l4, hdrs: l4.saturating_add(l4_len), mss, payload })
     }
 
     /// How many segments the super-packet makes (at least one).
     pub fn segments(&self) -> usize {
-        self.payload.div_ceil(self.mss).max(1)
+        // `mss` ≥ 1 since `parse`; the `max` keeps even a default-built value from dividing by 0.
+        self.payload.div_ceil(self.mss.max(1)).max(1)
     }
 
     /// Length of the largest segment (headers + MSS), the size checked against the path MTU.
     pub fn segment_len(&self) -> usize {
-        self.hdrs + self.mss.min(self.payload.max(1))
+        self.hdrs.saturating_add(self.mss.min(self.payload.max(1)))
     }
 
     /// IP + L4 header bytes, repeated in every segment.
@@ -211,19 +264,22 @@ impl Segmentation {
 
     /// Bytes the segments add up to (each carries its own headers).
     pub fn wire_bytes(&self) -> usize {
-        self.payload + self.segments() * self.hdrs
+        self.payload.saturating_add(self.segments().saturating_mul(self.hdrs))
     }
 
     /// How many segments of `prefix + segment_len()` bytes fit one GSO send.
     pub fn segments_per_train(&self, prefix: usize) -> usize {
-        (MAX_TRAIN_BYTES / (prefix + self.hdrs + self.mss)).clamp(1, MAX_TRAIN_SEGMENTS)
+        let stride = prefix.saturating_add(self.hdrs).saturating_add(self.mss);
+        MAX_TRAIN_BYTES.checked_div(stride).unwrap_or(1).clamp(1, MAX_TRAIN_SEGMENTS)
     }
 
     /// Where segment `i`'s payload lies in `pkt` (the super-packet behind `prefix` bytes of
     /// encapsulation header).
     fn chunk(&self, prefix: usize, i: usize) -> Range<usize> {
-        let start = prefix + self.hdrs + (i * self.mss).min(self.payload);
-        start..prefix + self.hdrs + ((i + 1) * self.mss).min(self.payload)
+        let base = prefix.saturating_add(self.hdrs);
+        let from = i.saturating_mul(self.mss).min(self.payload);
+        let to = i.saturating_add(1).saturating_mul(self.mss).min(self.payload);
+        base.saturating_add(from)..base.saturating_add(to)
     }
 
     /// Writes segments `range` of `pkt` back to back into `out`. `pkt` is the super-packet
@@ -244,76 +300,82 @@ impl Segmentation {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<usize, GsoError> {
-        let h = prefix + self.hdrs;
-        let mut at = 0;
+        let h = prefix.saturating_add(self.hdrs);
+        let mut rest = out;
+        let mut written = 0usize;
         for i in self.checked(pkt, prefix, &range)? {
             let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
-            let seg = out.get_mut(at..at + h + chunk.len()).ok_or(GsoError::NoRoom)?;
-            self.write_header(pkt, prefix, i, &mut seg[..h])?;
-            seg[h..].copy_from_slice(chunk);
-            at += seg.len();
+            let seg_len = h.saturating_add(chunk.len());
+            let (seg, tail) = std::mem::take(&mut rest).split_at_mut_checked(seg_len).ok_or(GsoError::NoRoom)?;
+            let (head, body) = seg.split_at_mut_checked(h).ok_or(GsoError::NoRoom)?;
+            self.write_header(pkt, prefix, i, head).ok_or(GsoError::Malformed)?;
+            // `body` is `seg_len - h` = `chunk.len()` bytes: the copy cannot mismatch.
+            body.copy_from_slice(chunk);
+            written = written.saturating_add(seg_len);
+            rest = tail;
         }
-        Ok(at)
+        Ok(written)
     }
 
     /// `range` after checking it, and `pkt`, against what [`parse`](Self::parse) saw.
     fn checked(&self, pkt: &[u8], prefix: usize, range: &Range<usize>) -> Result<Range<usize>, GsoError> {
         let ip_len = pkt.len().checked_sub(prefix).ok_or(GsoError::Malformed)?;
-        if ip_len != self.hdrs + self.payload || range.end > self.segments() || range.start >= range.end {
+        if ip_len != self.hdrs.saturating_add(self.payload) || range.end > self.segments() || range.start >= range.end {
             return Err(GsoError::Malformed);
         }
         Ok(range.clone())
     }
 
     /// Writes segment `i`'s header (`prefix` + IP + L4) into `out`, which is exactly
-    /// `prefix + headers_len()` bytes, checksummed together with its payload.
-    fn write_header(&self, pkt: &[u8], prefix: usize, i: usize, out: &mut [u8]) -> Result<(), GsoError> {
-        let (l4, hdrs, mss) = (self.l4, self.hdrs, self.mss);
-        let ip = &pkt[prefix..];
-        let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
-        out.copy_from_slice(&pkt[..prefix + hdrs]);
-        let ip_seg = &mut out[prefix..];
-        let ip_len = hdrs + chunk.len();
+    /// `prefix + headers_len()` bytes, checksummed together with its payload. `None` when
+    /// `pkt` or `out` is not what [`parse`](Self::parse) and the caller promised.
+    fn write_header(&self, pkt: &[u8], prefix: usize, i: usize, out: &mut [u8]) -> Option<()> {
+        let chunk = pkt.get(self.chunk(prefix, i))?;
+        let src = pkt.get(..prefix.checked_add(self.hdrs)?)?;
+        (src.len() == out.len()).then_some(())?;
+        out.copy_from_slice(src);
+        let ip = pkt.get(prefix..)?;
+        let (ip_hdr, l4_hdr) = out.get_mut(prefix..)?.split_at_mut_checked(self.l4)?;
+        let ip_len = self.hdrs.checked_add(chunk.len())?;
+        let l4_len = ip_len.checked_sub(self.l4)?;
         if self.v6 {
-            let plen = u16::try_from(ip_len - 40).map_err(|_| GsoError::Malformed)?;
-            ip_seg[4..6].copy_from_slice(&plen.to_be_bytes());
+            wire::set_be16(ip_hdr, 4, u16::try_from(ip_len.checked_sub(ipv6::HEADER_LEN)?).ok()?)?;
         } else {
-            let tot = u16::try_from(ip_len).map_err(|_| GsoError::Malformed)?;
-            let id = u16::from_be_bytes([ip[4], ip[5]]).wrapping_add(i as u16);
-            ip_seg[2..4].copy_from_slice(&tot.to_be_bytes());
-            ip_seg[4..6].copy_from_slice(&id.to_be_bytes());
-            ip_seg[10..12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&ip_seg[..l4]);
-            ip_seg[10..12].copy_from_slice(&c.to_be_bytes());
+            // The identification counts up per segment, modulo 2^16 (RFC 6864).
+            let id = wire::be16(ip, 4)?.wrapping_add(i as u16);
+            wire::set_be16(ip_hdr, 2, u16::try_from(ip_len).ok()?)?;
+            wire::set_be16(ip_hdr, 4, id)?;
+            wire::set_be16(ip_hdr, 10, 0)?;
+            let c = checksum::checksum(ip_hdr);
+            wire::set_be16(ip_hdr, 10, c)?;
         }
-        let l4_len = ip_len - l4;
         let csum_at = if self.tcp {
-            let seq0 = u32::from_be_bytes([ip[l4 + 4], ip[l4 + 5], ip[l4 + 6], ip[l4 + 7]]);
-            ip_seg[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+            // Sequence numbers are modulo 2^32 (RFC 9293 §3.4).
+            let seq0 = wire::be32(ip.get(self.l4..)?, 4)?;
+            wire::set_be32(l4_hdr, 4, seq0.wrapping_add(i.wrapping_mul(self.mss) as u32))?;
             // FIN and PSH belong to the last segment only.
-            if i + 1 != self.segments() {
-                ip_seg[l4 + 13] &= !0x09;
+            if i.checked_add(1)? != self.segments() {
+                *l4_hdr.get_mut(13)? &= !0x09;
             }
-            l4 + 16
+            16
         } else {
-            let ulen = u16::try_from(l4_len).map_err(|_| GsoError::Malformed)?;
-            ip_seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
-            l4 + 6
+            wire::set_be16(l4_hdr, 4, u16::try_from(l4_len).ok()?)?;
+            6
         };
-        ip_seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+        wire::set_be16(l4_hdr, csum_at, 0)?;
         let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
         // L4 headers have even length, so the payload's sum chains on.
-        let acc = checksum::sum(pseudo_sum(ip_seg, self.v6, proto, l4_len), &ip_seg[l4..]);
+        let acc = checksum::sum(pseudo_sum(ip_hdr, self.v6, proto, l4_len), l4_hdr);
         let mut c = checksum::fold(checksum::sum(acc, chunk));
         if !self.tcp && c == 0 {
             c = 0xffff; // RFC 768: a computed zero is sent as all ones.
         }
-        ip_seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-        Ok(())
+        wire::set_be16(l4_hdr, csum_at, c)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};
@@ -440,12 +502,101 @@ mod tests {
         for (name, h, want) in cases {
             assert_eq!(Segmentation::parse(&h, &pkt).err(), Some(want), "{name}");
         }
-        assert_eq!(Segmentation::parse(&good, &pkt[..30]).err(), Some(GsoError::Malformed), "truncated");
+        assert_eq!(Segmentation::parse(&good, &pkt[..30]).err(), Some(GsoError::BadIpHeader), "truncated");
         let seg = Segmentation::parse(&good, &pkt).unwrap();
         let mut out = vec![0u8; 2000];
         assert_eq!(seg.write_segments(&pkt, 0, 0..3, &mut out).err(), Some(GsoError::NoRoom));
         assert_eq!(seg.write_segments(&pkt, 0, 2..9, &mut out).err(), Some(GsoError::Malformed));
         assert_eq!(seg.write_segments(&pkt, 0, 3..3, &mut out).err(), Some(GsoError::Malformed));
+    }
+
+    /// A TCP data offset below 5 claims a header shorter than 20 bytes: the segments' flags
+    /// and checksum would be written past the header copy. It used to be accepted (offsets
+    /// 2 to 4 passed the old `l4_len < 8` test) and `write_segments` then panicked.
+    #[test]
+    fn refuses_tcp_data_offset_below_five() {
+        let good =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        for v6 in [false, true] {
+            let l4 = if v6 { 40 } else { 20 };
+            let hdr = VnetHdr { gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, csum_start: l4, ..good };
+            for doff in 0..5u8 {
+                let mut pkt = super_packet(v6, 3000, false);
+                let at = usize::from(l4) + 12;
+                pkt[at] = (doff << 4) | (pkt[at] & 0x0f);
+                let mut out = vec![0u8; 70_000];
+                match Segmentation::parse(&hdr, &pkt) {
+                    Err(e) => assert_eq!((e, e.reason()), (GsoError::BadL4Header, DropReason::BadL4Header)),
+                    Ok(seg) => {
+                        let cut = seg.write_segments(&pkt, 0, 0..seg.segments(), &mut out);
+                        panic!("v6={v6} data offset {doff} accepted (cut: {cut:?})");
+                    }
+                }
+            }
+            // A data offset reaching past the packet is refused the same way.
+            let mut pkt = super_packet(v6, 0, false);
+            pkt[usize::from(l4) + 12] = 0xf0;
+            assert_eq!(Segmentation::parse(&hdr, &pkt).err(), Some(GsoError::BadL4Header), "v6={v6}");
+        }
+    }
+
+    /// Every other length or offset taken from the packet or the virtio-net header, each
+    /// refused with the error (and so the drop reason) naming it.
+    #[test]
+    fn refuses_every_length_and_offset_that_lies() {
+        let pkt = super_packet(false, 3000, false);
+        let good =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        type Case = (&'static str, fn(&mut Vec<u8>), GsoError);
+        let cases: &[Case] = &[
+            ("ihl 4", |p| p[0] = 0x44, GsoError::BadIpHeader),
+            ("ihl 0", |p| p[0] = 0x40, GsoError::BadIpHeader),
+            ("ihl against csum_start", |p| p[0] = 0x4f, GsoError::Malformed),
+            ("total length short", |p| p[3] = p[3].wrapping_sub(1), GsoError::BadIpHeader),
+            ("total length long", |p| p.truncate(p.len() - 1), GsoError::BadIpHeader),
+            ("more fragments", |p| p[6] |= 0x20, GsoError::BadIpHeader),
+            ("fragment offset", |p| p[7] = 1, GsoError::BadIpHeader),
+            ("not tcp", |p| p[9] = 17, GsoError::Malformed),
+            ("empty", Vec::clear, GsoError::Malformed),
+        ];
+        for (name, mutate, want) in cases {
+            let mut p = pkt.clone();
+            mutate(&mut p);
+            assert_eq!(Segmentation::parse(&good, &p).err(), Some(*want), "{name}");
+        }
+        // An IHL past the end of a (short) packet.
+        let mut p = super_packet(false, 0, false);
+        p[0] = 0x4f;
+        assert_eq!(Segmentation::parse(&VnetHdr { csum_start: 60, ..good }, &p).err(), Some(GsoError::BadIpHeader));
+        // IPv6: the payload length must be the packet's; a UDP header must fit.
+        let v6 = VnetHdr { gso_type: GSO_UDP_L4, csum_start: 40, csum_offset: 6, ..good };
+        let mut p = udp_super_packet(true, 3000);
+        p[5] ^= 1;
+        assert_eq!(Segmentation::parse(&v6, &p).err(), Some(GsoError::BadIpHeader));
+        let mut p = udp_super_packet(true, 0);
+        p.truncate(44);
+        p[4..6].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(Segmentation::parse(&v6, &p).err(), Some(GsoError::BadIpHeader), "udp header cut short");
+        assert_eq!(GsoError::Malformed.reason(), DropReason::BadOffload);
+    }
+
+    /// The drivers' one entry point: super-packets are parsed, partial checksums completed
+    /// with offsets checked against the packet, everything else passed through.
+    #[test]
+    fn check_read_dispatches_on_the_header() {
+        let mut pkt = super_packet(false, 3000, false);
+        let gso =
+            VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 0, gso_size: 1000, csum_start: 20, csum_offset: 16 };
+        assert_eq!(check_read(&gso, &mut pkt).map(|s| s.map(|s| s.segments())), Ok(Some(3)));
+        let plain = VnetHdr::default();
+        assert_eq!(check_read(&plain, &mut pkt), Ok(None));
+        let len = u16::try_from(pkt.len()).unwrap();
+        for (csum_start, csum_offset) in [(len, 0), (len - 1, 0), (20, len), (u16::MAX, u16::MAX)] {
+            let partial = VnetHdr { flags: F_NEEDS_CSUM, csum_start, csum_offset, ..plain };
+            assert_eq!(check_read(&partial, &mut pkt), Err(GsoError::Malformed), "{csum_start}+{csum_offset}");
+        }
+        let partial = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: 16, ..plain };
+        assert_eq!(check_read(&partial, &mut pkt), Ok(None));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::bridge::Bridge;
 use crate::buf::{HEADROOM, PacketBuf};
 use crate::encap::{Encap, UdpEncap, VxlanEncap};
 use crate::forwarder::{Forwarder, TunVerdict, UnderlayVerdict};
@@ -61,7 +62,7 @@ pub const B_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
 /// VNI of [`Pair::vxlan`].
 pub const VNI: u32 = 1;
 
-/// Node `third`'s local view (10.244.<third>.0/24, fd00:<third>::/64).
+/// Node `third`'s local view (10.244.`third`.0/24, fd00:`third`::/64).
 pub fn local(third: u8) -> LocalNode {
     node(third)
 }
@@ -160,5 +161,35 @@ impl<E: Encap> Pair<E> {
     /// Drops counted by both nodes together.
     pub fn drops_total(&self) -> u64 {
         DropReason::ALL.iter().map(|r| self.a.stats().drops(*r) + self.b.stats().drops(*r)).sum()
+    }
+}
+
+/// Nodes A and B as in [`Pair::vxlan`], in TAP mode: each a [`Bridge`] whose TAP carries its
+/// VTEP MAC, each the other's only peer (path MTU 1450).
+pub struct TapPair {
+    pub a: Bridge,
+    pub b: Bridge,
+    pub routes_a: RouteTable,
+    pub routes_b: RouteTable,
+    pub now: Instant,
+}
+
+impl TapPair {
+    /// A TAP-mode pair on VNI [`VNI`].
+    pub fn new() -> Self {
+        let vni = Vni::new(VNI).unwrap();
+        Self {
+            a: Bridge::new(vni, A_MAC, node(1), 0, Arc::new(WorkerStats::default())),
+            b: Bridge::new(vni, B_MAC, node(2), 0, Arc::new(WorkerStats::default())),
+            routes_a: RouteTable::new(vec![hop("b", 2, B_ENDPOINT, 1450, B_MAC)], false).unwrap(),
+            routes_b: RouteTable::new(vec![hop("a", 1, A_ENDPOINT, 1450, A_MAC)], false).unwrap(),
+            now: Instant::now(),
+        }
+    }
+}
+
+impl Default for TapPair {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use weft_forwarder::UnderlayVerdict;
 use weft_forwarder::fuzzing;
+use weft_forwarder::{DropReason, TunVerdict, UnderlayVerdict};
 
 fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(dir);
@@ -65,5 +65,285 @@ fn tun_corpus_replays() {
     // send a packet for B's subnet broadcast address, which B drops as a martian.
     for (_, data) in corpus("tun") {
         let _ = fuzzing::from_tun_vxlan(&data);
+    }
+}
+
+#[test]
+fn gso_corpus_replays_and_real_super_packets_are_cut() {
+    for (name, data) in corpus("gso") {
+        let v = fuzzing::from_tun_segmented(&data);
+        if name.ends_with("_tso.bin") || name.ends_with("_uso.bin") || name == "tcp4_partial_csum.bin" {
+            assert!(matches!(v, TunVerdict::Send { .. }), "{name}: {v:?}");
+        }
+        if name == "tcp4_data_offset_4.bin" {
+            assert_eq!(v, TunVerdict::Drop(DropReason::BadL4Header), "{name}");
+        }
+        if name == "crash_tun_bad_header_checksum.bin" {
+            assert_eq!(v, TunVerdict::Drop(DropReason::BadInnerChecksum), "{name}");
+        }
+        // Truncated anywhere: the lengths no longer match, refused without a panic.
+        for cut in (0..data.len()).step_by(97) {
+            let _ = fuzzing::from_tun_segmented(&data[..cut]);
+        }
+    }
+}
+
+#[test]
+fn gro_corpus_replays_and_runs_merge() {
+    for (name, data) in corpus("gro") {
+        let merged = fuzzing::merge_underlay(&data);
+        if name.ends_with("_run.bin") {
+            assert!(merged >= 1, "{name}: nothing merged");
+        }
+        for cut in (0..data.len()).step_by(211) {
+            let _ = fuzzing::merge_underlay(&data[..cut]);
+        }
+    }
+}
+
+#[test]
+fn tap_corpus_replays_and_real_frames_are_delivered() {
+    let mut all = corpus("tap");
+    all.extend(corpus("vxlan"));
+    for (name, data) in all {
+        let v = fuzzing::decap_tap(&data);
+        if name.starts_with("tap_") || name.starts_with("linux_") {
+            assert!(matches!(v, UnderlayVerdict::Deliver { .. }), "{name}: {v:?}");
+        }
+        for cut in 0..data.len() {
+            let _ = fuzzing::decap_tap(&data[..cut]);
+        }
+    }
+}
+
+/// Writes the synthesised seeds of tests/corpus/{gso,gro,tap}/ (see the README there):
+/// `WEFT_WRITE_SEEDS=1 cargo test -p weft-forwarder --test corpus_replay -- --ignored write_seeds`.
+#[test]
+#[ignore = "writes the seed corpus; run by hand"]
+fn write_seeds() {
+    if std::env::var_os("WEFT_WRITE_SEEDS").is_none() {
+        return;
+    }
+    seeds::write(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus"));
+}
+
+mod seeds {
+    use std::path::Path;
+
+    use etherparse::PacketBuilder;
+    use weft_forwarder::gso::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VnetHdr};
+    use weft_forwarder::testing::{A_MAC, B_MAC, icmp_echo, icmp_echo_v6};
+    use weft_forwarder::wire::checksum;
+
+    const A4: [u8; 4] = [10, 244, 1, 5];
+    const B4: [u8; 4] = [10, 244, 2, 9];
+    const A6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    const B6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+
+    fn data(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+    }
+
+    /// A TCP segment or super-packet: seq, payload, PSH/FIN.
+    fn tcp(v6: bool, seq: u32, payload: &[u8], psh: bool, fin: bool) -> Vec<u8> {
+        let b = if v6 { PacketBuilder::ipv6(A6, B6, 64) } else { PacketBuilder::ipv4(A4, B4, 64) };
+        let mut b = b.tcp(40_000, 5201, seq, 64_240).ack(77);
+        if psh {
+            b = b.psh();
+        }
+        if fin {
+            b = b.fin();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn udp(v6: bool, payload: &[u8]) -> Vec<u8> {
+        let b = if v6 { PacketBuilder::ipv6(A6, B6, 64) } else { PacketBuilder::ipv4(A4, B4, 64) };
+        let mut out = Vec::new();
+        b.udp(4433, 443).write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// What a TUN with TSO/USO hands over: the L4 checksum field holds only the pseudo-header
+    /// sum (uncomplemented), the virtio-net header in front in host byte order.
+    fn read(hdr: VnetHdr, mut pkt: Vec<u8>) -> Vec<u8> {
+        if hdr.flags & F_NEEDS_CSUM != 0 {
+            let v6 = pkt[0] >> 4 == 6;
+            let l4 = usize::from(hdr.csum_start);
+            let l4_len = (pkt.len() - l4) as u32;
+            let addrs = if v6 { &pkt[8..40] } else { &pkt[12..20] };
+            let mut acc = checksum::sum(0, addrs);
+            acc = if v6 {
+                checksum::sum(acc, &l4_len.to_be_bytes())
+            } else {
+                checksum::sum(acc, &(l4_len as u16).to_be_bytes())
+            };
+            acc = checksum::sum(acc, &[0, pkt[if v6 { 6 } else { 9 }]]);
+            let partial = !checksum::fold(acc);
+            let at = l4 + usize::from(hdr.csum_offset);
+            pkt[at..at + 2].copy_from_slice(&partial.to_be_bytes());
+        }
+        let mut out = vec![0u8; 10];
+        hdr.emit(&mut out);
+        out.extend_from_slice(&pkt);
+        out
+    }
+
+    fn gso(gso_type: u8, v6: bool, tcp: bool, mss: u16) -> VnetHdr {
+        let l4 = if v6 { 40 } else { 20 };
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: l4 + if tcp { 20 } else { 8 },
+            gso_size: mss,
+            csum_start: l4,
+            csum_offset: if tcp { 16 } else { 6 },
+        }
+    }
+
+    /// A merge input: options byte, then (length, flags, packet) records.
+    fn records(uso: bool, pkts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = vec![u8::from(uso)];
+        for (flags, p) in pkts {
+            out.extend_from_slice(&(p.len() as u16).to_be_bytes());
+            out.push(*flags);
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    /// A VXLAN (VNI 1) frame from A's VTEP MAC.
+    fn vxlan(dst: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut w = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        w.extend_from_slice(&dst);
+        w.extend_from_slice(&A_MAC.0);
+        w.extend_from_slice(&ethertype.to_be_bytes());
+        w.extend_from_slice(payload);
+        w
+    }
+
+    fn neighbour_solicitation() -> Vec<u8> {
+        let (src, target): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+            ("fd00:1::1".parse().unwrap(), "fd00:2::".parse().unwrap());
+        let dst: std::net::Ipv6Addr = "ff02::1:ff00:0".parse().unwrap();
+        let mut icmp = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&target.octets());
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&A_MAC.0);
+        let h = etherparse::Icmpv6Header::with_checksum(
+            etherparse::Icmpv6Type::Unknown { type_u8: 135, code_u8: 0, bytes5to8: [0; 4] },
+            src.octets(),
+            dst.octets(),
+            &icmp[8..],
+        )
+        .unwrap();
+        icmp[2..4].copy_from_slice(&h.checksum.to_be_bytes());
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[58, 255]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend_from_slice(&icmp);
+        ip
+    }
+
+    fn arp_request() -> Vec<u8> {
+        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        p.extend_from_slice(&A_MAC.0);
+        p.extend_from_slice(&[10, 244, 1, 0, 0, 0, 0, 0, 0, 0, 10, 244, 2, 0]);
+        p
+    }
+
+    pub(super) fn write(dir: &Path) {
+        let put = |sub: &str, name: &str, bytes: Vec<u8>| {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join(name), bytes).unwrap();
+        };
+        // gso: TUN reads with a virtio-net header.
+        put(
+            "gso",
+            "tcp4_3x1400_tso.bin",
+            read(gso(GSO_TCPV4, false, true, 1400), tcp(false, 1000, &data(4100, 1), true, false)),
+        );
+        put(
+            "gso",
+            "tcp4_fin_tso.bin",
+            read(gso(GSO_TCPV4, false, true, 1000), tcp(false, u32::MAX - 500, &data(2500, 2), true, true)),
+        );
+        put(
+            "gso",
+            "tcp6_3x1380_tso.bin",
+            read(gso(GSO_TCPV6, true, true, 1380), tcp(true, 7, &data(4000, 3), false, false)),
+        );
+        put("gso", "udp4_4x1200_uso.bin", read(gso(GSO_UDP_L4, false, false, 1200), udp(false, &data(4500, 4))));
+        put("gso", "udp6_3x1200_uso.bin", read(gso(GSO_UDP_L4, true, false, 1200), udp(true, &data(3600, 5))));
+        let partial = VnetHdr { gso_type: GSO_NONE, gso_size: 0, ..gso(GSO_NONE, false, true, 0) };
+        put("gso", "tcp4_partial_csum.bin", read(partial, tcp(false, 5, &data(500, 6), true, false)));
+        let mut plain = vec![0u8; 10];
+        plain.extend_from_slice(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56));
+        put("gso", "plain_icmp.bin", plain);
+        let mut plain6 = vec![0u8; 10];
+        plain6.extend_from_slice(&icmp_echo_v6("fd00:1::1", "fd00:2::1", 56));
+        put("gso", "plain_icmp6.bin", plain6);
+        // The largest super-packets a TUN hands over: 46 × 1400 (64 440 bytes of IPv4), 64 × 1000 USO.
+        put(
+            "gso",
+            "tcp4_46x1400_64k_tso.bin",
+            read(gso(GSO_TCPV4, false, true, 1400), tcp(false, 9, &data(46 * 1400, 8), true, false)),
+        );
+        put(
+            "gso",
+            "udp6_64x1000_64k_uso.bin",
+            read(gso(GSO_UDP_L4, true, false, 1000), udp(true, &data(64 * 1000 - 8, 9))),
+        );
+        // The crash this hardening fixed: a TCP data offset of 4 in a TSO super-packet.
+        let mut doff = read(gso(GSO_TCPV4, false, true, 1400), tcp(false, 1000, &data(4100, 7), true, false));
+        doff[10 + 20 + 12] = 0x40;
+        put("gso", "tcp4_data_offset_4.bin", doff);
+
+        // gro: runs of datagrams from A as B receives them.
+        let run = |v6: bool, mss: usize, n: u32| -> Vec<(u8, Vec<u8>)> {
+            let mut v: Vec<_> =
+                (0..n).map(|i| (0, tcp(v6, 100 + i * mss as u32, &data(mss, i as usize), false, false))).collect();
+            v.push((0, tcp(v6, 100 + n * mss as u32, &data(mss / 3, 99), true, false)));
+            v
+        };
+        put("gro", "tcp4_run.bin", records(false, &run(false, 1000, 5)));
+        put("gro", "tcp6_run.bin", records(false, &run(true, 1200, 4)));
+        let dgrams = |v6: bool| -> Vec<(u8, Vec<u8>)> {
+            let mut v: Vec<_> = (0..4).map(|i| (0, udp(v6, &data(500, i)))).collect();
+            v.push((0, udp(v6, &data(120, 9))));
+            v
+        };
+        put("gro", "udp4_uso_run.bin", records(true, &dgrams(false)));
+        put("gro", "udp6_uso_run.bin", records(true, &dgrams(true)));
+        // At the limits: 47 full segments pass 64 KiB (two merges), 70 small datagrams pass 64.
+        put("gro", "tcp4_47x1400_64k_run.bin", records(false, &run(false, 1400, 47)));
+        let small: Vec<_> = (0..70).map(|i| (0, udp(false, &data(16, i)))).collect();
+        put("gro", "udp4_70_small_uso_run.bin", records(true, &small));
+        let mut bad = tcp(false, 1100, &data(1000, 2), false, false);
+        bad[60] ^= 0xff;
+        let mixed = vec![
+            (0, tcp(false, 100, &data(1000, 1), false, false)),
+            (0, bad.clone()),
+            (3, bad),
+            (0, tcp(false, 5000, &data(1000, 3), false, false)),
+            (0, udp(false, &data(300, 4))),
+            (0, udp(false, &data(300, 5))),
+            (3, tcp(true, 100, &data(700, 6), false, false)),
+        ];
+        put("gro", "mixed_gaps_and_checksums.bin", records(true, &mixed));
+
+        // tap: VXLAN frames from A in TAP mode.
+        put("tap", "tap_ipv4_unicast.bin", vxlan(B_MAC.0, 0x0800, &icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56)));
+        put("tap", "tap_ipv6_unicast.bin", vxlan(B_MAC.0, 0x86dd, &icmp_echo_v6("fd00:1::1", "fd00:2::1", 56)));
+        put("tap", "tap_arp_request.bin", vxlan([0xff; 6], 0x0806, &arp_request()));
+        put(
+            "tap",
+            "tap_neighbour_solicitation.bin",
+            vxlan([0x33, 0x33, 0xff, 0, 0, 0], 0x86dd, &neighbour_solicitation()),
+        );
     }
 }

@@ -249,6 +249,16 @@ mod tests {
         assert_eq!(attrs.backend_v6_data["VNI"], 1);
     }
 
+    /// Found by the lease_json fuzzer: serde_json's default float parser may be one ULP off,
+    /// so a float in BackendData changed on every read-write through weft. The workspace
+    /// enables `float_roundtrip`; flannel's Go side keeps BackendData as raw bytes.
+    #[test]
+    fn backend_data_floats_survive_a_round_trip() {
+        let v = br#"{"PublicIP":"10.0.0.1","BackendData":{"X":409555555555555.555555555555555555555555555,"Y":1e-7}}"#;
+        let attrs = LeaseAttrs::from_json(v).unwrap();
+        assert_eq!(LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap(), attrs);
+    }
+
     #[test]
     fn attrs_json_rejects_garbage() {
         for bad in [&b""[..], b"{}", b"[]", br#"{"PublicIP":"not-an-ip"}"#, br#"{"PublicIP":"fd00::1"}"#] {

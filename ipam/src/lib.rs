@@ -28,6 +28,8 @@
 mod backoff;
 pub mod config;
 mod durable;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keeper;
 pub mod lease;
 pub mod lease_cache;

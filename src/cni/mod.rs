@@ -24,6 +24,8 @@ pub mod add;
 pub mod args;
 pub mod check;
 pub mod del;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc;
 pub mod ipam;
 pub mod netns;

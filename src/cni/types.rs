@@ -234,8 +234,9 @@ pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";
 
 /// The network configuration for one plugin invocation, as the runtime writes it on stdin.
 /// Unknown keys are accepted and ignored (the spec lets a plugin reject them, but runtimes add
-/// their own).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// their own). It serialises back to the JSON it was read from, less unknown keys and absent
+/// fields, so an accepted configuration round-trips (the `cni_stdin` fuzz property).
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
     /// The version the runtime chose; the result is written in it.
@@ -246,32 +247,32 @@ pub struct NetConf {
     #[serde(rename = "type")]
     pub plugin_type: String,
     /// weft's own field: the daemon's API socket.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     /// weft's own field: where DEL records a release the daemon cannot be reached for, so the
     /// daemon frees the address when it is back (the daemon's `pending_release_dir`).
     #[serde(default)]
     pub pending_release_dir: Option<PathBuf>,
     /// DNS settings copied into the result.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
     /// The previous plugin's result (chained ADD; CHECK and DEL get the final result).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_result: Option<Value>,
     /// Capability arguments from the runtime; weft declares none and ignores them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_config: Option<Value>,
     /// The conflist's `args`; ignored.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
     /// An IPAM section: not supported, weft's daemon allocates.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipam: Option<Value>,
     /// GC: the attachments still alive (the current name).
-    #[serde(default, rename = "cni.dev/valid-attachments")]
+    #[serde(default, rename = "cni.dev/valid-attachments", skip_serializing_if = "Option::is_none")]
     pub valid_attachments: Option<Vec<GcAttachment>>,
     /// GC: the attachments still alive (the spec-v1.1.0 tag's name; libcni sends both).
-    #[serde(default, rename = "cni.dev/attachments")]
+    #[serde(default, rename = "cni.dev/attachments", skip_serializing_if = "Option::is_none")]
     pub attachments: Option<Vec<GcAttachment>>,
 }
 

@@ -23,9 +23,7 @@ use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::gso::{
-    F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
-};
+use crate::gso::{self, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr};
 use crate::route::{RouteTable, RouteTableHandle};
 use crate::stats::{DropReason, OffloadCounter};
 
@@ -205,24 +203,14 @@ impl<C: PacketCore> MmsgWorker<C> {
                 self.pool.release(slot);
                 continue;
             };
-            let seg = match hdr {
-                Some(h) if h.is_gso() => match Segmentation::parse(&h, pkt.as_slice()) {
-                    Ok(seg) => Some(seg),
-                    Err(_) => {
-                        self.fwd.stats().count_drop(DropReason::BadOffload);
-                        self.pool.release(slot);
-                        continue;
-                    }
-                },
-                Some(h) if h.flags & F_NEEDS_CSUM != 0 => {
-                    if complete_checksum(pkt.as_mut_slice(), h.csum_start.into(), h.csum_offset.into()).is_err() {
-                        self.fwd.stats().count_drop(DropReason::BadOffload);
-                        self.pool.release(slot);
-                        continue;
-                    }
-                    None
+            let seg = match hdr.map(|h| gso::check_read(&h, pkt.as_mut_slice())) {
+                Some(Ok(seg)) => seg,
+                Some(Err(e)) => {
+                    self.fwd.stats().count_drop(e.reason());
+                    self.pool.release(slot);
+                    continue;
                 }
-                _ => None,
+                None => None,
             };
             if let Some(seg) = seg {
                 self.fwd.stats().count_offload(OffloadCounter::SuperPacketsRead, 1);
@@ -482,7 +470,11 @@ impl<C: PacketCore> MmsgWorker<C> {
             self.fwd.stats().count_drop(DropReason::Truncated);
             return;
         }
-        let Some(from) = sockaddr::read(a) else { return };
+        let Some(from) = sockaddr::read(a) else {
+            // A source address that does not read as IPv4/IPv6 is no known peer's.
+            self.fwd.stats().count_drop(DropReason::UnknownSender);
+            return;
+        };
         if self.offloads.tun_vnet {
             let train = if self.offloads.gro {
                 self.ctrls.get(i).and_then(|c| c.gro_size(h.msg_hdr.msg_controllen))

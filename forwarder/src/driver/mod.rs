@@ -125,10 +125,11 @@ pub(crate) fn pick_sender(udp: RawFd, send: &[RawFd], flow: u32) -> RawFd {
 /// `train`-byte datagrams. Yields `(start, len, end)` per datagram: where it starts in the
 /// slot, its length, and how far it may grow. A lone datagram may grow to the slot's end (a
 /// padded ARP reply); a train's datagram ends where the next begins, so a check or a reply
-/// written in place can never reach into it.
+/// written in place can never reach into it. An empty receive (a zero-length datagram) is
+/// one empty datagram, so the core counts it (`empty_payload`) instead of it vanishing.
 pub(crate) fn datagrams(n: usize, train: Option<usize>) -> impl Iterator<Item = (usize, usize, usize)> {
     let size = train.unwrap_or(n).max(1);
-    (0..n).step_by(size).map(move |off| {
+    (0..n.max(1)).step_by(size).map(move |off| {
         let (start, len) = (crate::buf::HEADROOM + off, size.min(n - off));
         (start, len, if train.is_some() { start + len } else { crate::buf::SLOT_LEN })
     })
@@ -278,7 +279,46 @@ mod tests {
             datagrams(2500, Some(1000)).collect::<Vec<_>>(),
             [(h, 1000, h + 1000), (h + 1000, 1000, h + 2000), (h + 2000, 500, h + 2500)]
         );
-        assert_eq!(datagrams(0, Some(1000)).count(), 0);
+        // A zero-length datagram is still one datagram, for the core to count.
+        assert_eq!(datagrams(0, None).collect::<Vec<_>>(), [(h, 0, SLOT_LEN)]);
+        assert_eq!(datagrams(0, Some(1000)).collect::<Vec<_>>(), [(h, 0, h)]);
         assert_eq!(datagrams(3, Some(0)).count(), 3, "a zero segment size cannot loop forever");
+    }
+
+    /// The merge path sees only what `check_datagram` delivered: a GRO train whose middle
+    /// datagram carries a bad inner IPv4 header checksum has that one dropped and counted,
+    /// its neighbours delivered.
+    #[test]
+    fn a_train_datagram_with_a_bad_inner_checksum_never_reaches_the_merge() {
+        use crate::testing::{A_ENDPOINT, Pair, icmp_echo};
+        let mut net = Pair::vxlan();
+        let wire = net.a_encap(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 100)).unwrap();
+        let mut bad = wire.clone();
+        bad[22 + 10] ^= 0x40;
+        let mut pool = BufPool::new(1).unwrap();
+        let slot = pool.alloc().unwrap();
+        // SAFETY: just allocated, nothing in flight.
+        let buf = unsafe { pool.slot_mut(slot) };
+        for (i, d) in [&wire, &bad, &wire].into_iter().enumerate() {
+            let at = HEADROOM + i * wire.len();
+            buf[at..at + d.len()].copy_from_slice(d);
+        }
+        let from = A_ENDPOINT.parse().unwrap();
+        let verdicts: Vec<_> = datagrams(3 * wire.len(), Some(wire.len()))
+            // SAFETY: the slot is ours.
+            .map(|d| unsafe { check_datagram(&mut pool, &mut net.b, &net.routes_b, from, slot, d, net.now) })
+            .map(|c| c.map(|(v, _, _)| v))
+            .collect();
+        assert!(matches!(verdicts[0], Some(UnderlayVerdict::Deliver { .. })));
+        assert_eq!(verdicts[1], Some(UnderlayVerdict::Drop(DropReason::BadInnerChecksum)));
+        assert!(matches!(verdicts[2], Some(UnderlayVerdict::Deliver { .. })));
+        assert_eq!(net.b.stats().drops(DropReason::BadInnerChecksum), 1);
+        // An empty receive reaches the core too, and is counted there.
+        let empty: Vec<_> = datagrams(0, None)
+            // SAFETY: the slot is ours.
+            .map(|d| unsafe { check_datagram(&mut pool, &mut net.b, &net.routes_b, from, slot, d, net.now) })
+            .collect();
+        assert_eq!(empty, [Some((UnderlayVerdict::Drop(DropReason::EmptyPayload), HEADROOM, 0))]);
+        assert_eq!(net.b.stats().drops(DropReason::EmptyPayload), 1);
     }
 }

@@ -47,9 +47,7 @@ use super::sockaddr;
 use super::tun::TunQueue;
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::gso::{
-    F_NEEDS_CSUM, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr, complete_checksum,
-};
+use crate::gso::{self, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr};
 use crate::route::{RouteTable, RouteTableHandle};
 use crate::stats::{DropReason, OffloadCounter};
 
@@ -705,22 +703,18 @@ impl<C: PacketCore> State<C> {
             self.pool.release(slot);
             return Ok(());
         };
-        if !hdr.is_gso() {
-            if hdr.flags & F_NEEDS_CSUM != 0
-                && complete_checksum(pkt.as_mut_slice(), hdr.csum_start.into(), hdr.csum_offset.into()).is_err()
-            {
-                self.fwd.stats().count_drop(DropReason::BadOffload);
+        let seg = match gso::check_read(&hdr, pkt.as_mut_slice()) {
+            Ok(Some(seg)) => seg,
+            Ok(None) => {
+                let verdict = self.fwd.from_tun(routes, &mut pkt, now);
+                let (head, len) = (pkt.head(), pkt.len());
+                return self.on_tun_verdict(q, slot, verdict, head, len, routes);
+            }
+            Err(e) => {
+                self.fwd.stats().count_drop(e.reason());
                 self.pool.release(slot);
                 return Ok(());
             }
-            let verdict = self.fwd.from_tun(routes, &mut pkt, now);
-            let (head, len) = (pkt.head(), pkt.len());
-            return self.on_tun_verdict(q, slot, verdict, head, len, routes);
-        }
-        let Ok(seg) = Segmentation::parse(&hdr, pkt.as_slice()) else {
-            self.fwd.stats().count_drop(DropReason::BadOffload);
-            self.pool.release(slot);
-            return Ok(());
         };
         self.fwd.stats().count_offload(OffloadCounter::SuperPacketsRead, 1);
         let before = pkt.len();
@@ -854,9 +848,8 @@ impl<C: PacketCore> State<C> {
         let from = msg.and_then(|m| sockaddr::read(&m.addr));
         let train = if self.offloads.gro { msg.and_then(MsgSlot::gro_size) } else { None };
         let (Ok(n), Some(from)) = (usize::try_from(res), from) else {
-            if res < 0 {
-                self.fwd.stats().count_drop(DropReason::IoError);
-            }
+            // A source address that does not read as IPv4/IPv6 is no known peer's.
+            self.fwd.stats().count_drop(if res < 0 { DropReason::IoError } else { DropReason::UnknownSender });
             self.pool.release(slot);
             return Ok(());
         };

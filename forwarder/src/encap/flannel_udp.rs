@@ -6,6 +6,8 @@
 //! carries only IPv4; weft also carries IPv6 inner packets in this format between weft nodes.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::{Decapsulated, Encap, EncapKind};
 use crate::buf::PacketBuf;

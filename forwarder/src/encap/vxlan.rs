@@ -10,6 +10,8 @@
 //! permanent neighbour entries still resolves us.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::{Decapsulated, Encap, EncapKind};
 use crate::buf::PacketBuf;
@@ -168,9 +170,8 @@ impl Encap for VxlanEncap {
                         return Err(DropReason::Oversize);
                     }
                 }
-                if let Some(out) = pkt.as_mut_slice().get_mut(ethernet::HEADER_LEN..) {
-                    ndp::emit_advertisement(out, ns, self.local_mac);
-                }
+                let out = pkt.as_mut_slice().get_mut(ethernet::HEADER_LEN..).ok_or(DropReason::Truncated)?;
+                ndp::emit_advertisement(out, ns, self.local_mac);
                 self.turn_around(pkt, ethernet::ETHERTYPE_IPV6, ethernet::HEADER_LEN + ndp::NA_LEN)
             }
             _ => Err(DropReason::BadEthertype),
@@ -179,6 +180,7 @@ impl Encap for VxlanEncap {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::forwarder::UnderlayVerdict;
@@ -227,6 +229,10 @@ mod tests {
         let spoofed = net.a_encap(&icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 8)).unwrap();
         let mut spoofed_inner = spoofed.clone();
         spoofed_inner[22 + 12..22 + 16].copy_from_slice(&[10, 244, 3, 1]);
+        // A consistent spoof: the header checksum fixed up too, or it is dropped earlier.
+        spoofed_inner[22 + 10..22 + 12].copy_from_slice(&[0, 0]);
+        let c = crate::wire::checksum::checksum(&spoofed_inner[22..42]);
+        spoofed_inner[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
         assert!(net.b_receives(&spoofed_inner).is_none());
         assert_eq!(net.b.stats().drops(DropReason::ForeignSource), 1);
     }

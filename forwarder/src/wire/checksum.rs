@@ -1,6 +1,13 @@
 //! The Internet checksum (RFC 1071) and its incremental update (RFC 1624).
+//!
+//! All arithmetic here is `wrapping_*`: one's-complement sums are modular by definition
+//! (the carries are folded back in explicitly), and the accumulators are sized so the
+//! wrapping never actually happens; in a release build `wrapping_add` is the same `add`
+//! instruction as `+`, so the lint costs the vectorised loop nothing.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 /// Adds `data` to a running one's-complement sum (not yet folded).
 ///
@@ -20,22 +27,23 @@
 ///
 /// Pieces summed one after another must have even lengths, except the last.
 #[must_use]
+#[inline]
 pub fn sum(acc: u32, data: &[u8]) -> u32 {
     let (words, tail) = data.split_at(data.len() & !3);
     // At most 2 · 0xffff_ffff per group of 256 KiB, and under 2^17 from the tail: no overflow.
     let mut wide: u64 = words.chunks(4 * FLUSH_WORDS).map(sum_words).sum();
-    wide += match *tail {
-        [a, b, c] => u64::from(u16::from_le_bytes([a, b])) + u64::from(c),
+    wide = wide.wrapping_add(match *tail {
+        [a, b, c] => u64::from(u16::from_le_bytes([a, b])).wrapping_add(u64::from(c)),
         [a, b] => u64::from(u16::from_le_bytes([a, b])),
         [a] => u64::from(a),
         _ => 0,
-    };
+    });
     while wide >> 16 != 0 {
-        wide = (wide & 0xffff) + (wide >> 16);
+        wide = (wide & 0xffff).wrapping_add(wide >> 16);
     }
     // Back to big-endian order, then the caller's sum; one end-around carry fits it in 32 bits.
-    let total = u64::from(acc) + u64::from((wide as u16).swap_bytes());
-    ((total & 0xffff_ffff) + (total >> 32)) as u32
+    let total = u64::from(acc).wrapping_add(u64::from((wide as u16).swap_bytes()));
+    (total & 0xffff_ffff).wrapping_add(total >> 32) as u32
 }
 
 /// 32-bit words [`sum`] adds before folding: their low (and high) halves sum to at most
@@ -51,22 +59,24 @@ fn sum_words(words: &[u8]) -> u64 {
         // Never the default (the chunk is 4 bytes), and a single load, unlike `[c[0], c[1], ..]`.
         let w = u32::from_le_bytes(c.try_into().unwrap_or_default());
         all = all.wrapping_add(w);
-        high += w >> 16;
+        high = high.wrapping_add(w >> 16);
     }
-    u64::from(all.wrapping_sub(high << 16)) + u64::from(high)
+    u64::from(all.wrapping_sub(high << 16)).wrapping_add(u64::from(high))
 }
 
 /// Folds a running sum into the final 16-bit checksum value (complemented).
 #[must_use]
+#[inline]
 pub fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
+        acc = (acc & 0xffff).wrapping_add(acc >> 16);
     }
     !(acc as u16)
 }
 
 /// The checksum of `data` alone, ready to store in a header.
 #[must_use]
+#[inline]
 pub fn checksum(data: &[u8]) -> u16 {
     fold(sum(0, data))
 }
@@ -75,11 +85,12 @@ pub fn checksum(data: &[u8]) -> u16 {
 /// from `old` to `new`, without summing the data again.
 #[must_use]
 pub fn update(check: u16, old: u16, new: u16) -> u16 {
-    let acc = u32::from(!check) + u32::from(!old) + u32::from(new);
+    let acc = u32::from(!check).wrapping_add(u32::from(!old)).wrapping_add(u32::from(new));
     fold(acc)
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

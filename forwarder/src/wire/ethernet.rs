@@ -1,6 +1,8 @@
 //! Ethernet II frame view (IEEE 802.3 §3.1.1) and `MacAddr`: VXLAN carries whole frames.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;
 use std::str::FromStr;
@@ -92,6 +94,7 @@ pub struct EthernetFrame<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+#[allow(clippy::indexing_slicing)] // in bounds: the 14 bytes `new_checked` verified (mod.rs contract).
 impl<T: AsRef<[u8]>> EthernetFrame<T> {
     /// Wraps a buffer the caller has already sized (at least [`HEADER_LEN`] bytes).
     pub const fn new_unchecked(buffer: T) -> Self {
@@ -135,6 +138,7 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // emission into a buffer the caller sized to `HEADER_LEN`.
 impl<T: AsRef<[u8]> + AsMut<[u8]>> EthernetFrame<T> {
     /// Writes the header.
     pub fn emit_header(&mut self, dst: MacAddr, src: MacAddr, ethertype: u16) {
@@ -146,6 +150,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> EthernetFrame<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

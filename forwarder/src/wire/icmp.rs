@@ -9,6 +9,8 @@
 //! `proxy_amd64.c` applies them.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -84,7 +86,8 @@ pub fn emit_v4_error(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, kind: IcmpKin
     if buf.len() < V4_ERROR_OVERHEAD {
         return;
     }
-    let (ip, icmp) = buf.split_at_mut(ipv4::HEADER_LEN);
+    let Some((ip, icmp)) = buf.split_at_mut_checked(ipv4::HEADER_LEN) else { return };
+    let Some(hdr) = icmp.first_chunk_mut::<8>() else { return };
     Ipv4Packet::new_unchecked(ip).emit_header(&Ipv4Header {
         src,
         dst,
@@ -100,13 +103,10 @@ pub fn emit_v4_error(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, kind: IcmpKin
         IcmpKind::HostUnreachable => (1, 0),
         IcmpKind::TooBig { mtu } => (4, mtu),
     };
-    icmp[0] = 3;
-    icmp[1] = code;
-    icmp[2..4].copy_from_slice(&[0, 0]);
-    icmp[4..6].copy_from_slice(&[0, 0]);
-    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+    let [m0, m1] = mtu.to_be_bytes();
+    *hdr = [3, code, 0, 0, 0, 0, m0, m1];
     let c = checksum::checksum(icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let _ = super::set_be16(icmp, 2, c);
 }
 
 /// Writes an ICMPv6 error into `buf`: bytes `V6_ERROR_OVERHEAD..` already hold the quote.
@@ -116,19 +116,18 @@ pub fn emit_v6_error(buf: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, kind: IcmpKin
     if buf.len() < V6_ERROR_OVERHEAD || buf.len() > V6_ERROR_MAX {
         return;
     }
-    let icmp_len = buf.len() - ipv6::HEADER_LEN;
+    let Some((ip, icmp)) = buf.split_at_mut_checked(ipv6::HEADER_LEN) else { return };
+    let icmp_len = icmp.len();
     let Ok(payload_len) = u16::try_from(icmp_len) else { return };
-    let (ip, icmp) = buf.split_at_mut(ipv6::HEADER_LEN);
+    let Some(hdr) = icmp.first_chunk_mut::<8>() else { return };
     Ipv6Packet::new_unchecked(ip).emit_header(src, dst, ipv6::NEXT_HEADER_ICMPV6, ERROR_TTL, payload_len);
     let (ty, code, word) = match kind {
         IcmpKind::NetUnreachable => (1, 0, 0u32),
         IcmpKind::HostUnreachable => (1, 3, 0),
         IcmpKind::TooBig { mtu } => (2, 0, u32::from(mtu)),
     };
-    icmp[0] = ty;
-    icmp[1] = code;
-    icmp[2..4].copy_from_slice(&[0, 0]);
-    icmp[4..8].copy_from_slice(&word.to_be_bytes());
+    let [w0, w1, w2, w3] = word.to_be_bytes();
+    *hdr = [ty, code, 0, 0, w0, w1, w2, w3];
     // RFC 4443 §2.3: the checksum covers the pseudo-header (RFC 8200 §8.1).
     let mut acc = checksum::sum(0, &src.octets());
     acc = checksum::sum(acc, &dst.octets());
@@ -136,10 +135,11 @@ pub fn emit_v6_error(buf: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, kind: IcmpKin
     acc = checksum::sum(acc, &[0, 0, 0, ipv6::NEXT_HEADER_ICMPV6]);
     acc = checksum::sum(acc, icmp);
     let c = checksum::fold(acc);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let _ = super::set_be16(icmp, 2, c);
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use etherparse::{Icmpv4Type, Icmpv6Type, IpNumber, PacketHeaders, TransportHeader};

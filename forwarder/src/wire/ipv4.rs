@@ -1,6 +1,8 @@
 //! IPv4 header view (RFC 791), with the in-place TTL decrement flannel performs.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv4Addr;
 
@@ -33,6 +35,7 @@ pub struct Ipv4Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+#[allow(clippy::indexing_slicing)] // in bounds: the IHL and total length `new_checked` verified (mod.rs contract).
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// Wraps a buffer the caller has already sized (at least [`HEADER_LEN`] bytes).
     pub const fn new_unchecked(buffer: T) -> Self {
@@ -127,6 +130,7 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // a checked packet, or a buffer the caller sized to `HEADER_LEN`.
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     /// Decrements the TTL and patches the header checksum incrementally (RFC 1624), as
     /// flannel's `proxy_amd64.c` does on both sides of its udp backend.
@@ -134,18 +138,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     /// Returns the new TTL; 0 means the packet must be dropped.
     pub fn decrement_ttl(&mut self) -> u8 {
         let ttl = self.ttl();
-        if ttl == 0 {
-            return 0;
-        }
+        let Some(new_ttl) = ttl.checked_sub(1) else { return 0 };
         let proto = self.protocol();
+        let old_check = self.header_checksum();
         let b = self.buffer.as_mut();
         let old_word = u16::from_be_bytes([ttl, proto]);
-        let new_word = u16::from_be_bytes([ttl - 1, proto]);
-        let old_check = u16::from_be_bytes([b[field::CHECKSUM.start], b[field::CHECKSUM.start + 1]]);
+        let new_word = u16::from_be_bytes([new_ttl, proto]);
         let new_check = checksum::update(old_check, old_word, new_word);
-        b[field::TTL] = ttl - 1;
+        b[field::TTL] = new_ttl;
         b[field::CHECKSUM].copy_from_slice(&new_check.to_be_bytes());
-        ttl - 1
+        new_ttl
     }
 
     /// Writes a 20-byte header without options and fills in its checksum.
@@ -186,6 +188,7 @@ pub struct Ipv4Header {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! payload to weft, which never routes on them.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv6Addr;
 
@@ -32,6 +34,7 @@ pub struct Ipv6Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+#[allow(clippy::indexing_slicing)] // in bounds: the 40 bytes and payload length `new_checked` verified.
 impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     /// Wraps a buffer the caller has already sized (at least [`HEADER_LEN`] bytes).
     pub const fn new_unchecked(buffer: T) -> Self {
@@ -94,6 +97,7 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // a checked packet, or a buffer the caller sized to `HEADER_LEN`.
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     /// Decrements the hop limit (IPv6 has no header checksum). Returns the new value; 0
     /// means the packet must be dropped.
@@ -117,6 +121,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

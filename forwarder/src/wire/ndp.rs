@@ -2,6 +2,8 @@
 //! answers neighbour solicitations for its own subnet that arrive over VXLAN.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv6Addr;
 
@@ -51,12 +53,9 @@ pub fn parse_solicitation(packet: &[u8]) -> Option<Solicitation> {
 /// Writes into `buf` (at least [`NA_LEN`] bytes) the solicited advertisement "`ns.target` is
 /// at `our_mac`", from the target to the asker, with the router, solicited and override flags.
 pub fn emit_advertisement(buf: &mut [u8], ns: Solicitation, our_mac: MacAddr) {
-    if buf.len() < NA_LEN {
-        return;
-    }
-    let (ip, icmp) = buf.split_at_mut(ipv6::HEADER_LEN);
-    Ipv6Packet::new_unchecked(&mut ip[..]).emit_header(ns.target, ns.src, ipv6::NEXT_HEADER_ICMPV6, 255, 32);
-    let icmp = &mut icmp[..32];
+    let Some((ip, rest)) = buf.split_at_mut_checked(ipv6::HEADER_LEN) else { return };
+    let Some(icmp) = rest.first_chunk_mut::<32>() else { return };
+    Ipv6Packet::new_unchecked(ip).emit_header(ns.target, ns.src, ipv6::NEXT_HEADER_ICMPV6, 255, 32);
     icmp[0] = TYPE_NA;
     icmp[1] = 0;
     icmp[2..4].copy_from_slice(&[0, 0]);
@@ -79,6 +78,7 @@ fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -11,6 +11,8 @@
 //! weft follows Linux.
 
 #![deny(unsafe_code)]
+// Untrusted bytes: every index and every length computation is checked (design.md 4).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;
 
@@ -64,6 +66,7 @@ pub struct VxlanHeader<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+#[allow(clippy::indexing_slicing)] // in bounds: the 8 bytes `new_checked` verified (mod.rs contract).
 impl<T: AsRef<[u8]>> VxlanHeader<T> {
     /// Wraps a buffer the caller has already sized (at least [`HEADER_LEN`] bytes).
     pub const fn new_unchecked(buffer: T) -> Self {
@@ -100,6 +103,7 @@ impl<T: AsRef<[u8]>> VxlanHeader<T> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // emission into a buffer the caller sized to `HEADER_LEN`.
 impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanHeader<T> {
     /// Writes a header with only the I flag set and `vni`.
     pub fn emit(&mut self, vni: Vni) {
@@ -110,6 +114,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> VxlanHeader<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
