@@ -18,6 +18,7 @@ pub mod api;
 pub mod control;
 pub mod failpoint;
 pub mod lease;
+pub mod masq;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
