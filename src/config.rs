@@ -167,6 +167,14 @@ pub struct RawConfig {
     /// Where the CNI plugin records releases it could not hand over while the daemon was down;
     /// the plugin's `pendingReleaseDir` must name the same directory.
     pub pending_release_dir: Option<PathBuf>,
+    /// Masquerade pod traffic that leaves the cluster network to the node's address (flannel's
+    /// `--ip-masq`), with nftables rules in a table of weft's own; default off.
+    pub ip_masq: Option<bool>,
+    /// Address the `/healthz`, `/readyz` and `/metrics` endpoints listen on (flannel's
+    /// `--healthz-ip`); default 127.0.0.1. Only used with `healthz_port`.
+    pub healthz_ip: Option<String>,
+    /// Port of those endpoints (flannel's `--healthz-port`); 0, the default, turns them off.
+    pub healthz_port: Option<u16>,
     /// Static peers.
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -274,7 +282,10 @@ impl RawConfig {
             lease_cache,
             pod_dir,
             pod_gc_grace_secs,
-            pending_release_dir
+            pending_release_dir,
+            ip_masq,
+            healthz_ip,
+            healthz_port
         );
         if !over.peers.is_empty() {
             self.peers = over.peers;
@@ -663,8 +674,32 @@ pub struct Config {
     pub pod_gc_grace: std::time::Duration,
     /// Pending-release directory, drained at start and every 30 s (`daemon::pending`).
     pub pending_release_dir: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (`daemon::masq`).
+    pub ip_masq: bool,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; `None`: off.
+    pub healthz: Option<SocketAddr>,
     /// Static peers.
     pub peers: Vec<Peer>,
+}
+
+/// Default `healthz_ip`: the endpoints are local unless asked otherwise.
+pub const DEFAULT_HEALTHZ_IP: &str = "127.0.0.1";
+
+/// The address of the health and metrics endpoints from `healthz_ip` and `healthz_port`;
+/// `None` when `healthz_port` is unset or 0 (off, flannel's default). The address is checked
+/// even then, so that a typo shows before someone turns the port on.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `healthz_ip`.
+pub fn healthz_addr(raw: &RawConfig) -> Result<Option<SocketAddr>, ConfigError> {
+    let ip_s = raw.healthz_ip.as_deref().unwrap_or(DEFAULT_HEALTHZ_IP);
+    let ip: IpAddr = ip_s.parse().map_err(|_| {
+        invalid("healthz_ip", format!("{ip_s:?} is not an IP address (example: \"0.0.0.0\" for every interface)"))
+    })?;
+    if ip.is_multicast() {
+        return Err(invalid("healthz_ip", format!("{ip} is a multicast address")));
+    }
+    Ok(raw.healthz_port.filter(|p| *p != 0).map(|port| SocketAddr::new(ip, port)))
 }
 
 fn parse_v4(field: &str, s: &str) -> Result<Ipv4Net, ConfigError> {
@@ -722,6 +757,7 @@ impl Config {
     /// # Errors
     /// The first [`ConfigError`] found, naming its field.
     pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let healthz = healthz_addr(&raw)?;
         let node_name = raw.node_name.ok_or(ConfigError::Missing { field: "node_name", flag: "node-name" })?;
         check_name("node_name", &node_name)?;
         let ip_s = raw.public_ip.ok_or(ConfigError::Missing { field: "public_ip", flag: "public-ip" })?;
@@ -930,6 +966,8 @@ impl Config {
             pod_dir,
             pod_gc_grace,
             pending_release_dir,
+            ip_masq: raw.ip_masq.unwrap_or(false),
+            healthz,
             peers,
         })
     }
@@ -965,7 +1003,9 @@ impl Config {
             api_socket,
             pod_dir,
             pod_gc_grace,
-            pending_release_dir
+            pending_release_dir,
+            ip_masq,
+            healthz
         );
         out
     }
@@ -1205,6 +1245,34 @@ mtu = 1200
         let file_store = toml::from_str::<RawConfig>(&format!("etcd_cafile = \"{ca}\"")).unwrap();
         let err = StoreSettings::from_raw(&file_store).unwrap_err().to_string();
         assert!(err.starts_with("etcd_cafile: set, but store is \"file\""), "{err}");
+    }
+
+    #[test]
+    fn ip_masq_and_healthz_fields() {
+        let c = parse(GOOD).unwrap();
+        assert!(!c.ip_masq, "ip_masq is off by default");
+        assert_eq!(c.healthz, None, "the endpoints are off by default");
+        let c = parse(&GOOD.replace("workers = 1", "workers = 1\nip_masq = true\nhealthz_port = 8081")).unwrap();
+        assert!(c.ip_masq);
+        assert_eq!(c.healthz, Some("127.0.0.1:8081".parse().unwrap()), "127.0.0.1 when only a port is set");
+        let c =
+            parse(&GOOD.replace("workers = 1", "workers = 1\nhealthz_ip = \"0.0.0.0\"\nhealthz_port = 8081")).unwrap();
+        assert_eq!(c.healthz, Some("0.0.0.0:8081".parse().unwrap()));
+        let c =
+            parse(&GOOD.replace("workers = 1", "workers = 1\nhealthz_ip = \"198.18.0.1\"\nhealthz_port = 0")).unwrap();
+        assert_eq!(c.healthz, None, "port 0 is off, as flannel's --healthz-port 0");
+        for (extra, want) in [
+            ("healthz_ip = \"localhost\"\nhealthz_port = 8081", "healthz_ip: \"localhost\" is not an IP address"),
+            ("healthz_ip = \"224.0.0.1\"", "healthz_ip: 224.0.0.1 is a multicast address"),
+        ] {
+            let err = parse(&GOOD.replace("workers = 1", &format!("workers = 1\n{extra}"))).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{extra}: {err}");
+        }
+        // Lease mode checks them too, before the store is asked for anything.
+        let raw: RawConfig =
+            toml::from_str("node_name = \"n1\"\npublic_ip = \"198.18.0.1\"\nhealthz_ip = \"x\"").unwrap();
+        let err = Loaded::from_raw(raw).unwrap_err().to_string();
+        assert!(err.starts_with("healthz_ip:"), "{err}");
     }
 
     #[test]

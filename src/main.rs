@@ -295,6 +295,23 @@ struct RunArgs {
     /// daemon frees them at start and every 30 s [default: /var/lib/weft/pending-release].
     #[arg(long, env = "WEFT_PENDING_RELEASE_DIR")]
     pending_release_dir: Option<PathBuf>,
+    /// Masquerade pod traffic leaving the cluster network to the node's address, as flannel's
+    /// --ip-masq (nftables table `ip weft-<tun>`; `--ip-masq=false` turns it off).
+    #[arg(
+        long,
+        env = "WEFT_IP_MASQ",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    ip_masq: Option<bool>,
+    /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1].
+    #[arg(long, env = "WEFT_HEALTHZ_IP")]
+    healthz_ip: Option<String>,
+    /// Port of /healthz, /readyz and /metrics; 0 turns them off [default: 0].
+    #[arg(long, env = "WEFT_HEALTHZ_PORT")]
+    healthz_port: Option<u16>,
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -397,6 +414,9 @@ fn run(args: RunArgs) -> ExitCode {
         pod_dir: args.pod_dir,
         pod_gc_grace_secs: args.pod_gc_grace_secs,
         pending_release_dir: args.pending_release_dir,
+        ip_masq: args.ip_masq,
+        healthz_ip: args.healthz_ip,
+        healthz_port: args.healthz_port,
         ..args.store.raw()
     };
     let source = ConfigSource { path: args.config, flags, detected_public_ip: None };

@@ -9,10 +9,6 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-/// Variables of flags being added on another branch (flanneld's `--healthz-ip`,
-/// `--healthz-port`); tolerated until `weft run --help` lists them.
-const PENDING: [&str; 2] = ["WEFT_HEALTHZ_IP", "WEFT_HEALTHZ_PORT"];
-
 fn read(rel: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -49,10 +45,7 @@ fn deploy_files_set_only_variables_weft_run_reads() {
     assert!(known.contains("WEFT_NODE_NAME") && known.contains("WEFT_ETCD_ENDPOINTS"), "{known:?}");
     for file in ["deploy/daemonset.yaml", "deploy/weft.env", "deploy/weft.service", "deploy/README.md"] {
         for var in weft_vars(&read(file)) {
-            assert!(
-                known.contains(&var) || PENDING.contains(&var.as_str()),
-                "{file} uses {var}, which `weft run --help` does not list"
-            );
+            assert!(known.contains(&var), "{file} uses {var}, which `weft run --help` does not list");
         }
     }
 }

@@ -15,7 +15,7 @@ fi
 # cannot hide a missing install line (etcdctl is Debian's etcd-client, not etcd-server).
 required=(iperf3:iperf3 ping:iputils-ping ip:iproute2 ss:iproute2 tc:iproute2 bridge:iproute2
   tcpdump:tcpdump tshark:tshark ethtool:ethtool setpriv:util-linux protoc:protobuf-compiler
-  etcd:etcd-server etcdctl:etcd-client iptables:iptables timeout:coreutils getconf:libc-bin)
+  etcd:etcd-server etcdctl:etcd-client iptables:iptables nft:nftables timeout:coreutils getconf:libc-bin)
 need_pkgs=()
 for bin in "${required[@]}"; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")

@@ -206,12 +206,90 @@ impl OffloadCounter {
     }
 }
 
+/// Upper bounds of the batch-size histogram's buckets (packets per batch): powers of two up
+/// to 256; a last bucket takes everything larger (`+Inf`).
+pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// How many packets a worker handled per I/O batch: fixed power-of-two buckets, one `Relaxed`
+/// increment per batch (plus one for the sum), no allocation. Each worker owns its own, like
+/// every other counter here; readers sum [`BatchSizes`].
+#[derive(Debug, Default)]
+pub struct BatchHistogram {
+    /// `counts[i]`: batches of `BATCH_BUCKETS[i - 1] + 1 ..= BATCH_BUCKETS[i]` packets (the
+    /// first: exactly one); the last: more than 256.
+    counts: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    /// Packets in all batches.
+    sum: AtomicU64,
+}
+
+impl BatchHistogram {
+    /// Records one batch of `packets` packets; an empty batch (a wake-up with nothing to do)
+    /// is not a batch.
+    #[inline]
+    pub fn record(&self, packets: usize) {
+        if packets == 0 {
+            return;
+        }
+        // ceil(log2(packets)): 1 -> 0, 2 -> 1, 3..=4 -> 2, ..., 129..=256 -> 8, more -> 9.
+        let i = ((usize::BITS - (packets - 1).leading_zeros()) as usize).min(BATCH_BUCKETS.len());
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.sum.fetch_add(packets as u64, Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> BatchSizes {
+        let mut counts = [0; BATCH_BUCKETS.len() + 1];
+        for (c, a) in counts.iter_mut().zip(&self.counts) {
+            *c = a.load(Relaxed);
+        }
+        BatchSizes { counts, sum: self.sum.load(Relaxed) }
+    }
+}
+
+/// A read of one or more [`BatchHistogram`]s.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct BatchSizes {
+    /// Batches per bucket (not cumulative), in [`BATCH_BUCKETS`] order, then `+Inf`.
+    pub counts: [u64; BATCH_BUCKETS.len() + 1],
+    /// Packets in all batches.
+    pub sum: u64,
+}
+
+impl BatchSizes {
+    /// Batches recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Adds another worker's read to this one.
+    pub fn add(&mut self, other: &BatchSizes) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.sum += other.sum;
+    }
+
+    /// Cumulative counts per upper bound, as Prometheus buckets are (`None`: `+Inf`).
+    pub fn cumulative(&self) -> [(Option<u64>, u64); BATCH_BUCKETS.len() + 1] {
+        let mut out = [(None, 0); BATCH_BUCKETS.len() + 1];
+        let mut running = 0;
+        for (i, (o, c)) in out.iter_mut().zip(self.counts).enumerate() {
+            running += c;
+            *o = (BATCH_BUCKETS.get(i).copied(), running);
+        }
+        out
+    }
+}
+
 /// One worker's counters.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     drops: CachePadded<[AtomicU64; DropReason::ALL.len()]>,
     icmp: [AtomicU64; IcmpCounter::ALL.len()],
     offload: [AtomicU64; OffloadCounter::ALL.len()],
+    batches: BatchHistogram,
 }
 
 impl WorkerStats {
@@ -251,6 +329,17 @@ impl WorkerStats {
     pub fn count_merged(&self, segments: usize) {
         self.count_offload(OffloadCounter::MergedWrites, 1);
         self.count_offload(OffloadCounter::MergedSegments, segments as u64);
+    }
+
+    /// Records one I/O batch of `packets` packets (once per batch, in the drivers).
+    #[inline]
+    pub fn record_batch(&self, packets: usize) {
+        self.batches.record(packets);
+    }
+
+    /// The batch-size histogram so far.
+    pub fn batch_sizes(&self) -> BatchSizes {
+        self.batches.snapshot()
     }
 
     /// Current value of an offload counter.
@@ -360,6 +449,30 @@ mod tests {
         for (i, c) in IcmpCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
+    }
+
+    #[test]
+    fn batch_sizes_land_in_power_of_two_buckets() {
+        let h = BatchHistogram::default();
+        for n in [0, 1, 2, 3, 4, 5, 64, 65, 256, 257, 10_000] {
+            h.record(n);
+        }
+        let s = h.snapshot();
+        // le:      1  2  4  8 16 32 64 128 256 +Inf
+        assert_eq!(s.counts, [1, 1, 2, 1, 0, 0, 1, 1, 1, 2]);
+        assert_eq!(s.count(), 10, "an empty batch is not recorded");
+        assert_eq!(s.sum, 1 + 2 + 3 + 4 + 5 + 64 + 65 + 256 + 257 + 10_000);
+        let cum = s.cumulative();
+        assert_eq!(cum[0], (Some(1), 1));
+        assert_eq!(cum[3], (Some(8), 5));
+        assert_eq!(cum[9], (None, 10));
+        let mut total = BatchSizes::default();
+        total.add(&s);
+        total.add(&s);
+        assert_eq!((total.count(), total.sum), (20, 2 * s.sum));
+        let w = WorkerStats::default();
+        w.record_batch(3);
+        assert_eq!(w.batch_sizes().counts[2], 1);
     }
 
     #[test]

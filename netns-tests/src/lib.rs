@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod cni;
 pub mod craft;
 pub mod etcd;
+pub mod http;
 pub mod lease;
 pub mod netns;
 pub mod root;

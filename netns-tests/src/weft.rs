@@ -173,6 +173,12 @@ pub struct NodeConfig {
     pub lease: Option<LeaseSettings>,
     /// Extra environment for the daemon (`WEFT_FAILPOINT=worker-panic`, say).
     pub env: Vec<(String, String)>,
+    /// `ip_masq`; `None` is weft's default (off).
+    pub ip_masq: Option<bool>,
+    /// `healthz_port`; `None` is weft's default (off).
+    pub healthz_port: Option<u16>,
+    /// `healthz_ip`; `None` is weft's default (127.0.0.1).
+    pub healthz_ip: Option<String>,
 }
 
 impl NodeConfig {
@@ -202,6 +208,9 @@ impl NodeConfig {
             peers: Vec::new(),
             lease: None,
             env: Vec::new(),
+            ip_masq: None,
+            healthz_port: None,
+            healthz_ip: None,
         }
     }
 
@@ -215,6 +224,18 @@ impl NodeConfig {
     /// Adds `key=value` to the daemon's environment.
     pub fn with_env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets `ip_masq`.
+    pub fn ip_masq(mut self, on: bool) -> Self {
+        self.ip_masq = Some(on);
+        self
+    }
+
+    /// Sets `healthz_port` (and so turns on `/healthz`, `/readyz` and `/metrics`).
+    pub fn healthz_port(mut self, port: u16) -> Self {
+        self.healthz_port = Some(port);
         self
     }
 
@@ -313,6 +334,15 @@ impl NodeConfig {
             let _ = writeln!(s, "gro = {g}");
         }
         let _ = writeln!(s, "api_socket = {}", quote(&socket.display().to_string()));
+        if let Some(m) = self.ip_masq {
+            let _ = writeln!(s, "ip_masq = {m}");
+        }
+        if let Some(p) = self.healthz_port {
+            let _ = writeln!(s, "healthz_port = {p}");
+        }
+        if let Some(ip) = &self.healthz_ip {
+            let _ = writeln!(s, "healthz_ip = {}", quote(ip));
+        }
         for p in &self.peers {
             let _ = writeln!(s, "\n[[peers]]");
             let _ = writeln!(s, "name = {}", quote(&p.name));
@@ -373,6 +403,20 @@ impl<'t> WeftNode<'t> {
     /// Fails if there is no weft binary, the daemon exits early or never answers; the error
     /// carries the tail of its log.
     pub fn start(host: &'t Host, dir: &Path, config: NodeConfig) -> Result<Self> {
+        let mut node = Self::start_unready(host, dir, config)?;
+        let name = node.config.node_name.clone();
+        node.wait_ready().with_context(|| format!("weft {name} did not become ready"))?;
+        Ok(node)
+    }
+
+    /// Writes `config` into `dir` and starts `weft run` in `host`'s namespace without waiting
+    /// for `weft status` to answer: a lease-mode node whose store is down answers nothing on
+    /// its API socket until it holds a lease (its `/healthz` and `/readyz` do answer).
+    ///
+    /// # Errors
+    ///
+    /// Fails if there is no weft binary or it cannot be started.
+    pub fn start_unready(host: &'t Host, dir: &Path, config: NodeConfig) -> Result<Self> {
         let bin = weft_bin()?;
         let name = config.node_name.clone();
         let mut node = Self {
@@ -384,13 +428,19 @@ impl<'t> WeftNode<'t> {
             log: dir.join(format!("{name}.log")),
             proc: None,
         };
-        node.spawn()?;
+        node.spawn_process()?;
         Ok(node)
     }
 
     /// Writes the config, starts `weft run` and waits until it is ready.
     fn spawn(&mut self) -> Result<()> {
         let name = self.config.node_name.clone();
+        self.spawn_process()?;
+        self.wait_ready().with_context(|| format!("weft {name} did not become ready"))
+    }
+
+    /// Writes the config and starts `weft run`.
+    fn spawn_process(&mut self) -> Result<()> {
         self.write_config()?;
         let config_arg = self.config_path.display().to_string();
         let args = ["run", "--config", config_arg.as_str()];
@@ -398,7 +448,7 @@ impl<'t> WeftNode<'t> {
         cmd.envs(self.config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let what = format!("[{}] {} {}", self.host.ns().name(), self.bin.display(), args.join(" "));
         self.proc = Some(Proc::spawn(cmd, &what, Some(&self.log))?);
-        self.wait_ready().with_context(|| format!("weft {name} did not become ready"))
+        Ok(())
     }
 
     /// Starts the daemon again, with the same config, socket and log (appended), after
@@ -432,8 +482,13 @@ impl<'t> WeftNode<'t> {
         Ok(())
     }
 
-    /// Polls `weft status` until it answers, failing fast if the daemon exits.
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Polls `weft status` until it answers (every 100 ms, up to 10 s), failing fast if the
+    /// daemon exits.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the daemon exits or does not answer in time; the error carries its log tail.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -696,6 +751,16 @@ impl Topology {
     pub fn start_weft(&self, config: NodeConfig) -> Result<WeftNode<'_>> {
         let host = self.host(&config.node_name)?;
         WeftNode::start(host, self.dir(), config)
+    }
+
+    /// [`WeftNode::start_unready`] on the host named `config.node_name`.
+    ///
+    /// # Errors
+    ///
+    /// As [`WeftNode::start_unready`], or if there is no such host.
+    pub fn start_weft_unready(&self, config: NodeConfig) -> Result<WeftNode<'_>> {
+        let host = self.host(&config.node_name)?;
+        WeftNode::start_unready(host, self.dir(), config)
     }
 
     /// Starts weft on `n1..=n<hosts>` with a full static peer mesh ([`NodeConfig::mesh`]).

@@ -1,24 +1,31 @@
 //! `weft run`: start-up, the signal loop and shutdown.
 //!
-//! Start-up order: validated config → (lease mode: store and lease cache; with a usable cache
+//! Start-up order: validated config → healthz/metrics endpoints (when a port is set; they
+//! answer "not ready" until the end) → (lease mode: store and lease cache; with a usable cache
 //! its network config and subnet, else the store's network config, the fail-closed route, and
 //! the lease) → the fail-closed `unreachable` route for the cluster network → underlay
 //! interface and MTU → I/O backend probe → TUN queues → UDP sockets → TUN address, link and
-//! routes → (lease mode: `subnet.env`, the first route table from the store's list or the
-//! cache, the lease task) → workers → pending CNI releases drained → API socket.
+//! routes → masquerade rules (`ip_masq`) → (lease mode: `subnet.env`, the first route table
+//! from the store's list or the cache, the lease task) → workers → pending CNI releases
+//! drained → API socket.
 //!
 //! In static mode SIGHUP re-reads the peers and swaps the route table while traffic flows; in
 //! lease mode peers follow the store. SIGTERM or SIGINT stop the workers and the lease task;
 //! the TUN goes with the process, the lease and the fail-closed route stay, so that pod
 //! traffic is never sent unencapsulated while weft restarts. Only a leave (`weft leave`, or
-//! `release_on_exit`) releases the lease and removes the route. A worker or task that ends on
-//! its own stops the daemon with an error (exit 1), for its supervisor to restart it.
+//! `release_on_exit`) releases the lease and removes the route (and the masquerade table). A
+//! worker or task that ends on its own stops the daemon with an error (exit 1), for its
+//! supervisor to restart it.
 
 pub mod api;
 pub mod control;
 pub mod direct;
 pub mod failpoint;
+pub mod health;
+pub mod http;
 pub mod lease;
+pub mod masq;
+pub mod metrics;
 pub mod mtu;
 pub mod netlink;
 pub mod peers;
@@ -35,7 +42,7 @@ use std::time::Instant;
 use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 use weft_forwarder::driver::udp::OuterChecksum;
 use weft_forwarder::driver::{self, DriverError, Offloads, WorkerIo};
 use weft_forwarder::wire::ethernet::MacAddr;
@@ -122,10 +129,21 @@ pub enum DaemonError {
         /// How it ended.
         why: String,
     },
+    /// The healthz/metrics endpoints could not listen.
+    #[error("healthz_ip/healthz_port: cannot listen on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The masquerade rules could not be installed.
+    #[error("ip_masq: {0}")]
+    Masq(#[from] masq::MasqError),
     /// A control-plane task ended on its own or panicked.
     #[error("{task} task died: {why}")]
     TaskDied {
-        /// `lease`, `api` or `pending-release`.
+        /// `lease`, `api`, `pending-release`, `http` or `masq`.
         task: &'static str,
         /// How it ended.
         why: String,
@@ -161,6 +179,9 @@ impl DaemonError {
             Self::Netlink(NetlinkError::AddressNotLocal(_)) => 3,
             Self::NoTunDevice(_) | Self::NotPermitted(_) => 4,
             Self::AddressInUse(_) => 5,
+            Self::Http { source, .. } if source.kind() == io::ErrorKind::AddrInUse => 5,
+            Self::Http { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 4,
+            Self::Masq(e) if e.is_permission() => 4,
             Self::Driver(DriverError::UringUnavailable(_)) => 6,
             _ => 1,
         }
@@ -213,18 +234,36 @@ pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
     let nl = Netlink::connect()?;
     let source = underlay::pin_public_ip(source, &nl).await?;
-    let (cfg, leased) = match source.load()? {
+    let loaded = source.load()?;
+    let (healthz, masq_wanted, lease_mode) = match &loaded {
+        Loaded::Static(c) => (c.healthz, c.ip_masq, false),
+        Loaded::Lease { raw, .. } => (crate::config::healthz_addr(raw)?, raw.ip_masq.unwrap_or(false), true),
+    };
+    // The endpoints come first, so that a node waiting for its store says so (503) rather
+    // than refusing connections.
+    let health = Arc::new(health::Health::new(lease_mode, masq_wanted));
+    let http_task = match healthz {
+        Some(addr) => {
+            let listener = http::bind(addr).await.map_err(|source| DaemonError::Http { addr, source })?;
+            info!(addr = %addr, "healthz and metrics endpoints listening (/healthz, /readyz, /metrics)");
+            Some(tokio::spawn(http::serve(listener, Arc::clone(&health))))
+        }
+        None => None,
+    };
+    let (cfg, leased) = match loaded {
         Loaded::Static(cfg) => (*cfg, None),
         Loaded::Lease { raw, lease: settings } => {
+            health.set_phase("waiting for the lease store (network config and lease)");
             let mut stop = Box::pin(signals.stopped());
             let prepared = lease::prepare(&raw, settings, &nl, &mut stop).await?;
             drop(stop);
             (prepared.cfg.clone(), Some(prepared))
         }
     };
+    health.set_phase("starting the data plane");
     // The mode is chosen once here; everything below is monomorphised per core, so the data
     // path has no dynamic dispatch.
-    let start = Start { cfg, source, leased, nl, signals };
+    let start = Start { cfg, source, leased, nl, signals, health, http: http_task };
     match (start.cfg.backend, start.cfg.device) {
         (Backend::Udp, Device::Tun) => {
             run_with(Wire::of::<UdpEncap>(None), start, |i, local, stats| Forwarder::new(UdpEncap, local, i, stats))
@@ -258,6 +297,10 @@ struct Start {
     leased: Option<lease::Prepared>,
     nl: Netlink,
     signals: Signals,
+    /// Start-up progress, for `/healthz` and `/readyz`.
+    health: Arc<health::Health>,
+    /// The healthz/metrics server, if a port is set.
+    http: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The signals the daemon reacts to, registered once at start.
@@ -327,7 +370,7 @@ async fn run_with<C: PacketCore + 'static>(
     start: Start,
     make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
-    let Start { cfg, source, leased, nl, mut signals } = start;
+    let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task } = start;
     let started = Instant::now();
     // Fail closed first: from here on, pod traffic for the cluster network is either
     // encapsulated or refused, never sent out of the default route (lease mode installed it
@@ -400,6 +443,21 @@ async fn run_with<C: PacketCore + 'static>(
         sync_tap_routes(&nl, tun_index, &[], &cfg.peers).await?;
     }
     info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
+    health.tun_up.store(true, Ordering::Relaxed);
+
+    // Masquerade: our table replaced in one transaction; without ip_masq, one left by an
+    // earlier run (a plain stop keeps it) is removed, so turning it off takes effect.
+    let masq_table = masq::table_name(&cfg.tun_name);
+    let masq_keeper = if cfg.ip_masq {
+        let m = masq::Masq::install(masq_table.clone(), cfg.network, cfg.subnet).await?;
+        health.set_masq(m.state());
+        Some(m)
+    } else {
+        if let Err(e) = masq::remove(&masq_table).await {
+            debug!(error = %e, "no masquerade table to remove");
+        }
+        None
+    };
 
     // Lease mode: subnet.env, and the leases the store (or the cache) holds, before anyone is
     // told we are up.
@@ -411,9 +469,10 @@ async fn run_with<C: PacketCore + 'static>(
             ipv6_network: None,
             ipv6_subnet: None,
             mtu: u32::from(mtu),
-            ipmasq: false,
+            ipmasq: cfg.ip_masq,
         };
         lease::write_subnet_env(&prepared.settings.subnet_file, &env)?;
+        health.subnet_env.store(true, Ordering::Relaxed);
         let snapshot = match &prepared.start {
             lease::Start::Held { .. } => {
                 let mut stop = Box::pin(signals.stopped());
@@ -506,6 +565,9 @@ async fn run_with<C: PacketCore + 'static>(
         lease_task = Some((tx, futures::FutureExt::fuse(tokio::spawn(lease::run(task, ctx, rx)))));
         lease_view = Some(view);
     }
+    // The first table is in force (lease mode started from its cache: not synced with the
+    // store until the lease task confirms it, which readiness reads from the lease view).
+    health.routes_synced.store(true, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, WorkerEnd)>();
@@ -542,6 +604,7 @@ async fn run_with<C: PacketCore + 'static>(
         threads.push(t);
     }
     drop(done_tx);
+    health.workers_running.store(true, Ordering::Relaxed);
 
     let (leave_tx, mut leave_rx) = mpsc::unbounded_channel::<()>();
     let state = Arc::new(api::ApiState {
@@ -566,6 +629,8 @@ async fn run_with<C: PacketCore + 'static>(
         pods: Arc::new(pods),
         leave: leave_tx,
     });
+    health.set_state(Arc::clone(&state));
+    let mut masq_task = masq_keeper.map(|m| tokio::spawn(m.keep()));
     let mut pending_task = pending::start(Arc::clone(&state)).await;
     let listener =
         api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
@@ -581,14 +646,24 @@ async fn run_with<C: PacketCore + 'static>(
             lease: lease_task.as_mut().map(|(_, t)| t),
             api: &mut api_task,
             pending: &mut pending_task,
+            http: http_task.as_mut(),
+            masq: masq_task.as_mut(),
             leave: &mut leave_rx,
         };
         signal_loop(&mut ctl, &mut signals, &mut watched).await
     };
+    health.stopping(match (&outcome, exit) {
+        (Err(e), _) => e.to_string(),
+        (Ok(()), Exit::Leave) => "leaving the cluster".to_owned(),
+        (Ok(()), Exit::Stop) => "stop requested".to_owned(),
+    });
 
     stop.store(true, Ordering::Relaxed);
     api_task.abort();
     pending_task.abort();
+    if let Some(t) = &masq_task {
+        t.abort();
+    }
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
@@ -613,6 +688,15 @@ async fn run_with<C: PacketCore + 'static>(
             }
         }
         direct::remove_all(&nl).await;
+        if cfg.ip_masq {
+            match masq::remove(&masq_table).await {
+                Ok(()) => info!(table = %format!("ip {masq_table}"), "masquerade table removed"),
+                Err(e) => warn!(error = %e, "could not remove the masquerade table"),
+            }
+        }
+    }
+    if let Some(t) = &http_task {
+        t.abort();
     }
     let _ = std::fs::remove_file(&cfg.api_socket);
     let s = state.status();
@@ -694,7 +778,19 @@ struct Watched<'a> {
     lease: Option<&'a mut LeaseJoin>,
     api: &'a mut tokio::task::JoinHandle<()>,
     pending: &'a mut tokio::task::JoinHandle<()>,
+    /// The healthz/metrics server, when a port is set.
+    http: Option<&'a mut tokio::task::JoinHandle<()>>,
+    /// The masquerade keeper, with `ip_masq`.
+    masq: Option<&'a mut tokio::task::JoinHandle<()>>,
     leave: &'a mut mpsc::UnboundedReceiver<()>,
+}
+
+/// The end of an optional task; never, when there is none.
+async fn optional_end(h: &mut Option<&mut tokio::task::JoinHandle<()>>) -> Result<(), tokio::task::JoinError> {
+    match h {
+        Some(h) => (&mut **h).await,
+        None => futures::future::pending().await,
+    }
 }
 
 /// Waits for signals, a leave request, and the end of any worker or task; returns when the
@@ -706,8 +802,9 @@ async fn signal_loop(
     w: &mut Watched<'_>,
 ) -> (Exit, Result<(), DaemonError>) {
     let Signals { hup, term, int } = signals;
-    let Watched { done, lease, api, pending, leave } = w;
+    let Watched { done, lease, api, pending, http, masq, leave } = w;
     let lease_alive = lease.is_some();
+    let (http_alive, masq_alive) = (http.is_some(), masq.is_some());
     let mut lease_end = std::pin::pin!(async {
         match lease {
             Some(h) => (&mut **h).await,
@@ -756,6 +853,16 @@ async fn signal_loop(
                 let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
                 error!(why = %why, "pending-release task ended; stopping");
                 return (Exit::Stop, Err(DaemonError::TaskDied { task: "pending-release", why }));
+            }
+            r = optional_end(http), if http_alive => {
+                let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
+                error!(why = %why, "healthz/metrics task ended; stopping");
+                return (Exit::Stop, Err(DaemonError::TaskDied { task: "http", why }));
+            }
+            r = optional_end(masq), if masq_alive => {
+                let why = match r { Ok(()) => "it ended".into(), Err(j) => join_why(j) };
+                error!(why = %why, "masquerade task ended; stopping");
+                return (Exit::Stop, Err(DaemonError::TaskDied { task: "masq", why }));
             }
         }
     }

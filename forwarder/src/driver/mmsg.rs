@@ -177,6 +177,7 @@ impl<C: PacketCore> MmsgWorker<C> {
         let now = Instant::now();
         let tun_fd = self.tun.fd();
         let mut staged = 0;
+        let mut read = 0;
         while staged < BATCH {
             let Some(slot) = self.pool.alloc() else {
                 self.fwd.stats().count_drop(DropReason::PoolExhausted);
@@ -194,6 +195,7 @@ impl<C: PacketCore> MmsgWorker<C> {
                 self.send_staged(staged);
                 return Err(e);
             };
+            read += 1;
             // SAFETY: the slot is ours.
             let buf = unsafe { self.pool.slot_mut(slot) };
             let hdr = if self.offloads.tun_vnet { buf.get(VNET_AT..).and_then(VnetHdr::parse) } else { None };
@@ -272,6 +274,7 @@ impl<C: PacketCore> MmsgWorker<C> {
                 TunVerdict::Drop(_) => self.pool.release(slot),
             }
         }
+        self.fwd.stats().record_batch(read);
         self.send_staged(staged);
         Ok(())
     }
@@ -451,6 +454,7 @@ impl<C: PacketCore> MmsgWorker<C> {
             )
         };
         let got = usize::try_from(rc).unwrap_or(0);
+        self.fwd.stats().record_batch(got);
         let routes = self.routes.load();
         let now = Instant::now();
         for i in 0..armed {

@@ -391,9 +391,12 @@ impl<C: PacketCore> UringWorker<C> {
                 let now = Instant::now();
                 cq.sync();
                 reaped = 0;
+                let mut packets = 0;
                 for cqe in &mut cq {
                     reaped += 1;
                     let Some((op, slot)) = decode(cqe.user_data()) else { continue };
+                    packets +=
+                        usize::from(matches!(op, Op::TunRead | Op::TunReadMulti | Op::UdpRecv | Op::UdpRecvMulti));
                     let flags = cqe.flags();
                     // A multishot request stays in flight while its completions say MORE.
                     if !cqueue::more(flags) {
@@ -401,6 +404,7 @@ impl<C: PacketCore> UringWorker<C> {
                     }
                     st.complete(&mut q, op, slot, cqe.result(), flags, &table, now)?;
                 }
+                st.fwd.stats().record_batch(packets);
                 // 4. What was merged in this batch goes to the TUN now, what was gathered
                 //    for a peer to the socket.
                 st.flush(&mut q)?;
