@@ -225,11 +225,13 @@ fn check_tcp_segment(t: &etherparse::TcpHeader, h: &[u8], i: usize, mss: u16, la
 /// A run of datagrams received from peer A, merged for the TUN as a driver merges them.
 /// Input: one options byte (bit 0: the TUN takes USO, so UDP merges too), then records of a
 /// big-endian u16 length, a flags byte (bit 0: recompute the IPv4 header checksum, bit 1:
-/// recompute the TCP/UDP checksum, so mutations still reach the merge rules) and that many
+/// recompute the TCP/UDP checksum, so mutations still reach the merge rules, bit 2: then
+/// leave it partial, as a kernel VTEP with checksum offload does) and that many
 /// bytes of inner IP packet. Each packet goes to B inside a VXLAN frame (`from_underlay`, all
 /// of its checks); what B delivers is merged ([`Coalesced`]). For every finished merge the
 /// bytes a driver would write (virtio-net header, headers, payloads) are checked: a lone
-/// packet goes out unchanged behind an all-zero header; a super-packet has a virtio-net
+/// packet goes out unchanged behind an all-zero header (a `NEEDS_CSUM` one pointing at its
+/// field when its checksum is partial); a super-packet has a virtio-net
 /// header consistent with it (GSO type, `csum_start`/`csum_offset`, `hdr_len`, `gso_size`),
 /// valid IP lengths within 64 KiB, at most 64 segments, a correct IPv4 header checksum and,
 /// once the partial checksum is completed as the kernel would, a correct L4 checksum; and
@@ -293,6 +295,9 @@ fn fix_checksums(ip: &mut [u8], flags: u8) {
     if flags & 2 != 0 {
         raw::fix_l4_checksum(ip);
     }
+    if flags & 4 != 0 {
+        raw::make_l4_checksum_partial(ip);
+    }
 }
 
 /// The properties of one finished merge (see [`merge_underlay`]); `true` for a super-packet.
@@ -309,8 +314,14 @@ fn check_merged(c: &Coalesced, head: &mut [u8], members: &[usize], delivered: &[
     let vh = VnetHdr::parse(&bytes).unwrap();
     let first = &delivered[members[0]];
     if members.len() == 1 {
-        assert_eq!(vh, VnetHdr::default(), "a lone packet gets an all-zero header");
+        let want = crate::partial::verified(first).map_or_else(VnetHdr::default, |p| p.vnet_hdr());
+        assert_eq!(vh, want, "a lone packet: an all-zero header, or NEEDS_CSUM when partial");
         assert_eq!(&bytes[VNET_HDR_LEN..], &first[..], "a lone packet goes out unchanged");
+        if vh.flags & F_NEEDS_CSUM != 0 {
+            let mut done = first.clone();
+            gso::complete_checksum(&mut done, usize::from(vh.csum_start), usize::from(vh.csum_offset)).unwrap();
+            assert!(raw::l4_checksum_ok(&done), "a lone partial packet, completed, verifies");
+        }
         return false;
     }
     let mut ip = bytes[VNET_HDR_LEN..].to_vec();
@@ -424,9 +435,9 @@ pub fn decap_tap(data: &[u8]) -> UnderlayVerdict {
 /// Checksums recomputed the plain RFC 1071 way over the raw bytes, independent of
 /// `wire::checksum` and of etherparse (whose `calc_checksum_*` rebuild the header from its
 /// parsed fields and so drop reserved bits, which weft carries through unchanged).
-mod raw {
+pub(crate) mod raw {
     /// The folded one's-complement sum of `bytes` (not complemented).
-    pub(super) fn rfc1071(bytes: &[u8]) -> u16 {
+    pub(crate) fn rfc1071(bytes: &[u8]) -> u16 {
         let mut acc: u64 = 0;
         for pair in bytes.chunks(2) {
             acc += u64::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]));
@@ -464,7 +475,7 @@ mod raw {
     }
 
     /// Whether an IPv4 header's checksum verifies (IPv6 has none).
-    pub(super) fn ipv4_header_ok(ip: &[u8]) -> bool {
+    pub(crate) fn ipv4_header_ok(ip: &[u8]) -> bool {
         match ip.first().map(|b| b >> 4) {
             Some(4) => ip.get(..usize::from(ip[0] & 0xf) * 4).is_some_and(|h| rfc1071(h) == 0xffff),
             _ => true,
@@ -472,7 +483,7 @@ mod raw {
     }
 
     /// Whether the TCP/UDP checksum of `ip` verifies (an IPv4 UDP checksum of 0 means none).
-    pub(super) fn l4_checksum_ok(ip: &[u8]) -> bool {
+    pub(crate) fn l4_checksum_ok(ip: &[u8]) -> bool {
         let Some((at, proto)) = l4(ip) else { return false };
         if proto == 17 && ip[0] >> 4 == 4 && ip.get(at + 6..at + 8) == Some(&[0, 0]) {
             return true;
@@ -480,8 +491,33 @@ mod raw {
         pseudo_and_l4(ip).is_some_and(|v| rfc1071(&v) == 0xffff)
     }
 
+    /// Leaves the TCP/UDP checksum of `ip` as a kernel VTEP with checksum offload does: the
+    /// pseudo-header sum (of the L4 bytes present), not complemented.
+    pub(crate) fn make_l4_checksum_partial(ip: &mut [u8]) {
+        let Some((at, proto)) = l4(ip) else { return };
+        let field = match proto {
+            6 => at + 16,
+            17 => at + 6,
+            _ => return,
+        };
+        if ip.len() < field + 2 {
+            return;
+        }
+        let l4_len = ip.len() - at;
+        let v6 = ip[0] >> 4 == 6;
+        let mut v = if v6 { ip.get(8..40).unwrap_or_default().to_vec() } else { ip[12..20].to_vec() };
+        if v6 {
+            v.extend_from_slice(&(l4_len as u32).to_be_bytes());
+            v.extend_from_slice(&[0, 0, 0, proto]);
+        } else {
+            v.extend_from_slice(&[0, proto]);
+            v.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        ip[field..field + 2].copy_from_slice(&rfc1071(&v).to_be_bytes());
+    }
+
     /// Rewrites the TCP/UDP checksum of `ip` to the correct one, if it has a place for it.
-    pub(super) fn fix_l4_checksum(ip: &mut [u8]) {
+    pub(crate) fn fix_l4_checksum(ip: &mut [u8]) {
         let Some((at, proto)) = l4(ip) else { return };
         let field = match proto {
             6 => at + 16,

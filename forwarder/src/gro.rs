@@ -13,7 +13,10 @@
 //! fragments; at most 64 KiB. Every segment's TCP checksum is verified before it is merged,
 //! because the merged packet is handed over with only a partial checksum, which the
 //! receiving stack then trusts: a segment that fails is written on its own, unmodified, for
-//! the kernel to reject.
+//! the kernel to reject. A segment whose checksum a kernel VTEP left partial
+//! ([`crate::partial`]: it fails, and holds the pseudo-header sum) merges like a verified
+//! one, and a lone one is handed over as partial (`NEEDS_CSUM`), as the sender's stack
+//! would have handed it to a local socket.
 //!
 //! Arithmetic, under `clippy::arithmetic_side_effects`: lengths are bounded by 64 KiB and
 //! saturate (a saturated length fails the limit test that follows); sequence numbers are
@@ -26,6 +29,7 @@
 use crate::gso::{
     F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_TRAIN_SEGMENTS, VNET_HDR_LEN, VnetHdr, pseudo_sum,
 };
+use crate::partial::{self, Partial};
 use crate::wire::{self, checksum, ipv6};
 
 const TCP_ACK: u8 = 0x10;
@@ -153,6 +157,11 @@ pub struct Coalesced {
     segments: usize,
     /// Whether another segment may still follow.
     open: bool,
+    /// The first packet's checksum is partial (verified: it fails, and holds the
+    /// pseudo-header sum).
+    first_partial: Option<Partial>,
+    /// Appended segments whose checksum was partial.
+    partials: usize,
 }
 
 impl Coalesced {
@@ -173,7 +182,8 @@ impl Coalesced {
         let mss = payload.len();
         let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0) || udp.is_some();
         let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
-        Some(Self { tcp, udp, hdrs, mss, len: ip.len(), next_seq, segments: 1, open })
+        let first_partial = partial::verified(ip);
+        Some(Self { tcp, udp, hdrs, mss, len: ip.len(), next_seq, segments: 1, open, first_partial, partials: 0 })
     }
 
     /// The copied headers in `head`, where [`start`](Self::start) put them.
@@ -255,14 +265,23 @@ impl Coalesced {
         true
     }
 
-    /// Verifies `ip`'s checksum and, before the first merge, that of the `first` packet.
-    /// A first packet that fails closes the super-packet: it goes out alone.
+    /// Verifies `ip`'s checksum and, before the first merge, that of the `first` packet
+    /// (known from [`start`](Self::start) when it is partial). A first packet that fails
+    /// closes the super-packet: it goes out alone. A partial checksum passes, counted.
     fn checksums_ok(&mut self, ip: &[u8], first: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
-        if self.segments == 1 && (first.len() != self.len || !l4_checksum_ok(first, v6, l4, proto)) {
+        if self.segments == 1
+            && (first.len() != self.len || (self.first_partial.is_none() && !l4_checksum_ok(first, v6, l4, proto)))
+        {
             self.open = false;
             return false;
         }
-        l4_checksum_ok(ip, v6, l4, proto)
+        if l4_checksum_ok(ip, v6, l4, proto) {
+            return true;
+        }
+        // It failed: partial if the field holds the pseudo-header sum.
+        let partial = partial::find(ip).is_some();
+        self.partials = self.partials.saturating_add(usize::from(partial));
+        partial
     }
 
     /// How many segments were merged.
@@ -270,17 +289,24 @@ impl Coalesced {
         self.segments
     }
 
+    /// How many of them carried a partial checksum from the sender ([`crate::partial`]),
+    /// which the write hands over as partial.
+    pub fn partials(&self) -> usize {
+        self.partials.saturating_add(usize::from(self.first_partial.is_some()))
+    }
+
     /// Writes the virtio-net header and the merged packet's lengths and checksums into
     /// `head`; returns how many bytes of `head` go in front of the payloads. A single packet
-    /// keeps its complete checksum and gets an all-zero header. 0 (write nothing) only if
-    /// `head` is not the buffer [`start`](Self::start) filled.
+    /// goes out as it came: an all-zero header, or a `NEEDS_CSUM` one when its checksum is
+    /// partial. 0 (write nothing) only if `head` is not the buffer [`start`](Self::start)
+    /// filled.
     pub fn finish(&self, head: &mut [u8]) -> usize {
         let n = VNET_HDR_LEN.saturating_add(self.hdrs);
         if let (Some((v6, l4)), true) = (self.udp, self.segments > 1) {
             return self.finish_udp(head, v6, l4).map_or(0, |()| n);
         }
         let (Some(s), true) = (self.tcp, self.segments > 1) else {
-            VnetHdr::default().emit(head);
+            self.first_partial.map_or_else(VnetHdr::default, |p| p.vnet_hdr()).emit(head);
             return n;
         };
         let fixed = head.get_mut(VNET_HDR_LEN..n).and_then(|ip| {
@@ -544,5 +570,86 @@ mod tests {
             i += 1;
         }
         assert_eq!(c.segments(), MAX_SEGMENTS);
+    }
+
+    /// What a kernel VTEP with checksum offload sends over veth: the L4 field holds the
+    /// pseudo-header sum only.
+    fn make_partial(ip: &mut [u8]) {
+        let v6 = ip[0] >> 4 == 6;
+        let (l4, proto) = if v6 { (40, ip[6]) } else { (20, ip[9]) };
+        let at = l4 + if proto == 6 { 16 } else { 6 };
+        let p = !checksum::fold(pseudo_sum(ip, v6, proto, ip.len() - l4));
+        ip[at..at + 2].copy_from_slice(&p.to_be_bytes());
+    }
+
+    /// flannel#1279: a kernel VTEP's partial checksums merge like verified ones, mixed with
+    /// complete ones, and the kernel's completion of the merged packet is right.
+    #[test]
+    fn partial_checksums_merge_and_are_counted() {
+        for v6 in [false, true] {
+            let mut first = seg(v6, 1000, 1400, false);
+            make_partial(&mut first);
+            let mut c = Merge::start(&first, true).unwrap();
+            for i in 1..10 {
+                let mut s = seg(v6, 1000 + 1400 * i, 1400, false);
+                if i % 3 != 0 {
+                    make_partial(&mut s);
+                }
+                assert!(c.append(&s), "v6={v6} seg {i}");
+            }
+            assert_eq!((c.segments(), c.c.partials()), (10, 7));
+            let (h, ip) = complete(c.finish());
+            assert_eq!(h.flags, F_NEEDS_CSUM);
+            let p = PacketHeaders::from_ip_slice(&ip).unwrap();
+            let Some(TransportHeader::Tcp(t)) = p.transport.clone() else { panic!("tcp") };
+            let want = match &p.net {
+                Some(etherparse::NetHeaders::Ipv4(ip4, _)) => t.calc_checksum_ipv4(ip4, p.payload.slice()).unwrap(),
+                Some(etherparse::NetHeaders::Ipv6(ip6, _)) => t.calc_checksum_ipv6(ip6, p.payload.slice()).unwrap(),
+                _ => panic!("ip"),
+            };
+            assert_eq!(t.checksum, want, "v6={v6}");
+        }
+        // UDP (USO) too.
+        let mut first = udp(false, 4000, 64, 0);
+        make_partial(&mut first);
+        let mut c = Merge::start(&first, true).unwrap();
+        let mut second = udp(false, 4000, 64, 1);
+        make_partial(&mut second);
+        assert!(c.append(&second));
+        assert_eq!(c.c.partials(), 2);
+        let (_, ip) = complete(c.finish());
+        let p = PacketHeaders::from_ip_slice(&ip).unwrap();
+        let Some(TransportHeader::Udp(u)) = p.transport.clone() else { panic!("udp") };
+        let Some(etherparse::NetHeaders::Ipv4(ip4, _)) = &p.net else { panic!("ipv4") };
+        assert_eq!(u.checksum, u.calc_checksum_ipv4(ip4, p.payload.slice()).unwrap());
+    }
+
+    /// A lone partial packet (a bare ACK, a PSH segment, UDP without USO) is handed over as
+    /// partial, unchanged: `NEEDS_CSUM` pointing at its field, as the sender's stack would.
+    #[test]
+    fn a_lone_partial_packet_is_handed_over_as_partial() {
+        let mut ack = Vec::new();
+        PacketBuilder::ipv4([10, 244, 1, 5], [10, 244, 2, 1], 64).tcp(1, 2, 3, 4).ack(5).write(&mut ack, &[]).unwrap();
+        let mut dgram = udp(true, 1, 300, 9);
+        for (name, p, uso, start, offset) in [("ack", &mut ack, true, 20, 16), ("udp", &mut dgram, false, 40, 6)] {
+            make_partial(p);
+            let mut c = Merge::start(p, uso).unwrap();
+            assert_eq!(c.c.partials(), 1, "{name}");
+            let out = c.finish();
+            let h = VnetHdr::parse(&out).unwrap();
+            assert_eq!((h.flags, h.gso_type, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, 0, start, offset), "{name}");
+            assert_eq!(&out[VNET_HDR_LEN..], &p[..], "{name}: the packet itself unchanged");
+            let (_, done) = complete(out);
+            assert!(crate::fuzzing::raw::l4_checksum_ok(&done), "{name}");
+        }
+        // A complete checksum, or a bad one that is not the pseudo-header sum, is not partial.
+        let good = seg(false, 1, 100, true);
+        let mut bad = good.clone();
+        bad[36] ^= 0x10;
+        for p in [&good, &bad] {
+            let mut c = Merge::start(p, true).unwrap();
+            assert_eq!(c.c.partials(), 0);
+            assert_eq!(VnetHdr::parse(&c.finish()), Some(VnetHdr::default()));
+        }
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Layers, each importing only from those before it:
 //! `wire` → `buf`, `stats`, `ratelimit`, `node`, `route` → `encap` → `forwarder`, `bridge`,
-//! `gso` (cutting TUN super-packets into GSO trains), `gro` (merging received segments for one
+//! `gso` (cutting TUN super-packets into GSO trains), `partial` (repairing kernel VTEPs'
+//! partial checksums), `gro` (merging received segments for one
 //! TUN write) → `driver`.
 //! `cargo check -p weft-forwarder --no-default-features` proves the core touches no OS code.
 
@@ -22,6 +23,7 @@ pub mod forwarder;
 pub mod gro;
 pub mod gso;
 pub mod node;
+pub mod partial;
 pub mod ratelimit;
 pub mod route;
 pub mod stats;

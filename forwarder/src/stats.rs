@@ -178,11 +178,15 @@ pub enum OffloadCounter {
     MergedSegments,
     /// Times the kernel refused an offload and the worker switched it off.
     Fallbacks,
+    /// Received packets whose TCP/UDP checksum a kernel VTEP left partial (the
+    /// pseudo-header sum only), completed by weft or handed to the TUN as partial
+    /// ([`crate::partial`]).
+    CsumCompleted,
 }
 
 impl OffloadCounter {
     /// Every counter, in order.
-    pub const ALL: [OffloadCounter; 7] = [
+    pub const ALL: [OffloadCounter; 8] = [
         Self::SuperPacketsRead,
         Self::GsoSends,
         Self::GsoSegments,
@@ -190,6 +194,7 @@ impl OffloadCounter {
         Self::MergedWrites,
         Self::MergedSegments,
         Self::Fallbacks,
+        Self::CsumCompleted,
     ];
 
     /// The label in `weft status`.
@@ -202,6 +207,7 @@ impl OffloadCounter {
             Self::MergedWrites => "merged_writes",
             Self::MergedSegments => "merged_segments",
             Self::Fallbacks => "fallbacks",
+            Self::CsumCompleted => "csum_completed",
         }
     }
 }

@@ -335,6 +335,15 @@ mod seeds {
             (3, tcp(true, 100, &data(700, 6), false, false)),
         ];
         put("gro", "mixed_gaps_and_checksums.bin", records(true, &mixed));
+        // A kernel VTEP with checksum offload (flannel#1279): every checksum partial (flag bit
+        // 2), or every other one, in TCP and USO runs.
+        let partial = |mut v: Vec<(u8, Vec<u8>)>, every: usize| -> Vec<(u8, Vec<u8>)> {
+            v.iter_mut().step_by(every).for_each(|(f, _)| *f |= 4);
+            v
+        };
+        put("gro", "tcp4_partial_run.bin", records(false, &partial(run(false, 1000, 5), 1)));
+        put("gro", "tcp6_half_partial_run.bin", records(false, &partial(run(true, 1200, 4), 2)));
+        put("gro", "udp4_uso_partial_run.bin", records(true, &partial(dgrams(false), 1)));
 
         // tap: VXLAN frames from A in TAP mode.
         put("tap", "tap_ipv4_unicast.bin", vxlan(B_MAC.0, 0x0800, &icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56)));

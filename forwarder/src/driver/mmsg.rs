@@ -493,6 +493,8 @@ impl<C: PacketCore> MmsgWorker<C> {
         let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else { return };
         match self.fwd.from_underlay(routes, from, &mut pkt, now) {
             UnderlayVerdict::Deliver { .. } => {
+                // No virtio-net header to say "partial": complete it here.
+                self.fwd.complete_partial(pkt.as_mut_slice());
                 let (head, len) = (pkt.head(), pkt.len());
                 self.write_tun(slot, head, len);
             }
@@ -552,6 +554,9 @@ impl<C: PacketCore> MmsgWorker<C> {
     /// Writes a finished merge to the TUN with one gathering write, then lets go of the
     /// slots it held.
     fn write_merged(&mut self, r: Ready) {
+        if r.partials > 0 {
+            self.fwd.stats().count_offload(OffloadCounter::CsumCompleted, r.partials as u64);
+        }
         let (iov, n) = self.sc.iovecs(r.out);
         // SAFETY: the list points into slots the merge holds; n ≤ MAX_IOVS entries.
         let rc = unsafe { libc::writev(self.tun.fd(), iov, n as libc::c_int) };

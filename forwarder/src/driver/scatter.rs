@@ -102,6 +102,8 @@ pub struct Ready {
     pub out: u16,
     /// Packets merged into it (1: written as it came).
     pub segments: usize,
+    /// How many of them carried a kernel VTEP's partial checksum, handed over as partial.
+    pub partials: usize,
 }
 
 /// The super-packet being merged.
@@ -189,7 +191,7 @@ impl Merger {
         if let Some(l) = sc.lists.get_mut(usize::from(p.out)) {
             l.iov[0].iov_len = n;
         }
-        Some(Ready { out: p.out, segments: p.c.segments() })
+        Some(Ready { out: p.out, segments: p.c.segments(), partials: p.c.partials() })
     }
 }
 

@@ -884,6 +884,10 @@ impl<C: PacketCore> State<C> {
                 return Ok(());
             };
             let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
+            if let UnderlayVerdict::Deliver { .. } = verdict {
+                // No virtio-net header to say "partial": complete it here.
+                self.fwd.complete_partial(pkt.as_mut_slice());
+            }
             let (head, len) = (pkt.head(), pkt.len());
             return match verdict {
                 UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
@@ -1013,6 +1017,9 @@ impl<C: PacketCore> State<C> {
 
     /// Queues the gathering TUN write of a finished merge.
     fn write_merged(&mut self, q: &mut Queue<'_>, r: Ready) -> io::Result<()> {
+        if r.partials > 0 {
+            self.fwd.stats().count_offload(OffloadCounter::CsumCompleted, r.partials as u64);
+        }
         let op = if r.segments > 1 {
             self.fwd.stats().count_merged(r.segments);
             Op::TunWriteMerged
