@@ -30,6 +30,7 @@ pub mod mtu;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
+pub mod takeover;
 pub mod underlay;
 
 use std::io;
@@ -377,6 +378,9 @@ async fn run_with<C: PacketCore + 'static>(
     // already, as soon as it knew the network).
     for net in cfg.cluster_networks() {
         nl.add_fail_closed(net).await?;
+    }
+    if let Backend::Vxlan { vni, .. } = cfg.backend {
+        takeover::remove_flannel_vtep(&nl, vni.get(), cfg.port).await?;
     }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
     let mtu = mtu::overlay_mtu(&cfg, &underlay, wire.kind)?;
