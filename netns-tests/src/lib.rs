@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod cni;
 pub mod craft;
 pub mod etcd;
+pub mod flannel;
 pub mod http;
 pub mod lease;
 pub mod netns;
@@ -31,7 +32,9 @@ pub use lease::{
 pub use netns::Netns;
 pub use root::skip_unless_root;
 pub use topology::{Host, Topology};
-pub use traffic::{IperfRun, IperfServer, iperf3_tcp, iperf3_tcp_run, ping, ping_all, ping_all_with, ping_with};
+pub use traffic::{
+    IperfRun, IperfServer, UdpRun, iperf3_tcp, iperf3_tcp_run, iperf3_udp, ping, ping_all, ping_all_with, ping_with,
+};
 pub use weft::{NodeConfig, PeerConfig, WeftNode, gateway_of, json_path, json_u64, peer_status, vtep_mac};
 
 /// Prints a line on the process's stderr, bypassing libtest's output capture, for results that

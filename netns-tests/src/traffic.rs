@@ -168,6 +168,55 @@ pub fn iperf3_tcp_run(ns: &Netns, addr: &str, secs: u32, extra: &[&str]) -> Resu
     parse_iperf3_json(&out.stdout).with_context(|| format!("{out}"))
 }
 
+/// What one iperf3 UDP run measured, as the receiver saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UdpRun {
+    /// `end.sum_received.bits_per_second`.
+    pub bits_per_second: f64,
+    /// Datagrams sent (`end.sum_received.packets`: iperf3 counts by sequence number).
+    pub packets: u64,
+    /// Datagrams that never arrived.
+    pub lost_packets: u64,
+}
+
+impl UdpRun {
+    /// Datagrams that arrived.
+    pub fn received(&self) -> u64 {
+        self.packets.saturating_sub(self.lost_packets)
+    }
+}
+
+/// `iperf3 -c <addr> -u -b <bitrate> -l <len> -t <secs> -J` from `ns`: a UDP flow at a fixed
+/// rate, with the receiver's count of what arrived. Printed like [`iperf3_tcp`].
+///
+/// # Errors
+///
+/// Fails if iperf3 fails, reports an error, or prints no receive figures.
+pub fn iperf3_udp(ns: &Netns, addr: &str, secs: u32, bitrate: &str, len: u16) -> Result<UdpRun> {
+    let (t, l) = (secs.to_string(), len.to_string());
+    let args = ["-c", addr, "-u", "-b", bitrate, "-l", &l, "-t", &t, "-J", "--connect-timeout", "3000"];
+    let out = ns.exec_timeout(Duration::from_secs(u64::from(secs) + 15), "iperf3", &args)?;
+    let json: Value = serde_json::from_str(&out.stdout).with_context(|| format!("iperf3 printed no JSON\n{out}"))?;
+    if let Some(err) = json.get("error").and_then(Value::as_str) {
+        bail!("iperf3 error: {err}\n{out}");
+    }
+    let r = json.pointer("/end/sum_received").with_context(|| format!("no end.sum_received\n{out}"))?;
+    let field = |k: &str| r.get(k).and_then(Value::as_u64).with_context(|| format!("no end.sum_received.{k}"));
+    let run = UdpRun {
+        bits_per_second: r.get("bits_per_second").and_then(Value::as_f64).context("no bits_per_second")?,
+        packets: field("packets")?,
+        lost_packets: field("lost_packets")?,
+    };
+    report(&format!(
+        "iperf3 UDP {secs} s at {bitrate} [{}] -> {addr}: {:.2} Gbit/s, {} of {} datagrams arrived",
+        ns.name(),
+        run.bits_per_second / 1e9,
+        run.received(),
+        run.packets
+    ));
+    Ok(run)
+}
+
 /// Reads [`IperfRun`] out of `iperf3 -J` output.
 ///
 /// # Errors

@@ -11,43 +11,26 @@
 //!                         u: bridge br0, underlay 198.18.0.0/24
 //! ```
 //!
-//! Needs root, iperf3, tcpdump, ethtool and tshark; namespaces and daemons are removed on drop.
+//! Needs root, iperf3, tcpdump, ethtool, nstat and tshark; namespaces and daemons are removed on drop.
 
 // Setup helpers outside #[test] fns: a failing setup step must fail the test loudly.
 #![allow(clippy::expect_used)]
 
 use std::time::Duration;
 
+use weft_netns_tests::flannel::{self, KernelCsum};
 use weft_netns_tests::weft::VXLAN_PORT;
 use weft_netns_tests::{
     Capture, IperfServer, NodeConfig, PeerConfig, Topology, iperf3_tcp, json_path, ping_all, vtep_mac,
 };
 
-/// flannel's VTEP MTU: 1500 - 50.
-const CSUM_MTU: &str = "1450";
-
-/// Programs n2's kernel as a flannel vxlan node with n1 as its peer: device, address, the
-/// onlink route, and (unless `resolve_by_arp`) the permanent neighbour entry; the FDB entry
-/// for n1's MAC always (flannel's three entries per peer, `reference/flannel.md`).
-fn kernel_flannel_node(topo: &Topology, resolve_by_arp: bool) {
+/// Programs n2's kernel as a flannel vxlan node with n1 as its peer (`flannel`): the VTEP
+/// with `csum`, and n1's route, FDB entry and (unless `resolve_by_arp`) neighbour entry.
+fn kernel_flannel_node(topo: &Topology, resolve_by_arp: bool, csum: KernelCsum) {
     let ns = topo.n(2).ns();
-    let a_mac = vtep_mac(1);
-    let run = |args: &[&str]| ns.exec_ok(args[0], &args[1..]).expect("programming the kernel VTEP");
-    run(&["ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "nolearning"]);
-    run(&["ip", "link", "set", "flannel.1", "address", &vtep_mac(2), "mtu", CSUM_MTU, "up"]);
-    // flannel turns checksum offload off on its VTEP (flannel#1279, PR #1282): otherwise the
-    // kernel leaves inner TCP checksums partial (CHECKSUM_PARTIAL) over veth, which only a
-    // peer in the same kernel can complete.
-    run(&["ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "off"]);
-    run(&["ip", "addr", "add", "10.244.2.0/32", "dev", "flannel.1"]);
-    run(&["ip", "route", "add", "10.244.1.0/24", "via", "10.244.1.0", "dev", "flannel.1", "onlink"]);
-    run(&["bridge", "fdb", "add", &a_mac, "dev", "flannel.1", "dst", "198.18.0.1", "self", "permanent"]);
-    if resolve_by_arp {
-        // Broadcasts (the ARP request) go to n1 too.
-        run(&["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "198.18.0.1", "self"]);
-    } else {
-        run(&["ip", "neigh", "add", "10.244.1.0", "lladdr", &a_mac, "dev", "flannel.1", "nud", "permanent"]);
-    }
+    flannel::create_vtep(ns, &vtep_mac(2), "10.244.2.0", "198.18.0.2", csum).expect("programming the kernel VTEP");
+    let n1 = flannel::Peer { subnet: "10.244.1.0/24", mac: &vtep_mac(1), public_ip: "198.18.0.1" };
+    flannel::add_peer(ns, n1, resolve_by_arp).expect("adding n1 to the kernel VTEP");
 }
 
 /// n1 runs weft over VXLAN toward n2 (n2's kernel VTEP MAC, port 8472).
@@ -61,12 +44,26 @@ fn weft_node() -> NodeConfig {
     .with_peer(PeerConfig::vxlan_for_host(2))
 }
 
+/// TCP and UDP both ways between n1 (weft, 10.244.1.1) and n2 (kernel, 10.244.2.0).
+fn tcp_and_udp_both_ways(topo: &Topology, secs: u32) -> (f64, f64) {
+    let (weft, kernel) = ((topo.n(1).ns(), "10.244.1.1"), (topo.n(2).ns(), "10.244.2.0"));
+    flannel::tcp_and_udp_both_ways(weft, kernel, secs, topo.dir()).expect("traffic both ways")
+}
+
+/// `TcpInCsumErrors` + `UdpInCsumErrors` of n1's kernel.
+fn csum_errors(ns: &weft_netns_tests::Netns) -> u64 {
+    flannel::csum_errors(ns).expect("nstat")
+}
+
+/// flannel#1279, the drop-in case: the kernel node as flanneld leaves it (checksum offload
+/// on). Ping, TCP and UDP both ways; weft completes (or hands over as partial) every partial
+/// checksum, counted, and n1's kernel rejects none.
 #[test]
 fn kernel_vxlan_interop_both_ways() {
     let Some(topo) = Topology::for_test("kernel_vxlan_interop_both_ways", "kvx", 2).expect("topology") else {
         return;
     };
-    kernel_flannel_node(&topo, false);
+    kernel_flannel_node(&topo, false, KernelCsum::Default);
     let n1 = topo.start_weft(weft_node()).expect("starting weft on n1");
     assert_eq!(json_path(&n1.status_json().unwrap(), "mtu").and_then(|v| v.as_u64()), Some(1450), "1500 - 50");
 
@@ -119,15 +116,63 @@ fn kernel_vxlan_interop_both_ways() {
     assert!(!verbose.stdout.contains("Malformed"), "tshark reports malformed packets:\n{}", verbose.stdout);
     assert!(verbose.stdout.contains("VXLAN Network Identifier (VNI): 1"));
 
-    let _s1 = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf-n1.log")).expect("server n1");
-    let k2w = iperf3_tcp(topo.n(2).ns(), "10.244.1.1", 3).expect("iperf3 kernel -> weft");
-    let _s2 = IperfServer::start(topo.n(2).ns(), "10.244.2.0", &topo.dir().join("iperf-n2.log")).expect("server n2");
-    let w2k = iperf3_tcp(topo.n(1).ns(), "10.244.2.0", 3).expect("iperf3 weft -> kernel");
-    assert!(k2w > 0.0 && w2k > 0.0);
+    let (k2w, w2k) = tcp_and_udp_both_ways(&topo, 3);
+    weft_netns_tests::report(&format!(
+        "kernel VTEP with default offloads: TCP kernel -> weft {:.2} Gbit/s, weft -> kernel {:.2} Gbit/s",
+        k2w / 1e9,
+        w2k / 1e9
+    ));
     let status = n1.status_json().unwrap();
     for reason in ["wrong_inner_mac", "wrong_source_mac", "wrong_vni", "bad_vxlan_flags", "reserved_bits_set"] {
         assert_eq!(json_path(&status, &format!("drops.{reason}")).and_then(|v| v.as_u64()), Some(0), "{reason}");
     }
+    let completed = json_path(&status, "offload_counters.csum_completed").and_then(|v| v.as_u64());
+    assert!(completed.is_some_and(|c| c > 0), "no partial checksum seen from a default kernel VTEP: {status}");
+    assert_eq!(csum_errors(topo.n(1).ns()), 0, "n1's kernel dropped segments for bad checksums");
+}
+
+/// The same with weft's other data paths: without TUN offloads (no virtio-net header, so
+/// weft completes the checksum itself) and on the recvmmsg backend, both with and without.
+#[test]
+fn kernel_vxlan_default_offloads_every_weft_data_path() {
+    let Some(topo) =
+        Topology::for_test("kernel_vxlan_default_offloads_every_weft_data_path", "kvxp", 2).expect("topology")
+    else {
+        return;
+    };
+    kernel_flannel_node(&topo, false, KernelCsum::Default);
+    for (io, offload) in [("uring", false), ("mmsg", true), ("mmsg", false)] {
+        let cfg = NodeConfig { io: Some(io.into()), offload: Some(offload), ..weft_node() };
+        let n1 = topo.start_weft(cfg).unwrap_or_else(|e| panic!("starting weft io={io} offload={offload}: {e:#}"));
+        ping_all(topo.n(2).ns(), "10.244.1.1", 2).expect("kernel -> weft");
+        let (k2w, w2k) = tcp_and_udp_both_ways(&topo, 2);
+        weft_netns_tests::report(&format!(
+            "io={io} offload={offload}: TCP kernel -> weft {:.2} Gbit/s, weft -> kernel {:.2} Gbit/s",
+            k2w / 1e9,
+            w2k / 1e9
+        ));
+        let status = n1.status_json().unwrap();
+        let completed = json_path(&status, "offload_counters.csum_completed").and_then(|v| v.as_u64());
+        assert!(completed.is_some_and(|c| c > 0), "io={io} offload={offload}: none completed: {status}");
+        assert_eq!(csum_errors(topo.n(1).ns()), 0, "io={io} offload={offload}: n1's kernel saw bad checksums");
+        drop(n1);
+    }
+}
+
+/// With the workaround users apply by hand the kernel computes every checksum: nothing for
+/// weft to complete, and the same traffic flows.
+#[test]
+fn kernel_vxlan_interop_with_checksum_offload_off() {
+    let Some(topo) = Topology::for_test("kernel_vxlan_interop_with_checksum_offload_off", "kvxo", 2).expect("topology")
+    else {
+        return;
+    };
+    kernel_flannel_node(&topo, false, KernelCsum::Off);
+    let n1 = topo.start_weft(weft_node()).expect("starting weft on n1");
+    tcp_and_udp_both_ways(&topo, 2);
+    let status = n1.status_json().unwrap();
+    assert_eq!(json_path(&status, "offload_counters.csum_completed").and_then(|v| v.as_u64()), Some(0), "{status}");
+    assert_eq!(csum_errors(topo.n(1).ns()), 0);
 }
 
 #[test]
@@ -135,7 +180,7 @@ fn kernel_resolves_weft_by_arp() {
     let Some(topo) = Topology::for_test("kernel_resolves_weft_by_arp", "karp", 2).expect("topology") else {
         return;
     };
-    kernel_flannel_node(&topo, true);
+    kernel_flannel_node(&topo, true, KernelCsum::Default);
     let n1 = topo.start_weft(weft_node()).expect("starting weft on n1");
     ping_all(topo.n(2).ns(), "10.244.1.1", 3).expect("kernel -> weft after ARP");
     let neigh = topo.n(2).ns().exec_ok("ip", &["neigh", "show", "10.244.1.0", "dev", "flannel.1"]).unwrap().stdout;
