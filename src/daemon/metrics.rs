@@ -194,7 +194,7 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Fmt {
     family(
         enc,
         "weft_offload_events",
-        "What the offloads did: super-packets read, GSO sends and segments, GRO trains, merged writes, fallbacks.",
+        "What the offloads did: super-packets read, GSO sends and segments, GRO trains, merged writes, fallbacks, partial checksums completed.",
         Counter,
         s.offload_counters.iter().map(|(k, v)| ([("event", k.as_str())], *v)),
     )?;
