@@ -457,21 +457,38 @@ pub(crate) mod raw {
         }
     }
 
-    /// Pseudo-header (RFC 793 / RFC 8200 §8.1) followed by the L4 bytes of `ip`.
-    fn pseudo_and_l4(ip: &[u8]) -> Option<Vec<u8>> {
+    /// The pseudo-header (RFC 793 / RFC 8200 §8.1) of `ip`'s L4 bytes.
+    fn pseudo(ip: &[u8]) -> Option<Vec<u8>> {
         let (at, proto) = l4(ip)?;
-        let l4 = ip.get(at..)?;
+        let l4_len = ip.len().checked_sub(at)?;
         let v6 = ip[0] >> 4 == 6;
         let mut v = if v6 { ip.get(8..40)?.to_vec() } else { ip.get(12..20)?.to_vec() };
         if v6 {
-            v.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            v.extend_from_slice(&(l4_len as u32).to_be_bytes());
             v.extend_from_slice(&[0, 0, 0, proto]);
         } else {
             v.extend_from_slice(&[0, proto]);
-            v.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            v.extend_from_slice(&(l4_len as u16).to_be_bytes());
         }
-        v.extend_from_slice(l4);
         Some(v)
+    }
+
+    /// Pseudo-header followed by the L4 bytes of `ip`.
+    fn pseudo_and_l4(ip: &[u8]) -> Option<Vec<u8>> {
+        let mut v = pseudo(ip)?;
+        v.extend_from_slice(ip.get(l4(ip)?.0..)?);
+        Some(v)
+    }
+
+    /// Where the TCP/UDP checksum field of `ip` is, if it has one in its bytes.
+    fn l4_field(ip: &[u8]) -> Option<usize> {
+        let (at, proto) = l4(ip)?;
+        let field = match proto {
+            6 => at + 16,
+            17 => at + 6,
+            _ => return None,
+        };
+        (ip.len() >= field + 2).then_some(field)
     }
 
     /// Whether an IPv4 header's checksum verifies (IPv6 has none).
@@ -494,39 +511,14 @@ pub(crate) mod raw {
     /// Leaves the TCP/UDP checksum of `ip` as a kernel VTEP with checksum offload does: the
     /// pseudo-header sum (of the L4 bytes present), not complemented.
     pub(crate) fn make_l4_checksum_partial(ip: &mut [u8]) {
-        let Some((at, proto)) = l4(ip) else { return };
-        let field = match proto {
-            6 => at + 16,
-            17 => at + 6,
-            _ => return,
-        };
-        if ip.len() < field + 2 {
-            return;
-        }
-        let l4_len = ip.len() - at;
-        let v6 = ip[0] >> 4 == 6;
-        let mut v = if v6 { ip.get(8..40).unwrap_or_default().to_vec() } else { ip[12..20].to_vec() };
-        if v6 {
-            v.extend_from_slice(&(l4_len as u32).to_be_bytes());
-            v.extend_from_slice(&[0, 0, 0, proto]);
-        } else {
-            v.extend_from_slice(&[0, proto]);
-            v.extend_from_slice(&(l4_len as u16).to_be_bytes());
-        }
-        ip[field..field + 2].copy_from_slice(&rfc1071(&v).to_be_bytes());
+        let (Some(field), Some(p)) = (l4_field(ip), pseudo(ip)) else { return };
+        ip[field..field + 2].copy_from_slice(&rfc1071(&p).to_be_bytes());
     }
 
     /// Rewrites the TCP/UDP checksum of `ip` to the correct one, if it has a place for it.
     pub(crate) fn fix_l4_checksum(ip: &mut [u8]) {
-        let Some((at, proto)) = l4(ip) else { return };
-        let field = match proto {
-            6 => at + 16,
-            17 => at + 6,
-            _ => return,
-        };
-        if ip.len() < field + 2 {
-            return;
-        }
+        let Some(field) = l4_field(ip) else { return };
+        let proto = l4(ip).map_or(0, |(_, p)| p);
         ip[field..field + 2].copy_from_slice(&[0, 0]);
         let Some(v) = pseudo_and_l4(ip) else { return };
         let mut c = !rfc1071(&v);
