@@ -48,6 +48,18 @@ enum Command {
     /// fail-closed route and exits. (A plain stop keeps both, so that pod traffic never leaves
     /// unencapsulated while weft restarts.)
     Leave(LeaveArgs),
+    /// Run a command inside a rootless daemon's overlay (its user and network namespace), as
+    /// `nsenter --user=… --net=…` would: `weft exec -- ping 10.244.2.1`.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -170,7 +182,7 @@ enum IpamCommand {
 #[derive(Debug, Args)]
 struct SocketArg {
     /// The daemon's API socket.
-    #[arg(long, default_value = config::DEFAULT_API_SOCKET)]
+    #[arg(long, default_value_os_t = daemon::rootless::default_api_socket())]
     socket: PathBuf,
 }
 
@@ -281,6 +293,18 @@ struct RunArgs {
     /// then a leave.
     #[arg(long, env = "WEFT_RELEASE_ON_EXIT", value_parser = BoolishValueParser::new())]
     release_on_exit: bool,
+    /// Run without root: the TUN in a user and network namespace of weft's own, the UDP socket
+    /// in the host's, state under $XDG_RUNTIME_DIR/weft and $XDG_DATA_HOME/weft. On by itself
+    /// when weft runs as an ordinary user; `--rootless=false` turns that off.
+    #[arg(
+        long,
+        env = "WEFT_ROOTLESS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    rootless: Option<bool>,
     /// Lease cache: the last known leases, so a restart while the store is down comes up at
     /// once [default: /var/lib/weft/leases/<node name>.json].
     #[arg(long, env = "WEFT_LEASE_CACHE")]
@@ -336,7 +360,7 @@ fn log_level(s: &str) -> Result<tracing::Level, String> {
 #[derive(Debug, Args)]
 struct StatusArgs {
     /// The daemon's API socket.
-    #[arg(long, default_value = config::DEFAULT_API_SOCKET)]
+    #[arg(long, default_value_os_t = daemon::rootless::default_api_socket())]
     socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -419,7 +443,19 @@ fn run(args: RunArgs) -> ExitCode {
         healthz_port: args.healthz_port,
         ..args.store.raw()
     };
-    let source = ConfigSource { path: args.config, flags, detected_public_ip: None };
+    let rootless = args.rootless.unwrap_or_else(daemon::rootless::is_unprivileged);
+    let (overlay, rootless_dirs) = if rootless {
+        match enter_rootless() {
+            Ok((o, d)) => (Some(o), Some(d)),
+            Err((code, e)) => {
+                tracing::error!(error = %e, exit_code = code, "weft run failed");
+                return ExitCode::from(code);
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let source = ConfigSource { path: args.config, flags, detected_public_ip: None, rootless_dirs };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -429,7 +465,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     // One line for a failed start, through the log (so it is JSON with --log-format json and
     // lands in the journal with the rest), not a second copy on stderr.
-    match rt.block_on(daemon::run(source)) {
+    match rt.block_on(daemon::run(source, overlay)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.exit_code() == 0 => {
             tracing::info!(reason = %e, "weft stopped");
@@ -441,6 +477,19 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Rootless start, before any thread exists: the user namespace, then the overlay network
+/// namespace. Exit 3 for missing directories (configuration), 4 for what the kernel refuses.
+fn enter_rootless() -> Result<(daemon::rootless::Overlay, daemon::rootless::Dirs), (u8, String)> {
+    use daemon::rootless;
+    let dirs = rootless::Dirs::from_env().map_err(|e| (3, e.to_string()))?;
+    rootless::check_tun_access().map_err(|e| (4, e.to_string()))?;
+    rootless::enter_user_namespace().map_err(|e| (4, e.to_string()))?;
+    let overlay = rootless::Overlay::create().map_err(|e| (4, e.to_string()))?;
+    let (userns, netns) = overlay.ns_paths();
+    tracing::info!(userns = %userns.display(), netns = %netns.display(), state = %dirs.runtime.display(), "rootless: own user and network namespace");
+    Ok((overlay, dirs))
 }
 
 fn status(args: StatusArgs) -> ExitCode {
@@ -642,6 +691,30 @@ fn leave(a: LeaveArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn exec(a: ExecArgs) -> ExitCode {
+    let ns = match api::query_status(&a.socket.socket) {
+        Ok(s) => match s.rootless {
+            Some(r) => r,
+            None => {
+                return fail(
+                    3,
+                    "the daemon runs as root: its pods are in the host's namespaces (use ip netns exec or nsenter)",
+                );
+            }
+        },
+        Err(e) => return fail(7, e),
+    };
+    let (Some(program), args) = (a.command.first(), a.command.get(1..).unwrap_or_default()) else {
+        return fail(2, "no command given");
+    };
+    if let Err(e) = daemon::rootless::join(&ns.userns, &ns.netns) {
+        return fail(4, e);
+    }
+    use std::os::unix::process::CommandExt as _;
+    let err = std::process::Command::new(program).args(args).exec();
+    fail(if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }, format!("{program}: {err}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -651,6 +724,7 @@ fn main() -> ExitCode {
         Command::Leases(a) => leases(a),
         Command::Ipam { command } => ipam(command),
         Command::Leave(a) => leave(a),
+        Command::Exec(a) => exec(a),
     }
 }
 

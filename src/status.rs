@@ -7,6 +7,15 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+/// Where a rootless daemon's overlay lives.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct RootlessStatus {
+    /// `/proc/<pid>/task/<tid>/ns/user`.
+    pub userns: String,
+    /// `/proc/<pid>/task/<tid>/ns/net`.
+    pub netns: String,
+}
+
 /// A snapshot of a running daemon.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Status {
@@ -22,6 +31,9 @@ pub struct Status {
     pub io_backend: String,
     /// Why io_uring was not used, when the fallback runs under `io = "auto"`.
     pub io_fallback_reason: Option<String>,
+    /// Rootless: the overlay's namespace files, for `weft exec`, nsenter and podman.
+    #[serde(default)]
+    pub rootless: Option<RootlessStatus>,
     /// Offloads in use since start (`tun_tso`, `tun_uso`, `udp_gso`, `udp_gro`, `coalesce`).
     #[serde(default)]
     pub offloads: BTreeMap<String, bool>,

@@ -110,6 +110,8 @@ pub struct ApiState {
     pub backend: Backend,
     /// Why io_uring is not in use, if it is not.
     pub fallback_reason: Option<String>,
+    /// Rootless: the overlay's namespace files.
+    pub rootless: Option<crate::status::RootlessStatus>,
     /// Offloads chosen at start, by name.
     pub offloads: Vec<(&'static str, bool)>,
     /// The live route table.
@@ -259,6 +261,7 @@ impl ApiState {
             },
             io_backend: self.backend.as_str().into(),
             io_fallback_reason: self.fallback_reason.clone(),
+            rootless: self.rootless.clone(),
             offloads: self.offloads.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
             offload_counters: weft_forwarder::stats::OffloadCounter::ALL
                 .iter()

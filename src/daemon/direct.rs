@@ -94,7 +94,7 @@ fn req(what: String) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
 /// weft's direct routes in the kernel, from any run: (subnet, via, interface).
 async fn ours(nl: &Netlink) -> Result<Vec<(Ipv4Net, Ipv4Addr, u32)>, NetlinkError> {
     let all: Vec<RouteMessage> = nl
-        .handle()
+        .host_handle()
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
@@ -134,7 +134,7 @@ pub async fn remove_all(nl: &Netlink) {
         }
     };
     for (net, via, oif) in routes {
-        match nl.handle().route().del(route(net, via, oif)).execute().await {
+        match nl.host_handle().route().del(route(net, via, oif)).execute().await {
             Ok(()) => info!(subnet = %net, via = %via, "direct route removed"),
             Err(e) => warn!(subnet = %net, via = %via, error = %e, "cannot remove direct route"),
         }
@@ -160,7 +160,7 @@ impl DirectRoutes {
                 for (net, via, oif) in routes {
                     if oif == underlay {
                         installed.insert(net, via);
-                    } else if let Err(e) = nl.handle().route().del(route(net, via, oif)).execute().await {
+                    } else if let Err(e) = nl.host_handle().route().del(route(net, via, oif)).execute().await {
                         warn!(subnet = %net, via = %via, error = %e, "cannot remove direct route on an old interface");
                     }
                 }
@@ -183,7 +183,7 @@ impl DirectRoutes {
         for p in peers {
             let IpAddr::V4(ip) = p.endpoint.ip() else { continue };
             let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).build();
-            let answer = self.nl.handle().route().get(query).execute().try_next().await;
+            let answer = self.nl.host_handle().route().get(query).execute().try_next().await;
             match answer {
                 Ok(Some(a)) if is_direct(&a, self.underlay) => {
                     out.insert(p.subnet, ip);
@@ -202,7 +202,7 @@ impl DirectRoutes {
         let wanted = self.wanted(peers).await;
         let p = plan(&self.installed, &wanted);
         for (net, via) in p.del {
-            match self.nl.handle().route().del(route(net, via, self.underlay)).execute().await {
+            match self.nl.host_handle().route().del(route(net, via, self.underlay)).execute().await {
                 Ok(()) => info!(subnet = %net, via = %via, "direct route removed"),
                 // Gone already (someone removed it by hand): the goal is reached.
                 Err(rtnetlink::Error::NetlinkError(m)) if m.code.is_some_and(|c| c.get() == -libc::ESRCH) => {}
@@ -214,7 +214,7 @@ impl DirectRoutes {
             self.installed.remove(&net);
         }
         for (net, via) in p.add {
-            match self.nl.handle().route().add(route(net, via, self.underlay)).replace().execute().await {
+            match self.nl.host_handle().route().add(route(net, via, self.underlay)).replace().execute().await {
                 Ok(()) => {
                     self.installed.insert(net, via);
                     info!(subnet = %net, via = %via, "direct route added: same L2 subnet, no encapsulation");

@@ -311,6 +311,7 @@ mod tests {
             vtep_mac: None,
             io_backend: "uring".into(),
             io_fallback_reason: None,
+            rootless: None,
             offloads: [("udp_gso".to_owned(), true), ("udp_gro".to_owned(), false)].into_iter().collect(),
             offload_counters: [("gso_sends".to_owned(), 9)].into_iter().collect(),
             workers: 2,

@@ -30,6 +30,7 @@ pub mod mtu;
 pub mod netlink;
 pub mod peers;
 pub mod pending;
+pub mod rootless;
 pub mod takeover;
 pub mod underlay;
 
@@ -164,6 +165,12 @@ pub enum DaemonError {
     NetworkChanged(String),
 }
 
+impl From<rootless::RootlessError> for DaemonError {
+    fn from(e: rootless::RootlessError) -> Self {
+        Self::NotPermitted(e.to_string())
+    }
+}
+
 impl From<NetlinkError> for DaemonError {
     fn from(e: NetlinkError) -> Self {
         if e.is_permission() { Self::NotPermitted(e.to_string()) } else { Self::Netlink(e) }
@@ -199,6 +206,8 @@ pub struct ConfigSource {
     /// The public address found at start when neither file nor flags set one
     /// ([`underlay::pin_public_ip`]); kept, so a reload never moves the node.
     pub detected_public_ip: Option<IpAddr>,
+    /// Rootless: where unset paths default to ([`rootless::Dirs`]).
+    pub rootless_dirs: Option<rootless::Dirs>,
 }
 
 impl ConfigSource {
@@ -215,6 +224,9 @@ impl ConfigSource {
         if raw.public_ip.is_none() {
             raw.public_ip = self.detected_public_ip.map(|ip| ip.to_string());
         }
+        if let Some(dirs) = &self.rootless_dirs {
+            dirs.fill(&mut raw);
+        }
         Ok(raw)
     }
 
@@ -228,18 +240,31 @@ impl ConfigSource {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, a leave, or a failure it cannot run through.
+/// `overlay` is the rootless overlay namespace ([`rootless`]), `None` as root.
 ///
 /// # Errors
 /// [`DaemonError`] when start-up fails, or a worker or task dies.
-pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
+pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
-    let nl = Netlink::connect()?;
+    let nl = match &overlay {
+        Some(o) => Netlink::connect_rootless(o).await?,
+        None => Netlink::connect()?,
+    };
     let source = underlay::pin_public_ip(source, &nl).await?;
     let loaded = source.load()?;
     let (healthz, masq_wanted, lease_mode) = match &loaded {
         Loaded::Static(c) => (c.healthz, c.ip_masq, false),
         Loaded::Lease { raw, .. } => (crate::config::healthz_addr(raw)?, raw.ip_masq.unwrap_or(false), true),
     };
+    if overlay.is_some() && masq_wanted {
+        return Err(ConfigError::Invalid {
+            field: "ip_masq".into(),
+            message:
+                "needs root: it programs the host's firewall (a rootless overlay has no other way out to masquerade)"
+                    .into(),
+        }
+        .into());
+    }
     // The endpoints come first, so that a node waiting for its store says so (503) rather
     // than refusing connections.
     let health = Arc::new(health::Health::new(lease_mode, masq_wanted));
@@ -264,7 +289,18 @@ pub async fn run(source: ConfigSource) -> Result<(), DaemonError> {
     health.set_phase("starting the data plane");
     // The mode is chosen once here; everything below is monomorphised per core, so the data
     // path has no dynamic dispatch.
-    let start = Start { cfg, source, leased, nl, signals, health, http: http_task };
+    if let (Some(_), Some(p)) = (&overlay, &leased) {
+        if p.network.backend.direct_routing() {
+            return Err(ConfigError::Invalid {
+                field: "Backend.DirectRouting".into(),
+                message: "needs root: it adds routes to the host's own table (run this node as root, or turn it off)"
+                    .into(),
+            }
+            .into());
+        }
+    }
+    let overlay = overlay.map(Arc::new);
+    let start = Start { cfg, source, leased, nl, signals, health, http: http_task, overlay };
     match (start.cfg.backend, start.cfg.device) {
         (Backend::Udp, Device::Tun) => {
             run_with(Wire::of::<UdpEncap>(None), start, |i, local, stats| Forwarder::new(UdpEncap, local, i, stats))
@@ -302,6 +338,8 @@ struct Start {
     health: Arc<health::Health>,
     /// The healthz/metrics server, if a port is set.
     http: Option<tokio::task::JoinHandle<()>>,
+    /// Rootless: the overlay namespace the TUN is opened in.
+    overlay: Option<Arc<rootless::Overlay>>,
 }
 
 /// The signals the daemon reacts to, registered once at start.
@@ -371,7 +409,7 @@ async fn run_with<C: PacketCore + 'static>(
     start: Start,
     make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
-    let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task } = start;
+    let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task, overlay } = start;
     let started = Instant::now();
     // Fail closed first: from here on, pod traffic for the cluster network is either
     // encapsulated or refused, never sent out of the default route (lease mode installed it
@@ -379,12 +417,22 @@ async fn run_with<C: PacketCore + 'static>(
     for net in cfg.cluster_networks() {
         nl.add_fail_closed(net).await?;
     }
-    if let Backend::Vxlan { vni, .. } = cfg.backend {
+    if let (Backend::Vxlan { vni, .. }, None) = (cfg.backend, &overlay) {
         takeover::remove_flannel_vtep(&nl, vni.get(), cfg.port).await?;
     }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
     let mtu = mtu::overlay_mtu(&cfg, &underlay, wire.kind)?;
-    let probe = driver::probe(cfg.io)?;
+    let probe = match &overlay {
+        // io_uring's registered buffers count against an unprivileged user's RLIMIT_MEMLOCK.
+        Some(_) => match rootless::memlock_allows(cfg.workers.saturating_mul(driver::POOL_BYTES)) {
+            Ok(()) => driver::probe(cfg.io)?,
+            Err(why) if cfg.io != driver::IoPreference::Uring => {
+                driver::ProbeResult { backend: driver::Backend::Mmsg, fallback_reason: Some(why) }
+            }
+            Err(why) => return Err(DriverError::UringUnavailable(io::Error::other(why)).into()),
+        },
+        None => driver::probe(cfg.io)?,
+    };
     match &probe.fallback_reason {
         Some(reason) => warn!(backend = "mmsg", reason = %reason, "io_uring unavailable, falling back"),
         None => info!(backend = probe.backend.as_str(), "io backend chosen"),
@@ -392,16 +440,17 @@ async fn run_with<C: PacketCore + 'static>(
 
     // Offloads need a TUN (the TAP path forwards frame by frame); both I/O backends use them.
     let want_offload = cfg.offload && wire.tap.is_none();
-    let queues =
-        driver::tun::open(&cfg.tun_name, cfg.workers, wire.tap.is_some(), want_offload).map_err(|e| {
-            match e.kind() {
-                io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
-                io::ErrorKind::PermissionDenied => {
-                    DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name))
-                }
-                _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
-            }
-        })?;
+    let (name, workers, tap) = (cfg.tun_name.clone(), cfg.workers, wire.tap.is_some());
+    let opened = match &overlay {
+        // A TUN belongs to the namespace of the thread that opened /dev/net/tun.
+        Some(o) => o.run(move || driver::tun::open(&name, workers, tap, want_offload))?,
+        None => driver::tun::open(&name, workers, tap, want_offload),
+    };
+    let queues = opened.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
+        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name)),
+        _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
+    })?;
     let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
     let tun_offloads = queues.first().map(driver::TunQueue::offloads).unwrap_or_default();
     // A GSO send needs the outer checksum (SO_NO_CHECK + UDP_SEGMENT is EINVAL), so with
@@ -457,8 +506,11 @@ async fn run_with<C: PacketCore + 'static>(
         health.set_masq(m.state());
         Some(m)
     } else {
-        if let Err(e) = masq::remove(&masq_table).await {
-            debug!(error = %e, "no masquerade table to remove");
+        // Rootless has no table of its own in the host's firewall to clean.
+        if overlay.is_none() {
+            if let Err(e) = masq::remove(&masq_table).await {
+                debug!(error = %e, "no masquerade table to remove");
+            }
         }
         None
     };
@@ -529,7 +581,12 @@ async fn run_with<C: PacketCore + 'static>(
             });
             f
         });
-        let on_peers = direct::hook(on_peers, &prepared.network, &nl, underlay.index).await;
+        // Rootless refused DirectRouting above, and has no host routes of weft's to clean.
+        let on_peers = if overlay.is_some() {
+            on_peers
+        } else {
+            direct::hook(on_peers, &prepared.network, &nl, underlay.index).await
+        };
         let ctx = lease::LeaseContext {
             routes: routes.clone(),
             mtu,
@@ -617,6 +674,10 @@ async fn run_with<C: PacketCore + 'static>(
         underlay,
         backend: probe.backend,
         fallback_reason: probe.fallback_reason,
+        rootless: overlay.as_ref().map(|o| {
+            let (userns, netns) = o.ns_paths();
+            crate::status::RootlessStatus { userns: userns.display().to_string(), netns: netns.display().to_string() }
+        }),
         offloads: vec![
             ("tun_tso", offloads.tun_vnet),
             ("tun_uso", tun_offloads.uso),
@@ -691,7 +752,9 @@ async fn run_with<C: PacketCore + 'static>(
                 warn!(error = %e, "could not remove fail-closed route");
             }
         }
-        direct::remove_all(&nl).await;
+        if overlay.is_none() {
+            direct::remove_all(&nl).await;
+        }
         if cfg.ip_masq {
             match masq::remove(&masq_table).await {
                 Ok(()) => info!(table = %format!("ip {masq_table}"), "masquerade table removed"),

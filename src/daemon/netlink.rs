@@ -72,10 +72,16 @@ pub struct UnderlayLink {
     pub mtu: u32,
 }
 
-/// A netlink connection driven on the current tokio runtime.
+/// Netlink connections driven on the current tokio runtime: one to the network namespace the
+/// TUN lives in (its address, MTU and routes, the fail-closed route) and one to the host's
+/// (the underlay interface, direct routes, flanneld's leftovers). As root both are the same
+/// connection; rootless, the TUN's namespace is the overlay's ([`super::rootless`]).
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: Handle,
+    host: Handle,
+    /// Rootless: the overlay namespace, where the TUN's sysctls are written too.
+    overlay: Option<super::rootless::Overlay>,
 }
 
 impl Netlink {
@@ -86,13 +92,37 @@ impl Netlink {
     pub fn connect() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { host: handle.clone(), handle, overlay: None })
     }
 
-    /// The rtnetlink handle, for the modules that make their own requests (`underlay`,
-    /// `direct`).
-    pub(crate) fn handle(&self) -> &Handle {
-        &self.handle
+    /// Rootless: the TUN's connection is opened on the thread inside the overlay namespace
+    /// (a netlink socket belongs to the namespace it was created in), the host's here; the
+    /// overlay's loopback is brought up.
+    ///
+    /// # Errors
+    /// [`NetlinkError::Connect`], or the loopback request failing.
+    pub async fn connect_rootless(overlay: &super::rootless::Overlay) -> Result<Self, NetlinkError> {
+        let (conn, host, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        // Registered with this runtime's reactor, created in the overlay's namespace.
+        let rt = tokio::runtime::Handle::current();
+        let opened = overlay
+            .run(move || {
+                let _entered = rt.enter();
+                rtnetlink::new_connection()
+            })
+            .map_err(|e| NetlinkError::Connect(std::io::Error::other(e.to_string())))?;
+        let (conn, handle, _) = opened.map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        // Loopback is index 1 in every new namespace.
+        handle.link().set(LinkUnspec::new_with_index(1).up().build()).execute().await.map_err(req("set lo up"))?;
+        Ok(Self { handle, host, overlay: Some(overlay.clone()) })
+    }
+
+    /// The rtnetlink handle to the host's namespace, for the modules that work on the
+    /// underlay (`underlay`, `direct`, `takeover`).
+    pub(crate) fn host_handle(&self) -> &Handle {
+        &self.host
     }
 
     /// Finds the interface that holds `ip` and its MTU.
@@ -100,7 +130,7 @@ impl Netlink {
     /// # Errors
     /// [`NetlinkError::AddressNotLocal`] when no interface has it.
     pub async fn underlay_for(&self, ip: IpAddr) -> Result<UnderlayLink, NetlinkError> {
-        let mut addrs = self.handle.address().get().execute();
+        let mut addrs = self.host.address().get().execute();
         let mut index = None;
         while let Some(msg) = addrs.try_next().await.map_err(req("list addresses"))? {
             let holds = msg
@@ -114,7 +144,7 @@ impl Netlink {
         }
         let index = index.ok_or(NetlinkError::AddressNotLocal(ip))?;
         let link = self
-            .handle
+            .host
             .link()
             .get()
             .match_index(index)
@@ -181,7 +211,14 @@ impl Netlink {
                 .map_err(req(format!("set mac {mac}")))?;
         }
         if !addrs.iter().any(IpAddr::is_ipv6) {
-            disable_ipv6(name);
+            // /proc/sys/net is the namespace of whoever opens it.
+            match &self.overlay {
+                Some(o) => {
+                    let name = name.to_owned();
+                    let _ = o.run(move || disable_ipv6(&name));
+                }
+                None => disable_ipv6(name),
+            }
         }
         for a in addrs {
             let len = if a.is_ipv4() { 32 } else { 128 };

@@ -53,7 +53,7 @@ fn vxlan_id_and_port(link: &LinkMessage) -> Option<(u32, u16)> {
 /// A netlink request that fails (listing, or the delete).
 pub async fn remove_flannel_vtep(nl: &Netlink, vni: u32, port: u16) -> Result<Option<String>, NetlinkError> {
     let name = format!("flannel.{vni}");
-    let found = nl.handle().link().get().match_name(name.clone()).execute().try_next().await;
+    let found = nl.host_handle().link().get().match_name(name.clone()).execute().try_next().await;
     let link = match found {
         Ok(Some(link)) => link,
         Ok(None) => return Ok(None),
@@ -64,7 +64,7 @@ pub async fn remove_flannel_vtep(nl: &Netlink, vni: u32, port: u16) -> Result<Op
     if vxlan_id_and_port(&link) != Some((vni, port)) {
         return Ok(None);
     }
-    nl.handle()
+    nl.host_handle()
         .link()
         .del(link.header.index)
         .execute()

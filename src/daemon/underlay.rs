@@ -173,7 +173,7 @@ fn req(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
 /// # Errors
 /// A netlink request failure.
 pub async fn snapshot(nl: &Netlink) -> Result<Snapshot, NetlinkError> {
-    let h = nl.handle();
+    let h = nl.host_handle();
     let mut links: Vec<Link> = Vec::new();
     let mut stream = h.link().get().execute();
     while let Some(msg) = stream.try_next().await.map_err(req("list links"))? {

@@ -38,6 +38,9 @@ pub use tun::TunQueue;
 
 /// Pool slots per worker: in-flight reads and receives plus room for sends and writes.
 pub const POOL_SLOTS: usize = 512;
+/// Bytes of one worker's pool, all registered with io_uring (which an unprivileged user's
+/// `RLIMIT_MEMLOCK` must cover).
+pub const POOL_BYTES: usize = POOL_SLOTS * crate::buf::SLOT_LEN;
 
 /// Which I/O backend a worker runs.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
