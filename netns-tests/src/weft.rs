@@ -179,6 +179,9 @@ pub struct NodeConfig {
     pub healthz_port: Option<u16>,
     /// `healthz_ip`; `None` is weft's default (127.0.0.1).
     pub healthz_ip: Option<String>,
+    /// Run the daemon as this unprivileged uid (and the same gid), rootless: its socket,
+    /// `XDG_RUNTIME_DIR` and `HOME` go under a directory of its own ([`WeftNode::user_dir`]).
+    pub run_as: Option<u32>,
 }
 
 impl NodeConfig {
@@ -211,6 +214,7 @@ impl NodeConfig {
             ip_masq: None,
             healthz_port: None,
             healthz_ip: None,
+            run_as: None,
         }
     }
 
@@ -417,19 +421,74 @@ impl<'t> WeftNode<'t> {
     ///
     /// Fails if there is no weft binary or it cannot be started.
     pub fn start_unready(host: &'t Host, dir: &Path, config: NodeConfig) -> Result<Self> {
-        let bin = weft_bin()?;
+        let mut bin = weft_bin()?;
         let name = config.node_name.clone();
+        let mut socket = dir.join(format!("{name}.sock"));
+        if let Some(uid) = config.run_as {
+            // Everything the user writes lives in a directory it owns, with its own copy of
+            // the binary (the checkout may not be readable to it).
+            let home = Self::user_dir_of(dir, &name);
+            for d in [home.join("run"), home.join("home")] {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            let copy = home.join("weft");
+            std::fs::copy(&bin, &copy).with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+            for p in [home.clone(), home.join("run"), home.join("home"), copy.clone()] {
+                std::os::unix::fs::chown(&p, Some(uid), Some(uid)).with_context(|| format!("chown {}", p.display()))?;
+            }
+            bin = copy;
+            socket = home.join("run").join("weft.sock");
+        }
         let mut node = Self {
             host,
             config,
             bin,
             config_path: dir.join(format!("{name}.toml")),
-            socket: dir.join(format!("{name}.sock")),
+            socket,
             log: dir.join(format!("{name}.log")),
             proc: None,
         };
         node.spawn_process()?;
         Ok(node)
+    }
+
+    /// The directory a rootless node `name` started in `dir` owns (see
+    /// [`WeftNode::user_dir`]), known before it starts, for paths in its config.
+    pub fn user_dir_of(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}-user"))
+    }
+
+    /// A rootless node's own directory: `run/` (its `XDG_RUNTIME_DIR`, with the API socket),
+    /// `home/` (its `HOME`, with the state), its copy of `weft`.
+    pub fn user_dir(&self) -> Option<PathBuf> {
+        self.config
+            .run_as
+            .map(|_| Self::user_dir_of(self.config_path.parent().unwrap_or(Path::new("/")), &self.config.node_name))
+    }
+
+    /// `setpriv` arguments that run `program args` inside this rootless node's overlay, as
+    /// its user (`setpriv … weft exec --socket … -- program args`): run them with
+    /// `ns().exec_timeout("setpriv", …)` or `ns().spawn("setpriv", …)`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the node is not rootless.
+    pub fn overlay_args(&self, program: &str, args: &[&str]) -> Result<Vec<String>> {
+        let Some(uid) = self.config.run_as else {
+            bail!("{} is not a rootless node", self.config.node_name);
+        };
+        let uid = uid.to_string();
+        let mut all: Vec<String> = ["--reuid", &uid, "--regid", &uid, "--clear-groups"].map(str::to_owned).to_vec();
+        all.extend([
+            self.bin.display().to_string(),
+            "exec".into(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+        ]);
+        all.push("--".into());
+        all.push(program.to_owned());
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Ok(all)
     }
 
     /// Writes the config, starts `weft run` and waits until it is ready.
@@ -444,7 +503,16 @@ impl<'t> WeftNode<'t> {
         self.write_config()?;
         let config_arg = self.config_path.display().to_string();
         let args = ["run", "--config", config_arg.as_str()];
-        let mut cmd = self.host.ns().command(&self.bin, &args);
+        let mut cmd = match (self.config.run_as, self.user_dir()) {
+            (Some(uid), Some(home)) => {
+                let (uid, bin) = (uid.to_string(), self.bin.display().to_string());
+                let all = ["--reuid", &uid, "--regid", &uid, "--clear-groups", &bin, "run", "--config", &config_arg];
+                let mut c = self.host.ns().command("setpriv", &all);
+                c.env("XDG_RUNTIME_DIR", home.join("run")).env("HOME", home.join("home"));
+                c
+            }
+            _ => self.host.ns().command(&self.bin, &args),
+        };
         cmd.envs(self.config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let what = format!("[{}] {} {}", self.host.ns().name(), self.bin.display(), args.join(" "));
         self.proc = Some(Proc::spawn(cmd, &what, Some(&self.log))?);

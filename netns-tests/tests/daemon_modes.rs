@@ -96,7 +96,8 @@ fn port_in_use_exits_5() {
     ping_all(topo.n(1).ns(), "198.18.0.2", 1).expect("underlay still fine");
 }
 
-/// Without CAP_NET_ADMIN the daemon exits 4 with a message saying what it needs.
+/// Without CAP_NET_ADMIN, and rootless mode turned off, the daemon exits 4 with a message
+/// saying what it needs.
 #[test]
 fn unprivileged_exits_4() {
     let Some(topo) = Topology::for_test("unprivileged_exits_4", "noroot", 1).expect("topology") else {
@@ -117,6 +118,7 @@ fn unprivileged_exits_4() {
                 "--inh-caps=-all",
                 bin,
                 "run",
+                "--rootless=false",
                 "--node-name",
                 "n1",
                 "--public-ip",
