@@ -305,6 +305,14 @@ struct RunArgs {
         value_parser = BoolishValueParser::new()
     )]
     rootless: Option<bool>,
+    /// Rootless: join this user namespace (a `…/ns/user` path: rootlesskit's, podman's)
+    /// instead of creating one.
+    #[arg(long, env = "WEFT_USERNS", requires = "netns")]
+    userns: Option<PathBuf>,
+    /// Rootless: put the TUN in this network namespace (a `…/ns/net` path owned by
+    /// `--userns`) instead of a new one.
+    #[arg(long, env = "WEFT_NETNS", requires = "userns")]
+    netns: Option<PathBuf>,
     /// Lease cache: the last known leases, so a restart while the store is down comes up at
     /// once [default: /var/lib/weft/leases/<node name>.json].
     #[arg(long, env = "WEFT_LEASE_CACHE")]
@@ -445,7 +453,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let rootless = args.rootless.unwrap_or_else(daemon::rootless::is_unprivileged);
     let (overlay, rootless_dirs) = if rootless {
-        match enter_rootless() {
+        match enter_rootless(args.userns.as_deref(), args.netns.as_deref()) {
             Ok((o, d)) => (Some(o), Some(d)),
             Err((code, e)) => {
                 tracing::error!(error = %e, exit_code = code, "weft run failed");
@@ -481,12 +489,15 @@ fn run(args: RunArgs) -> ExitCode {
 
 /// Rootless start, before any thread exists: the user namespace, then the overlay network
 /// namespace. Exit 3 for missing directories (configuration), 4 for what the kernel refuses.
-fn enter_rootless() -> Result<(daemon::rootless::Overlay, daemon::rootless::Dirs), (u8, String)> {
+fn enter_rootless(
+    userns: Option<&std::path::Path>,
+    netns: Option<&std::path::Path>,
+) -> Result<(daemon::rootless::Overlay, daemon::rootless::Dirs), (u8, String)> {
     use daemon::rootless;
     let dirs = rootless::Dirs::from_env().map_err(|e| (3, e.to_string()))?;
     rootless::check_tun_access().map_err(|e| (4, e.to_string()))?;
-    rootless::enter_user_namespace().map_err(|e| (4, e.to_string()))?;
-    let overlay = rootless::Overlay::create().map_err(|e| (4, e.to_string()))?;
+    rootless::enter_user_namespace(userns).map_err(|e| (4, e.to_string()))?;
+    let overlay = rootless::Overlay::create(netns).map_err(|e| (4, e.to_string()))?;
     let (userns, netns) = overlay.ns_paths();
     tracing::info!(userns = %userns.display(), netns = %netns.display(), state = %dirs.runtime.display(), "rootless: own user and network namespace");
     Ok((overlay, dirs))

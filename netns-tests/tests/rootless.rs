@@ -213,3 +213,41 @@ fn gateway_with_len(n: &WeftNode<'_>) -> String {
     let len = subnet.split_once('/').map_or("24", |(_, l)| l).to_owned();
     format!("{}/{len}", n.gateway().expect("gateway"))
 }
+
+/// `--userns`/`--netns`: weft joins namespaces another tool made (as rootlesskit or podman
+/// would hold them; here `unshare -Urn` run by the same user) and puts its TUN there.
+#[test]
+fn rootless_joins_given_namespaces() {
+    let Some(topo) = Topology::for_test("rootless_joins_given_namespaces", "rlj", 1).expect("topology") else {
+        return;
+    };
+    let _tun = TunMode::set(0o666);
+    let uid = NOBODY.to_string();
+    let holder_args = ["--reuid", &uid, "--regid", &uid, "--clear-groups", "unshare", "-Urn", "sleep", "600"];
+    let holder = topo.n(1).ns().spawn("setpriv", &holder_args, &topo.dir().join("holder.log")).expect("holder");
+    let pid = holder.pid();
+    let (userns, netns) = (format!("/proc/{pid}/ns/user"), format!("/proc/{pid}/ns/net"));
+    let ready = poll_until(Duration::from_secs(5), || {
+        let ours = std::fs::read_link("/proc/self/ns/user")?;
+        Ok((std::fs::read_link(&userns)? != ours).then_some(()))
+    });
+    assert!(matches!(ready, Ok(Some(()))), "the holder never entered its own user namespace");
+    let cfg = rootless(1).with_env("WEFT_USERNS", &userns).with_env("WEFT_NETNS", &netns);
+    let n1 = topo.start_weft(cfg).expect("rootless weft joining the holder's namespaces");
+    let status = n1.status_json().expect("status");
+    let reported = json_path(&status, "rootless.netns").and_then(|v| v.as_str()).expect("rootless.netns").to_owned();
+    assert_eq!(
+        std::fs::read_link(&reported).ok(),
+        std::fs::read_link(&netns).ok(),
+        "weft's overlay is not the holder's namespace"
+    );
+    let pid_arg = pid.to_string();
+    let out = topo
+        .n(1)
+        .ns()
+        .exec_ok("nsenter", &["--target", &pid_arg, "--user", "--net", "ip", "-br", "addr", "show", "weft0"])
+        .expect("nsenter into the holder");
+    assert!(out.stdout.contains("10.244.1.1"), "no weft TUN in the holder's namespace: {out}");
+    drop(n1);
+    drop(holder);
+}

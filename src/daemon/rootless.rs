@@ -55,6 +55,9 @@ pub enum RootlessError {
     /// The overlay thread is gone.
     #[error("rootless: the overlay namespace thread exited")]
     ThreadGone,
+    /// A namespace given by path could not be joined.
+    #[error("rootless: cannot join {path}: {reason}", path = .0.display(), reason = .1)]
+    Join(PathBuf, String),
     /// The user may not open `/dev/net/tun`.
     #[error(
         "rootless: /dev/net/tun is not open to this user ({0}): distributions ship it mode 0666 \
@@ -84,15 +87,21 @@ pub fn check_tun_access() -> Result<(), RootlessError> {
     access("/dev/net/tun", AccessFlags::R_OK | AccessFlags::W_OK).map_err(RootlessError::NoTun)
 }
 
-/// Enters a new user namespace in which the caller's uid and gid are 0. Must run before the
-/// process starts any thread.
+/// Enters a new user namespace in which the caller's uid and gid are 0, or joins `existing`
+/// (a rootlesskit or podman user namespace the same user owns, given by its `ns/user` path).
+/// Must run before the process starts any thread.
 ///
 /// # Errors
 /// [`RootlessError`] naming what the kernel refused.
-pub fn enter_user_namespace() -> Result<(), RootlessError> {
+pub fn enter_user_namespace(existing: Option<&Path>) -> Result<(), RootlessError> {
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     if std::fs::read_dir("/proc/self/task").map(Iterator::count).unwrap_or(1) > 1 {
         return Err(RootlessError::Threaded);
+    }
+    if let Some(path) = existing {
+        let f = std::fs::File::open(path).map_err(|e| RootlessError::Join(path.to_path_buf(), e.to_string()))?;
+        return nix::sched::setns(&f, CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| RootlessError::Join(path.to_path_buf(), e.to_string()));
     }
     unshare(CloneFlags::CLONE_NEWUSER).map_err(RootlessError::UserNamespace)?;
     let write = |path: &'static str, text: String| {
@@ -115,18 +124,31 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Creates the namespace on a new thread, which stays in it. Call after
+    /// Creates the namespace on a new thread, which stays in it, or has the thread join
+    /// `existing` (a network namespace owned by the user namespace joined before). Call after
     /// [`enter_user_namespace`].
     ///
     /// # Errors
-    /// [`RootlessError::NetNamespace`] when the kernel refuses.
-    pub fn create() -> Result<Self, RootlessError> {
+    /// [`RootlessError::NetNamespace`] when the kernel refuses, [`RootlessError::Join`].
+    pub fn create(existing: Option<&Path>) -> Result<Self, RootlessError> {
+        let target = match existing {
+            Some(p) => Some((
+                p.to_path_buf(),
+                std::fs::File::open(p).map_err(|e| RootlessError::Join(p.to_path_buf(), e.to_string()))?,
+            )),
+            None => None,
+        };
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel();
         std::thread::Builder::new()
             .name("weft-overlay-ns".into())
             .spawn(move || {
-                let unshared = unshare(CloneFlags::CLONE_NEWNET).map(|()| nix::unistd::gettid().as_raw());
+                let unshared = match &target {
+                    Some((p, f)) => nix::sched::setns(f, CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| RootlessError::Join(p.clone(), e.to_string())),
+                    None => unshare(CloneFlags::CLONE_NEWNET).map_err(RootlessError::NetNamespace),
+                }
+                .map(|()| nix::unistd::gettid().as_raw());
                 let ok = unshared.is_ok();
                 let _ = ready.send(unshared);
                 if ok {
@@ -141,7 +163,7 @@ impl Overlay {
                 }
             })
             .map_err(|e| RootlessError::NetNamespace(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN))))?;
-        let tid = started.recv().map_err(|_| RootlessError::ThreadGone)?.map_err(RootlessError::NetNamespace)?;
+        let tid = started.recv().map_err(|_| RootlessError::ThreadGone)??;
         Ok(Self { jobs, tid })
     }
 
