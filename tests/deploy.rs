@@ -43,7 +43,13 @@ fn run_help_vars() -> BTreeSet<String> {
 fn deploy_files_set_only_variables_weft_run_reads() {
     let known = run_help_vars();
     assert!(known.contains("WEFT_NODE_NAME") && known.contains("WEFT_ETCD_ENDPOINTS"), "{known:?}");
-    for file in ["deploy/daemonset.yaml", "deploy/weft.env", "deploy/weft.service", "deploy/README.md"] {
+    for file in [
+        "deploy/daemonset.yaml",
+        "deploy/weft.env",
+        "deploy/weft.service",
+        "deploy/weft-user.service",
+        "deploy/README.md",
+    ] {
         for var in weft_vars(&read(file)) {
             assert!(known.contains(&var), "{file} uses {var}, which `weft run --help` does not list");
         }
@@ -58,6 +64,24 @@ fn unit_restarts_always_and_leaves_only_on_weft_leave() {
     assert!(directives.contains(&"ExecStart=/usr/local/bin/weft run"), "{unit}");
     assert!(!directives.iter().any(|d| d.starts_with("ExecStop")), "a stop must not be a leave: {unit}");
     assert!(unit.contains("weft leave"), "the decommission step is documented");
+}
+
+/// The rootless user unit: restarts always, never leaves on stop, and passes only flags
+/// `weft run` has.
+#[test]
+fn user_unit_runs_rootless_with_flags_weft_run_has() {
+    let unit = read("deploy/weft-user.service");
+    let directives: Vec<&str> = unit.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    assert!(directives.contains(&"Restart=always"), "{unit}");
+    assert!(!directives.iter().any(|d| d.starts_with("ExecStop")), "a stop must not be a leave: {unit}");
+    let exec = directives.iter().find_map(|d| d.strip_prefix("ExecStart=")).expect("ExecStart");
+    let out = Command::new(env!("CARGO_BIN_EXE_weft")).args(["run", "--help"]).output().expect("weft run --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flags: Vec<&str> = exec.split_whitespace().filter(|w| w.starts_with("--")).collect();
+    assert!(flags.contains(&"--rootless"), "{exec}");
+    for f in flags {
+        assert!(help.contains(&format!("{f} ")) || help.contains(&format!("{f}[")), "weft run has no {f}: {exec}");
+    }
 }
 
 #[test]
