@@ -134,6 +134,9 @@ pub fn render(s: &Status) -> String {
         if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(" ")) }
     );
     let _ = writeln!(o, "process   pid {}, {} reloads ({} refused)", s.pid, s.reloads, s.reload_failures);
+    if let Some(r) = &s.rootless {
+        let _ = writeln!(o, "rootless  userns {}, netns {} (weft exec -- CMD runs there)", r.userns, r.netns);
+    }
     let _ = writeln!(o, "security  {}", s.security);
     match &s.lease {
         Some(l) => {
