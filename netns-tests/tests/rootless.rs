@@ -1,9 +1,10 @@
-//! Rootless mode: weft run by an unprivileged user (uid 65534, `nobody`) on two hosts, with a
-//! third host running weft as root in the same cluster.
+//! Rootless mode: weft run by an unprivileged user (a system user each test creates with
+//! `useradd` and removes) on two hosts, with a third host running weft as root in the same
+//! cluster.
 //!
 //! ```text
 //! ┌─ n1 (host netns) ───────────────┐ ┌─ n2 (host netns) ───────────────┐ ┌─ n3 ─────────────────┐
-//! │ weft as nobody: UDP 8285 here   │ │ weft as nobody: UDP 8285 here   │ │ weft as root          │
+//! │ weft as a user: UDP 8285 here   │ │ weft as a user: UDP 8285 here   │ │ weft as root          │
 //! │  └ own userns + netns:          │ │  └ own userns + netns:          │ │ weft0 10.244.3.1      │
 //! │    weft0 10.244.1.1, lo         │ │    weft0 10.244.2.1, lo         │ │                       │
 //! │    (ping, iperf3 via weft exec) │ │    (ping, iperf3 via weft exec) │ │                       │
@@ -14,7 +15,8 @@
 //! `/dev/net/tun` must be open to every user, as Debian and Fedora ship it (mode 0666); a
 //! machine that has it 0600 gets 0666 for the test's duration, restored afterwards.
 //!
-//! Needs root (to build the lab), setpriv, iperf3, and unprivileged user namespaces.
+//! Needs root (to build the lab), useradd/userdel, setpriv, nsenter, unshare, iperf3, and
+//! unprivileged user namespaces.
 
 // Setup helpers outside #[test] fns: a failing step must fail the test loudly.
 #![allow(clippy::expect_used, clippy::panic)]
@@ -29,8 +31,36 @@ use weft_netns_tests::{
     ping_all, report,
 };
 
-/// uid (and gid) of the unprivileged user the daemons run as.
-const NOBODY: u32 = 65534;
+/// An unprivileged system user (and its group) made for one test with `useradd`, removed
+/// with `userdel` on drop: the daemons run as it.
+struct TestUser {
+    name: String,
+    uid: u32,
+}
+
+impl TestUser {
+    fn new(tag: &str) -> Self {
+        let name = format!("weft-{tag}-{}", std::process::id());
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program).args(args).output().expect(program);
+            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        run("useradd", &["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", &name]);
+        // From here on, drop removes the user even if a check below fails.
+        let mut user = Self { uid: 0, name };
+        // The harness runs it with gid = uid (a gid needs no group entry to be used).
+        user.uid = run("id", &["-u", &user.name]).parse().expect("uid");
+        user
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // Its processes are gone with the namespaces; a failure here only leaves an account.
+        let _ = std::process::Command::new("userdel").arg(&self.name).status();
+    }
+}
 
 /// `/dev/net/tun` with mode `mode` while it lives (0666 is what distributions ship); the mode
 /// it had is put back on drop.
@@ -51,8 +81,8 @@ impl Drop for TunMode {
     }
 }
 
-fn rootless(i: u8) -> NodeConfig {
-    NodeConfig { run_as: Some(NOBODY), ..NodeConfig::mesh(i, 3) }
+fn rootless(i: u8, user: &TestUser) -> NodeConfig {
+    NodeConfig { run_as: Some(user.uid), ..NodeConfig::mesh(i, 3) }
 }
 
 /// Runs `program args` in `node`'s overlay, as its user; must succeed.
@@ -97,19 +127,21 @@ fn rootless_nodes_and_a_root_node_in_one_cluster() {
         return;
     };
     let _tun = TunMode::set(0o666);
-    let n1 = topo.start_weft(rootless(1)).expect("rootless weft on n1");
-    let n2 = topo.start_weft(rootless(2)).expect("rootless weft on n2");
+    let user = TestUser::new("rls");
+    let n1 = topo.start_weft(rootless(1, &user)).expect("rootless weft on n1");
+    let n2 = topo.start_weft(rootless(2, &user)).expect("rootless weft on n2");
     let n3 = topo.start_weft(NodeConfig::mesh(3, 3)).expect("root weft on n3");
 
     for n in [&n1, &n2] {
         let status = n.status_json().expect("status");
         let netns = json_path(&status, "rootless.netns").and_then(|v| v.as_str());
         assert!(netns.is_some_and(|p| p.ends_with("/ns/net")), "no overlay namespace in status: {status}");
-        // The daemon runs as nobody, and its TUN is not in the host's namespace.
+        // The daemon runs as the test's user, and its TUN is not in the host's namespace.
         let pid = json_path(&status, "pid").and_then(|v| v.as_u64()).expect("pid");
         let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
         let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
-        assert!(uid_line.split_whitespace().nth(1) == Some("65534"), "daemon not unprivileged: {uid_line}");
+        let uid = user.uid.to_string();
+        assert!(uid_line.split_whitespace().nth(1) == Some(uid.as_str()), "daemon not unprivileged: {uid_line}");
         assert!(!n.ns().has_link("weft0").expect("ip link"), "the TUN leaked into the host namespace");
         let addrs = in_overlay(n, Duration::from_secs(5), "ip", &["-br", "addr", "show", "weft0"]);
         let gw = n.gateway().expect("gateway").to_string();
@@ -147,7 +179,8 @@ fn rootless_refuses_ip_masq() {
         return;
     };
     let _tun = TunMode::set(0o666);
-    let Err(err) = topo.start_weft(rootless(1).ip_masq(true)) else {
+    let user = TestUser::new("rlm");
+    let Err(err) = topo.start_weft(rootless(1, &user).ip_masq(true)) else {
         panic!("a rootless node with ip_masq must not start");
     };
     let text = format!("{err:#}");
@@ -161,7 +194,8 @@ fn rootless_without_tun_access_exits_4() {
         return;
     };
     let _tun = TunMode::set(0o600);
-    let Err(err) = topo.start_weft(rootless(1)) else {
+    let user = TestUser::new("rlt");
+    let Err(err) = topo.start_weft(rootless(1, &user)) else {
         panic!("a rootless node without /dev/net/tun must not start");
     };
     let text = format!("{err:#}");
@@ -179,6 +213,7 @@ fn rootless_nodes_lease_from_etcd() {
     let etcd = topo.start_etcd().expect("etcd");
     let store = StoreConfig::etcd(etcd.endpoints());
     topo.network_init(&store, &NetworkInit::udp()).expect("weft network init");
+    let user = TestUser::new("rle");
     let nodes: Vec<WeftNode<'_>> = [1u8, 2]
         .iter()
         .map(|&i| {
@@ -189,7 +224,7 @@ fn rootless_nodes_lease_from_etcd() {
                 lease_cache: home.join("home/lease-cache.json"),
                 ..LeaseSettings::for_node(&store, topo.dir(), &format!("n{i}"))
             };
-            let cfg = NodeConfig { run_as: Some(NOBODY), ..NodeConfig::leased(i, lease) };
+            let cfg = NodeConfig { run_as: Some(user.uid), ..NodeConfig::leased(i, lease) };
             topo.start_weft(cfg).unwrap_or_else(|e| panic!("rootless lease-mode n{i}: {e:#}"))
         })
         .collect();
@@ -222,7 +257,8 @@ fn rootless_joins_given_namespaces() {
         return;
     };
     let _tun = TunMode::set(0o666);
-    let uid = NOBODY.to_string();
+    let user = TestUser::new("rlj");
+    let uid = user.uid.to_string();
     let holder_args = ["--reuid", &uid, "--regid", &uid, "--clear-groups", "unshare", "-Urn", "sleep", "600"];
     let holder = topo.n(1).ns().spawn("setpriv", &holder_args, &topo.dir().join("holder.log")).expect("holder");
     let pid = holder.pid();
@@ -232,7 +268,7 @@ fn rootless_joins_given_namespaces() {
         Ok((std::fs::read_link(&userns)? != ours).then_some(()))
     });
     assert!(matches!(ready, Ok(Some(()))), "the holder never entered its own user namespace");
-    let cfg = rootless(1).with_env("WEFT_USERNS", &userns).with_env("WEFT_NETNS", &netns);
+    let cfg = rootless(1, &user).with_env("WEFT_USERNS", &userns).with_env("WEFT_NETNS", &netns);
     let n1 = topo.start_weft(cfg).expect("rootless weft joining the holder's namespaces");
     let status = n1.status_json().expect("status");
     let reported = json_path(&status, "rootless.netns").and_then(|v| v.as_str()).expect("rootless.netns").to_owned();
