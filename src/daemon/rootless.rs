@@ -71,10 +71,22 @@ pub enum RootlessError {
     NoDir(&'static str),
 }
 
-/// Whether the process runs without root in the host's user namespace: then weft runs
-/// rootless even without `--rootless`.
+/// Whether the process runs without root and without CAP_NET_ADMIN (a non-root service
+/// given that capability, as systemd's `AmbientCapabilities=` does, runs as root mode does):
+/// then weft runs rootless even without `--rootless`.
 pub fn is_unprivileged() -> bool {
     !nix::unistd::geteuid().is_root()
+        && !has_net_admin(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
+}
+
+/// Whether `CapEff` in a `/proc/<pid>/status` text has CAP_NET_ADMIN (bit 12).
+fn has_net_admin(status: &str) -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// Whether this user may open `/dev/net/tun` (checked before anything else, so the error
@@ -289,6 +301,15 @@ pub fn default_api_socket() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_admin_is_read_from_cap_eff() {
+        assert!(has_net_admin("Name:\tweft\nCapEff:\t0000000000001000\n"));
+        assert!(has_net_admin("CapEff:\t000001ffffffffff\n"));
+        assert!(!has_net_admin("CapEff:\t0000000000000000\n"));
+        assert!(!has_net_admin("CapEff:\t0000000000002000\n"), "CAP_NET_RAW alone");
+        assert!(!has_net_admin(""));
+    }
 
     #[test]
     fn rootless_paths_fill_only_what_is_unset() {
