@@ -136,6 +136,10 @@ fn rootless_nodes_and_a_root_node_in_one_cluster() {
         let status = n.status_json().expect("status");
         let netns = json_path(&status, "rootless.netns").and_then(|v| v.as_str());
         assert!(netns.is_some_and(|p| p.ends_with("/ns/net")), "no overlay namespace in status: {status}");
+        // The stable name under $XDG_RUNTIME_DIR/weft resolves to the same namespace.
+        let link = n.user_dir().expect("user dir").join("run/weft/netns");
+        let via_link = std::fs::read_link(std::fs::read_link(&link).expect("netns link")).ok();
+        assert_eq!(via_link, netns.and_then(|p| std::fs::read_link(p).ok()), "{}", link.display());
         // The daemon runs as the test's user, and its TUN is not in the host's namespace.
         let pid = json_path(&status, "pid").and_then(|v| v.as_u64()).expect("pid");
         let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");

@@ -668,6 +668,11 @@ async fn run_with<C: PacketCore + 'static>(
     health.workers_running.store(true, Ordering::Relaxed);
 
     let (leave_tx, mut leave_rx) = mpsc::unbounded_channel::<()>();
+    if let (Some(o), Some(dirs)) = (&overlay, &source.rootless_dirs) {
+        if let Err(e) = o.link_into(&dirs.runtime) {
+            warn!(dir = %dirs.runtime.display(), error = %e, "rootless: cannot link the namespace files");
+        }
+    }
     let state = Arc::new(api::ApiState {
         cfg: cfg.clone(),
         mtu,

@@ -193,6 +193,24 @@ impl Overlay {
         rx.recv().map_err(|_| RootlessError::ThreadGone)
     }
 
+    /// Links `dir/userns` and `dir/netns` to [`ns_paths`](Self::ns_paths), replacing what an
+    /// earlier run left: stable names for podman's `--network ns:PATH` and nsenter while this
+    /// daemon runs (they dangle once it is gone, until the next start replaces them).
+    ///
+    /// # Errors
+    /// Creating the directory or a link.
+    pub fn link_into(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let (userns, netns) = self.ns_paths();
+        for (name, target) in [("userns", userns), ("netns", netns)] {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp)?;
+            std::fs::rename(&tmp, dir.join(name))?;
+        }
+        Ok(())
+    }
+
     /// The namespace files of the overlay thread: (user, net), for `weft exec`, nsenter and
     /// podman.
     pub fn ns_paths(&self) -> (PathBuf, PathBuf) {
