@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::buf::PacketBuf;
 use crate::encap::vxlan::check_header;
-use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict, write_icmp_error};
+use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict, repair_counted, write_icmp_error};
 use crate::node::LocalNode;
 use crate::ratelimit::{IcmpLimiter, TokenBucket};
 use crate::route::{NextHop, PeerId, RouteTable};
@@ -373,11 +373,7 @@ impl PacketCore for Bridge {
     fn complete_partial(&self, delivered: &mut [u8]) -> bool {
         let ip = EthernetFrame::new_checked(&*delivered)
             .is_ok_and(|f| matches!(f.ethertype(), ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6));
-        let done = ip && delivered.get_mut(ethernet::HEADER_LEN..).is_some_and(crate::partial::repair);
-        if done {
-            self.stats.count_offload(crate::stats::OffloadCounter::CsumCompleted, 1);
-        }
-        done
+        ip && delivered.get_mut(ethernet::HEADER_LEN..).is_some_and(|p| repair_counted(&self.stats, p))
     }
 }
 

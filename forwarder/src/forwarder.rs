@@ -128,12 +128,18 @@ pub trait PacketCore: Send {
     /// TUN without a virtio-net header, which has no way to hand a packet over as partial.
     /// (With one, the merge path hands it over as partial instead, at no cost.)
     fn complete_partial(&self, delivered: &mut [u8]) -> bool {
-        let done = crate::partial::repair(delivered);
-        if done {
-            self.stats().count_offload(OffloadCounter::CsumCompleted, 1);
-        }
-        done
+        repair_counted(self.stats(), delivered)
     }
+}
+
+/// [`crate::partial::repair`] on the IP packet `ip`, counted as `csum_completed` when it did
+/// repair: what every core's [`PacketCore::complete_partial`] comes down to.
+pub(crate) fn repair_counted(stats: &WorkerStats, ip: &mut [u8]) -> bool {
+    let done = crate::partial::repair(ip);
+    if done {
+        stats.count_offload(OffloadCounter::CsumCompleted, 1);
+    }
+    done
 }
 
 impl<E: Encap + Send> PacketCore for Forwarder<E> {

@@ -480,15 +480,15 @@ pub(crate) mod raw {
         Some(v)
     }
 
-    /// Where the TCP/UDP checksum field of `ip` is, if it has one in its bytes.
-    fn l4_field(ip: &[u8]) -> Option<usize> {
+    /// Where the TCP/UDP checksum field of `ip` is, if it has one in its bytes, and the protocol.
+    fn l4_field(ip: &[u8]) -> Option<(usize, u8)> {
         let (at, proto) = l4(ip)?;
         let field = match proto {
             6 => at + 16,
             17 => at + 6,
             _ => return None,
         };
-        (ip.len() >= field + 2).then_some(field)
+        (ip.len() >= field + 2).then_some((field, proto))
     }
 
     /// Whether an IPv4 header's checksum verifies (IPv6 has none).
@@ -511,14 +511,13 @@ pub(crate) mod raw {
     /// Leaves the TCP/UDP checksum of `ip` as a kernel VTEP with checksum offload does: the
     /// pseudo-header sum (of the L4 bytes present), not complemented.
     pub(crate) fn make_l4_checksum_partial(ip: &mut [u8]) {
-        let (Some(field), Some(p)) = (l4_field(ip), pseudo(ip)) else { return };
+        let (Some((field, _)), Some(p)) = (l4_field(ip), pseudo(ip)) else { return };
         ip[field..field + 2].copy_from_slice(&rfc1071(&p).to_be_bytes());
     }
 
     /// Rewrites the TCP/UDP checksum of `ip` to the correct one, if it has a place for it.
     pub(crate) fn fix_l4_checksum(ip: &mut [u8]) {
-        let Some(field) = l4_field(ip) else { return };
-        let proto = l4(ip).map_or(0, |(_, p)| p);
+        let Some((field, proto)) = l4_field(ip) else { return };
         ip[field..field + 2].copy_from_slice(&[0, 0]);
         let Some(v) = pseudo_and_l4(ip) else { return };
         let mut c = !rfc1071(&v);

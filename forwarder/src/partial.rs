@@ -43,6 +43,8 @@ pub struct Partial {
     offset: usize,
     /// Where the IP packet ends (Ethernet padding may follow it).
     end: usize,
+    /// The pseudo-header sum (unfolded), which [`verified`] adds the L4 bytes to.
+    pseudo: u32,
 }
 
 impl Partial {
@@ -72,8 +74,8 @@ impl Partial {
 }
 
 /// `Some` when `ip` (one whole IPv4 or IPv6 packet, already checked by the forwarder, possibly
-/// followed by padding) is TCP or UDP, not a fragment, and its checksum field holds exactly the pseudo-header sum: a
-/// partial checksum (see the module doc). IPv6 extension headers are not walked (a kernel VTEP
+/// followed by padding) is TCP or UDP, not a fragment, and its checksum field holds exactly the
+/// pseudo-header sum: a partial checksum (see the module doc). IPv6 extension headers are not walked (a kernel VTEP
 /// leaves those packets' checksums complete in practice, and they then go as they are). An
 /// IPv4 UDP field of 0 means "no checksum" and is left alone.
 #[must_use]
@@ -102,8 +104,8 @@ pub fn find(ip: &[u8]) -> Option<Partial> {
         return None;
     }
     // The partial field is the folded pseudo-header sum, not complemented (`fold` complements).
-    let partial = !checksum::fold(pseudo_sum(ip, v6, proto, l4_len));
-    (field == partial).then_some(Partial { start: l4, offset, end })
+    let pseudo = pseudo_sum(ip, v6, proto, l4_len);
+    (field == !checksum::fold(pseudo)).then_some(Partial { start: l4, offset, end, pseudo })
 }
 
 /// [`find`], confirmed by the full sum: `Some` only when the checksum does not verify, so the
@@ -111,10 +113,7 @@ pub fn find(ip: &[u8]) -> Option<Partial> {
 #[must_use]
 pub fn verified(ip: &[u8]) -> Option<Partial> {
     let p = find(ip)?;
-    let l4 = ip.get(p.start..p.end)?;
-    let v6 = ip.first()? >> 4 == 6;
-    let proto = if p.offset == TCP_CSUM_OFFSET { TCP } else { UDP };
-    (checksum::fold(checksum::sum(pseudo_sum(ip, v6, proto, l4.len()), l4)) != 0).then_some(p)
+    (checksum::fold(checksum::sum(p.pseudo, ip.get(p.start..p.end)?)) != 0).then_some(p)
 }
 
 /// Completes the partial checksum `p` of `ip` in place, as a NIC would: one pass over the L4
