@@ -73,12 +73,14 @@ impl Squatter {
     fn hold(lock: &Path) -> Self {
         let path = lock.to_str().expect("utf-8 path");
         // --no-fork: the process we spawn is the one holding the lock, so killing it frees it.
-        let child = as_nobody("flock", &["--shared", "--nonblock", "--no-fork", path, "sleep", "120"])
+        // It waits (up to 5 s) rather than --nonblock: the probe below takes the lock
+        // exclusively for an instant, and a non-blocking squatter that tries then gives up.
+        let child = as_nobody("flock", &["--shared", "--timeout", "5", "--no-fork", path, "sleep", "120"])
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn flock as nobody");
         let mut s = Self(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(10);
         // Held once root cannot take it exclusively without waiting.
         loop {
             if let Ok(Some(status)) = s.0.try_wait() {
