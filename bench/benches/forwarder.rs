@@ -106,7 +106,7 @@ fn round<E: Encap>(net: &mut Pair<E>, slot: &mut [u8], inner: &[u8], from_a: Soc
     };
     match net.b.from_underlay(&net.routes_b, from_a, &mut pkt) {
         UnderlayVerdict::Deliver { .. } => pkt.len(),
-        UnderlayVerdict::Reply { .. } | UnderlayVerdict::Drop(_) => 0,
+        UnderlayVerdict::Reply { .. } | UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => 0,
     }
 }
 
@@ -298,6 +298,7 @@ fn table(n: u32) -> RouteTable {
             mac: None,
             mtu: 1472,
             counters: Arc::new(PeerCounters::new(1)),
+            crypto: None,
         })
         .collect();
     RouteTable::new(peers, true).unwrap()

@@ -395,6 +395,7 @@ mod tests {
             mac: Some(mac),
             mtu,
             counters: Arc::new(PeerCounters::new(1)),
+            crypto: None,
         }
     }
 

@@ -86,6 +86,9 @@ pub enum UnderlayVerdict {
     },
     /// Drop the datagram (already counted).
     Drop(DropReason),
+    /// The format took the datagram itself (a WireGuard handshake message or keepalive):
+    /// nothing to write or send; release the buffer.
+    Consumed,
 }
 
 /// What a worker drives: the per-packet decisions of one mode (TUN: [`Forwarder`], TAP:
@@ -122,6 +125,20 @@ pub trait PacketCore: Send {
     }
     /// The counters this core writes (the driver adds I/O failures).
     fn stats(&self) -> &Arc<WorkerStats>;
+
+    /// Bytes of room the driver leaves behind every segment it cuts from a
+    /// [`from_tun_segmented`](Self::from_tun_segmented) super-packet, for
+    /// [`seal_train`](Self::seal_train) to fill (an authentication tag).
+    fn segment_trailer(&self) -> usize {
+        0
+    }
+
+    /// Finishes a train the driver cut from the last `Send` of `from_tun_segmented`: `train`
+    /// holds its segments, `stride` bytes each. `false`: drop the train (counted here).
+    fn seal_train(&mut self, train: &mut [u8], stride: usize) -> bool {
+        let _ = (train, stride);
+        true
+    }
 
     /// Completes a partial TCP/UDP checksum (a kernel VTEP's, [`crate::partial`]) in a
     /// packet `from_underlay` delivered, counting it: what a driver does before writing to a
@@ -172,6 +189,22 @@ impl<E: Encap + Send> PacketCore for Forwarder<E> {
 
     fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
+    }
+
+    #[inline]
+    fn segment_trailer(&self) -> usize {
+        E::TRAILER_LEN
+    }
+
+    #[inline]
+    fn seal_train(&mut self, train: &mut [u8], stride: usize) -> bool {
+        match self.encap.seal_segments(train, stride) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.stats.count_drop(reason);
+                false
+            }
+        }
     }
 }
 
@@ -261,7 +294,11 @@ impl<E: Encap> Forwarder<E> {
         }
         let inner_len = pkt.len();
         let flow = if E::FLOW_SOURCE_PORT { flow_hash(pkt.as_slice()) } else { 0 };
-        if let Err(reason) = self.encap.encap(pkt, hop) {
+        let encapsulated = match seg {
+            Some(_) => self.encap.encap_segmented(pkt, hop),
+            None => self.encap.encap(pkt, hop),
+        };
+        if let Err(reason) = encapsulated {
             return self.drop_tun(reason);
         }
         match seg {
@@ -281,6 +318,7 @@ impl<E: Encap> Forwarder<E> {
         };
         match self.encap.decap(pkt, hop) {
             Ok(Decapsulated::Ip) => {}
+            Ok(Decapsulated::Consumed) => return UnderlayVerdict::Consumed,
             Ok(Decapsulated::NeighbourRequest) => {
                 return match self.encap.answer(pkt, hop, &self.local) {
                     Ok(()) => {

@@ -62,6 +62,9 @@ fn check_underlay<E: Encap>(mut net: Pair<E>, data: &[u8]) -> UnderlayVerdict {
         }
         UnderlayVerdict::Reply { to } => assert_eq!(to, from, "replied to someone else"),
         UnderlayVerdict::Drop(r) => assert_eq!(net.b.stats().drops(r), 1, "dropped without counting {r:?}"),
+        UnderlayVerdict::Consumed => {
+            assert_eq!(E::KIND, crate::encap::EncapKind::WireGuard, "a cleartext format consumed a datagram")
+        }
     }
     v
 }
@@ -427,6 +430,7 @@ pub fn decap_tap(data: &[u8]) -> UnderlayVerdict {
             }
         }
         UnderlayVerdict::Reply { .. } => panic!("TAP mode answered a datagram itself"),
+        UnderlayVerdict::Consumed => panic!("TAP mode consumed a datagram"),
         UnderlayVerdict::Drop(r) => assert!(net.b.stats().drops(r) == 1, "dropped without counting {r:?}"),
     }
     v

@@ -300,18 +300,37 @@ impl Segmentation {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<usize, GsoError> {
+        self.write_segments_with_room(pkt, prefix, 0, range, out)
+    }
+
+    /// [`write_segments`](Self::write_segments), leaving `room` bytes (not written) behind
+    /// every segment, for a trailer the format seals into it (WireGuard's tag). The stride is
+    /// then `prefix + segment_len() + room`.
+    ///
+    /// # Errors
+    /// As [`write_segments`](Self::write_segments).
+    pub fn write_segments_with_room(
+        &self,
+        pkt: &[u8],
+        prefix: usize,
+        room: usize,
+        range: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<usize, GsoError> {
         let h = prefix.saturating_add(self.hdrs);
         let mut rest = out;
         let mut written = 0usize;
         for i in self.checked(pkt, prefix, &range)? {
             let chunk = pkt.get(self.chunk(prefix, i)).ok_or(GsoError::Malformed)?;
             let seg_len = h.saturating_add(chunk.len());
-            let (seg, tail) = std::mem::take(&mut rest).split_at_mut_checked(seg_len).ok_or(GsoError::NoRoom)?;
+            let (seg, tail) =
+                std::mem::take(&mut rest).split_at_mut_checked(seg_len.saturating_add(room)).ok_or(GsoError::NoRoom)?;
+            let (seg, _room) = seg.split_at_mut_checked(seg_len).ok_or(GsoError::NoRoom)?;
             let (head, body) = seg.split_at_mut_checked(h).ok_or(GsoError::NoRoom)?;
             self.write_header(pkt, prefix, i, head).ok_or(GsoError::Malformed)?;
             // `body` is `seg_len - h` = `chunk.len()` bytes: the copy cannot mismatch.
             body.copy_from_slice(chunk);
-            written = written.saturating_add(seg_len);
+            written = written.saturating_add(seg_len).saturating_add(room);
             rest = tail;
         }
         Ok(written)

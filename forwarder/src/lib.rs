@@ -28,6 +28,7 @@ pub mod ratelimit;
 pub mod route;
 pub mod stats;
 pub mod wire;
+pub mod wireguard;
 
 #[cfg(feature = "io")]
 pub mod driver;

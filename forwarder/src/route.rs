@@ -50,6 +50,9 @@ pub struct NextHop {
     pub mtu: u16,
     /// Traffic counters, carried across snapshots.
     pub counters: Arc<PeerCounters>,
+    /// The `wireguard` backend's keys and counters for this peer, carried across snapshots
+    /// (by public key); `None` for the cleartext formats.
+    pub crypto: Option<Arc<crate::wireguard::PeerCrypto>>,
 }
 
 impl NextHop {
@@ -317,6 +320,7 @@ mod tests {
             mac: None,
             mtu: 1472,
             counters: Arc::new(PeerCounters::new(1)),
+            crypto: None,
         }
     }
 
@@ -463,6 +467,7 @@ mod tests {
                     mac: mac.map(|m| MacAddr([0x02, 0, 0, 0, 0, m])),
                     mtu: 1472,
                     counters: Arc::new(PeerCounters::new(1)),
+                    crypto: None,
                 })
                 .collect();
             let got = RouteTable::new(hops.clone(), source_port_matters).map(|_| ());
@@ -480,6 +485,7 @@ mod tests {
             mac: None,
             mtu: 1472,
             counters: Arc::new(PeerCounters::new(1)),
+            crypto: None,
         }
     }
 

@@ -66,11 +66,23 @@ pub enum DropReason {
     /// A datagram or packet with nothing in it (a zero-length UDP payload or TUN read):
     /// nothing to decapsulate or route.
     EmptyPayload,
+    /// WireGuard, to a peer: no session with it yet (or it expired); a handshake is due.
+    /// Never sent in the clear.
+    NoSession,
+    /// WireGuard, from a peer: the datagram failed authentication (unknown receiver index,
+    /// a wrong key, a forgery, a tampered byte). Dropped, never answered.
+    AuthFailed,
+    /// WireGuard, from a peer: an authentic datagram whose counter was seen before, or is too
+    /// old for the replay window.
+    Replayed,
+    /// WireGuard: a message type weft does not take (or reserved bytes set), or a handshake
+    /// message while the handshake queue is full.
+    BadMessage,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 27] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::UnknownSender,
@@ -94,6 +106,10 @@ impl DropReason {
         Self::BadL4Header,
         Self::BadInnerChecksum,
         Self::EmptyPayload,
+        Self::NoSession,
+        Self::AuthFailed,
+        Self::Replayed,
+        Self::BadMessage,
     ];
 
     /// The label in metrics and `weft status`.
@@ -122,6 +138,10 @@ impl DropReason {
             Self::BadL4Header => "bad_l4_header",
             Self::BadInnerChecksum => "bad_inner_checksum",
             Self::EmptyPayload => "empty_payload",
+            Self::NoSession => "no_session",
+            Self::AuthFailed => "auth_failed",
+            Self::Replayed => "replayed",
+            Self::BadMessage => "bad_message",
         }
     }
 }

@@ -84,6 +84,7 @@ fn hop(name: &str, third: u8, endpoint: &str, mtu: u16, mac: MacAddr) -> NextHop
         mac: Some(mac),
         mtu,
         counters: Arc::new(PeerCounters::new(1)),
+        crypto: None,
     }
 }
 
@@ -110,6 +111,63 @@ impl Pair<VxlanEncap> {
     pub fn vxlan() -> Self {
         let vni = Vni::new(VNI).unwrap();
         Pair::build(VxlanEncap::new(vni, A_MAC), VxlanEncap::new(vni, B_MAC), 1450)
+    }
+}
+
+/// What [`Pair::wireguard`] keeps besides the pair: each node's handshake queue (what the
+/// control thread would read), its session table and its state for the other node.
+pub struct WgSide {
+    pub handshakes: std::sync::mpsc::Receiver<crate::wireguard::HandshakeDatagram>,
+    pub sessions: Arc<crate::wireguard::SessionTable>,
+    pub peer: Arc<crate::wireguard::PeerCrypto>,
+    pub handshaker: crate::wireguard::Handshaker,
+}
+
+impl Pair<crate::wireguard::WireGuardEncap> {
+    /// A WireGuard pair with fresh keys and no session yet (see [`Pair::wg_handshake`]).
+    pub fn wireguard() -> (Self, WgSide, WgSide) {
+        use crate::wireguard::{Handshaker, PeerCrypto, PrivateKey, SessionTable, WireGuardEncap};
+        let (ka, kb) = (PrivateKey::generate().unwrap(), PrivateKey::generate().unwrap());
+        let side = |own: &PrivateKey, other: &PrivateKey| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(16);
+            let sessions = Arc::new(SessionTable::new());
+            let w = WgSide {
+                handshakes: rx,
+                sessions: Arc::clone(&sessions),
+                peer: Arc::new(PeerCrypto::new(other.public_key())),
+                handshaker: Handshaker::new(own.clone(), [0; 32]),
+            };
+            (WireGuardEncap::new(sessions, tx), w)
+        };
+        let ((ea, wa), (eb, wb)) = (side(&ka, &kb), side(&kb, &ka));
+        let mut pair = Pair::build(ea, eb, 1420);
+        let with = |t: &RouteTable, c: &Arc<crate::wireguard::PeerCrypto>| {
+            let mut h = t.peers()[0].clone();
+            h.crypto = Some(Arc::clone(c));
+            RouteTable::new(vec![h], false).unwrap()
+        };
+        pair.routes_a = with(&pair.routes_a, &wa.peer);
+        pair.routes_b = with(&pair.routes_b, &wb.peer);
+        (pair, wa, wb)
+    }
+
+    /// Runs a handshake A → B as the control threads would, and installs both keypairs;
+    /// B's waits for A's first data message to confirm it.
+    pub fn wg_handshake(a: &mut WgSide, b: &mut WgSide, ia: u32, ib: u32, stamp: u64) {
+        use crate::wireguard::{Keypair, handshake::tai64n};
+        let now = Instant::now();
+        let init = a
+            .handshaker
+            .initiate(&b.handshaker.public_key(), ia, tai64n(std::time::Duration::from_secs(stamp)))
+            .unwrap();
+        let pa = a.handshaker.public_key();
+        let (resp, eb) = b.handshaker.on_initiation(&init, ib, |k| *k == pa).unwrap();
+        let ea = a.handshaker.on_response(&resp).unwrap();
+        let (ka, kb) = (Arc::new(Keypair::new(&ea, now)), Arc::new(Keypair::new(&eb, now)));
+        a.sessions.insert(&ka);
+        b.sessions.insert(&kb);
+        a.peer.install(ka);
+        b.peer.install(kb);
     }
 }
 
@@ -154,7 +212,7 @@ impl<E: Encap> Pair<E> {
         let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
         match self.b.from_underlay(&self.routes_b, A_ENDPOINT.parse().unwrap(), &mut pkt) {
             UnderlayVerdict::Deliver { .. } => Some(pkt.as_slice().to_vec()),
-            UnderlayVerdict::Drop(_) | UnderlayVerdict::Reply { .. } => None,
+            UnderlayVerdict::Drop(_) | UnderlayVerdict::Reply { .. } | UnderlayVerdict::Consumed => None,
         }
     }
 

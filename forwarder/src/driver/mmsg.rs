@@ -295,8 +295,9 @@ impl<C: PacketCore> MmsgWorker<C> {
         flow: u32,
     ) -> usize {
         let fd = self.sender(flow);
-        let per_train = if self.offloads.gso { seg.segments_per_train(prefix) } else { 1 };
-        let stride = prefix + seg.segment_len();
+        let room = self.fwd.segment_trailer();
+        let per_train = if self.offloads.gso { seg.segments_per_train(prefix + room) } else { 1 };
+        let stride = prefix + seg.segment_len() + room;
         let mut first = 0;
         while first < seg.segments() {
             let range = first..(first + per_train).min(seg.segments());
@@ -311,13 +312,18 @@ impl<C: PacketCore> MmsgWorker<C> {
             };
             // SAFETY: `slot` holds the read packet and `out` was just allocated: both ours.
             let cut = unsafe { self.pool.pair_mut(slot, out) }.and_then(|(src, dst)| {
-                Some(seg.write_segments(src.get(head..head + len)?, prefix, range.clone(), dst))
+                let bytes = seg.write_segments_with_room(src.get(head..head + len)?, prefix, room, range.clone(), dst);
+                Some(bytes.map(|b| (b, dst)))
             });
-            let Some(Ok(bytes)) = cut else {
+            let Some(Ok((bytes, dst))) = cut else {
                 self.fwd.stats().count_drop(DropReason::BadOffload);
                 self.pool.release(out);
                 break;
             };
+            if !dst.get_mut(..bytes).is_some_and(|train| self.fwd.seal_train(train, stride)) {
+                self.pool.release(out);
+                break;
+            }
             self.stage(staged, out, 0, bytes, Some(to));
             if let Some(s) = self.senders.get_mut(staged) {
                 *s = fd;
@@ -502,7 +508,7 @@ impl<C: PacketCore> MmsgWorker<C> {
                 let (head, len) = (pkt.head(), pkt.len());
                 self.send_one(slot, head, len, to);
             }
-            UnderlayVerdict::Drop(_) => {}
+            UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {}
         }
     }
 
@@ -527,7 +533,7 @@ impl<C: PacketCore> MmsgWorker<C> {
             match verdict {
                 UnderlayVerdict::Deliver { .. } => self.merge(slot, head, len),
                 UnderlayVerdict::Reply { to } => self.send_one(slot, head, len, to),
-                UnderlayVerdict::Drop(_) => {}
+                UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {}
             }
         }
     }

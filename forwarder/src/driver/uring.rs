@@ -749,8 +749,9 @@ impl<C: PacketCore> State<C> {
         flow: u32,
     ) -> io::Result<()> {
         let file = self.sender(flow);
-        let per_train = if self.offloads.gso { seg.segments_per_train(prefix) } else { 1 };
-        let stride = prefix + seg.segment_len();
+        let room = self.fwd.segment_trailer();
+        let per_train = if self.offloads.gso { seg.segments_per_train(prefix + room) } else { 1 };
+        let stride = prefix + seg.segment_len() + room;
         let total = seg.segments();
         let mut first = 0;
         while first < total {
@@ -765,12 +766,18 @@ impl<C: PacketCore> State<C> {
                 self.pool.release(out);
                 break;
             };
-            let cut = src.get(head..head + len).map(|pkt| seg.write_segments(pkt, prefix, range.clone(), dst));
+            let cut = src
+                .get(head..head + len)
+                .map(|pkt| seg.write_segments_with_room(pkt, prefix, room, range.clone(), dst));
             let Some(Ok(bytes)) = cut else {
                 self.fwd.stats().count_drop(DropReason::BadOffload);
                 self.pool.release(out);
                 break;
             };
+            if !dst.get_mut(..bytes).is_some_and(|train| self.fwd.seal_train(train, stride)) {
+                self.pool.release(out);
+                break;
+            }
             let segment = (range.len() > 1).then_some(stride as u16);
             self.send(q, out, 0, bytes, to, file, segment)?;
         }
@@ -892,7 +899,7 @@ impl<C: PacketCore> State<C> {
             return match verdict {
                 UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
                 UnderlayVerdict::Reply { to } => self.send(q, slot, head, len, to, UDP_FILE, None),
-                UnderlayVerdict::Drop(_) => {
+                UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {
                     self.pool.release(slot);
                     Ok(())
                 }
@@ -916,7 +923,7 @@ impl<C: PacketCore> State<C> {
                     };
                     self.send(q, copy, head, len, to, UDP_FILE, None)?;
                 }
-                UnderlayVerdict::Drop(_) => {}
+                UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {}
             }
         }
         self.pool.release(slot);

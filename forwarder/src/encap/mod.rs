@@ -24,6 +24,9 @@ pub enum EncapKind {
     FlannelUdp,
     /// VXLAN (RFC 7348) as Linux and flannel's `vxlan` backend speak it.
     Vxlan,
+    /// WireGuard's data messages and handshake ([`crate::wireguard`]): authenticated and
+    /// encrypted.
+    WireGuard,
 }
 
 impl EncapKind {
@@ -37,6 +40,9 @@ impl EncapKind {
             (Self::FlannelUdp, true) => 40 + 8 + UdpEncap::HEADER_LEN,
             (Self::Vxlan, false) => 20 + 8 + VxlanEncap::HEADER_LEN,
             (Self::Vxlan, true) => 40 + 8 + VxlanEncap::HEADER_LEN,
+            // Header and tag: WireGuard's 60 / 80 bytes (wg-quick's 1420 on a 1500 link is the v6 figure).
+            (Self::WireGuard, false) => 20 + 8 + 16 + 16,
+            (Self::WireGuard, true) => 40 + 8 + 16 + 16,
         }
     }
 
@@ -45,6 +51,7 @@ impl EncapKind {
         match self {
             Self::FlannelUdp => "udp",
             Self::Vxlan => "vxlan",
+            Self::WireGuard => "wireguard",
         }
     }
 }
@@ -57,6 +64,9 @@ pub enum Decapsulated {
     /// A neighbour request (ARP, IPv6 neighbour solicitation) the format answers itself,
     /// through [`Encap::answer`].
     NeighbourRequest,
+    /// Taken by the format itself (a WireGuard handshake message queued for the control
+    /// thread, or a keepalive): nothing to deliver or answer.
+    Consumed,
 }
 
 /// One overlay wire format.
@@ -65,6 +75,8 @@ pub trait Encap {
     const KIND: EncapKind;
     /// Bytes the format writes in front of the inner packet (the socket adds outer IP+UDP).
     const HEADER_LEN: usize;
+    /// Bytes the format appends behind it (an authentication tag).
+    const TRAILER_LEN: usize = 0;
     /// Whether a peer is identified by its source port as well as its address.
     const SOURCE_PORT_MATTERS: bool;
     /// Whether the format decrements the inner TTL on both sides, as flannel's udp proxy does.
@@ -78,6 +90,28 @@ pub trait Encap {
     /// # Errors
     /// The [`DropReason`] when the packet cannot be encapsulated.
     fn encap(&self, pkt: &mut PacketBuf<'_>, hop: &NextHop) -> Result<(), DropReason>;
+
+    /// Prepares a super-packet for `hop` that the driver will cut into segments: writes the
+    /// header that every segment repeats. The default is [`encap`](Self::encap), right for
+    /// formats whose header does not depend on the segment.
+    ///
+    /// # Errors
+    /// The [`DropReason`] when the packet cannot be encapsulated.
+    fn encap_segmented(&mut self, pkt: &mut PacketBuf<'_>, hop: &NextHop) -> Result<(), DropReason> {
+        self.encap(pkt, hop)
+    }
+
+    /// Finishes the segments the driver cut from the last `encap_segmented` super-packet:
+    /// `train` holds them back to back, `stride` bytes each (the last may be shorter), each
+    /// with [`TRAILER_LEN`](Self::TRAILER_LEN) bytes of room at its end. Formats without a
+    /// per-segment part have nothing to do.
+    ///
+    /// # Errors
+    /// The [`DropReason`] when the train cannot be sent (it is dropped whole).
+    fn seal_segments(&mut self, train: &mut [u8], stride: usize) -> Result<(), DropReason> {
+        let _ = (train, stride);
+        Ok(())
+    }
 
     /// Validates the format's headers of a UDP payload from `peer` and strips them.
     ///

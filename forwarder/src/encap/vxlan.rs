@@ -257,7 +257,9 @@ mod tests {
                 Ok(pkt.as_slice().to_vec())
             }
             UnderlayVerdict::Drop(r) => Err(r),
-            UnderlayVerdict::Deliver { .. } => panic!("a neighbour request was delivered"),
+            UnderlayVerdict::Deliver { .. } | UnderlayVerdict::Consumed => {
+                panic!("a neighbour request was not answered")
+            }
         }
     }
 
