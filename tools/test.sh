@@ -15,7 +15,8 @@ fi
 # cannot hide a missing install line (etcdctl is Debian's etcd-client, not etcd-server).
 required=(iperf3:iperf3 ping:iputils-ping ip:iproute2 ss:iproute2 tc:iproute2 bridge:iproute2 nstat:iproute2
   tcpdump:tcpdump tshark:tshark ethtool:ethtool setpriv:util-linux nsenter:util-linux unshare:util-linux useradd:passwd userdel:passwd protoc:protobuf-compiler
-  etcd:etcd-server etcdctl:etcd-client iptables:iptables nft:nftables timeout:coreutils getconf:libc-bin)
+  etcd:etcd-server etcdctl:etcd-client iptables:iptables nft:nftables timeout:coreutils getconf:libc-bin
+  wg:wireguard-tools wireguard-go:wireguard-go)
 need_pkgs=()
 for bin in "${required[@]}"; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_pkgs+=("${bin##*:}")

@@ -1,5 +1,6 @@
-//! `vs-kernel`: weft's data plane side by side with the plain underlay and Linux's own vxlan
-//! programmed as flannel programs it, in one run on one machine.
+//! `vs-kernel`: weft's data plane side by side with the plain underlay, Linux's own vxlan
+//! programmed as flannel programs it, and userspace WireGuard (`wireguard-go`), in one run on
+//! one machine.
 //!
 //! Each setup gets a fresh two-host lab of network namespaces (nothing leaves them):
 //!
@@ -7,7 +8,8 @@
 //! ┌─ n1 ───────────────────────┐      ┌─ n2 ───────────────────────┐
 //! │ iperf3 -c, ping, rr probe  │      │ iperf3 -s, rr echo         │
 //! │ underlay | flannel.1 |     │      │ underlay | flannel.1 |     │
-//! │ weft udp | weft vxlan      │      │ weft udp | weft vxlan      │
+//! │ weft udp | weft vxlan |    │      │ weft udp | weft vxlan |    │
+//! │ wireguard-go               │      │ wireguard-go               │
 //! │ eth0 198.18.0.1/24         │      │ eth0 198.18.0.2/24         │
 //! └─────────────┬──────────────┘      └──────────────┬─────────────┘
 //! ┌─────────────┴────────────────────────────────────┴─────────────┐
@@ -19,19 +21,25 @@
 //! Setups: `underlay` (198.18.0.1 → .2), `linux-vxlan` (vxlan id 1 dstport 8472 nolearning,
 //! `flannel.1` with 10.244.i.0/32, onlink route, permanent neighbour and FDB entries, the
 //! kernel's offloads left on: the baseline is Linux at its best, kernel to kernel), `weft-udp`
-//! (static mesh) and `weft-vxlan` (static VXLAN mesh).
+//! (static mesh), `weft-vxlan` (static VXLAN mesh) and `wireguard-go` (Go's userspace
+//! WireGuard, one daemon per node configured with `wg`, MTU 1420, addressed as `linux-vxlan`:
+//! for machines without the kernel module, and the userspace data plane to compare weft with).
 //!
 //! For each, n1 → n2: iperf3 TCP 1 stream and 4 streams, iperf3 UDP with 64-byte payloads
 //! (`-b 0`, packets per second received and loss), and round trips as p50/p99/p99.9 three
 //! ways: ping 5 ms apart (iputils *spins* between probes that close, so one of the two CPUs
 //! is busy polling), and a UDP request/response probe ([`weft_bench::rr`], a client asleep in
 //! `recv` as real clients are) back to back and 5 ms apart.
-//! For weft, both daemons' utime+stime (`/proc/<pid>/stat`) over the 1-stream run, per GB
-//! received. Prints a table with ratios to Linux vxlan and writes JSON to
-//! `bench/results/vs-kernel-<date>.json`. Needs root, iperf3 and a built `weft`
-//! (`cargo build --release --bins`). Figures are reported, never asserted.
+//! For weft and wireguard-go, both daemons' utime+stime (`/proc/<pid>/stat`) over the 1-stream
+//! run, per GB received. Prints a table with ratios to Linux vxlan and writes JSON to
+//! `bench/results/vs-kernel-<date>.json`. Needs root, iperf3, a built `weft`
+//! (`cargo build --release --bins`), and `wireguard-go` and `wg` for that setup (Debian's
+//! `wireguard-go` and `wireguard-tools`). Figures are reported, never asserted.
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -41,12 +49,24 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use weft_bench::{netns_thread, rr};
+use weft_netns_tests::cmd::{self, KILL_GRACE};
 use weft_netns_tests::traffic::IperfRun;
 use weft_netns_tests::weft::weft_bin;
-use weft_netns_tests::{IperfServer, Netns, NodeConfig, Topology, WeftNode, iperf3_tcp_run, vtep_mac};
+use weft_netns_tests::{IperfServer, Netns, NodeConfig, Proc, Topology, WeftNode, iperf3_tcp_run, vtep_mac};
 
 /// flannel's VTEP MTU: 1500 - 50.
 const VXLAN_MTU: &str = "1450";
+
+/// WireGuard's default MTU (`wg-quick`'s for a 1500-byte underlay): 1500 - 80.
+const WG_MTU: &str = "1420";
+
+/// WireGuard's UDP port on both nodes.
+const WG_PORT: u16 = 51820;
+
+/// Where wireguard-go puts its control sockets, `<ifname>.sock`, and where `wg` looks. The
+/// directory is the same in every network namespace, so the two nodes' interfaces need distinct
+/// names.
+const WG_SOCKET_DIR: &str = "/var/run/wireguard";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Io {
@@ -100,7 +120,7 @@ struct Args {
     /// weft's workers per daemon (one TUN queue and socket each).
     #[arg(long, default_value_t = 1)]
     workers: u32,
-    /// Only these setups (comma-separated), for a quicker look; the default runs all four.
+    /// Only these setups (comma-separated), for a quicker look; the default runs all five.
     #[arg(long, value_enum, value_delimiter = ',')]
     setups: Vec<Setup>,
     /// Only the round-trip figures (ping and UDP request/response), no iperf3 runs.
@@ -117,10 +137,11 @@ enum Setup {
     LinuxVxlan,
     WeftUdp,
     WeftVxlan,
+    WireguardGo,
 }
 
 impl Setup {
-    const ALL: [Self; 4] = [Self::Underlay, Self::LinuxVxlan, Self::WeftUdp, Self::WeftVxlan];
+    const ALL: [Self; 5] = [Self::Underlay, Self::LinuxVxlan, Self::WeftUdp, Self::WeftVxlan, Self::WireguardGo];
 
     fn name(self) -> &'static str {
         match self {
@@ -128,6 +149,16 @@ impl Setup {
             Self::LinuxVxlan => "linux-vxlan",
             Self::WeftUdp => "weft-udp",
             Self::WeftVxlan => "weft-vxlan",
+            Self::WireguardGo => "wireguard-go",
+        }
+    }
+
+    /// The userspace daemon whose CPU is measured, if any.
+    fn daemon(self) -> Option<&'static str> {
+        match self {
+            Self::Underlay | Self::LinuxVxlan => None,
+            Self::WeftUdp | Self::WeftVxlan => Some("weft"),
+            Self::WireguardGo => Some("wireguard-go"),
         }
     }
 
@@ -138,6 +169,7 @@ impl Setup {
             Self::LinuxVxlan => "vkl",
             Self::WeftUdp => "vkw",
             Self::WeftVxlan => "vkx",
+            Self::WireguardGo => "vkg",
         }
     }
 }
@@ -181,7 +213,7 @@ struct Udp64 {
     lost_percent: f64,
 }
 
-/// Daemon CPU over the 1-stream run.
+/// Daemon CPU (weft's or wireguard-go's) over the 1-stream run.
 #[derive(Debug, Default)]
 struct Cpu {
     /// n1's daemon (the sender side), seconds.
@@ -264,6 +296,8 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     let topo = Topology::new(setup.tag(), 2)?;
     let (n1, n2) = (topo.n(1).ns(), topo.n(2).ns());
     let mut daemons: Vec<WeftNode<'_>> = Vec::new();
+    // Declared after the topology, so dropped (killed) before its namespaces go, on error too.
+    let mut wireguard: Vec<WgNode> = Vec::new();
     let dst = match setup {
         Setup::Underlay => topo.n(2).ip().to_string(),
         Setup::LinuxVxlan => {
@@ -293,12 +327,18 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
             }
             NodeConfig::mesh(2, 2).gateway()?.to_string()
         }
+        Setup::WireguardGo => {
+            wireguard = wireguard_go(&topo)?;
+            "10.244.2.0".to_owned()
+        }
     };
     // Warm up: the first packets may resolve neighbours.
     let _ = n1.exec_timeout(Duration::from_secs(5), "ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", &dst]);
 
     if !args.latency_only {
-        throughput(&topo, &daemons, &dst, secs, m)?;
+        let pids: Vec<u32> =
+            daemons.iter().filter_map(WeftNode::pid).chain(wireguard.iter().map(WgNode::pid)).collect();
+        throughput(&topo, &pids, &dst, secs, m)?;
     }
     let rtt = ping_rtts(n1, &dst, pings)?;
     eprintln!(
@@ -319,7 +359,152 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     for mut d in daemons {
         d.stop().context("stopping weft")?;
     }
+    for w in wireguard {
+        w.stop()?;
+    }
     Ok(())
+}
+
+/// One node's wireguard-go: stopped on drop (SIGTERM, then SIGKILL) and its control socket
+/// removed, so nothing outlives the lab.
+#[derive(Debug)]
+struct WgNode {
+    proc: Proc,
+    socket: PathBuf,
+}
+
+impl WgNode {
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Stops the daemon, failing if it had died before.
+    fn stop(mut self) -> Result<()> {
+        if let Some(status) = self.proc.try_wait()? {
+            bail!("{} exited during the run with {status}", self.proc.what());
+        }
+        self.proc.terminate(KILL_GRACE).map(|_| ())
+    }
+}
+
+impl Drop for WgNode {
+    fn drop(&mut self) {
+        if let Err(e) = self.proc.terminate(KILL_GRACE) {
+            eprintln!("stopping {}: {e:#}", self.proc.what());
+        }
+        // wireguard-go removes it on SIGTERM; not after SIGKILL.
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The path of `program` on `PATH`, for a clear error where a package is missing.
+fn find_program(program: &str, package: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found on PATH (Debian package {package})"))
+}
+
+/// A WireGuard private key (`wg genkey`) written to `path` (mode 0600), and its public key.
+fn wg_keypair(wg: &Path, path: &Path) -> Result<String> {
+    let out = Command::new(wg).arg("genkey").output().context("running wg genkey")?;
+    if !out.status.success() {
+        bail!("wg genkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let private = out.stdout;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&private))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let mut child = Command::new(wg)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running wg pubkey")?;
+    child.stdin.take().context("wg pubkey's stdin")?.write_all(&private).context("feeding wg pubkey")?;
+    let out = child.wait_with_output().context("waiting for wg pubkey")?;
+    if !out.status.success() {
+        bail!("wg pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Starts wireguard-go on n1 and n2 and configures them as each other's only peer: node `i`
+/// has `10.244.i.0/32` (as `linux-vxlan`) and a route to the peer's `/24` through the tunnel,
+/// which is also the peer's allowed IPs. Keys live in the lab's scratch directory.
+fn wireguard_go(topo: &Topology) -> Result<Vec<WgNode>> {
+    let wireguard_go = find_program("wireguard-go", "wireguard-go")?;
+    let wg = find_program("wg", "wireguard-tools")?;
+    // Interface names carry the pid: the control sockets' directory is shared by all
+    // namespaces (and by a concurrent run).
+    let ifname = |i: u8| format!("wg{}-{i}", std::process::id());
+    let mut public = Vec::new();
+    for i in 1..=2u8 {
+        public.push(wg_keypair(&wg, &topo.dir().join(format!("wg-n{i}.key")))?);
+    }
+    let mut nodes = Vec::new();
+    for i in 1..=2u8 {
+        let ns = topo.n(usize::from(i)).ns();
+        let name = ifname(i);
+        let log = topo.dir().join(format!("wireguard-go-n{i}.log"));
+        let mut c = ns.command(&wireguard_go, &[&name]);
+        // Stay in the foreground, so the pid is the daemon's and the Proc can stop it. (Some
+        // releases refuse to run on Linux without the second variable; 0.0.20220316 does not.)
+        c.env("WG_PROCESS_FOREGROUND", "1").env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+        let what = format!("[{}] wireguard-go {name}", ns.name());
+        let proc = Proc::spawn(c, &what, Some(&log))?;
+        let socket = Path::new(WG_SOCKET_DIR).join(format!("{name}.sock"));
+        nodes.push(WgNode { proc, socket });
+    }
+    for (i, node) in (1..=2u8).zip(&mut nodes) {
+        let ns = topo.n(usize::from(i)).ns();
+        let name = ifname(i);
+        let up = cmd::poll_until(Duration::from_secs(10), || {
+            if let Some(status) = node.proc.try_wait()? {
+                bail!(
+                    "wireguard-go on n{i} exited with {status}:\n{}",
+                    cmd::tail(node.proc.log().unwrap_or(Path::new("")), 20)
+                );
+            }
+            Ok((ns.has_link(&name)? && node.socket.exists()).then_some(()))
+        })?;
+        if up.is_none() {
+            bail!("wireguard-go on n{i}: no {name} and control socket after 10 s");
+        }
+        let peer = 3 - i;
+        let key = topo.dir().join(format!("wg-n{i}.key"));
+        let key = key.to_str().context("scratch path is not UTF-8")?;
+        let (port, endpoint) = (WG_PORT.to_string(), format!("198.18.0.{peer}:{WG_PORT}"));
+        let (me, allowed) = (format!("10.244.{i}.0/32"), format!("10.244.{peer}.0/24"));
+        let wg = wg.to_str().context("wg path is not UTF-8")?;
+        let run = |args: &[&str]| ns.exec_ok(args[0], &args[1..]).map(|_| ());
+        run(&[
+            wg,
+            "set",
+            &name,
+            "private-key",
+            key,
+            "listen-port",
+            &port,
+            "peer",
+            &public[usize::from(peer) - 1],
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            &allowed,
+        ])?;
+        run(&["ip", "link", "set", &name, "mtu", WG_MTU, "up"])?;
+        run(&["ip", "addr", "add", &me, "dev", &name])?;
+        run(&["ip", "route", "add", &allowed, "dev", &name])?;
+    }
+    Ok(nodes)
 }
 
 /// Programs `ns` as flannel's vxlan backend programs node `me` with one peer `peer`.
@@ -387,10 +572,9 @@ fn ping_rtts(ns: &Netns, dst: &str, count: u32) -> Result<Rtt> {
     Ok(Rtt::from_hist(&h, u64::from(count)))
 }
 
-/// iperf3 TCP 1 and 4 streams and UDP 64 B from n1 to `dst`, with the daemons' CPU over the
-/// 1-stream run.
-fn throughput(topo: &Topology, daemons: &[WeftNode<'_>], dst: &str, secs: u32, m: &mut Measured) -> Result<()> {
-    let pids: Vec<u32> = daemons.iter().filter_map(WeftNode::pid).collect();
+/// iperf3 TCP 1 and 4 streams and UDP 64 B from n1 to `dst`, with the CPU of the daemons
+/// `pids` (n1's, n2's; none for kernel setups) over the 1-stream run.
+fn throughput(topo: &Topology, pids: &[u32], dst: &str, secs: u32, m: &mut Measured) -> Result<()> {
     let before = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
     let tcp1 = iperf(topo, dst, secs, &[], "tcp1")?;
     let after = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<Vec<_>>>()?;
@@ -490,7 +674,7 @@ fn print_table(results: &[(Setup, Measured)]) {
     println!("{}", row(results, "UDP RR transactions/s", 0, |m| m.rr.as_ref().map(|r| r.per_second)));
     println!("{}", row(results, "UDP RR 5 ms apart p50 µs", 0, |m| m.rr_spaced.as_ref().map(|r| r.p50_us as f64)));
     println!("{}", row(results, "UDP RR 5 ms apart p99 µs", 0, |m| m.rr_spaced.as_ref().map(|r| r.p99_us as f64)));
-    println!("{}", row(results, "weft CPU s/GB (both daemons)", 2, |m| m.cpu.as_ref().map(|c| c.s_per_gb)));
+    println!("{}", row(results, "daemon CPU s/GB (both daemons)", 2, |m| m.cpu.as_ref().map(|c| c.s_per_gb)));
     for (s, m) in results {
         for e in &m.errors {
             println!("{}: error: {}", s.name(), e.lines().next().unwrap_or(""));
@@ -512,12 +696,14 @@ fn iperf_json(r: &Option<IperfRun>) -> Value {
 fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)], total: Duration) -> Value {
     let cmd: Vec<String> = std::env::args().collect();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let iperf_version = std::process::Command::new("iperf3")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
-        .unwrap_or_default();
+    let version = |program: &str| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+            .unwrap_or_default()
+    };
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let setups: Vec<Value> = results
         .iter()
@@ -530,7 +716,7 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
                 "rtt_us": m.rtt.as_ref().map(rtt_json),
                 "udp_rr_us": m.rr.as_ref().map(|r| json!({"back_to_back": rtt_json(r), "per_second": r.per_second})),
                 "udp_rr_5ms_apart_us": m.rr_spaced.as_ref().map(rtt_json),
-                "weft_cpu_tcp_1_stream": m.cpu.as_ref().map(|c| json!({"sender_s": c.sender_s,
+                "daemon_cpu_tcp_1_stream": m.cpu.as_ref().map(|c| json!({"daemon": s.daemon(), "sender_s": c.sender_s,
                     "receiver_s": c.receiver_s, "s_per_gb_received": c.s_per_gb})),
                 "errors": m.errors,
                 "wall_s": m.wall.as_secs_f64(),
@@ -541,7 +727,7 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
         "bench": "vs-kernel",
         "date": weft_bench::utc_date(),
         "command": cmd.join(" "),
-        "host": {"cpus": cpus, "kernel": kernel, "iperf3": iperf_version},
+        "host": {"cpus": cpus, "kernel": kernel, "iperf3": version("iperf3"), "wireguard_go": version("wireguard-go")},
         "settings": {"secs": secs, "pings": pings, "ping_interval_ms": 5, "quick": args.quick,
             "io": args.io.map(|i| match i { Io::Uring => "uring", Io::Mmsg => "mmsg" }),
             "offload": args.offload.name(),
