@@ -31,6 +31,11 @@ pub const FLANNEL_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_POD_DIR: &str = "/var/lib/weft/pods";
 /// Default directory of the lease cache (`<dir>/<node name>.json`).
 pub const DEFAULT_LEASE_CACHE_DIR: &str = "/var/lib/weft/leases";
+/// Where `backend = "wireguard"` keeps node private keys, one file per node name (0600 in a
+/// 0700 directory).
+pub const DEFAULT_KEY_DIR: &str = "/var/lib/weft/keys";
+/// WireGuard's port, and flannel's `wireguard` backend's.
+pub const WIREGUARD_DEFAULT_PORT: u16 = 51820;
 /// Default etcd prefix: flannel's, so weft and flannel nodes can share a network.
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 /// Most workers a node may run.
@@ -90,9 +95,13 @@ pub struct RawConfig {
     /// The underlay interface, by name or by one of its addresses (flanneld's `--iface`).
     /// With `public_ip` too, `public_ip` must be one of its addresses.
     pub iface: Option<String>,
-    /// Wire format: `udp` (flannel's udp backend, the default) or `vxlan`.
+    /// Wire format: `udp` (flannel's udp backend, the default), `vxlan`, or `wireguard`
+    /// (authenticated and encrypted).
     pub backend: Option<String>,
-    /// The underlay UDP port (default 8285 for udp, 8472 for vxlan, as flannel).
+    /// `wireguard`: this node's private key file (base64, as `wg genkey` writes), created
+    /// 0600 on first start. Default `/var/lib/weft/keys/<node_name>.key`.
+    pub wireguard_key_file: Option<PathBuf>,
+    /// The underlay UDP port (default 8285 for udp, 8472 for vxlan, 51820 for wireguard).
     pub port: Option<u16>,
     /// VXLAN network identifier (default 1, flannel's).
     pub vni: Option<u32>,
@@ -194,6 +203,8 @@ pub struct RawPeer {
     pub endpoint: String,
     /// Its VTEP MAC (required with `backend = "vxlan"`).
     pub mac: Option<String>,
+    /// Its WireGuard public key (required with `backend = "wireguard"`).
+    pub public_key: Option<String>,
     /// Largest inner packet the path to it carries.
     pub mtu: Option<u16>,
 }
@@ -213,10 +224,11 @@ impl RawPeer {
                 "endpoint" => p.endpoint = v.trim().to_string(),
                 "ipv6_subnet" => p.ipv6_subnet = Some(v.trim().to_string()),
                 "mac" => p.mac = Some(v.trim().to_string()),
+                "public_key" => p.public_key = Some(v.trim().to_string()),
                 "mtu" => p.mtu = Some(v.trim().parse().map_err(|_| format!("mtu: {v:?} is not a number"))?),
                 other => {
                     return Err(format!(
-                        "unknown key {other:?} (expected name, subnet, endpoint, mac, mtu, ipv6_subnet)"
+                        "unknown key {other:?} (expected name, subnet, endpoint, mac, public_key, mtu, ipv6_subnet)"
                     ));
                 }
             }
@@ -250,6 +262,7 @@ impl RawConfig {
             public_ip,
             iface,
             backend,
+            wireguard_key_file,
             port,
             vni,
             vtep_mac,
@@ -307,12 +320,14 @@ pub struct Peer {
     pub endpoint: SocketAddr,
     /// VTEP MAC (VXLAN).
     pub mac: Option<MacAddr>,
+    /// WireGuard public key (`wireguard`).
+    pub public_key: Option<weft_forwarder::wireguard::PublicKey>,
     /// Path MTU override.
     pub mtu: Option<u16>,
 }
 
 /// The wire format between nodes.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Backend {
     /// flannel's `udp`: the bare inner packet as UDP payload.
     Udp,
@@ -325,6 +340,11 @@ pub enum Backend {
         /// Whether to send outer UDP checksums.
         udp_checksum: bool,
     },
+    /// WireGuard's wire format and handshake: every datagram authenticated and encrypted.
+    WireGuard {
+        /// Our private key's file.
+        key_file: PathBuf,
+    },
 }
 
 impl Backend {
@@ -333,6 +353,7 @@ impl Backend {
         match self {
             Self::Udp => "udp",
             Self::Vxlan { .. } => "vxlan",
+            Self::WireGuard { .. } => "wireguard",
         }
     }
 }
@@ -738,6 +759,11 @@ fn is_ifname(s: &str) -> bool {
         || s == "..")
 }
 
+/// The node key's file: `wireguard_key_file`, else `<DEFAULT_KEY_DIR>/<node_name>.key`.
+pub fn wireguard_key_file(set: Option<&Path>, node_name: &str) -> PathBuf {
+    set.map_or_else(|| Path::new(DEFAULT_KEY_DIR).join(format!("{node_name}.key")), Path::to_path_buf)
+}
+
 /// A node name: what flannel and Kubernetes accept, letters, digits, `.`, `_`, `-`.
 fn check_name(field: &str, s: &str) -> Result<(), ConfigError> {
     let ok = !s.is_empty()
@@ -795,11 +821,29 @@ impl Config {
                 };
                 Backend::Vxlan { vni, vtep_mac, udp_checksum: raw.udp_checksum.unwrap_or(false) }
             }
-            other => return Err(invalid("backend", format!("{other:?} must be \"udp\" or \"vxlan\""))),
+            "wireguard" => {
+                for (field, set) in [
+                    ("vni", raw.vni.is_some()),
+                    ("vtep_mac", raw.vtep_mac.is_some()),
+                    ("udp_checksum", raw.udp_checksum.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(field, "only applies to backend = \"vxlan\""));
+                    }
+                }
+                Backend::WireGuard { key_file: wireguard_key_file(raw.wireguard_key_file.as_deref(), &node_name) }
+            }
+            other => {
+                return Err(invalid("backend", format!("{other:?} must be \"udp\", \"vxlan\" or \"wireguard\"")));
+            }
         };
+        if raw.wireguard_key_file.is_some() && !matches!(backend, Backend::WireGuard { .. }) {
+            return Err(invalid("wireguard_key_file", "only applies to backend = \"wireguard\""));
+        }
         let default_port = match backend {
             Backend::Udp => flannel_udp::DEFAULT_PORT,
             Backend::Vxlan { .. } => vxlan::DEFAULT_PORT,
+            Backend::WireGuard { .. } => WIREGUARD_DEFAULT_PORT,
         };
         let port = raw.port.unwrap_or(default_port);
         if port == 0 {
@@ -846,7 +890,12 @@ impl Config {
         let device = match raw.device.as_deref().unwrap_or("tun") {
             "tun" => Device::Tun,
             "tap" if matches!(backend, Backend::Vxlan { .. }) => Device::Tap,
-            "tap" => return Err(invalid("device", "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)")),
+            "tap" => {
+                return Err(invalid(
+                    "device",
+                    "\"tap\" needs backend = \"vxlan\" (udp and wireguard carry IP packets only)",
+                ));
+            }
             other => return Err(invalid("device", format!("{other:?} must be \"tun\" or \"tap\""))),
         };
         let min_mtu: u16 = if subnet_v6.is_some() { 1280 } else { 576 };
@@ -933,6 +982,19 @@ impl Config {
                 }
             }
             let mac = p.mac.as_deref().map(|m| parse_mac(&f("mac"), m)).transpose()?;
+            let public_key = match (&backend, p.public_key.as_deref()) {
+                (Backend::WireGuard { .. }, None) => {
+                    return Err(invalid(
+                        f("public_key"),
+                        "required with backend = \"wireguard\" (the peer's `wg pubkey`)",
+                    ));
+                }
+                (Backend::WireGuard { .. }, Some(k)) => {
+                    Some(k.parse().map_err(|e| invalid(f("public_key"), format!("{k:?}: {e}")))?)
+                }
+                (_, Some(_)) => return Err(invalid(f("public_key"), "only applies to backend = \"wireguard\"")),
+                (_, None) => None,
+            };
             if let Backend::Vxlan { vtep_mac, .. } = backend {
                 match mac {
                     None => return Err(invalid(f("mac"), "required with backend = \"vxlan\" (the peer's VTEP MAC)")),
@@ -942,7 +1004,7 @@ impl Config {
                     Some(_) => {}
                 }
             }
-            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mac, mtu: p.mtu });
+            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mac, public_key, mtu: p.mtu });
         }
         Ok(Self {
             node_name,

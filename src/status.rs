@@ -16,6 +16,34 @@ pub struct RootlessStatus {
     pub netns: String,
 }
 
+/// The `wireguard` backend's own state.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct WireGuardStatus {
+    /// Our public key (base64), what peers list or find in our lease.
+    pub public_key: String,
+    /// Handshakes completed since start (either side).
+    pub handshakes: u64,
+    /// Initiations sent.
+    pub initiations_sent: u64,
+    /// Handshake messages refused (bad mac1, failed authentication, unknown key, replayed).
+    pub handshakes_refused: u64,
+}
+
+/// One peer's WireGuard session.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct PeerWireGuard {
+    /// The first 8 characters of its public key, as `wg show` users know it.
+    pub key_fingerprint: String,
+    /// Seconds since the handshake of the session we send with; `None`: no session.
+    pub handshake_age_secs: Option<u64>,
+    /// Datagrams from it that authenticated.
+    pub authenticated: u64,
+    /// Datagrams from its address that failed authentication or replayed (dropped).
+    pub failed: u64,
+    /// Packets to it dropped for want of a session.
+    pub no_session: u64,
+}
+
 /// A snapshot of a running daemon.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Status {
@@ -27,6 +55,9 @@ pub struct Status {
     pub vni: Option<u32>,
     /// Our VTEP MAC (VXLAN).
     pub vtep_mac: Option<String>,
+    /// WireGuard: our key and handshake counters.
+    #[serde(default)]
+    pub wireguard: Option<WireGuardStatus>,
     /// I/O backend in use (`uring` or `mmsg`).
     pub io_backend: String,
     /// Why io_uring was not used, when the fallback runs under `io = "auto"`.
@@ -108,6 +139,9 @@ pub struct PeerStatus {
     pub tx_packets: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
+    /// WireGuard: the session with it.
+    #[serde(default)]
+    pub wireguard: Option<PeerWireGuard>,
 }
 
 /// Formats a status as aligned text for a terminal.
@@ -121,6 +155,13 @@ pub fn render(s: &Status) -> String {
     );
     if let (Some(vni), Some(mac)) = (s.vni, &s.vtep_mac) {
         let _ = writeln!(o, "vxlan     vni {vni}, vtep mac {mac}");
+    }
+    if let Some(w) = &s.wireguard {
+        let _ = writeln!(
+            o,
+            "wireguard public key {}, {} handshakes ({} initiations sent, {} refused)",
+            w.public_key, w.handshakes, w.initiations_sent, w.handshakes_refused
+        );
     }
     let io_note = s.io_fallback_reason.as_deref().map(|r| format!(" (io_uring unavailable: {r})")).unwrap_or_default();
     let _ = writeln!(o, "io        {} x{} workers{}, up {}s", s.io_backend, s.workers, io_note, s.uptime_secs);
@@ -196,6 +237,23 @@ pub fn render(s: &Status) -> String {
     }
     if s.peers.is_empty() {
         let _ = writeln!(o, "(no peers)");
+    }
+    if s.wireguard.is_some() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{:<16} {:<10} {:>10} {:>14} {:>10} {:>12}",
+            "PEER", "KEY", "HANDSHAKE", "AUTHENTICATED", "FAILED", "NO SESSION"
+        );
+        for p in &s.peers {
+            let Some(w) = &p.wireguard else { continue };
+            let age = w.handshake_age_secs.map_or_else(|| "never".to_owned(), |a| format!("{a}s ago"));
+            let _ = writeln!(
+                o,
+                "{:<16} {:<10} {:>10} {:>14} {:>10} {:>12}",
+                p.name, w.key_fingerprint, age, w.authenticated, w.failed, w.no_session
+            );
+        }
     }
     let _ = writeln!(o);
     let _ = writeln!(o, "{:<24} {:>12}", "DROP REASON", "PACKETS");

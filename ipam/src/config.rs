@@ -33,6 +33,8 @@ use crate::subnet::SubnetRange;
 pub const UDP_DEFAULT_PORT: u16 = 8285;
 /// The Linux kernel's default VXLAN port, which flannel uses when `Port` is 0 or absent.
 pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// WireGuard's port, and flannel's `wireguard` backend's `ListenPort` default.
+pub const WIREGUARD_DEFAULT_PORT: u16 = 51820;
 /// flannel's default VXLAN network identifier.
 pub const VXLAN_DEFAULT_VNI: u32 = 1;
 
@@ -88,6 +90,9 @@ pub enum BackendKind {
     Udp,
     /// RFC 7348 VXLAN, interoperable with Linux vxlan and flannel's `vxlan`.
     Vxlan,
+    /// WireGuard's wire format: authenticated and encrypted. Leases publish the node's
+    /// `PublicKey` in BackendData, as flannel's `wireguard` backend does.
+    WireGuard,
 }
 
 /// The IPv6 half of a dual-stack config (`IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin/Max`).
@@ -384,13 +389,15 @@ impl BackendConfig {
         self.direct_routing.unwrap_or(false)
     }
 
-    /// The UDP port the backend listens on: `Port`, else 8285 for udp and 8472 for vxlan
-    /// (flannel passes 0 to the kernel, which picks 8472).
+    /// The UDP port the backend listens on: `Port` (`ListenPort` for wireguard, flannel's
+    /// name), else 8285 for udp, 8472 for vxlan (flannel passes 0 to the kernel, which picks
+    /// 8472) and 51820 for wireguard.
     pub fn port(&self) -> u16 {
         match (self.port, self.kind) {
             (Some(p), _) if p != 0 => p,
             (_, BackendKind::Udp) => UDP_DEFAULT_PORT,
             (_, BackendKind::Vxlan) => VXLAN_DEFAULT_PORT,
+            (_, BackendKind::WireGuard) => WIREGUARD_DEFAULT_PORT,
         }
     }
 
@@ -414,6 +421,40 @@ impl BackendConfig {
             }
             Some(other) => return Err(wrong_type("Backend.Port", "a port number", &other)),
         };
+        let port = match (kind, obj.remove("ListenPort")) {
+            (_, None | Some(Value::Null)) => port,
+            (BackendKind::WireGuard, Some(Value::Number(n))) => {
+                let p = n
+                    .as_u64()
+                    .ok_or_else(|| wrong_type("Backend.ListenPort", "a port number", &Value::Number(n.clone())))?;
+                Some(u16::try_from(p).map_err(|_| ConfigError::PortOutOfRange { port: p })?)
+            }
+            (BackendKind::WireGuard, Some(other)) => {
+                return Err(wrong_type("Backend.ListenPort", "a port number", &other));
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError::Unsupported {
+                    field: "Backend.ListenPort",
+                    message: "only applies to Type \"wireguard\" (use Port)",
+                });
+            }
+        };
+        if kind == BackendKind::WireGuard {
+            for field in ["PSK", "ListenPortV6", "PersistentKeepaliveInterval", "Mode"] {
+                if obj.get(field).is_some_and(|v| !v.is_null()) {
+                    return Err(ConfigError::Unsupported {
+                        field: match field {
+                            "PSK" => "Backend.PSK",
+                            "ListenPortV6" => "Backend.ListenPortV6",
+                            "PersistentKeepaliveInterval" => "Backend.PersistentKeepaliveInterval",
+                            _ => "Backend.Mode",
+                        },
+                        message: "is not supported by weft's wireguard backend (IPv4 underlay, no preshared key, \
+                                  sessions kept up by weft itself); remove it",
+                    });
+                }
+            }
+        }
         let vni = match obj.remove("VNI") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => {
@@ -483,6 +524,7 @@ impl BackendKind {
         match self {
             Self::Udp => "udp",
             Self::Vxlan => "vxlan",
+            Self::WireGuard => "wireguard",
         }
     }
 
@@ -491,6 +533,7 @@ impl BackendKind {
         match s {
             "udp" => Some(Self::Udp),
             "vxlan" => Some(Self::Vxlan),
+            "wireguard" => Some(Self::WireGuard),
             _ => None,
         }
     }

@@ -23,6 +23,8 @@ pub const PORT: u16 = 8285;
 
 /// VXLAN port weft and Linux use by default (flannel's).
 pub const VXLAN_PORT: u16 = 8472;
+/// The port of the `wireguard` tests (WireGuard's and weft's default).
+pub const WIREGUARD_PORT: u16 = 51820;
 
 /// The cluster network every test uses.
 pub const NETWORK: &str = "10.244.0.0/16";
@@ -97,6 +99,8 @@ pub struct PeerConfig {
     pub mtu: Option<u32>,
     /// The peer's VTEP MAC (VXLAN).
     pub mac: Option<String>,
+    /// The peer's WireGuard public key (`wireguard`).
+    pub public_key: Option<String>,
 }
 
 impl PeerConfig {
@@ -109,6 +113,17 @@ impl PeerConfig {
             endpoint: format!("{}:{PORT}", underlay_ip(i)),
             mtu: None,
             mac: None,
+            public_key: None,
+        }
+    }
+
+    /// The WireGuard peer entry for numbered host `n<i>` with key `key`: endpoint
+    /// `198.18.0.<i>:51820`.
+    pub fn wireguard_for_host(i: u8, key: &WgKey) -> Self {
+        Self {
+            endpoint: format!("{}:{WIREGUARD_PORT}", underlay_ip(i)),
+            public_key: Some(key.public.clone()),
+            ..Self::for_host(i)
         }
     }
 
@@ -179,6 +194,8 @@ pub struct NodeConfig {
     pub healthz_port: Option<u16>,
     /// `healthz_ip`; `None` is weft's default (127.0.0.1).
     pub healthz_ip: Option<String>,
+    /// `wireguard_key_file`; `None` leaves weft's default.
+    pub wireguard_key_file: Option<PathBuf>,
     /// Run the daemon as this unprivileged uid (and the same gid), rootless: its socket,
     /// `XDG_RUNTIME_DIR` and `HOME` go under a directory of its own ([`WeftNode::user_dir`]).
     pub run_as: Option<u32>,
@@ -214,8 +231,26 @@ impl NodeConfig {
             ip_masq: None,
             healthz_port: None,
             healthz_ip: None,
+            wireguard_key_file: None,
             run_as: None,
         }
+    }
+
+    /// `n<i>` speaking WireGuard on port 51820 with the key `keys[i - 1]`, peered with every
+    /// other host of `n1..=n<hosts>` by their keys.
+    pub fn wireguard_mesh(i: u8, hosts: u8, keys: &[WgKey]) -> Self {
+        let key = |j: u8| keys.get(usize::from(j).saturating_sub(1));
+        let mut c = Self {
+            port: WIREGUARD_PORT,
+            backend: Some("wireguard".into()),
+            wireguard_key_file: key(i).map(|k| k.file.clone()),
+            ..Self::for_host(i)
+        };
+        c.peers = (1..=hosts)
+            .filter(|&j| j != i)
+            .filter_map(|j| key(j).map(|k| PeerConfig::wireguard_for_host(j, k)))
+            .collect();
+        c
     }
 
     /// The lease-mode config for numbered host `n<i>`: `198.18.0.<i>`, one worker, no subnet
@@ -328,6 +363,9 @@ impl NodeConfig {
         if let Some(m) = &self.vtep_mac {
             let _ = writeln!(s, "vtep_mac = {}", quote(m));
         }
+        if let Some(k) = &self.wireguard_key_file {
+            let _ = writeln!(s, "wireguard_key_file = {}", quote(&k.display().to_string()));
+        }
         if let Some(d) = &self.device {
             let _ = writeln!(s, "device = {}", quote(d));
         }
@@ -358,6 +396,9 @@ impl NodeConfig {
             if let Some(m) = &p.mac {
                 let _ = writeln!(s, "mac = {}", quote(m));
             }
+            if let Some(k) = &p.public_key {
+                let _ = writeln!(s, "public_key = {}", quote(k));
+            }
         }
     }
 }
@@ -371,6 +412,38 @@ pub fn gateway_of(subnet: &str) -> Result<Ipv4Addr> {
     let (addr, _) = subnet.split_once('/').with_context(|| format!("subnet {subnet:?} has no prefix length"))?;
     let base: Ipv4Addr = addr.parse().with_context(|| format!("subnet {subnet:?} is not IPv4"))?;
     Ok(Ipv4Addr::from(u32::from(base).wrapping_add(1)))
+}
+
+/// A node key for the `wireguard` tests: its file (0600, as weft wants it) and public key.
+#[derive(Clone, Debug)]
+pub struct WgKey {
+    /// The private key's file.
+    pub file: PathBuf,
+    /// The public key, base64.
+    pub public: String,
+}
+
+/// Writes fresh node keys for `n1..=n<hosts>` into `dir` (`n<i>.key`).
+///
+/// # Errors
+///
+/// Fails if a file cannot be written or the random source fails.
+pub fn wireguard_keys(dir: &Path, hosts: u8) -> Result<Vec<WgKey>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    (1..=hosts)
+        .map(|i| {
+            let k = weft_forwarder::wireguard::PrivateKey::generate().map_err(|e| anyhow::anyhow!("key: {e}"))?;
+            let file = dir.join(format!("n{i}.key"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| format!("creating {}", file.display()))?;
+            std::io::Write::write_all(&mut f, k.to_base64().as_bytes())?;
+            Ok(WgKey { file, public: k.public_key().to_string() })
+        })
+        .collect()
 }
 
 /// The VTEP MAC the tests give numbered host `n<i>`.

@@ -130,6 +130,8 @@ pub struct ApiState {
     pub pods: Arc<PodAllocator<FilePodStore>>,
     /// Tells the signal loop that the node leaves ([`Request::Leave`]).
     pub leave: tokio::sync::mpsc::UnboundedSender<()>,
+    /// `wireguard`: our public key and the control thread's counters.
+    pub wireguard: Option<(weft_forwarder::wireguard::PublicKey, Arc<super::wireguard::Counters>)>,
 }
 
 impl ApiState {
@@ -240,6 +242,13 @@ impl ApiState {
                     rx_bytes: t.rx_bytes,
                     tx_packets: t.tx_packets,
                     tx_bytes: t.tx_bytes,
+                    wireguard: h.crypto.as_ref().map(|c| crate::status::PeerWireGuard {
+                        key_fingerprint: c.public.fingerprint(),
+                        handshake_age_secs: c.current.load().as_ref().map(|k| k.created.elapsed().as_secs()),
+                        authenticated: c.authenticated.load(Ordering::Relaxed),
+                        failed: c.failed.load(Ordering::Relaxed),
+                        no_session: c.no_session.load(Ordering::Relaxed),
+                    }),
                 }
             })
             .collect();
@@ -253,11 +262,11 @@ impl ApiState {
             backend: self.cfg.backend.as_str().into(),
             vni: match self.cfg.backend {
                 crate::config::Backend::Vxlan { vni, .. } => Some(vni.get()),
-                crate::config::Backend::Udp => None,
+                crate::config::Backend::Udp | crate::config::Backend::WireGuard { .. } => None,
             },
             vtep_mac: match self.cfg.backend {
                 crate::config::Backend::Vxlan { vtep_mac, .. } => Some(vtep_mac.to_string()),
-                crate::config::Backend::Udp => None,
+                crate::config::Backend::Udp | crate::config::Backend::WireGuard { .. } => None,
             },
             io_backend: self.backend.as_str().into(),
             io_fallback_reason: self.fallback_reason.clone(),
@@ -285,7 +294,16 @@ impl ApiState {
             pid: std::process::id(),
             reloads: self.reloads.load(Ordering::Relaxed),
             reload_failures: self.reload_failures.load(Ordering::Relaxed),
-            security: "cleartext: peers are checked by outer source address, which is not authenticated".into(),
+            security: match self.wireguard {
+                Some(_) => "wireguard: every datagram between nodes is authenticated and encrypted (ChaCha20-Poly1305, Noise IK handshakes); pod traffic inside a node is not".into(),
+                None => "cleartext: peers are checked by outer source address, which is not authenticated".into(),
+            },
+            wireguard: self.wireguard.as_ref().map(|(k, c)| crate::status::WireGuardStatus {
+                public_key: k.to_string(),
+                handshakes: c.handshakes.load(Ordering::Relaxed),
+                initiations_sent: c.initiations_sent.load(Ordering::Relaxed),
+                handshakes_refused: c.handshakes_refused.load(Ordering::Relaxed),
+            }),
             mode: if self.lease.is_some() { "lease".into() } else { "static".into() },
             lease: self.lease.as_ref().and_then(|v| v.lock().ok().map(|v| v.clone())),
             peers,

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use weft_forwarder::wireguard::{PeerCrypto, PublicKey};
 use weft_forwarder::{NextHop, PeerCounters, RouteError, RouteTable, RouteTableHandle};
 
 use crate::config::Peer;
@@ -25,6 +26,10 @@ pub fn build_table(
 ) -> Result<RouteTable, RouteError> {
     let previous: HashMap<&str, &Arc<PeerCounters>> =
         old.map(|t| t.peers().iter().map(|h| (&*h.name, &h.counters)).collect()).unwrap_or_default();
+    // A peer's sessions follow its key, not its name: a new key is a new peer to handshake with.
+    let sessions: HashMap<PublicKey, &Arc<PeerCrypto>> = old
+        .map(|t| t.peers().iter().filter_map(|h| h.crypto.as_ref().map(|c| (c.public, c))).collect())
+        .unwrap_or_default();
     let hops = peers
         .iter()
         .map(|p| NextHop {
@@ -37,6 +42,9 @@ pub fn build_table(
             counters: previous
                 .get(p.name.as_str())
                 .map_or_else(|| Arc::new(PeerCounters::new(workers)), |c| Arc::clone(c)),
+            crypto: p
+                .public_key
+                .map(|k| sessions.get(&k).map_or_else(|| Arc::new(PeerCrypto::new(k)), |c| Arc::clone(c))),
         })
         .collect();
     RouteTable::new(hops, source_port_matters)
@@ -75,6 +83,7 @@ mod tests {
             subnet_v6: None,
             endpoint: format!("198.18.0.{third}:8285").parse().unwrap(),
             mac: None,
+            public_key: None,
             mtu: if third == 3 { Some(9000) } else { None },
         }
     }
@@ -100,6 +109,7 @@ mod tests {
                 subnet_v6: None,
                 endpoint: std::net::SocketAddr::new(std::net::Ipv4Addr::from(0xc612_0000 + i).into(), 8285),
                 mac: None,
+                public_key: None,
                 mtu: None,
             })
             .collect();

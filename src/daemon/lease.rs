@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use weft_forwarder::RouteTableHandle;
 use weft_forwarder::wire::ethernet::MacAddr;
+use weft_forwarder::wireguard::PublicKey;
 use weft_ipam::{
     AnyStore, FileStore, KeeperConfig, KeeperEvent, KeeperPhase, LeaseAction, LeaseAttrs, LeaseCache, LeaseKeeper,
     LeaseSnapshot, LeaseStore, NetworkConfig, StoreError, SubnetEnv, SubnetLease, lease_loop,
@@ -72,13 +73,40 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// The attributes we publish: our PublicIP and, for VXLAN, flannel's `BackendData`.
-pub fn attrs(public_ip: Ipv4Addr, network: &NetworkConfig, vtep_mac: Option<MacAddr>) -> LeaseAttrs {
+/// The attributes we publish: our PublicIP and flannel's `BackendData`: VNI and VtepMAC for
+/// VXLAN, the `PublicKey` for WireGuard (as flannel's wireguard backend).
+pub fn attrs(
+    public_ip: Ipv4Addr,
+    network: &NetworkConfig,
+    vtep_mac: Option<MacAddr>,
+    public_key: Option<PublicKey>,
+) -> LeaseAttrs {
     let mut a = LeaseAttrs::new(public_ip, network.backend.kind.as_str());
     if let Some(mac) = vtep_mac {
         a.backend_data = serde_json::json!({ "VNI": network.backend.vni(), "VtepMAC": mac.to_string() });
     }
+    if let Some(k) = public_key {
+        a.backend_data = serde_json::json!({ "PublicKey": k.to_string() });
+    }
     a
+}
+
+/// Our WireGuard public key when the network's backend is `wireguard`: the node key is loaded
+/// (or created) here, before the lease that publishes it.
+///
+/// # Errors
+/// The key file cannot be used.
+pub fn wireguard_public_key(raw: &RawConfig, n: &NetworkConfig) -> Result<Option<PublicKey>, DaemonError> {
+    if n.backend.kind != weft_ipam::BackendKind::WireGuard {
+        return Ok(None);
+    }
+    let path = crate::config::wireguard_key_file(
+        raw.wireguard_key_file.as_deref(),
+        raw.node_name.as_deref().unwrap_or("node"),
+    );
+    let key = super::wireguard::load_or_create_key(&path)
+        .map_err(|e| ConfigError::Invalid { field: "wireguard_key_file".into(), message: e.to_string() })?;
+    Ok(Some(key.public_key()))
 }
 
 /// How lease mode starts its data plane.
@@ -146,13 +174,14 @@ fn keeper_for(
     public_ip: Ipv4Addr,
     n: &NetworkConfig,
     previous: Option<Ipv4Net>,
-) -> LeaseKeeper {
-    let mut kc = KeeperConfig::new(n.subnet_range(), attrs(public_ip, n, vtep_mac(raw, n)));
+) -> Result<LeaseKeeper, DaemonError> {
+    let mut kc =
+        KeeperConfig::new(n.subnet_range(), attrs(public_ip, n, vtep_mac(raw, n), wireguard_public_key(raw, n)?));
     kc.previous_subnet = previous.or_else(|| SubnetEnv::read_previous_subnet(&settings.subnet_file));
     kc.ttl = settings.ttl;
     kc.renew_margin = KeeperConfig::DEFAULT_RENEW_MARGIN.min(settings.ttl / 2);
     kc.seed = random_seed();
-    LeaseKeeper::new(kc)
+    Ok(LeaseKeeper::new(kc))
 }
 
 /// Reads the lease cache and decides whether it may bring the data plane up.
@@ -198,14 +227,14 @@ pub async fn prepare(
         nl.add_fail_closed(IpNet::V4(cache.network.network)).await?;
         info!(subnet = %cache.lease.subnet, network = %cache.network.network, peers = cache.peers.len(),
             path = %settings.lease_cache.display(), "lease cache loaded; data plane comes up before the store answers");
-        let keeper = keeper_for(&settings, raw, public_ip, &cache.network, Some(cache.lease.subnet));
+        let keeper = keeper_for(&settings, raw, public_ip, &cache.network, Some(cache.lease.subnet))?;
         let network = cache.network.clone();
         return Ok(Prepared { cfg, network, store, settings, start: Start::Cached { keeper, cache }, cache_note });
     }
     let network = network_config(&store, stop).await?;
     // The network is known: from here on, pod traffic for it never leaves unencapsulated.
     nl.add_fail_closed(IpNet::V4(network.network)).await?;
-    let mut keeper = keeper_for(&settings, raw, public_ip, &network, None);
+    let mut keeper = keeper_for(&settings, raw, public_ip, &network, None)?;
     let lease = acquire(&mut keeper, &store, settings.ttl, stop).await?;
     let cfg = resolve(raw, &network, lease.subnet)?;
     Ok(Prepared { cfg, network, store, settings, start: Start::Held { keeper, lease }, cache_note })
@@ -413,7 +442,7 @@ pub struct LeaseContext {
 }
 
 /// The rules lease records are held to, from the network config and our own lease.
-pub fn rules(network: &NetworkConfig, ours: Ipv4Net, public_ip: Ipv4Addr) -> PeerRules {
+pub fn rules(network: &NetworkConfig, ours: Ipv4Net, public_ip: Ipv4Addr, public_key: Option<PublicKey>) -> PeerRules {
     let vxlan = matches!(network.backend.kind, weft_ipam::BackendKind::Vxlan);
     PeerRules {
         network: network.network,
@@ -423,6 +452,7 @@ pub fn rules(network: &NetworkConfig, ours: Ipv4Net, public_ip: Ipv4Addr) -> Pee
         backend: network.backend.kind.as_str().into(),
         vni: vxlan.then(|| network.backend.vni()),
         port: network.backend.port(),
+        public_key,
     }
 }
 

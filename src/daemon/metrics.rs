@@ -9,6 +9,8 @@
 //! | `weft_ready` | gauge | (1 when `/readyz` answers 200) |
 //! | `weft_peers` | gauge | |
 //! | `weft_peer_rx_packets_total`, `weft_peer_rx_bytes_total`, `weft_peer_tx_packets_total`, `weft_peer_tx_bytes_total` | counter | `peer`, `subnet` |
+//! | `weft_wireguard_peer_authenticated_total`, `weft_wireguard_peer_failed_total` | counter | `peer`, `subnet` (backend `wireguard`) |
+//! | `weft_wireguard_peer_handshake_age_seconds` | gauge | `peer`, `subnet` (while a session is up) |
 //! | `weft_drops_total` | counter | `reason` (every reason, zeros included) |
 //! | `weft_icmp_total` | counter | `kind` (`net_unreachable`, `frag_needed`, `packet_too_big`, `rate_limited`, `neighbour_reply`) |
 //! | `weft_offload_enabled` | gauge | `offload` |
@@ -170,6 +172,34 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Fmt {
         Counter,
         s.peers.iter().map(|p| (peer(p), p.tx_bytes)),
     )?;
+    if s.wireguard.is_some() {
+        let wg = |f: fn(&crate::status::PeerWireGuard) -> u64| {
+            s.peers.iter().filter_map(move |p| p.wireguard.as_ref().map(|w| (peer(p), f(w))))
+        };
+        family(
+            enc,
+            "weft_wireguard_peer_authenticated",
+            "Datagrams from the peer that authenticated.",
+            Counter,
+            wg(|w| w.authenticated),
+        )?;
+        family(
+            enc,
+            "weft_wireguard_peer_failed",
+            "Datagrams from the peer's address that failed authentication or replayed.",
+            Counter,
+            wg(|w| w.failed),
+        )?;
+        family(
+            enc,
+            "weft_wireguard_peer_handshake_age_seconds",
+            "Seconds since the handshake of the session in use (absent: no session).",
+            Gauge,
+            s.peers
+                .iter()
+                .filter_map(|p| p.wireguard.as_ref().and_then(|w| w.handshake_age_secs).map(|a| (peer(p), a))),
+        )?;
+    }
     family(
         enc,
         "weft_drops",
@@ -309,6 +339,7 @@ mod tests {
             backend: "vxlan".into(),
             vni: Some(1),
             vtep_mac: None,
+            wireguard: None,
             io_backend: "uring".into(),
             io_fallback_reason: None,
             rootless: None,
@@ -343,6 +374,7 @@ mod tests {
                 rx_bytes: 1000,
                 tx_packets: 20,
                 tx_bytes: 2000,
+                wireguard: None,
             }],
             drops: weft_forwarder::DropReason::ALL.iter().map(|r| (r.as_str().to_owned(), 0)).collect(),
             icmp: weft_forwarder::IcmpCounter::ALL.iter().map(|c| (c.as_str().to_owned(), 1)).collect(),

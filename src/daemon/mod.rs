@@ -33,6 +33,7 @@ pub mod pending;
 pub mod rootless;
 pub mod takeover;
 pub mod underlay;
+pub mod wireguard;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -50,7 +51,7 @@ use weft_forwarder::driver::{self, DriverError, Offloads, WorkerIo};
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_forwarder::{
     Bridge, Encap, EncapKind, Forwarder, LocalNode, PacketCore, RouteError, RouteTableHandle, UdpEncap, VxlanEncap,
-    WorkerStats,
+    WorkerStats, wireguard::WireGuardEncap,
 };
 
 use crate::config::{Backend, Config, ConfigError, Device, Loaded, Peer, RawConfig};
@@ -300,8 +301,15 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
         }
     }
     let overlay = overlay.map(Arc::new);
-    let start = Start { cfg, source, leased, nl, signals, health, http: http_task, overlay };
-    match (start.cfg.backend, start.cfg.device) {
+    let wg = match &cfg.backend {
+        Backend::WireGuard { key_file } => Some(
+            wireguard::Setup::new(key_file)
+                .map_err(|e| ConfigError::Invalid { field: "wireguard_key_file".into(), message: e.to_string() })?,
+        ),
+        _ => None,
+    };
+    let start = Start { cfg, source, leased, nl, signals, health, http: http_task, overlay, wg: None };
+    match (start.cfg.backend.clone(), start.cfg.device) {
         (Backend::Udp, Device::Tun) => {
             run_with(Wire::of::<UdpEncap>(None), start, |i, local, stats| Forwarder::new(UdpEncap, local, i, stats))
                 .await
@@ -318,9 +326,18 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
             })
             .await
         }
-        (Backend::Udp, Device::Tap) => Err(ConfigError::Invalid {
+        (Backend::WireGuard { .. }, Device::Tun) => {
+            let Some(wg) = wg else { return Err(DaemonError::NotPermitted("wireguard: no node key".into())) };
+            let (sessions, queue) = (Arc::clone(&wg.sessions), wg.queue.clone());
+            let start = Start { wg: Some(wg), ..start };
+            run_with(Wire::of::<WireGuardEncap>(None), start, move |i, local, stats| {
+                Forwarder::new(WireGuardEncap::new(Arc::clone(&sessions), queue.clone()), local, i, stats)
+            })
+            .await
+        }
+        (Backend::Udp | Backend::WireGuard { .. }, Device::Tap) => Err(ConfigError::Invalid {
             field: "device".into(),
-            message: "\"tap\" needs backend = \"vxlan\" (udp carries IP packets only)".into(),
+            message: "\"tap\" needs backend = \"vxlan\" (udp and wireguard carry IP packets only)".into(),
         }
         .into()),
     }
@@ -340,6 +357,8 @@ struct Start {
     http: Option<tokio::task::JoinHandle<()>>,
     /// Rootless: the overlay namespace the TUN is opened in.
     overlay: Option<Arc<rootless::Overlay>>,
+    /// `wireguard`: the node key and the state its workers and control thread share.
+    wg: Option<wireguard::Setup>,
 }
 
 /// The signals the daemon reacts to, registered once at start.
@@ -409,7 +428,7 @@ async fn run_with<C: PacketCore + 'static>(
     start: Start,
     make_core: impl Fn(usize, LocalNode, Arc<WorkerStats>) -> C,
 ) -> Result<(), DaemonError> {
-    let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task, overlay } = start;
+    let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task, overlay, wg } = start;
     let started = Instant::now();
     // Fail closed first: from here on, pod traffic for the cluster network is either
     // encapsulated or refused, never sent out of the default route (lease mode installed it
@@ -417,7 +436,7 @@ async fn run_with<C: PacketCore + 'static>(
     for net in cfg.cluster_networks() {
         nl.add_fail_closed(net).await?;
     }
-    if let (Backend::Vxlan { vni, .. }, None) = (cfg.backend, &overlay) {
+    if let (Backend::Vxlan { vni, .. }, None) = (&cfg.backend, &overlay) {
         takeover::remove_flannel_vtep(&nl, vni.get(), cfg.port).await?;
     }
     let underlay = nl.underlay_for(cfg.public_ip).await?;
@@ -598,7 +617,7 @@ async fn run_with<C: PacketCore + 'static>(
             on_peers,
         };
         // The first table, before the workers start: from the store's list, or from the cache.
-        let rules = lease::rules(&prepared.network, cfg.subnet, public_ip);
+        let rules = lease::rules(&prepared.network, cfg.subnet, public_ip, wg.as_ref().map(|w| w.key.public_key()));
         let (keeper, lease, leases) = match prepared.start {
             lease::Start::Held { keeper, lease } => {
                 (keeper, Some(lease), snapshot.as_ref().map(|s| s.leases.clone()).unwrap_or_default())
@@ -632,7 +651,29 @@ async fn run_with<C: PacketCore + 'static>(
     let stop = Arc::new(AtomicBool::new(false));
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, WorkerEnd)>();
-    let mut threads = Vec::with_capacity(cfg.workers);
+    let mut threads = Vec::with_capacity(cfg.workers + 1);
+    // WireGuard's control thread sends handshakes from our port, through a clone of the first
+    // worker's socket; it reports its end as "worker <workers>", and its end stops the daemon
+    // as a worker's would (no handshakes means no sessions).
+    let wg_status = wg.as_ref().map(|w| (w.key.public_key(), Arc::clone(&w.counters)));
+    if let Some(setup) = wg {
+        let socket = sockets.first().map(std::net::UdpSocket::try_clone).transpose().map_err(DaemonError::Thread)?;
+        let Some(socket) = socket else { return Err(DaemonError::NotPermitted("wireguard: no socket".into())) };
+        let (routes, done, stop, id) = (routes.clone(), done_tx.clone(), Arc::clone(&stop), cfg.workers);
+        let t = std::thread::Builder::new()
+            .name("weft-wireguard".into())
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| wireguard::run(setup, socket, routes, &stop));
+                let end = match std::panic::catch_unwind(run) {
+                    Ok(Ok(())) => WorkerEnd::Returned,
+                    Ok(Err(e)) => WorkerEnd::Failed(DriverError::Loop(e)),
+                    Err(p) => WorkerEnd::Panicked(panic_message(p.as_ref())),
+                };
+                let _ = done.send((id, end));
+            })
+            .map_err(DaemonError::Thread)?;
+        threads.push(t);
+    }
     for (i, ((tun, udp), send)) in queues.into_iter().zip(sockets).zip(send_sets).enumerate() {
         let fwd = make_core(i, local, Arc::clone(&stats[i]));
         let (routes, done, backend) = (routes.clone(), done_tx.clone(), probe.backend);
@@ -698,6 +739,7 @@ async fn run_with<C: PacketCore + 'static>(
         lease: lease_view,
         pods: Arc::new(pods),
         leave: leave_tx,
+        wireguard: wg_status,
     });
     health.set_state(Arc::clone(&state));
     let mut masq_task = masq_keeper.map(|m| tokio::spawn(m.keep()));

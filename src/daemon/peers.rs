@@ -12,9 +12,9 @@
 //! 3. its PublicIP is a unicast address a node can have (`bad_public_ip`); a record with *our*
 //!    PublicIP is our own, stale or current, and never a peer;
 //! 4. it speaks our backend (`other_backend`), and for VXLAN publishes our VNI and a unicast
-//!    VtepMAC (`bad_backend_data`);
-//! 5. no older record shares its PublicIP (`duplicate_endpoint`) or its VtepMAC
-//!    (`duplicate_mac`). "Older" is the store's creation revision, never the address, so a
+//!    VtepMAC, for WireGuard a valid PublicKey that is not ours (`bad_backend_data`);
+//! 5. no older record shares its PublicIP (`duplicate_endpoint`), its VtepMAC
+//!    (`duplicate_mac`) or its PublicKey (`duplicate_key`). "Older" is the store's creation revision, never the address, so a
 //!    record written later cannot displace a peer already in use; when the older one goes, the
 //!    next in line takes its place.
 //!
@@ -29,6 +29,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 use weft_forwarder::wire::ethernet::MacAddr;
+use weft_forwarder::wireguard::PublicKey;
 use weft_ipam::{LeaseEvent, Revision, SubnetLease};
 
 use crate::config::Peer;
@@ -50,6 +51,9 @@ pub struct PeerRules {
     pub vni: Option<u32>,
     /// The port every node listens on.
     pub port: u16,
+    /// Our WireGuard public key (`wireguard`): every record must publish a valid key of its
+    /// own (BackendData `PublicKey`), never ours.
+    pub public_key: Option<PublicKey>,
 }
 
 /// Why a lease record is not a peer. The labels are stable: they are `weft status` keys.
@@ -71,11 +75,13 @@ pub enum Refusal {
     DuplicateEndpoint,
     /// An older record has the same VtepMAC.
     DuplicateMac,
+    /// An older record has the same WireGuard PublicKey.
+    DuplicateKey,
 }
 
 impl Refusal {
     /// Every reason, for counters.
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Self::OutsideNetwork,
         Self::WrongSubnetLen,
         Self::OverlapsOurs,
@@ -84,6 +90,7 @@ impl Refusal {
         Self::BadBackendData,
         Self::DuplicateEndpoint,
         Self::DuplicateMac,
+        Self::DuplicateKey,
     ];
 
     /// The label in `weft status`.
@@ -97,6 +104,7 @@ impl Refusal {
             Self::BadBackendData => "bad_backend_data",
             Self::DuplicateEndpoint => "duplicate_endpoint",
             Self::DuplicateMac => "duplicate_mac",
+            Self::DuplicateKey => "duplicate_key",
         }
     }
 }
@@ -136,10 +144,38 @@ pub struct LeasePeers {
     entries: BTreeMap<Ipv4Net, Entry>,
     /// Candidates by PublicIP, oldest first.
     by_ip: HashMap<Ipv4Addr, BTreeSet<(Revision, Ipv4Net)>>,
-    /// Candidates by VtepMAC, oldest first.
-    by_mac: HashMap<MacAddr, BTreeSet<(Revision, Ipv4Net)>>,
+    /// Candidates by VtepMAC (vxlan) or PublicKey (wireguard), oldest first.
+    by_mac: HashMap<Identity, BTreeSet<(Revision, Ipv4Net)>>,
     /// Records refused since start, by reason: each distinct record version counts once.
     refused_total: BTreeMap<Refusal, u64>,
+}
+
+/// What a peer must not share with an older one besides its PublicIP: its VTEP MAC, or its
+/// WireGuard key.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+enum Identity {
+    Mac(MacAddr),
+    Key(PublicKey),
+}
+
+impl Identity {
+    fn of(p: &Peer) -> Option<Self> {
+        p.mac.map(Self::Mac).or(p.public_key.map(Self::Key))
+    }
+
+    fn duplicate(self) -> Refusal {
+        match self {
+            Self::Mac(_) => Refusal::DuplicateMac,
+            Self::Key(_) => Refusal::DuplicateKey,
+        }
+    }
+}
+
+fn candidate_identity(v: &Verdict) -> Option<Identity> {
+    match v {
+        Verdict::Candidate(p) => Identity::of(p),
+        _ => None,
+    }
 }
 
 /// Whether a PublicIP can be a peer's underlay address.
@@ -207,12 +243,29 @@ impl LeasePeers {
                 }
             }
         };
+        let public_key = match r.public_key {
+            None => None,
+            Some(ours) => {
+                let key = l
+                    .attrs
+                    .backend_data
+                    .get("PublicKey")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|k| k.parse::<PublicKey>().ok())
+                    .filter(|k| *k != ours);
+                match key {
+                    Some(k) => Some(k),
+                    None => return refuse(Refusal::BadBackendData),
+                }
+            }
+        };
         Verdict::Candidate(Peer {
             name: l.key().to_string(),
             subnet: l.subnet,
             subnet_v6: None,
             endpoint: SocketAddr::new(IpAddr::V4(l.attrs.public_ip), r.port),
             mac,
+            public_key,
             mtu: None,
         })
     }
@@ -229,8 +282,10 @@ impl LeasePeers {
                 if first(self.by_ip.get(&e.lease.attrs.public_ip)).is_some_and(|f| f != me) {
                     return Err(Some(Refusal::DuplicateEndpoint));
                 }
-                if p.mac.is_some_and(|m| first(self.by_mac.get(&m)).is_some_and(|f| f != me)) {
-                    return Err(Some(Refusal::DuplicateMac));
+                if let Some(id) = Identity::of(p) {
+                    if first(self.by_mac.get(&id)).is_some_and(|f| f != me) {
+                        return Err(Some(id.duplicate()));
+                    }
                 }
                 Ok(p)
             }
@@ -245,8 +300,8 @@ impl LeasePeers {
         if let Some(set) = self.by_ip.get(&e.lease.attrs.public_ip) {
             out.extend(set.iter().map(|(_, s)| *s));
         }
-        if let Verdict::Candidate(Peer { mac: Some(m), .. }) = &e.verdict {
-            if let Some(set) = self.by_mac.get(m) {
+        if let Some(id) = candidate_identity(&e.verdict) {
+            if let Some(set) = self.by_mac.get(&id) {
                 out.extend(set.iter().map(|(_, s)| *s));
             }
         }
@@ -262,11 +317,11 @@ impl LeasePeers {
                     self.by_ip.remove(&e.lease.attrs.public_ip);
                 }
             }
-            if let Some(m) = p.mac {
-                if let Some(set) = self.by_mac.get_mut(&m) {
+            if let Some(id) = Identity::of(p) {
+                if let Some(set) = self.by_mac.get_mut(&id) {
                     set.remove(&key);
                     if set.is_empty() {
-                        self.by_mac.remove(&m);
+                        self.by_mac.remove(&id);
                     }
                 }
             }
@@ -280,8 +335,8 @@ impl LeasePeers {
         if let Verdict::Candidate(p) = &verdict {
             let key = (lease.created, subnet);
             self.by_ip.entry(lease.attrs.public_ip).or_default().insert(key);
-            if let Some(m) = p.mac {
-                self.by_mac.entry(m).or_default().insert(key);
+            if let Some(id) = Identity::of(p) {
+                self.by_mac.entry(id).or_default().insert(key);
             }
         }
         self.entries.insert(subnet, Entry { lease, verdict });
@@ -301,8 +356,8 @@ impl LeasePeers {
                     if let Some(set) = self.by_ip.get(&l.attrs.public_ip) {
                         touched.extend(set.iter().map(|(_, s)| *s));
                     }
-                    if let Verdict::Candidate(Peer { mac: Some(m), .. }) = self.judge(l) {
-                        if let Some(set) = self.by_mac.get(&m) {
+                    if let Some(id) = candidate_identity(&self.judge(l)) {
+                        if let Some(set) = self.by_mac.get(&id) {
                             touched.extend(set.iter().map(|(_, s)| *s));
                         }
                     }
@@ -420,6 +475,7 @@ mod tests {
             backend: backend.into(),
             vni,
             port: 8472,
+            public_key: None,
         }
     }
 

@@ -1,0 +1,235 @@
+//! `backend = "wireguard"`: an authenticated, encrypted mesh, and what it refuses.
+//!
+//! ```text
+//!  n1 198.18.0.1 ─┐                       ┌─ atk 198.18.0.9 (spoofs 198.18.0.2:51820: the
+//!  n2 198.18.0.2 ─┼── br0, 198.18.0.0/24 ─┤   address on its lo, weft-craft --bind)
+//!  n3 198.18.0.3 ─┘                       └
+//!  weft0 10.244.<i>.1/24 on each node, backend wireguard, port 51820, one worker
+//! ```
+//!
+//! Needs root, iperf3, tcpdump; namespaces and daemons are removed on drop.
+
+#![allow(clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use weft_netns_tests::weft::{WIREGUARD_PORT, WgKey, json_u64, peer_status, wireguard_keys};
+use weft_netns_tests::{Capture, IperfServer, NodeConfig, Topology, iperf3_tcp, json_path, ping_all};
+
+const CRAFT: &str = env!("CARGO_BIN_EXE_weft-craft");
+
+/// Waits until every node lists a session with each of its peers.
+fn wait_for_sessions(nodes: &[weft_netns_tests::WeftNode<'_>]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = nodes.iter().all(|n| {
+            let s = n.status_json().expect("status");
+            s["peers"].as_array().is_some_and(|ps| {
+                ps.iter().all(|p| json_path(p, "wireguard.handshake_age_secs").is_some_and(|v| v.is_u64()))
+            })
+        });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no sessions after 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `node` lists a session with `peer`.
+fn wait_for_session(node: &weft_netns_tests::WeftNode<'_>, peer: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = node.status_json().expect("status");
+        if peer_status(&s, peer).and_then(|p| json_path(p, "wireguard.handshake_age_secs")).is_some_and(|v| v.is_u64())
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no session with {peer} after 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The UDP payloads of the IPv4 frames in a capture.
+fn udp_payloads(pcap: &weft_netns_tests::capture::Pcap) -> Vec<Vec<u8>> {
+    pcap.ip_packets()
+        .expect("ip packets")
+        .into_iter()
+        .filter_map(|ip| etherparse::SlicedPacket::from_ip(ip).ok())
+        .filter_map(|p| match p.transport {
+            Some(etherparse::TransportSlice::Udp(u)) => Some(u.payload().to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mesh(topo: &Topology, hosts: u8) -> (Vec<WgKey>, Vec<weft_netns_tests::WeftNode<'_>>) {
+    let keys = wireguard_keys(topo.dir(), hosts).expect("keys");
+    let nodes = (1..=hosts)
+        .map(|i| topo.start_weft(NodeConfig::wireguard_mesh(i, hosts, &keys)).expect("starting weft"))
+        .collect();
+    (keys, nodes)
+}
+
+/// Three encrypted nodes: every pair pings, TCP runs both ways with iperf3, nothing on the
+/// underlay is anything but WireGuard messages, and status shows each session.
+#[test]
+fn three_encrypted_nodes_carry_ping_and_tcp() {
+    let Some(topo) = Topology::for_test("three_encrypted_nodes_carry_ping_and_tcp", "wg3", 3).expect("topology") else {
+        return;
+    };
+    let (_keys, nodes) = mesh(&topo, 3);
+    wait_for_sessions(&nodes);
+    let s = nodes[0].status_json().expect("status");
+    assert_eq!(json_path(&s, "mtu").and_then(|v| v.as_u64()), Some(1440), "1500 - 60");
+    assert_eq!(json_path(&s, "backend").and_then(|v| v.as_str()), Some("wireguard"));
+
+    let cap = Capture::start(topo.n(2).ns(), "eth0", "udp", topo.dir(), "n2-underlay").expect("tcpdump");
+    for (from, to) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        ping_all(topo.n(from).ns(), &format!("10.244.{to}.1"), 3).expect("ping across the encrypted mesh");
+    }
+    let server = IperfServer::start(topo.n(2).ns(), "10.244.2.1", &topo.dir().join("iperf-n2.log")).expect("iperf3 -s");
+    let one_two = iperf3_tcp(topo.n(1).ns(), "10.244.2.1", 3).expect("iperf3 n1 -> n2");
+    drop(server);
+    let server = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf-n1.log")).expect("iperf3 -s");
+    let three_one = iperf3_tcp(topo.n(3).ns(), "10.244.1.1", 3).expect("iperf3 n3 -> n1");
+    drop(server);
+    eprintln!("wireguard mesh: n1 -> n2 {one_two:.2} Gbit/s, n3 -> n1 {three_one:.2} Gbit/s");
+    assert!(one_two > 0.0 && three_one > 0.0);
+
+    // Everything n2 saw on the underlay is a WireGuard message (type 1, 2 or 4 with three
+    // zero bytes); no inner IPv4 header travels in the clear.
+    let pcap = cap.stop().expect("stop capture");
+    let payloads = udp_payloads(&pcap);
+    assert!(payloads.len() > 100, "captured {} datagrams", payloads.len());
+    for p in &payloads {
+        assert!(
+            matches!(p.get(..4), Some([1 | 2 | 4, 0, 0, 0])),
+            "not a WireGuard message: {:02x?}",
+            &p[..p.len().min(8)]
+        );
+        assert!(!p.windows(4).any(|w| w == [10, 244, 1, 1] || w == [10, 244, 2, 1]), "an inner address in the clear");
+    }
+    for n in &nodes {
+        let s = n.status_json().expect("status");
+        for peer in s["peers"].as_array().expect("peers") {
+            assert!(json_u64(peer, "wireguard.authenticated").expect("authenticated") > 0, "{peer}");
+            assert_eq!(json_u64(peer, "wireguard.failed").expect("failed"), 0, "{peer}");
+        }
+        assert_eq!(json_u64(&s, "drops.auth_failed").expect("auth_failed"), 0);
+        assert!(json_u64(&s, "wireguard.handshakes").expect("handshakes") >= 2);
+    }
+}
+
+/// An attacker on the underlay sends datagrams from n2's exact address and port: a forged
+/// data message, and a real one of n2's captured and sent again. Both are dropped and counted
+/// (`auth_failed`, `replayed`); neither reaches n1's TUN, and n1 answers neither.
+#[test]
+fn spoofed_and_replayed_datagrams_are_dropped_and_counted() {
+    let Some(mut topo) =
+        Topology::for_test("spoofed_and_replayed_datagrams_are_dropped_and_counted", "wgs", 2).expect("topology")
+    else {
+        return;
+    };
+    topo.add_host("atk", 9).expect("attacker host");
+    let (_keys, nodes) = mesh(&topo, 2);
+    wait_for_sessions(&nodes);
+
+    // A real data message from n2, captured on n1's side.
+    let cap =
+        Capture::start(topo.n(1).ns(), "eth0", "udp and src host 198.18.0.2", topo.dir(), "n1-in").expect("tcpdump");
+    ping_all(topo.n(2).ns(), "10.244.1.1", 3).expect("ping n2 -> n1");
+    let pcap = cap.stop().expect("stop capture");
+    let data = udp_payloads(&pcap).into_iter().find(|p| p.first() == Some(&4) && p.len() > 32).expect("a data message");
+
+    let atk = topo.host("atk").expect("atk");
+    // n2's address on the attacker's loopback, so it can bind 198.18.0.2:51820; it never
+    // answers ARP for it (arp_ignore) nor uses it in its own requests (arp_announce), so n1
+    // keeps reaching the real n2.
+    for (k, v) in [("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")] {
+        atk.ns().exec_ok("sysctl", &["-qw", &format!("{k}={v}")]).expect("sysctl");
+    }
+    atk.ns().exec_ok("ip", &["addr", "add", "198.18.0.2/32", "dev", "lo"]).expect("n2's address on atk's lo");
+    let spoof = |payload: &[u8]| {
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        let to = format!("198.18.0.1:{WIREGUARD_PORT}");
+        let from = format!("198.18.0.2:{WIREGUARD_PORT}");
+        atk.ns().exec_ok(CRAFT, &["--bind", &from, "--to", &to, "--raw-hex", &hex]).expect("weft-craft");
+    };
+    let before = nodes[0].status_json().expect("status");
+    let peer_before = peer_status(&before, "n2").expect("n2 in status").clone();
+    let out = topo.n(1).ns().exec_ok("ip", &["-s", "-j", "link", "show", "weft0"]).expect("ip -s link");
+    let tun_tx_before = tun_tx_packets(&out.stdout);
+
+    let capn1 =
+        Capture::start(topo.n(1).ns(), "eth0", "udp and src host 198.18.0.1", topo.dir(), "n1-out").expect("tcpdump");
+    // Forged: the real header (receiver index, a fresh counter), garbage after it.
+    let mut forged = data.clone();
+    forged[8..16].copy_from_slice(&u64::MAX.wrapping_sub(5).to_le_bytes());
+    for b in &mut forged[16..] {
+        *b ^= 0x5a;
+    }
+    spoof(&forged);
+    // Replayed: the captured message, byte for byte.
+    spoof(&data);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let after = nodes[0].status_json().expect("status");
+    let peer_after = peer_status(&after, "n2").expect("n2 in status");
+    let delta = |path: &str, a: &serde_json::Value, b: &serde_json::Value| {
+        json_u64(b, path).expect("counter") - json_u64(a, path).expect("counter")
+    };
+    assert_eq!(delta("drops.auth_failed", &before, &after), 1, "the forgery");
+    assert_eq!(delta("drops.replayed", &before, &after), 1, "the replay");
+    assert_eq!(delta("wireguard.failed", &peer_before, peer_after), 2);
+    assert_eq!(delta("wireguard.authenticated", &peer_before, peer_after), 0, "nothing authentic came in");
+    assert_eq!(delta("rx_packets", &peer_before, peer_after), 0, "nothing was delivered");
+    let out = topo.n(1).ns().exec_ok("ip", &["-s", "-j", "link", "show", "weft0"]).expect("ip -s link");
+    assert_eq!(tun_tx_packets(&out.stdout), tun_tx_before, "nothing reached n1's TUN");
+    let answered = capn1.stop().expect("stop capture").frames.len();
+    assert_eq!(answered, 0, "n1 answered a spoofed datagram ({answered} sent)");
+}
+
+/// Packets the kernel sent out of (received by the host from) weft0: what weft wrote to it.
+fn tun_tx_packets(ip_json: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(ip_json).expect("ip -j");
+    json_path(&v, "0.stats64.tx.packets").and_then(serde_json::Value::as_u64).expect("tx packets")
+}
+
+/// n3 runs with another key than the one n1 and n2 know it by: its handshakes are refused,
+/// n1's to it cannot be answered, and no packet gets through in either direction, while
+/// n1 and n2 are unaffected.
+#[test]
+fn a_node_with_a_wrong_key_never_gets_through() {
+    let Some(topo) = Topology::for_test("a_node_with_a_wrong_key_never_gets_through", "wgk", 3).expect("topology")
+    else {
+        return;
+    };
+    let keys = wireguard_keys(topo.dir(), 3).expect("keys");
+    let imposter_dir = topo.dir().join("imposter");
+    std::fs::create_dir_all(&imposter_dir).expect("mkdir");
+    let imposter = wireguard_keys(&imposter_dir, 3).expect("keys");
+    let n1 = topo.start_weft(NodeConfig::wireguard_mesh(1, 3, &keys)).expect("n1");
+    let _n2 = topo.start_weft(NodeConfig::wireguard_mesh(2, 3, &keys)).expect("n2");
+    // n3 knows n1 and n2 by their real keys but holds a key nobody knows it by.
+    let mut c3 = NodeConfig::wireguard_mesh(3, 3, &keys);
+    c3.wireguard_key_file = Some(imposter[2].file.clone());
+    let n3 = topo.start_weft(c3).expect("n3");
+    wait_for_session(&n1, "n2");
+    // Long enough for several rounds of refused handshakes (retries every 5 s).
+    std::thread::sleep(Duration::from_secs(2));
+    ping_all(topo.n(1).ns(), "10.244.2.1", 2).expect("n1 and n2 are unaffected");
+    assert!(ping_all(topo.n(3).ns(), "10.244.1.1", 2).is_err(), "the imposter got through to n1");
+    assert!(ping_all(topo.n(1).ns(), "10.244.3.1", 2).is_err(), "n1 reached the imposter");
+    let s1 = n1.status_json().expect("status");
+    assert!(json_u64(&s1, "wireguard.handshakes_refused").expect("refused") > 0, "n3's initiations are refused");
+    let p3 = peer_status(&s1, "n3").expect("n3 in status");
+    assert!(json_path(p3, "wireguard.handshake_age_secs").is_some_and(serde_json::Value::is_null), "{p3}");
+    assert_eq!(json_u64(p3, "rx_packets").expect("rx"), 0);
+    assert!(
+        json_u64(&s1, "drops.no_session").expect("no_session") > 0,
+        "n1's pings to n3 were dropped, not sent in the clear"
+    );
+    let s3 = n3.status_json().expect("status");
+    assert!(json_u64(&s3, "wireguard.handshakes_refused").expect("refused") > 0, "n1's initiations fail n3's mac1");
+}
