@@ -21,6 +21,7 @@ pub mod root;
 pub mod topology;
 pub mod traffic;
 pub mod weft;
+pub mod wireguard_go;
 
 pub use capture::{Capture, Pcap};
 pub use cmd::{CmdOutput, Proc};

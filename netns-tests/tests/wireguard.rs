@@ -7,7 +7,10 @@
 //!  weft0 10.244.<i>.1/24 on each node, backend wireguard, port 51820, one worker
 //! ```
 //!
-//! Needs root, iperf3, tcpdump; namespaces and daemons are removed on drop.
+//! The last test puts Debian's wireguard-go (configured with `wg`) on the other side.
+//!
+//! Needs root, iperf3, tcpdump, wireguard-go and wg; namespaces and daemons are removed on
+//! drop.
 
 #![allow(clippy::expect_used)]
 
@@ -94,7 +97,6 @@ fn three_encrypted_nodes_carry_ping_and_tcp() {
     let server = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf-n1.log")).expect("iperf3 -s");
     let three_one = iperf3_tcp(topo.n(3).ns(), "10.244.1.1", 3).expect("iperf3 n3 -> n1");
     drop(server);
-    eprintln!("wireguard mesh: n1 -> n2 {one_two:.2} Gbit/s, n3 -> n1 {three_one:.2} Gbit/s");
     assert!(one_two > 0.0 && three_one > 0.0);
 
     // Everything n2 saw on the underlay is a WireGuard message (type 1, 2 or 4 with three
@@ -232,4 +234,61 @@ fn a_node_with_a_wrong_key_never_gets_through() {
     );
     let s3 = n3.status_json().expect("status");
     assert!(json_u64(&s3, "wireguard.handshakes_refused").expect("refused") > 0, "n1's initiations fail n3's mac1");
+}
+
+/// weft and WireGuard itself on the wire: n1 runs weft (`backend = "wireguard"`), n2 runs
+/// Debian's wireguard-go configured with `wg` as its users do, each knowing the other by its
+/// public key. Handshakes both ways (weft initiates at once; wireguard-go when it has a packet
+/// and no session), ping and TCP both ways.
+#[test]
+fn weft_interoperates_with_wireguard_go() {
+    use weft_netns_tests::wireguard_go::{WgGo, WgGoConfig, WgPeer};
+    let Some(topo) = Topology::for_test("weft_interoperates_with_wireguard_go", "wgo", 2).expect("topology") else {
+        return;
+    };
+    let keys = wireguard_keys(topo.dir(), 2).expect("keys");
+    let n1 = topo.start_weft(NodeConfig::wireguard_mesh(1, 2, &keys)).expect("weft on n1");
+    let go = WgGo::start(
+        topo.n(2).ns(),
+        topo.dir(),
+        &WgGoConfig {
+            ifname: format!("wgt{}", std::process::id()),
+            private_key: keys[1].file.clone(),
+            listen_port: WIREGUARD_PORT,
+            address: "10.244.2.1/24".into(),
+            routes: vec!["10.244.1.0/24".into()],
+            mtu: 1420,
+            peers: vec![WgPeer {
+                public_key: keys[0].public.clone(),
+                endpoint: format!("198.18.0.1:{WIREGUARD_PORT}"),
+                allowed_ips: "10.244.1.0/24".into(),
+            }],
+        },
+    )
+    .expect("wireguard-go on n2");
+    wait_for_session(&n1, "n2");
+    ping_all(topo.n(1).ns(), "10.244.2.1", 3).expect("weft -> wireguard-go");
+    ping_all(topo.n(2).ns(), "10.244.1.1", 3).expect("wireguard-go -> weft");
+    let server = IperfServer::start(topo.n(2).ns(), "10.244.2.1", &topo.dir().join("iperf-n2.log")).expect("iperf3 -s");
+    let to_go = iperf3_tcp(topo.n(1).ns(), "10.244.2.1", 2).expect("iperf3 weft -> wireguard-go");
+    drop(server);
+    let server = IperfServer::start(topo.n(1).ns(), "10.244.1.1", &topo.dir().join("iperf-n1.log")).expect("iperf3 -s");
+    let to_weft = iperf3_tcp(topo.n(2).ns(), "10.244.1.1", 2).expect("iperf3 wireguard-go -> weft");
+    drop(server);
+    weft_netns_tests::report(&format!("weft <-> wireguard-go: {:.2} / {:.2} Gbit/s", to_go / 1e9, to_weft / 1e9));
+    let s = n1.status_json().expect("status");
+    let p = peer_status(&s, "n2").expect("n2");
+    assert!(json_u64(p, "wireguard.authenticated").expect("authenticated") > 0);
+    assert_eq!(json_u64(p, "wireguard.failed").expect("failed"), 0, "{p}");
+    assert_eq!(json_u64(&s, "wireguard.handshakes_refused").expect("refused"), 0, "{s}");
+    // wireguard-go saw a handshake with weft, and traffic both ways.
+    let wg = weft_netns_tests::wireguard_go::find_program("wg", "wireguard-tools").expect("wg");
+    let out = topo.n(2).ns().exec_ok(wg.to_str().expect("utf-8"), &["show", go.ifname(), "dump"]).expect("wg show");
+    let peer_line = out.stdout.lines().nth(1).expect("a peer line");
+    let fields: Vec<&str> = peer_line.split('\t').collect();
+    assert_eq!(fields.first().copied(), Some(keys[0].public.as_str()), "{peer_line}");
+    let handshake: u64 = fields.get(4).and_then(|f| f.parse().ok()).expect("latest handshake");
+    let (rx, tx): (u64, u64) = (fields[5].parse().expect("rx"), fields[6].parse().expect("tx"));
+    assert!(handshake > 0 && rx > 1_000_000 && tx > 1_000_000, "{peer_line}");
+    go.stop().expect("wireguard-go ran throughout");
 }

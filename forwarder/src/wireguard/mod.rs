@@ -138,8 +138,10 @@ impl Encap for WireGuardEncap {
     // Peers are known by address; the key, not the port, proves who sent a datagram.
     const SOURCE_PORT_MATTERS: bool = false;
     const DECREMENTS_TTL: bool = false;
-    // Flows spread over ports (and so over the receiver's workers), as VXLAN's do.
-    const FLOW_SOURCE_PORT: bool = true;
+    // Everything leaves from the listen port: WireGuard peers roam to the source of the last
+    // authentic datagram, so a reply to an ephemeral sender port would be lost (found against
+    // wireguard-go). Receivers spread peers, not flows, over their workers.
+    const FLOW_SOURCE_PORT: bool = false;
 
     fn encap(&self, pkt: &mut PacketBuf<'_>, hop: &NextHop) -> Result<(), DropReason> {
         let kp = Self::sending(hop)?;
