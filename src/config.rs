@@ -609,7 +609,12 @@ impl Loaded {
         };
         // Validate what can be validated now, with a stand-in subnet and the format whose
         // options are a superset (vtep_mac, device = "tap"); the real values are leased.
-        let probe = RawConfig { subnet: Some("10.244.1.0/24".into()), backend: Some("vxlan".into()), ..raw.clone() };
+        let probe = RawConfig {
+            subnet: Some("10.244.1.0/24".into()),
+            backend: Some("vxlan".into()),
+            wireguard_key_file: None,
+            ..raw.clone()
+        };
         Config::validate(probe)?;
         Ok(Loaded::Lease { raw: Box::new(raw), lease })
     }
@@ -1194,6 +1199,37 @@ mtu = 1200
         }
         let err = parse(&GOOD.replace("workers = 1", "workers = 1\nvni = 5")).unwrap_err().to_string();
         assert!(err.contains("vni: only applies to backend = \"vxlan\""), "{err}");
+    }
+
+    #[test]
+    fn wireguard_needs_peer_keys_and_refuses_vxlan_options() {
+        const K2: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        const K3: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let text = GOOD.replace("workers = 1", "workers = 1\nbackend = \"wireguard\"").replace(
+            "endpoint = \"198.18.0.2:8285\"",
+            &format!("endpoint = \"198.18.0.2:51820\"\npublic_key = \"{K2}\""),
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("peers[1].public_key: required with backend = \"wireguard\""), "{err}");
+        let text = text.replace("mtu = 1200", &format!("mtu = 1200\npublic_key = \"{K3}\""));
+        let c = parse(&text).unwrap();
+        assert_eq!(c.port, 51820);
+        assert_eq!(c.peers[0].public_key.map(|k| k.to_string()).as_deref(), Some(K2));
+        assert_eq!(c.peers[1].endpoint.port(), 51820, "a bare address takes our port");
+        let Backend::WireGuard { key_file } = &c.backend else { panic!("not wireguard") };
+        assert_eq!(key_file, &PathBuf::from("/var/lib/weft/keys/n1.key"));
+        for (from, to, want) in [
+            (K3, "not-a-key", "peers[1].public_key: \"not-a-key\": not a WireGuard key"),
+            ("workers = 1", "workers = 1\nvni = 2", "vni: only applies to backend = \"vxlan\""),
+            ("workers = 1", "workers = 1\ndevice = \"tap\"", "device: \"tap\" needs backend = \"vxlan\""),
+        ] {
+            let err = parse(&text.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+        let err = parse(&GOOD.replace("mtu = 1200", &format!("mtu = 1200\npublic_key = \"{K3}\""))).unwrap_err();
+        assert!(err.to_string().contains("peers[1].public_key: only applies to backend = \"wireguard\""), "{err}");
+        let err = parse(&GOOD.replace("workers = 1", "workers = 1\nwireguard_key_file = \"/k\"")).unwrap_err();
+        assert!(err.to_string().contains("wireguard_key_file: only applies"), "{err}");
     }
 
     #[test]

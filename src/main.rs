@@ -139,7 +139,7 @@ struct NetworkInitArgs {
     /// Prefix length of node subnets [default: flannel's, 24].
     #[arg(long)]
     subnet_len: Option<u8>,
-    /// Wire format: udp or vxlan.
+    /// Wire format: udp, vxlan or wireguard.
     #[arg(long, default_value = "udp")]
     backend: String,
     /// VXLAN network identifier.
@@ -232,10 +232,14 @@ struct RunArgs {
     /// defaults to its first IPv4 address [default: the interface of the IPv4 default route].
     #[arg(long, env = "WEFT_IFACE")]
     iface: Option<String>,
-    /// Wire format: udp or vxlan [default: udp].
+    /// Wire format: udp, vxlan or wireguard (authenticated, encrypted) [default: udp].
     #[arg(long, env = "WEFT_BACKEND")]
     backend: Option<String>,
-    /// Underlay UDP port [default: 8285 for udp, 8472 for vxlan].
+    /// wireguard: this node's private key file, created 0600 on first start
+    /// [default: /var/lib/weft/keys/<node-name>.key].
+    #[arg(long, env = "WEFT_WIREGUARD_KEY_FILE")]
+    wireguard_key_file: Option<std::path::PathBuf>,
+    /// Underlay UDP port [default: 8285 for udp, 8472 for vxlan, 51820 for wireguard].
     #[arg(long, env = "WEFT_PORT")]
     port: Option<u16>,
     /// VXLAN network identifier [default: 1].
@@ -425,6 +429,7 @@ fn run(args: RunArgs) -> ExitCode {
         public_ip: args.public_ip,
         iface: args.iface,
         backend: args.backend,
+        wireguard_key_file: args.wireguard_key_file,
         port: args.port,
         vni: args.vni,
         vtep_mac: args.vtep_mac,

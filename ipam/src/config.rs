@@ -796,6 +796,29 @@ mod tests {
         assert!(c.backend.extra.is_empty(), "DirectRouting is read, not carried: {:?}", c.backend.extra);
     }
 
+    /// flannel's `wireguard` backend: `ListenPort` (default 51820) is read; the options weft
+    /// does not implement (a preshared key, IPv6, keepalives, modes) are refused by name.
+    #[test]
+    fn wireguard_backend_reads_listen_port_and_refuses_what_it_lacks() {
+        let c = NetworkConfig::from_json(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#).unwrap();
+        assert_eq!((c.backend.kind, c.backend.port()), (BackendKind::WireGuard, 51820));
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPort":51000}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.backend.port(), 51000);
+        for (backend, field) in [
+            (r#"{"Type":"wireguard","PSK":"x"}"#, "Backend.PSK"),
+            (r#"{"Type":"wireguard","Mode":"ipv6"}"#, "Backend.Mode"),
+            (r#"{"Type":"wireguard","PersistentKeepaliveInterval":25}"#, "Backend.PersistentKeepaliveInterval"),
+            (r#"{"Type":"vxlan","ListenPort":1}"#, "Backend.ListenPort"),
+        ] {
+            let json = format!(r#"{{"Network":"10.244.0.0/16","Backend":{backend}}}"#);
+            let err = NetworkConfig::from_json(&json).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{backend}: {err}");
+        }
+    }
+
     /// flannel's vxlan options that change what a node does are read, checked and written
     /// back: MTU honoured (0 = automatic, as flannel), DirectRouting for vxlan, GBP false only.
     #[test]

@@ -292,3 +292,61 @@ fn weft_interoperates_with_wireguard_go() {
     assert!(handshake > 0 && rx > 1_000_000 && tx > 1_000_000, "{peer_line}");
     go.stop().expect("wireguard-go ran throughout");
 }
+
+/// Lease mode on the file store, `weft network init --backend wireguard`: each node creates
+/// its key on first start, publishes the public key in its lease (flannel's
+/// `BackendData.PublicKey`), takes its peers' keys from theirs, and they talk encrypted.
+#[test]
+fn leased_nodes_publish_their_keys_and_talk_encrypted() {
+    use weft_netns_tests::NetworkInit;
+    let Some(topo) =
+        Topology::for_test("leased_nodes_publish_their_keys_and_talk_encrypted", "wgl", 2).expect("topology")
+    else {
+        return;
+    };
+    let store = topo.file_store();
+    let init = NetworkInit { backend: Some("wireguard".into()), ..NetworkInit::default() };
+    topo.network_init(&store, &init).expect("weft network init --backend wireguard");
+    let nodes: Vec<_> = (1..=2u8)
+        .map(|i| {
+            let mut c = topo.lease_config(i, &store);
+            // Not yet there: weft creates it.
+            c.wireguard_key_file = Some(topo.dir().join(format!("keys/n{i}.key")));
+            topo.start_weft(c).expect("starting a leased node")
+        })
+        .collect();
+    let subnets: Vec<String> = nodes.iter().map(|n| n.leased_subnet().expect("subnet")).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let other = &subnets[1 - i];
+        let seen =
+            n.wait_peer_subnet(other, true, Duration::from_secs(10), Duration::from_millis(100)).expect("status");
+        assert!(seen.is_some(), "n{} never listed {other}", i + 1);
+    }
+    let leases = topo.leases(&store).expect("weft leases");
+    for (i, n) in nodes.iter().enumerate() {
+        let s = n.status_json().expect("status");
+        let key = json_path(&s, "wireguard.public_key").and_then(|v| v.as_str()).expect("our key").to_owned();
+        let ours = leases.iter().find(|l| l.subnet == subnets[i]).expect("our lease");
+        assert_eq!(ours.backend_type, "wireguard");
+        assert_eq!(ours.backend_data.get("PublicKey").and_then(|v| v.as_str()), Some(key.as_str()), "{ours:?}");
+        let file = topo.dir().join(format!("keys/n{}.key", i + 1));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).expect("key file").permissions());
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        // The other node knows us by that key.
+        let other = nodes[1 - i].status_json().expect("status");
+        let p = weft_netns_tests::peer_by_subnet(&other, &subnets[i]).expect("listed");
+        assert_eq!(json_path(p, "wireguard.key_fingerprint").and_then(|v| v.as_str()), Some(&key[..8]), "{p}");
+    }
+    wait_for_session(&nodes[0], &peer_name(&nodes[0], &subnets[1]));
+    for (i, n) in nodes.iter().enumerate() {
+        let gw = nodes[1 - i].gateway().expect("gateway").to_string();
+        ping_all(n.ns(), &gw, 3).expect("ping across leased wireguard nodes");
+    }
+}
+
+/// The name `node` lists the peer holding `subnet` under.
+fn peer_name(node: &weft_netns_tests::WeftNode<'_>, subnet: &str) -> String {
+    let s = node.status_json().expect("status");
+    let p = weft_netns_tests::peer_by_subnet(&s, subnet).expect("listed");
+    p["name"].as_str().expect("name").to_owned()
+}

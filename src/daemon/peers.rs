@@ -553,6 +553,45 @@ mod tests {
         assert_eq!(p.refused_total().values().sum::<u64>(), 10);
     }
 
+    /// WireGuard records must carry a PublicKey of their own: missing, malformed or ours is
+    /// bad data, and a key an older record holds is a duplicate (a later record cannot take a
+    /// peer's identity); when the older one goes, the next in line takes its place.
+    #[test]
+    fn wireguard_records_need_a_key_of_their_own() {
+        use weft_forwarder::wireguard::PrivateKey;
+        let ours = PrivateKey::generate().unwrap().public_key();
+        let (k2, k3) = (PrivateKey::generate().unwrap().public_key(), PrivateKey::generate().unwrap().public_key());
+        let mut p = LeasePeers::new(PeerRules { public_key: Some(ours), port: 51820, ..rules("wireguard", None) });
+        let wg = |k: &PublicKey| serde_json::json!({"PublicKey": k.to_string()});
+        let leases = [
+            lease("10.244.2.0/24", [198, 18, 0, 2], 2, "wireguard", wg(&k2)),
+            lease("10.244.3.0/24", [198, 18, 0, 3], 3, "wireguard", wg(&ours)),
+            lease("10.244.4.0/24", [198, 18, 0, 4], 4, "wireguard", serde_json::json!({"PublicKey": "abc"})),
+            lease("10.244.5.0/24", [198, 18, 0, 5], 5, "wireguard", serde_json::Value::Null),
+            lease("10.244.6.0/24", [198, 18, 0, 6], 6, "wireguard", wg(&k2)),
+            lease("10.244.7.0/24", [198, 18, 0, 7], 7, "wireguard", wg(&k3)),
+        ];
+        assert!(p.replace_all(&leases));
+        assert_eq!(names(&p), ["10.244.2.0-24", "10.244.7.0-24"]);
+        let mut got = reasons(&p);
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("10.244.3.0/24", "bad_backend_data"),
+            ("10.244.4.0/24", "bad_backend_data"),
+            ("10.244.5.0/24", "bad_backend_data"),
+            ("10.244.6.0/24", "duplicate_key"),
+        ]
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+        assert_eq!(got, want);
+        let peer = p.peers().into_iter().find(|q| q.subnet.to_string() == "10.244.2.0/24").unwrap();
+        assert_eq!((peer.public_key, peer.endpoint.port()), (Some(k2), 51820));
+        // The older holder of k2 leaves: the later record takes its place.
+        assert!(p.apply(&[LeaseEvent::Removed("10.244.2.0/24".parse().unwrap())]));
+        assert_eq!(names(&p), ["10.244.6.0-24", "10.244.7.0-24"]);
+    }
+
     #[test]
     fn someone_elses_record_for_our_subnet_is_refused() {
         let mut p = LeasePeers::new(rules("udp", None));
