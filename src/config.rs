@@ -637,6 +637,8 @@ pub fn resolve_leased(raw: &RawConfig, net: &weft_ipam::NetworkConfig, subnet: I
         vni: vxlan.then(|| b.vni()),
         subnet: Some(subnet.to_string()),
         peers: Vec::new(),
+        // Set for a network that turns out not to be wireguard (rootless sets it by default).
+        wireguard_key_file: raw.wireguard_key_file.clone().filter(|_| b.kind == weft_ipam::BackendKind::WireGuard),
         ..raw.clone()
     })?;
     if b.direct_routing() && cfg.device == Device::Tap {

@@ -296,6 +296,11 @@ impl Dirs {
         set(&mut raw.api_socket, self.api_socket());
         set(&mut raw.pod_dir, self.data.join("pods").join(&node));
         set(&mut raw.pending_release_dir, self.data.join("pending-release"));
+        // The node key: where the backend is wireguard, or may be (lease mode: the network
+        // config decides, and the path is dropped for other backends).
+        if raw.subnet.is_none() || raw.backend.as_deref() == Some("wireguard") {
+            set(&mut raw.wireguard_key_file, self.data.join("keys").join(format!("{node}.key")));
+        }
         // Lease mode only (a static config refuses these).
         if raw.subnet.is_none() {
             set(&mut raw.store_dir, self.data.join("store"));
@@ -341,10 +346,12 @@ mod tests {
         assert_eq!(raw.pod_dir.as_deref(), Some(Path::new("/home/u/.local/share/weft/pods/n1")));
         assert_eq!(raw.lease_cache.as_deref(), Some(Path::new("/home/u/.local/share/weft/leases/n1.json")));
         assert_eq!(raw.pending_release_dir.as_deref(), Some(Path::new("/home/u/.local/share/weft/pending-release")));
+        assert_eq!(raw.wireguard_key_file.as_deref(), Some(Path::new("/home/u/.local/share/weft/keys/n1.key")));
         // Static mode: no lease-mode paths, which it would refuse.
         let mut st = RawConfig { subnet: Some("10.244.1.0/24".into()), ..RawConfig::default() };
         d.fill(&mut st);
         assert!(st.store_dir.is_none() && st.subnet_file.is_none() && st.lease_cache.is_none());
+        assert!(st.wireguard_key_file.is_none(), "a udp static config refuses it");
         assert_eq!(st.api_socket.as_deref(), Some(Path::new("/run/user/1000/weft/weft.sock")));
     }
 }

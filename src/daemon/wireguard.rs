@@ -169,19 +169,7 @@ struct Control {
 /// Runs the control thread until `stop` is set. `socket` is a clone of one of the workers'
 /// sockets on our port: handshakes leave from the port peers know.
 pub fn run(setup: Setup, socket: UdpSocket, routes: RouteTableHandle, stop: &AtomicBool) -> io::Result<()> {
-    let Setup { key, sessions, rx, counters, queue, .. } = setup;
-    drop(queue);
-    let jitter = Duration::from_millis(u64::from(rand::random::<u16>() % 500));
-    let mut c = Control {
-        hs: Handshaker::new(key, [0; 32]),
-        sessions,
-        routes,
-        socket,
-        live: HashMap::new(),
-        attempts: HashMap::new(),
-        counters,
-        jitter,
-    };
+    let (mut c, rx) = Control::new(setup, socket, routes);
     let mut next_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match rx.recv_timeout(TICK) {
@@ -200,6 +188,24 @@ pub fn run(setup: Setup, socket: UdpSocket, routes: RouteTableHandle, stop: &Ato
 }
 
 impl Control {
+    fn new(setup: Setup, socket: UdpSocket, routes: RouteTableHandle) -> (Self, Receiver<HandshakeDatagram>) {
+        let Setup { key, sessions, rx, counters, queue } = setup;
+        // Only the workers queue; with them all gone, the receiver says so.
+        drop(queue);
+        let jitter = Duration::from_millis(u64::from(rand::random::<u16>() % 500));
+        let c = Control {
+            hs: Handshaker::new(key, [0; 32]),
+            sessions,
+            routes,
+            socket,
+            live: HashMap::new(),
+            attempts: HashMap::new(),
+            counters,
+            jitter,
+        };
+        (c, rx)
+    }
+
     /// The peer with key `k` in the route table now, with its endpoint.
     fn peer(&self, k: &PublicKey) -> Option<(Arc<PeerCrypto>, SocketAddr)> {
         let t = self.routes.load();
@@ -291,7 +297,9 @@ impl Control {
     fn due(peer: &PeerCrypto, now: Instant) -> bool {
         let cur = peer.current.load();
         match cur.as_ref() {
-            None => true,
+            // A responder's fresh keypair awaits the initiator's first data message: no
+            // handshake of ours crosses it.
+            None => peer.next.load().as_ref().is_none_or(|n| now.saturating_duration_since(n.created) >= REKEY_TIMEOUT),
             Some(kp) => {
                 let age = now.saturating_duration_since(kp.created);
                 (kp.initiator && age >= REKEY_AFTER_TIME)
@@ -355,6 +363,108 @@ impl Control {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use weft_forwarder::{NextHop, PeerCounters, RouteTable};
+
+    /// One node's control thread, driven by hand over a real loopback socket.
+    struct Node {
+        c: Control,
+        socket: UdpSocket,
+        peer: Arc<PeerCrypto>,
+    }
+
+    fn nodes(dir: &Path) -> (Node, Node) {
+        let (sa, sb) = (Setup::new(&dir.join("a.key")).unwrap(), Setup::new(&dir.join("b.key")).unwrap());
+        let (ua, ub) = (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
+        let node = |setup: Setup, own: UdpSocket, other: &UdpSocket, key: PublicKey, third: u8| {
+            let peer = Arc::new(PeerCrypto::new(key));
+            let hop = NextHop {
+                name: "peer".into(),
+                endpoint: other.local_addr().unwrap(),
+                subnet_v4: Some(format!("10.244.{third}.0/24").parse().unwrap()),
+                subnet_v6: None,
+                mac: None,
+                mtu: 1420,
+                counters: Arc::new(PeerCounters::new(1)),
+                crypto: Some(Arc::clone(&peer)),
+            };
+            let routes = RouteTableHandle::new(RouteTable::new(vec![hop], false).unwrap());
+            own.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let (c, _rx) = Control::new(setup, own.try_clone().unwrap(), routes);
+            Node { c, socket: own, peer }
+        };
+        let (ka, kb) = (sa.key.public_key(), sb.key.public_key());
+        (node(sa, ua.try_clone().unwrap(), &ub, kb, 2), node(sb, ub, &ua, ka, 1))
+    }
+
+    /// Reads one datagram at `n`'s socket: a handshake message is handed to its control
+    /// thread; returns the message type.
+    fn deliver(n: &mut Node, now: Instant) -> u8 {
+        let mut buf = [0u8; 2048];
+        let (len, from) = n.socket.recv_from(&mut buf).unwrap();
+        let mut d = HandshakeDatagram { from, len: len as u8, bytes: [0; 148] };
+        if buf[0] != 4 {
+            d.bytes[..len].copy_from_slice(&buf[..len]);
+            n.c.on_message(&d, now);
+        }
+        buf[0]
+    }
+
+    fn nothing_sent_to(n: &Node) -> bool {
+        n.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        let none = n.socket.recv_from(&mut buf).is_err();
+        n.socket.set_nonblocking(false).unwrap();
+        none
+    }
+
+    /// A first handshake at once, a keepalive to confirm it, a rekey by the initiator at
+    /// REKEY_AFTER_TIME, and the old keypair retired at REJECT_AFTER_TIME.
+    #[test]
+    fn sessions_come_up_rekey_and_retire_on_wireguards_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b) = nodes(dir.path());
+        let t0 = Instant::now();
+        a.c.timers(t0);
+        assert_eq!(deliver(&mut b, t0), 1, "an initiation");
+        assert_eq!(deliver(&mut a, t0), 2, "the response");
+        assert_eq!(deliver(&mut b, t0), 4, "a keepalive confirms the session");
+        let first = a.peer.current.load_full().expect("a has a session");
+        assert!(first.initiator && b.peer.next.load().is_some() && b.peer.current.load().is_none());
+        assert!(a.c.sessions.get(first.local_index).is_some());
+        // b awaits confirmation: it does not cross a's handshake with one of its own.
+        b.c.timers(t0 + Duration::from_secs(1));
+        assert!(nothing_sent_to(&a));
+        // Nothing is due before REKEY_AFTER_TIME.
+        a.c.timers(t0 + Duration::from_secs(60));
+        assert!(nothing_sent_to(&b));
+        let t1 = t0 + Duration::from_secs(121);
+        a.c.timers(t1);
+        assert_eq!(deliver(&mut b, t1), 1, "the initiator rekeys");
+        assert_eq!(deliver(&mut a, t1), 2);
+        let second = a.peer.current.load_full().unwrap();
+        assert_ne!(second.local_index, first.local_index);
+        assert!(a.peer.previous.load().as_ref().is_some_and(|p| Arc::ptr_eq(p, &first)), "still accepted");
+        assert_eq!(a.c.counters.handshakes.load(Ordering::Relaxed), 2);
+        // REJECT_AFTER_TIME after the first handshake, its keypair is gone everywhere.
+        a.c.timers(t0 + Duration::from_secs(181));
+        assert!(a.c.sessions.get(first.local_index).is_none());
+        assert!(a.peer.previous.load().is_none());
+        assert!(a.peer.current.load().as_ref().is_some_and(|c| Arc::ptr_eq(c, &second)));
+    }
+
+    /// Initiations from a key the route table does not hold are refused, counted and unanswered.
+    #[test]
+    fn an_unknown_key_is_refused_and_not_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b) = nodes(dir.path());
+        let stranger = PrivateKey::generate().unwrap();
+        let mut hs = Handshaker::new(stranger, [0; 32]);
+        let msg = hs.initiate(&b.c.hs.public_key(), 9, tai64n(Duration::from_secs(1))).unwrap();
+        a.socket.send_to(&msg, b.socket.local_addr().unwrap()).unwrap();
+        assert_eq!(deliver(&mut b, Instant::now()), 1);
+        assert_eq!(b.c.counters.handshakes_refused.load(Ordering::Relaxed), 1);
+        assert!(nothing_sent_to(&a));
+    }
 
     #[test]
     fn the_key_is_created_once_0600_and_loose_or_bad_files_are_refused() {
