@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn an_unknown_key_is_refused_and_not_answered() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut a, mut b) = nodes(dir.path());
+        let (a, mut b) = nodes(dir.path());
         let stranger = PrivateKey::generate().unwrap();
         let mut hs = Handshaker::new(stranger, [0; 32]);
         let msg = hs.initiate(&b.c.hs.public_key(), 9, tai64n(Duration::from_secs(1))).unwrap();
