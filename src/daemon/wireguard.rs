@@ -33,6 +33,10 @@ const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often timers are looked at.
 const TICK: Duration = Duration::from_millis(250);
+/// At most one initiation per peer address is answered in this time (WireGuard's 50 per
+/// second): anyone who knows our public key can compute a valid mac1, so this bounds the
+/// Diffie-Hellman work a flood of initiations can cost.
+const INITIATION_INTERVAL: Duration = Duration::from_millis(20);
 /// Handshake messages queued between the workers and this thread; more are dropped and
 /// counted (`bad_message`), so a flood of initiations costs a bounded queue.
 pub const QUEUE: usize = 256;
@@ -161,6 +165,8 @@ struct Control {
     socket: UdpSocket,
     live: HashMap<u32, Live>,
     attempts: HashMap<PublicKey, Attempt>,
+    /// When an initiation from each address was last taken up.
+    initiations: HashMap<SocketAddr, Instant>,
     counters: Arc<Counters>,
     /// Per-node jitter on retries, so two nodes do not keep initiating at the same instant.
     jitter: Duration,
@@ -200,6 +206,7 @@ impl Control {
             socket,
             live: HashMap::new(),
             attempts: HashMap::new(),
+            initiations: HashMap::new(),
             counters,
             jitter,
         };
@@ -231,6 +238,10 @@ impl Control {
         let msg = d.message();
         match msg.first() {
             Some(1) => {
+                let last = self.initiations.insert(d.from, now);
+                if last.is_some_and(|t| now.saturating_duration_since(t) < INITIATION_INTERVAL) {
+                    return self.refused("initiation (rate limit)", &HandshakeError::Replayed, d.from);
+                }
                 let index = self.fresh_index();
                 let routes = self.routes.load();
                 let known = |k: &PublicKey| {
@@ -333,6 +344,7 @@ impl Control {
             }
         }
         self.attempts.retain(|k, _| present.contains(k));
+        self.initiations.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(1));
         self.hs.retain_peers(|k| present.contains(k));
         // Handshake with every peer whose session is missing or ageing, retrying every
         // REKEY_TIMEOUT (plus this node's jitter).
@@ -450,6 +462,23 @@ mod tests {
         assert!(a.c.sessions.get(first.local_index).is_none());
         assert!(a.peer.previous.load().is_none());
         assert!(a.peer.current.load().as_ref().is_some_and(|c| Arc::ptr_eq(c, &second)));
+    }
+
+    /// A second initiation from one address within INITIATION_INTERVAL is not taken up.
+    #[test]
+    fn initiations_are_rate_limited_per_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b) = nodes(dir.path());
+        let t0 = Instant::now();
+        a.c.timers(t0);
+        assert_eq!(deliver(&mut b, t0), 1);
+        assert_eq!(deliver(&mut a, t0), 2);
+        let _keepalive = deliver(&mut b, t0);
+        a.c.attempts.clear();
+        a.c.timers(t0 + Duration::from_secs(121));
+        assert_eq!(deliver(&mut b, t0 + Duration::from_millis(5)), 1, "too soon after the first");
+        assert!(nothing_sent_to(&a), "not answered");
+        assert_eq!(b.c.counters.handshakes_refused.load(Ordering::Relaxed), 1);
     }
 
     /// Initiations from a key the route table does not hold are refused, counted and unanswered.
