@@ -2,7 +2,8 @@
 //!
 //! - `encap_decap`: one packet's whole trip through the core per iteration: node A's
 //!   `Forwarder::from_tun` encapsulates an inner IPv4/UDP packet, node B's
-//!   `Forwarder::from_underlay` decapsulates the datagram, for flannel `udp` and VXLAN, with
+//!   `Forwarder::from_underlay` decapsulates the datagram, for flannel `udp`, VXLAN and
+//!   WireGuard (sealed and opened with ChaCha20-Poly1305, the replay window checked), with
 //!   inner packets of 64 and 1400 bytes;
 //! - `super_packet`: a 64 KiB TCP super-packet's whole trip, as with offloads: A checks and
 //!   encapsulates it once (`from_tun_segmented`) and cuts it into GSO trains
@@ -114,6 +115,13 @@ fn from_a() -> SocketAddr {
     A_ENDPOINT.parse().unwrap()
 }
 
+/// A WireGuard pair with a session A → B (B's keypair confirmed by the first round).
+fn wireguard_pair() -> Pair<weft_forwarder::wireguard::WireGuardEncap> {
+    let (net, mut a, mut b) = Pair::wireguard();
+    Pair::wg_handshake(&mut a, &mut b, 1, 2, 1);
+    net
+}
+
 // ---------------------------------------------------------------------------------------
 // The allocation check.
 
@@ -140,9 +148,11 @@ fn check_no_alloc() {
     let mut failed = false;
     for size in SIZES {
         let inner = inner_udp(size);
-        for (name, (allocs, delivered)) in
-            [("udp", count_allocs(Pair::new(), &inner)), ("vxlan", count_allocs(Pair::vxlan(), &inner))]
-        {
+        for (name, (allocs, delivered)) in [
+            ("udp", count_allocs(Pair::new(), &inner)),
+            ("vxlan", count_allocs(Pair::vxlan(), &inner)),
+            ("wireguard", count_allocs(wireguard_pair(), &inner)),
+        ] {
             println!(
                 "no-alloc check: {name}/{size}: {allocs} allocations in {NO_ALLOC_ROUNDS} from_tun+from_underlay \
                  rounds ({delivered} delivered)"
@@ -183,6 +193,7 @@ fn bench_format<E: Encap>(c: &mut Criterion, name: &str, mut net: Pair<E>) {
 fn encap_decap(c: &mut Criterion) {
     bench_format(c, "udp", Pair::new());
     bench_format(c, "vxlan", Pair::vxlan());
+    bench_format(c, "wireguard", wireguard_pair());
 }
 
 // ---------------------------------------------------------------------------------------
