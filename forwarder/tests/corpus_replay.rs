@@ -116,6 +116,124 @@ fn tap_corpus_replays_and_real_frames_are_delivered() {
     }
 }
 
+#[test]
+fn wireguard_corpus_replays() {
+    use weft_forwarder::fuzzing::WgOutcome;
+    let (deliver, replayed) = (
+        |u: &UnderlayVerdict| matches!(u, UnderlayVerdict::Deliver { .. }),
+        UnderlayVerdict::Drop(DropReason::Replayed),
+    );
+    for (name, data) in corpus("wireguard") {
+        let WgOutcome { tun, underlay } = fuzzing::decap_wireguard(&data);
+        let sent = || assert!(matches!(tun, Some(TunVerdict::Send { .. })), "{name}: {tun:?}");
+        let drop = |r| assert_eq!(underlay, [UnderlayVerdict::Drop(r)], "{name}");
+        match name.as_str() {
+            // Recorded under another handshake's keys: for B's index, but not authentic.
+            "raw_sealed_icmp.bin" | "raw_keepalive.bin" => drop(DropReason::AuthFailed),
+            "raw_initiation.bin" | "raw_response.bin" | "raw_cookie_reply.bin" => {
+                assert_eq!(underlay, [UnderlayVerdict::Consumed], "{name}")
+            }
+            "raw_short_data.bin" => drop(DropReason::Truncated),
+            "raw_counter_max.bin" => drop(DropReason::Replayed),
+            "raw_bad_reserved.bin" => drop(DropReason::BadMessage),
+            "raw_unknown_index.bin" => drop(DropReason::AuthFailed),
+            n if n.starts_with("tun_flip_") => {
+                sent();
+                assert_eq!(underlay.len(), 3, "{name}: {underlay:?}");
+                assert!(
+                    !deliver(&underlay[0]) && deliver(&underlay[1]) && underlay[2] == replayed,
+                    "{name}: {underlay:?}"
+                );
+            }
+            n if n.starts_with("tun_reply_") => {
+                assert_eq!(tun, Some(TunVerdict::Reply), "{name}");
+                assert!(underlay.is_empty(), "{name}");
+            }
+            n if n.starts_with("tun_") => {
+                sent();
+                assert!(
+                    underlay.len() == 2 && deliver(&underlay[0]) && underlay[1] == replayed,
+                    "{name}: {underlay:?}"
+                );
+            }
+            "plain_keepalive.bin" => assert_eq!(underlay, [UnderlayVerdict::Consumed, replayed], "{name}"),
+            "plain_flip_tag.bin" => {
+                assert!(underlay.len() == 3 && underlay[0] == UnderlayVerdict::Drop(DropReason::AuthFailed), "{name}");
+                assert!(deliver(&underlay[1]) && underlay[2] == replayed, "{name}: {underlay:?}");
+            }
+            "plain_icmp_echo.bin" | "plain_ttl_1.bin" => {
+                assert!(underlay.len() == 2 && deliver(&underlay[0]), "{name}: {underlay:?}")
+            }
+            "plain_foreign_source.bin" => {
+                assert_eq!(underlay, [UnderlayVerdict::Drop(DropReason::ForeignSource), replayed], "{name}")
+            }
+            "plain_not_local.bin" => {
+                assert_eq!(underlay, [UnderlayVerdict::Drop(DropReason::NotLocalDestination), replayed], "{name}")
+            }
+            "plain_garbage.bin" => {
+                assert_eq!(underlay, [UnderlayVerdict::Drop(DropReason::BadIpHeader), replayed], "{name}")
+            }
+            _ => {}
+        }
+        // Every prefix too (every 7th of the long ones): truncation anywhere, in every mode.
+        let step = if data.len() > 200 { 7 } else { 1 };
+        for cut in (0..data.len()).step_by(step) {
+            let _ = fuzzing::decap_wireguard(&data[..cut]);
+        }
+    }
+}
+
+#[test]
+fn wg_handshake_corpus_replays() {
+    use weft_forwarder::fuzzing::HsOutcome::{self, Auth, BadMac, Malformed, NoPending, Ok, Replayed, UnknownPeer};
+    for (name, data) in corpus("wg_handshake") {
+        let out = fuzzing::wireguard_handshake(&data);
+        let want: Option<&[HsOutcome]> = match name.as_str() {
+            // Real messages, but to another process's keys: refused for their mac1.
+            "raw_initiation.bin" => Some(&[BadMac, Malformed]),
+            "raw_response.bin" => Some(&[Malformed, BadMac]),
+            "raw_response_then_real.bin" => Some(&[Malformed, BadMac, Ok]),
+            "init_real.bin" | "init_mac2.bin" => Some(&[Ok]),
+            "init_real_completes.bin" => Some(&[Ok, Replayed, Ok]),
+            "init_type.bin" => Some(&[Malformed]),
+            "init_static.bin" => Some(&[BadMac]),
+            "init_static_fixed_mac1.bin"
+            | "init_ephemeral_top_bit_fixed_mac1.bin"
+            | "init_timestamp_fixed_mac1.bin" => Some(&[Auth]),
+            "init_sender_fixed_mac1.bin" => Some(&[Ok]),
+            "init_sender_fixed_mac1_completes.bin" => Some(&[Ok, Replayed, NoPending, Ok]),
+            "init_unknown_peer.bin" => Some(&[UnknownPeer]),
+            "resp_real.bin" | "resp_mac2.bin" | "resp_sender_fixed_mac1.bin" => Some(&[Ok]),
+            "resp_ephemeral.bin" => Some(&[BadMac]),
+            "resp_ephemeral_then_real.bin" => Some(&[BadMac, Ok]),
+            "resp_ephemeral_fixed_mac1_then_real.bin" | "resp_tag_fixed_mac1_then_real.bin" => Some(&[Auth, NoPending]),
+            "resp_receiver_fixed_mac1_then_real.bin" => Some(&[NoPending, Ok]),
+            _ => None,
+        };
+        if let Some(want) = want {
+            assert_eq!(out, want, "{name}");
+        }
+        // Truncated anywhere, the real messages (a mutation seed cut short is only fewer changes).
+        if data[0] == 0 {
+            for cut in 0..data.len() {
+                let _ = fuzzing::wireguard_handshake(&data[..cut]);
+            }
+        }
+    }
+}
+
+/// Writes the seeds of tests/corpus/{wireguard,wg_handshake}/ (see the README there), from a
+/// real handshake between two fresh keys:
+/// `WEFT_WRITE_SEEDS=1 cargo test -p weft-forwarder --test corpus_replay -- --ignored write_wireguard_seeds`.
+#[test]
+#[ignore = "writes the seed corpus; run by hand"]
+fn write_wireguard_seeds() {
+    if std::env::var_os("WEFT_WRITE_SEEDS").is_none() {
+        return;
+    }
+    seeds::write_wireguard(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus"));
+}
+
 /// Writes the synthesised seeds of tests/corpus/{gso,gro,tap}/ (see the README there):
 /// `WEFT_WRITE_SEEDS=1 cargo test -p weft-forwarder --test corpus_replay -- --ignored write_seeds`.
 #[test]
@@ -254,6 +372,117 @@ mod seeds {
         p.extend_from_slice(&A_MAC.0);
         p.extend_from_slice(&[10, 244, 1, 0, 0, 0, 0, 0, 0, 0, 10, 244, 2, 0]);
         p
+    }
+
+    pub(super) fn write_wireguard(dir: &Path) {
+        use std::time::Duration;
+
+        use weft_forwarder::fuzzing::{WG_A_INDEX, WG_B_INDEX};
+        use weft_forwarder::testing::Pair;
+        use weft_forwarder::wireguard::handshake::tai64n;
+        let put = |sub: &str, name: &str, mode: u8, bytes: &[u8]| {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join(name), [&[mode][..], bytes].concat()).unwrap();
+        };
+        // Real messages of a real handshake, recorded (the keys die with this process).
+        let (mut net, mut wa, mut wb) = Pair::wireguard();
+        let init =
+            wa.handshaker.initiate(&wb.handshaker.public_key(), WG_A_INDEX, tai64n(Duration::from_secs(7))).unwrap();
+        let pa = wa.handshaker.public_key();
+        let (resp, _) = wb.handshaker.on_initiation(&init, WG_B_INDEX, |k| *k == pa).unwrap();
+        Pair::wg_handshake(&mut wa, &mut wb, WG_A_INDEX, WG_B_INDEX, 8);
+        let ping = icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 56);
+        let sealed = net.a_encap(&ping).unwrap();
+        let kp = wa.peer.current.load_full().unwrap();
+        let counter = kp.reserve(1).unwrap();
+        let mut keepalive = vec![4, 0, 0, 0];
+        keepalive.extend_from_slice(&WG_B_INDEX.to_le_bytes());
+        keepalive.extend_from_slice(&counter.to_le_bytes());
+        let mut tag = [0u8; 16];
+        kp.seal(counter, &mut [], &mut tag).unwrap();
+        keepalive.extend_from_slice(&tag);
+
+        // wireguard/: inputs of fuzzing::decap_wireguard (first byte: mode).
+        let w = "wireguard";
+        put(w, "raw_sealed_icmp.bin", 0, &sealed);
+        put(w, "raw_keepalive.bin", 0, &keepalive);
+        put(w, "raw_initiation.bin", 0, &init);
+        put(w, "raw_response.bin", 0, &resp);
+        let mut cookie = vec![3, 0, 0, 0];
+        cookie.extend_from_slice(&data(60, 3));
+        put(w, "raw_cookie_reply.bin", 0, &cookie);
+        put(w, "raw_short_data.bin", 0, &sealed[..24]);
+        let mut max = sealed.clone();
+        max[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        put(w, "raw_counter_max.bin", 0, &max);
+        let mut reserved = sealed.clone();
+        reserved[2] = 1;
+        put(w, "raw_bad_reserved.bin", 0, &reserved);
+        let mut stranger = sealed.clone();
+        stranger[4] ^= 0x40;
+        put(w, "raw_unknown_index.bin", 0, &stranger);
+        // Mode 1: [pos_lo, pos_hi, mask] then a packet read from A's TUN.
+        let tun = |flip: (u16, u8), inner: &[u8]| {
+            let mut v = flip.0.to_le_bytes().to_vec();
+            v.push(flip.1);
+            v.extend_from_slice(inner);
+            v
+        };
+        put(w, "tun_icmp_echo.bin", 1, &tun((0, 0), &ping));
+        put(w, "tun_icmp6_echo.bin", 1, &tun((0, 0), &icmp_echo_v6("fd00:1::1", "fd00:2::1", 56)));
+        put(w, "tun_tcp_syn.bin", 1, &tun((0, 0), &tcp(false, 1, &[], false, false)));
+        put(w, "tun_udp6.bin", 1, &tun((0, 0), &udp(true, &data(300, 1))));
+        put(w, "tun_mtu_1420.bin", 1, &tun((0, 0), &icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 1420 - 28)));
+        let len = (ping.len() + 32) as u16;
+        put(w, "tun_flip_tag.bin", 1, &tun((len - 1, 0x01), &ping));
+        put(w, "tun_flip_counter.bin", 1, &tun((9, 0x80), &ping));
+        put(w, "tun_flip_receiver.bin", 1, &tun((4, 0x02), &ping));
+        put(w, "tun_flip_ciphertext.bin", 1, &tun((40, 0xff), &ping));
+        // 116 bytes inside: a 148-byte datagram, which a changed type byte makes an initiation.
+        put(w, "tun_flip_to_initiation.bin", 1, &tun((0, 0x05), &icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 88)));
+        put(w, "tun_reply_df_too_big.bin", 1, &tun((0, 0), &icmp_echo([10, 244, 1, 1], [10, 244, 2, 1], 1500)));
+        put(w, "tun_reply_no_route.bin", 1, &tun((0, 0), &icmp_echo([10, 244, 1, 1], [10, 244, 3, 1], 56)));
+        // Mode 2: the same header, then bytes A seals as they are.
+        put(w, "plain_icmp_echo.bin", 2, &tun((0, 0), &ping));
+        put(w, "plain_keepalive.bin", 2, &tun((0, 0), &[]));
+        put(w, "plain_foreign_source.bin", 2, &tun((0, 0), &icmp_echo([10, 244, 3, 1], [10, 244, 2, 1], 56)));
+        put(w, "plain_not_local.bin", 2, &tun((0, 0), &icmp_echo([10, 244, 1, 1], [10, 244, 3, 1], 56)));
+        let mut ttl1 = ping.clone();
+        ttl1[8] = 1;
+        ttl1[10..12].copy_from_slice(&[0, 0]);
+        let c = weft_forwarder::wire::checksum::checksum(&ttl1[..20]);
+        ttl1[10..12].copy_from_slice(&c.to_be_bytes());
+        put(w, "plain_ttl_1.bin", 2, &tun((0, 0), &ttl1));
+        put(w, "plain_garbage.bin", 2, &tun((0, 0), &data(100, 5)));
+        put(w, "plain_flip_tag.bin", 2, &tun((0xffff, 0x10), &ping));
+
+        // wg_handshake/: inputs of fuzzing::wireguard_handshake. First byte: mode + 3 × flags
+        // (1: recompute mac1, 2: then A takes B's real response, 4: B knows no peer).
+        let h = "wg_handshake";
+        put(h, "raw_initiation.bin", 0, &init);
+        put(h, "raw_response.bin", 0, &resp);
+        put(h, "raw_response_then_real.bin", 6, &resp);
+        // Mode 1: (position, xor) pairs on A's real initiation.
+        put(h, "init_real.bin", 1, &[]);
+        put(h, "init_real_completes.bin", 1 + 6, &[]);
+        put(h, "init_mac2.bin", 1, &[140, 0xaa, 147, 1]);
+        put(h, "init_type.bin", 1, &[0, 3]);
+        put(h, "init_static.bin", 1, &[50, 1]);
+        put(h, "init_static_fixed_mac1.bin", 1 + 3, &[50, 1]);
+        put(h, "init_ephemeral_top_bit_fixed_mac1.bin", 1 + 3, &[39, 0x80]);
+        put(h, "init_timestamp_fixed_mac1.bin", 1 + 3, &[100, 0x01]);
+        put(h, "init_sender_fixed_mac1.bin", 1 + 3, &[4, 1]);
+        put(h, "init_sender_fixed_mac1_completes.bin", 1 + 9, &[4, 1]);
+        put(h, "init_unknown_peer.bin", 1 + 12, &[]);
+        // Mode 2: the same on B's real response.
+        put(h, "resp_real.bin", 2, &[]);
+        put(h, "resp_mac2.bin", 2, &[80, 1, 91, 0x80]);
+        put(h, "resp_ephemeral.bin", 2, &[20, 1]);
+        put(h, "resp_ephemeral_then_real.bin", 2 + 6, &[20, 1]);
+        put(h, "resp_ephemeral_fixed_mac1_then_real.bin", 2 + 9, &[20, 1]);
+        put(h, "resp_tag_fixed_mac1_then_real.bin", 2 + 9, &[50, 1]);
+        put(h, "resp_receiver_fixed_mac1_then_real.bin", 2 + 9, &[8, 1]);
+        put(h, "resp_sender_fixed_mac1.bin", 2 + 3, &[4, 1]);
     }
 
     pub(super) fn write(dir: &Path) {
