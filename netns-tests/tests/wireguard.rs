@@ -350,4 +350,3 @@ fn peer_name(node: &weft_netns_tests::WeftNode<'_>, subnet: &str) -> String {
     let p = weft_netns_tests::peer_by_subnet(&s, subnet).expect("listed");
     p["name"].as_str().expect("name").to_owned()
 }
-
