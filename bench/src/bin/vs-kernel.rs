@@ -9,6 +9,7 @@
 //! │ iperf3 -c, ping, rr probe  │      │ iperf3 -s, rr echo         │
 //! │ underlay | flannel.1 |     │      │ underlay | flannel.1 |     │
 //! │ weft udp | weft vxlan |    │      │ weft udp | weft vxlan |    │
+//! │ weft wireguard |           │      │ weft wireguard |           │
 //! │ wireguard-go               │      │ wireguard-go               │
 //! │ eth0 198.18.0.1/24         │      │ eth0 198.18.0.2/24         │
 //! └─────────────┬──────────────┘      └──────────────┬─────────────┘
@@ -21,7 +22,9 @@
 //! Setups: `underlay` (198.18.0.1 → .2), `linux-vxlan` (vxlan id 1 dstport 8472 nolearning,
 //! `flannel.1` with 10.244.i.0/32, onlink route, permanent neighbour and FDB entries, the
 //! kernel's offloads left on: the baseline is Linux at its best, kernel to kernel), `weft-udp`
-//! (static mesh), `weft-vxlan` (static VXLAN mesh) and `wireguard-go` (Go's userspace
+//! (static mesh), `weft-vxlan` (static VXLAN mesh), `weft-wireguard` (static mesh with
+//! `backend = "wireguard"`, keys in the lab's scratch directory, measured once both daemons
+//! show a session with their peer) and `wireguard-go` (Go's userspace
 //! WireGuard, one daemon per node configured with `wg`, MTU 1420, addressed as `linux-vxlan`:
 //! for machines without the kernel module, and the userspace data plane to compare weft with).
 //!
@@ -31,7 +34,8 @@
 //! is busy polling), and a UDP request/response probe ([`weft_bench::rr`], a client asleep in
 //! `recv` as real clients are) back to back and 5 ms apart.
 //! For weft and wireguard-go, both daemons' utime+stime (`/proc/<pid>/stat`) over the 1-stream
-//! run, per GB received. Prints a table with ratios to Linux vxlan and writes JSON to
+//! run, per GB received; for weft, each daemon's non-zero drop counters, WireGuard counters and
+//! warnings from its log at the end. Prints a table with ratios to Linux vxlan and writes JSON to
 //! `bench/results/vs-kernel-<date>.json`. Needs root, iperf3, a built `weft`
 //! (`cargo build --release --bins`), and `wireguard-go` and `wg` for that setup (Debian's
 //! `wireguard-go` and `wireguard-tools`). Figures are reported, never asserted.
@@ -49,24 +53,26 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use weft_bench::{netns_thread, rr};
-use weft_netns_tests::cmd::{self, KILL_GRACE};
+use weft_netns_tests::cmd;
 use weft_netns_tests::traffic::IperfRun;
-use weft_netns_tests::weft::weft_bin;
-use weft_netns_tests::{IperfServer, Netns, NodeConfig, Proc, Topology, WeftNode, iperf3_tcp_run, vtep_mac};
+use weft_netns_tests::weft::{weft_bin, wireguard_keys};
+use weft_netns_tests::wireguard_go::{WgGo, WgGoConfig, WgPeer, find_program};
+use weft_netns_tests::{IperfServer, Netns, NodeConfig, Topology, WeftNode, iperf3_tcp_run, json_path, vtep_mac};
 
 /// flannel's VTEP MTU: 1500 - 50.
 const VXLAN_MTU: &str = "1450";
 
 /// WireGuard's default MTU (`wg-quick`'s for a 1500-byte underlay): 1500 - 80.
-const WG_MTU: &str = "1420";
+const WG_MTU: u16 = 1420;
+
+/// How long weft-wireguard's daemons get to complete their handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most this many warning or error lines per weft log go into the JSON.
+const LOG_LINES: usize = 20;
 
 /// WireGuard's UDP port on both nodes.
 const WG_PORT: u16 = 51820;
-
-/// Where wireguard-go puts its control sockets, `<ifname>.sock`, and where `wg` looks. The
-/// directory is the same in every network namespace, so the two nodes' interfaces need distinct
-/// names.
-const WG_SOCKET_DIR: &str = "/var/run/wireguard";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Io {
@@ -120,7 +126,7 @@ struct Args {
     /// weft's workers per daemon (one TUN queue and socket each).
     #[arg(long, default_value_t = 1)]
     workers: u32,
-    /// Only these setups (comma-separated), for a quicker look; the default runs all five.
+    /// Only these setups (comma-separated), for a quicker look; the default runs all six.
     #[arg(long, value_enum, value_delimiter = ',')]
     setups: Vec<Setup>,
     /// Only the round-trip figures (ping and UDP request/response), no iperf3 runs.
@@ -137,11 +143,13 @@ enum Setup {
     LinuxVxlan,
     WeftUdp,
     WeftVxlan,
+    WeftWireguard,
     WireguardGo,
 }
 
 impl Setup {
-    const ALL: [Self; 5] = [Self::Underlay, Self::LinuxVxlan, Self::WeftUdp, Self::WeftVxlan, Self::WireguardGo];
+    const ALL: [Self; 6] =
+        [Self::Underlay, Self::LinuxVxlan, Self::WeftUdp, Self::WeftVxlan, Self::WeftWireguard, Self::WireguardGo];
 
     fn name(self) -> &'static str {
         match self {
@@ -149,6 +157,7 @@ impl Setup {
             Self::LinuxVxlan => "linux-vxlan",
             Self::WeftUdp => "weft-udp",
             Self::WeftVxlan => "weft-vxlan",
+            Self::WeftWireguard => "weft-wireguard",
             Self::WireguardGo => "wireguard-go",
         }
     }
@@ -157,7 +166,7 @@ impl Setup {
     fn daemon(self) -> Option<&'static str> {
         match self {
             Self::Underlay | Self::LinuxVxlan => None,
-            Self::WeftUdp | Self::WeftVxlan => Some("weft"),
+            Self::WeftUdp | Self::WeftVxlan | Self::WeftWireguard => Some("weft"),
             Self::WireguardGo => Some("wireguard-go"),
         }
     }
@@ -169,6 +178,7 @@ impl Setup {
             Self::LinuxVxlan => "vkl",
             Self::WeftUdp => "vkw",
             Self::WeftVxlan => "vkx",
+            Self::WeftWireguard => "vke",
             Self::WireguardGo => "vkg",
         }
     }
@@ -236,6 +246,8 @@ struct Measured {
     /// UDP request/response, 5 ms apart, the client asleep in between.
     rr_spaced: Option<Rtt>,
     cpu: Option<Cpu>,
+    /// weft only: per daemon, what its status and log said at the end.
+    weft: Vec<Value>,
     errors: Vec<String>,
     wall: Duration,
 }
@@ -297,7 +309,7 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     let (n1, n2) = (topo.n(1).ns(), topo.n(2).ns());
     let mut daemons: Vec<WeftNode<'_>> = Vec::new();
     // Declared after the topology, so dropped (killed) before its namespaces go, on error too.
-    let mut wireguard: Vec<WgNode> = Vec::new();
+    let mut wireguard: Vec<WgGo> = Vec::new();
     let dst = match setup {
         Setup::Underlay => topo.n(2).ip().to_string(),
         Setup::LinuxVxlan => {
@@ -305,9 +317,14 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
             flannel_vtep(n2, 2, 1)?;
             "10.244.2.0".to_owned()
         }
-        Setup::WeftUdp | Setup::WeftVxlan => {
+        Setup::WeftUdp | Setup::WeftVxlan | Setup::WeftWireguard => {
+            let keys = if setup == Setup::WeftWireguard { wireguard_keys(topo.dir(), 2)? } else { Vec::new() };
             for i in 1..=2 {
-                let mut c = if setup == Setup::WeftUdp { NodeConfig::mesh(i, 2) } else { NodeConfig::vxlan_mesh(i, 2) };
+                let mut c = match setup {
+                    Setup::WeftUdp => NodeConfig::mesh(i, 2),
+                    Setup::WeftVxlan => NodeConfig::vxlan_mesh(i, 2),
+                    _ => NodeConfig::wireguard_mesh(i, 2, &keys),
+                };
                 if let Some(io) = args.io {
                     c.io = Some(
                         match io {
@@ -325,6 +342,11 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
                 };
                 daemons.push(topo.start_weft(c).with_context(|| format!("starting weft on n{i}"))?);
             }
+            if setup == Setup::WeftWireguard {
+                let t = Instant::now();
+                wait_for_sessions(&daemons)?;
+                eprintln!("  sessions up after {:.2} s", t.elapsed().as_secs_f64());
+            }
             NodeConfig::mesh(2, 2).gateway()?.to_string()
         }
         Setup::WireguardGo => {
@@ -336,8 +358,7 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     let _ = n1.exec_timeout(Duration::from_secs(5), "ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", &dst]);
 
     if !args.latency_only {
-        let pids: Vec<u32> =
-            daemons.iter().filter_map(WeftNode::pid).chain(wireguard.iter().map(WgNode::pid)).collect();
+        let pids: Vec<u32> = daemons.iter().filter_map(WeftNode::pid).chain(wireguard.iter().map(WgGo::pid)).collect();
         throughput(&topo, &pids, &dst, secs, m)?;
     }
     let rtt = ping_rtts(n1, &dst, pings)?;
@@ -356,6 +377,12 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
         }
         Err(e) => m.errors.push(format!("udp rr: {e:#}")),
     }
+    for d in &daemons {
+        match weft_report(d) {
+            Ok(v) => m.weft.push(v),
+            Err(e) => m.errors.push(format!("weft status: {e:#}")),
+        }
+    }
     for mut d in daemons {
         d.stop().context("stopping weft")?;
     }
@@ -365,46 +392,63 @@ fn measure(setup: Setup, args: &Args, secs: u32, pings: u32, m: &mut Measured) -
     Ok(())
 }
 
-/// One node's wireguard-go: stopped on drop (SIGTERM, then SIGKILL) and its control socket
-/// removed, so nothing outlives the lab.
-#[derive(Debug)]
-struct WgNode {
-    proc: Proc,
-    socket: PathBuf,
+/// Whether every entry of `peers[]` in `status` has a session (`wireguard.handshake_age_secs`
+/// is a number).
+fn has_sessions(status: &Value) -> bool {
+    status["peers"].as_array().is_some_and(|ps| {
+        !ps.is_empty() && ps.iter().all(|p| json_path(p, "wireguard.handshake_age_secs").is_some_and(Value::is_u64))
+    })
 }
 
-impl WgNode {
-    fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// Stops the daemon, failing if it had died before.
-    fn stop(mut self) -> Result<()> {
-        if let Some(status) = self.proc.try_wait()? {
-            bail!("{} exited during the run with {status}", self.proc.what());
+/// Waits (up to [`HANDSHAKE_TIMEOUT`]) until both weft-wireguard daemons show a session with
+/// every peer; fails with their peers' status and log tails otherwise.
+fn wait_for_sessions(daemons: &[WeftNode<'_>]) -> Result<()> {
+    let up = cmd::poll_until(HANDSHAKE_TIMEOUT, || {
+        for d in daemons {
+            if !has_sessions(&d.status_json()?) {
+                std::thread::sleep(Duration::from_millis(80));
+                return Ok(None);
+            }
         }
-        self.proc.terminate(KILL_GRACE).map(|_| ())
-    }
-}
-
-impl Drop for WgNode {
-    fn drop(&mut self) {
-        if let Err(e) = self.proc.terminate(KILL_GRACE) {
-            eprintln!("stopping {}: {e:#}", self.proc.what());
+        Ok(Some(()))
+    })?;
+    if up.is_none() {
+        let mut why = String::new();
+        for d in daemons {
+            let peers = d.status_json().map_or_else(|e| format!("{e:#}"), |s| s["peers"].to_string());
+            why.push_str(&format!("\n{}: peers {peers}\n{}", d.config().node_name, d.log_tail(20)));
         }
-        // wireguard-go removes it on SIGTERM; not after SIGKILL.
-        let _ = std::fs::remove_file(&self.socket);
+        bail!("no WireGuard sessions after {} s:{why}", HANDSHAKE_TIMEOUT.as_secs());
     }
+    Ok(())
 }
 
-/// The path of `program` on `PATH`, for a clear error where a package is missing.
-fn find_program(program: &str, package: &str) -> Result<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{program} not found on PATH (Debian package {package})"))
+/// What a weft daemon's status says at the end of a run (non-zero drops, the WireGuard
+/// counters, its own and per peer) and the warning and error lines of its log.
+fn weft_report(d: &WeftNode<'_>) -> Result<Value> {
+    let s = d.status_json()?;
+    let node = d.config().node_name.clone();
+    let drops: serde_json::Map<String, Value> = s["drops"]
+        .as_object()
+        .map(|m| {
+            m.iter().filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        })
+        .unwrap_or_default();
+    let peers: Vec<Value> = s["peers"]
+        .as_array()
+        .map(|ps| ps.iter().map(|p| json!({"name": p["name"], "wireguard": p["wireguard"]})).collect())
+        .unwrap_or_default();
+    let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
+    let warnings: Vec<&str> =
+        log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(LOG_LINES).collect();
+    if !drops.is_empty() {
+        eprintln!("  {node} drops: {}", Value::Object(drops.clone()));
+    }
+    for w in &warnings {
+        eprintln!("  {node} log: {w}");
+    }
+    Ok(json!({"node": node, "io_backend": s["io_backend"], "drops_nonzero": drops, "wireguard": s["wireguard"],
+              "peers": peers, "log_warnings": warnings}))
 }
 
 /// A WireGuard private key (`wg genkey`) written to `path` (mode 0600), and its public key.
@@ -438,9 +482,9 @@ fn wg_keypair(wg: &Path, path: &Path) -> Result<String> {
 
 /// Starts wireguard-go on n1 and n2 and configures them as each other's only peer: node `i`
 /// has `10.244.i.0/32` (as `linux-vxlan`) and a route to the peer's `/24` through the tunnel,
-/// which is also the peer's allowed IPs. Keys live in the lab's scratch directory.
-fn wireguard_go(topo: &Topology) -> Result<Vec<WgNode>> {
-    let wireguard_go = find_program("wireguard-go", "wireguard-go")?;
+/// which is also the peer's allowed IPs. Keys (`wg genkey`) live in the lab's scratch
+/// directory.
+fn wireguard_go(topo: &Topology) -> Result<Vec<WgGo>> {
     let wg = find_program("wg", "wireguard-tools")?;
     // Interface names carry the pid: the control sockets' directory is shared by all
     // namespaces (and by a concurrent run).
@@ -451,58 +495,22 @@ fn wireguard_go(topo: &Topology) -> Result<Vec<WgNode>> {
     }
     let mut nodes = Vec::new();
     for i in 1..=2u8 {
-        let ns = topo.n(usize::from(i)).ns();
-        let name = ifname(i);
-        let log = topo.dir().join(format!("wireguard-go-n{i}.log"));
-        let mut c = ns.command(&wireguard_go, &[&name]);
-        // Stay in the foreground, so the pid is the daemon's and the Proc can stop it. (Some
-        // releases refuse to run on Linux without the second variable; 0.0.20220316 does not.)
-        c.env("WG_PROCESS_FOREGROUND", "1").env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
-        let what = format!("[{}] wireguard-go {name}", ns.name());
-        let proc = Proc::spawn(c, &what, Some(&log))?;
-        let socket = Path::new(WG_SOCKET_DIR).join(format!("{name}.sock"));
-        nodes.push(WgNode { proc, socket });
-    }
-    for (i, node) in (1..=2u8).zip(&mut nodes) {
-        let ns = topo.n(usize::from(i)).ns();
-        let name = ifname(i);
-        let up = cmd::poll_until(Duration::from_secs(10), || {
-            if let Some(status) = node.proc.try_wait()? {
-                bail!(
-                    "wireguard-go on n{i} exited with {status}:\n{}",
-                    cmd::tail(node.proc.log().unwrap_or(Path::new("")), 20)
-                );
-            }
-            Ok((ns.has_link(&name)? && node.socket.exists()).then_some(()))
-        })?;
-        if up.is_none() {
-            bail!("wireguard-go on n{i}: no {name} and control socket after 10 s");
-        }
         let peer = 3 - i;
-        let key = topo.dir().join(format!("wg-n{i}.key"));
-        let key = key.to_str().context("scratch path is not UTF-8")?;
-        let (port, endpoint) = (WG_PORT.to_string(), format!("198.18.0.{peer}:{WG_PORT}"));
-        let (me, allowed) = (format!("10.244.{i}.0/32"), format!("10.244.{peer}.0/24"));
-        let wg = wg.to_str().context("wg path is not UTF-8")?;
-        let run = |args: &[&str]| ns.exec_ok(args[0], &args[1..]).map(|_| ());
-        run(&[
-            wg,
-            "set",
-            &name,
-            "private-key",
-            key,
-            "listen-port",
-            &port,
-            "peer",
-            &public[usize::from(peer) - 1],
-            "endpoint",
-            &endpoint,
-            "allowed-ips",
-            &allowed,
-        ])?;
-        run(&["ip", "link", "set", &name, "mtu", WG_MTU, "up"])?;
-        run(&["ip", "addr", "add", &me, "dev", &name])?;
-        run(&["ip", "route", "add", &allowed, "dev", &name])?;
+        let allowed = format!("10.244.{peer}.0/24");
+        let cfg = WgGoConfig {
+            ifname: ifname(i),
+            private_key: topo.dir().join(format!("wg-n{i}.key")),
+            listen_port: WG_PORT,
+            address: format!("10.244.{i}.0/32"),
+            routes: vec![allowed.clone()],
+            mtu: WG_MTU,
+            peers: vec![WgPeer {
+                public_key: public[usize::from(peer) - 1].clone(),
+                endpoint: format!("198.18.0.{peer}:{WG_PORT}"),
+                allowed_ips: allowed,
+            }],
+        };
+        nodes.push(WgGo::start(topo.n(usize::from(i)).ns(), topo.dir(), &cfg)?);
     }
     Ok(nodes)
 }
@@ -718,6 +726,7 @@ fn report_json(args: &Args, secs: u32, pings: u32, results: &[(Setup, Measured)]
                 "udp_rr_5ms_apart_us": m.rr_spaced.as_ref().map(rtt_json),
                 "daemon_cpu_tcp_1_stream": m.cpu.as_ref().map(|c| json!({"daemon": s.daemon(), "sender_s": c.sender_s,
                     "receiver_s": c.receiver_s, "s_per_gb_received": c.s_per_gb})),
+                "weft_status_at_end": if m.weft.is_empty() { Value::Null } else { Value::Array(m.weft.clone()) },
                 "errors": m.errors,
                 "wall_s": m.wall.as_secs_f64(),
             })
