@@ -88,9 +88,7 @@ impl WgGo {
         let mut c = ns.command(&wireguard_go, &[name]);
         // Stay in the foreground, so the pid is the daemon's and the Proc can stop it. (Some
         // releases refuse to run on Linux without the second variable; 0.0.20220316 does not.)
-        c.env("WG_PROCESS_FOREGROUND", "1")
-            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .env("LOG_LEVEL", "debug");
+        c.env("WG_PROCESS_FOREGROUND", "1").env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
         let what = format!("[{}] wireguard-go {name}", ns.name());
         let mut node = Self {
             proc: Proc::spawn(c, &what, Some(&log))?,
