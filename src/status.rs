@@ -49,7 +49,7 @@ pub struct PeerWireGuard {
 pub struct Status {
     /// This node's name.
     pub node_name: String,
-    /// Wire format (`udp` or `vxlan`).
+    /// Wire format (`udp`, `vxlan` or `wireguard`).
     pub backend: String,
     /// VXLAN network identifier.
     pub vni: Option<u32>,

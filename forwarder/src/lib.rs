@@ -8,7 +8,9 @@
 //! epoll where io_uring is unavailable.
 //!
 //! Layers, each importing only from those before it:
-//! `wire` → `buf`, `stats`, `ratelimit`, `node`, `route` → `encap` → `forwarder`, `bridge`,
+//! `wire` → `buf`, `stats`, `ratelimit`, `node`, `wireguard::{keys, replay, handshake, session}`
+//! (a peer's WireGuard state, which its route carries) → `route` → `encap` and
+//! `wireguard::WireGuardEncap` → `forwarder`, `bridge`,
 //! `gso` (cutting TUN super-packets into GSO trains), `partial` (repairing kernel VTEPs'
 //! partial checksums), `gro` (merging received segments for one
 //! TUN write) → `driver`.

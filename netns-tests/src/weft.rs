@@ -172,7 +172,7 @@ pub struct NodeConfig {
     pub workers: Option<u32>,
     /// `io` backend (`auto`, `uring`, `mmsg`); `None` lets weft choose.
     pub io: Option<String>,
-    /// Wire format (`udp`, `vxlan`); `None` is weft's default (udp).
+    /// Wire format (`udp`, `vxlan`, `wireguard`); `None` is weft's default (udp).
     pub backend: Option<String>,
     /// Our VTEP MAC (VXLAN); `None` lets weft derive it.
     pub vtep_mac: Option<String>,

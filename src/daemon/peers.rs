@@ -45,7 +45,7 @@ pub struct PeerRules {
     pub ours: Ipv4Net,
     /// Our PublicIP.
     pub public_ip: Ipv4Addr,
-    /// Our backend type (`udp`, `vxlan`).
+    /// Our backend type (`udp`, `vxlan`, `wireguard`).
     pub backend: String,
     /// Our VNI, for VXLAN.
     pub vni: Option<u32>,
