@@ -301,13 +301,6 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
         }
     }
     let overlay = overlay.map(Arc::new);
-    let wg = match &cfg.backend {
-        Backend::WireGuard { key_file } => Some(
-            wireguard::Setup::new(key_file)
-                .map_err(|e| ConfigError::Invalid { field: "wireguard_key_file".into(), message: e.to_string() })?,
-        ),
-        _ => None,
-    };
     let start = Start { cfg, source, leased, nl, signals, health, http: http_task, overlay, wg: None };
     match (start.cfg.backend.clone(), start.cfg.device) {
         (Backend::Udp, Device::Tun) => {
@@ -326,8 +319,9 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
             })
             .await
         }
-        (Backend::WireGuard { .. }, Device::Tun) => {
-            let Some(wg) = wg else { return Err(DaemonError::NotPermitted("wireguard: no node key".into())) };
+        (Backend::WireGuard { key_file }, Device::Tun) => {
+            let wg = wireguard::Setup::new(&key_file)
+                .map_err(|e| ConfigError::Invalid { field: "wireguard_key_file".into(), message: e.to_string() })?;
             let (sessions, queue) = (Arc::clone(&wg.sessions), wg.queue.clone());
             let start = Start { wg: Some(wg), ..start };
             run_with(Wire::of::<WireGuardEncap>(None), start, move |i, local, stats| {

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use weft_forwarder::RouteTableHandle;
 use weft_forwarder::wireguard::handshake::tai64n;
 use weft_forwarder::wireguard::{
-    DATA_HEADER_LEN, HandshakeDatagram, HandshakeError, Handshaker, Keypair, PeerCrypto, PrivateKey, PublicKey,
-    SessionTable, TAG_LEN,
+    HandshakeDatagram, HandshakeError, Handshaker, Keypair, PeerCrypto, PrivateKey, PublicKey, SessionTable,
 };
 
 /// WireGuard's timers (whitepaper §6.1).
@@ -293,13 +292,7 @@ impl Control {
 
     /// An empty data message: authenticates, carries nothing.
     fn keepalive(&self, kp: &Keypair, to: SocketAddr) {
-        let mut msg = [0u8; DATA_HEADER_LEN + TAG_LEN];
-        let Ok(counter) = kp.reserve(1) else { return };
-        let (head, tag) = msg.split_at_mut(DATA_HEADER_LEN);
-        head[0] = 4;
-        head[4..8].copy_from_slice(&kp.remote_index.to_le_bytes());
-        head[8..16].copy_from_slice(&counter.to_le_bytes());
-        if kp.seal(counter, &mut [], tag).is_ok() {
+        if let Some(msg) = weft_forwarder::wireguard::keepalive(kp) {
             self.send(&msg, to);
         }
     }

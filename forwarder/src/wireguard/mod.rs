@@ -131,6 +131,16 @@ impl WireGuardEncap {
     }
 }
 
+/// A keepalive for `kp`'s peer: an empty data message, sealed with the next counter. The
+/// initiator sends one after its handshake, so the responder can confirm the session. `None`
+/// when the keypair may send no more.
+pub fn keepalive(kp: &Keypair) -> Option<[u8; DATA_HEADER_LEN + TAG_LEN]> {
+    let mut msg = [0u8; DATA_HEADER_LEN + TAG_LEN];
+    let counter = kp.reserve(1).ok()?;
+    WireGuardEncap::seal_one(kp, counter, &mut msg).ok()?;
+    Some(msg)
+}
+
 impl Encap for WireGuardEncap {
     const KIND: EncapKind = EncapKind::WireGuard;
     const HEADER_LEN: usize = DATA_HEADER_LEN;
@@ -295,8 +305,7 @@ mod tests {
         // An empty data message is a keepalive: authentic, consumed, and it confirms.
         Pair::wg_handshake(&mut wa, &mut wb, 1, 2, 2);
         let kp = wa.peer.current.load_full().unwrap();
-        let mut msg = [0u8; DATA_HEADER_LEN + TAG_LEN];
-        WireGuardEncap::seal_one(&kp, kp.reserve(1).unwrap(), &mut msg).unwrap();
+        let msg = keepalive(&kp).unwrap();
         let (mut slot, head, len) = net.slot(&msg);
         let mut pkt = PacketBuf::new(&mut slot, head, len).unwrap();
         assert_eq!(net.b.from_underlay(&net.routes_b, from, &mut pkt), UnderlayVerdict::Consumed);
