@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Enforces design.md §2.5: the crates' dependency direction, and unsafe code only in the
+# Enforces the crates' dependency direction (weft-forwarder depends on no weft crate, weft-ipam
+# not on weft-forwarder, OS crates only in the forwarder's driver), and unsafe code only in the
 # forwarder's driver. Exits non-zero naming the violation.
 set -euo pipefail
 cd "$(dirname "$0")/.."

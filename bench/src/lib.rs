@@ -1,5 +1,5 @@
-//! weft's system benchmarks (design.md convention 10: speed is measured here, never asserted in
-//! tests). The pieces `lease-scale` is built from:
+//! weft's system benchmarks (speed is measured here, never asserted in tests). The pieces the
+//! `lease-scale` and `vs-kernel` binaries are built from:
 //!
 //! - [`netns_thread`]: run code on a thread inside a named network namespace, so the bench can
 //!   talk to an etcd that is reachable only on the test underlay;

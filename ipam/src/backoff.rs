@@ -19,8 +19,8 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// weft's default for store retries: 1 s doubling to 30 s (security.md R4: renew succeeds
-    /// within the 30 s cap after the store returns).
+    /// weft's default for store retries: 1 s doubling to 30 s, so a renewal succeeds within
+    /// 30 s of the store coming back.
     pub const DEFAULT_INITIAL: Duration = Duration::from_secs(1);
     /// The cap of [`Self::DEFAULT_INITIAL`]'s doubling.
     pub const DEFAULT_MAX: Duration = Duration::from_secs(30);

@@ -1,7 +1,7 @@
 //! Crash-safe file writes and advisory locks, shared by the file stores and `subnet.env`.
 //!
 //! A state file is either its old bytes or its new bytes, never a mix, even after `kill -9` or a
-//! power cut at any instant (security.md §3 "crash mid-write"):
+//! power cut at any instant:
 //!
 //! 1. write the bytes to a temporary file in the same directory (`.name.tmp.<pid>.<n>`),
 //! 2. `fsync` it, so the data is on disk before any name points at it,

@@ -1,4 +1,5 @@
-//! Fuzz bodies for what comes from the store or from config (security.md T10, S1/S2):
+//! Fuzz bodies for what comes from the store or from config (anyone who can write to the store
+//! can write these):
 //! plain functions that the cargo-fuzz targets in `ipam/fuzz/` call and that
 //! `tests/corpus_replay.rs` replays over `tests/corpus/` in every `cargo test`.
 //!

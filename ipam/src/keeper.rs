@@ -21,7 +21,7 @@
 //! 4. **Conflict** (another node holds our subnet): never overwrite it. The node is not ready,
 //!    keeps forwarding for existing pods, and keeps trying create-if-absent in case the other
 //!    node leaves; [`LeaseKeeper::take_new_subnet`] moves on when the daemon or operator decides
-//!    to (security.md §3).
+//!    to.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -746,7 +746,7 @@ mod tests {
         assert_eq!(block_on(store.list()).unwrap().leases.len(), 1);
     }
 
-    /// R6: with the store reachable the lease never lapses (10⁵ simulated hours, 24 h TTL).
+    /// With the store reachable the lease never lapses (10⁵ simulated hours, 24 h TTL).
     #[test]
     fn never_expires_while_the_store_answers() {
         let clock = Clock::new();
@@ -1053,10 +1053,10 @@ mod tests {
         assert_eq!(k.status(t0()).phase, KeeperPhase::Released);
     }
 
-    /// R5 (sans-IO part): 20 nodes on a 31-subnet network with a 10 s TTL, random partitions
-    /// from the store. Never two ready holders of overlapping subnets; once healed, every node
-    /// holds a lease within 30 s (the daemon's policy for a node with no pods: take a new subnet
-    /// on conflict).
+    /// No duplicate ownership under partitions (sans-IO part): 20 nodes on a 31-subnet network with
+    /// a 10 s TTL, random partitions from the store. Never two ready holders of overlapping
+    /// subnets; once healed, every node holds a lease within 30 s (the daemon's policy for a node
+    /// with no pods: take a new subnet on conflict).
     #[test]
     fn randomized_partitions_never_give_two_ready_owners() {
         let network = r#"{"Network":"10.244.0.0/25","SubnetLen":30}"#;

@@ -3,7 +3,7 @@
 //! Nodes lease subnets of one cluster network from a shared store exactly as flannel does (same
 //! net-conf JSON, same etcd keys and lease JSON, same acquire order, same `subnet.env`), so weft
 //! nodes and flannel nodes can share one etcd. The crate is layered so that the decisions can be
-//! tested without I/O (design.md §2.3, convention 6):
+//! tested without I/O (sans-IO: time, randomness and I/O come in as arguments):
 //!
 //! 1. [`config`], [`lease`], [`subnet`]: plain data and arithmetic (net-conf, lease records, the
 //!    free-subnet pick).
@@ -19,8 +19,8 @@
 //!    `subnet.env` hand-off file, and [`lease_cache`]: the last known lease set, so a node
 //!    restarting while its store is down comes up at once.
 //!
-//! The crate never touches the data plane: it depends on neither `weft-forwarder`, netlink nor
-//! TUN (design.md §2.5). The daemon maps leases to routes.
+//! The crate never touches the data plane: it depends on neither `weft-forwarder`
+//! (`tools/check-layering.sh` checks that), netlink nor TUN. The daemon maps leases to routes.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -9,7 +9,7 @@
 //! sparing records younger than a grace period (an ADD racing the runtime's list must not lose
 //! its address: antrea#8239). Each operation runs under the [`PodStore`]'s lock, and every
 //! failure undoes its partial reservation (host-local leaks the address when its second write
-//! fails; security.md §3).
+//! fails).
 //!
 //! No clock is read here: [`PodAllocator::gc`] takes `now`.
 

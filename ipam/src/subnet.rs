@@ -4,7 +4,7 @@
 //! `SubnetMin` to `SubnetMax`, collects the first 100 that overlap no existing lease, and picks
 //! one of those at random. Picking at random among several keeps two nodes that start together
 //! from racing for the same subnet every time; stopping at 100 bounds the walk on large networks.
-//! Randomness comes in as an argument (design.md convention 6).
+//! Randomness comes in as an argument, so the pick is tested without I/O.
 
 use std::net::Ipv4Addr;
 

@@ -1,5 +1,5 @@
 //! Packet capture with tcpdump, for "must be delivered" and "must not be delivered" checks
-//! (security.md S3/S4: `tcpdump -i weft0` must see nothing for a dropped class).
+//! (a dropped class must never show up in `tcpdump -i weft0`).
 //!
 //! tcpdump writes pcap to its stdout, which we redirect to a file we opened: that sidesteps
 //! tcpdump dropping privileges before opening its output file.

@@ -136,8 +136,8 @@ pub fn poll_until<T>(timeout: Duration, mut cond: impl FnMut() -> Result<Option<
 
 /// Sends a signal by name (`TERM`, `HUP`, `KILL`, ...) with `kill(1)`.
 ///
-/// `kill(1)` rather than `libc::kill` keeps this crate free of `unsafe` (design.md: `unsafe`
-/// lives only in `forwarder::driver`).
+/// `kill(1)` rather than `libc::kill` keeps this crate free of `unsafe` (`unsafe` lives
+/// only in `forwarder::driver`; `tools/check-layering.sh`).
 ///
 /// # Errors
 ///

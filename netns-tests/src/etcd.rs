@@ -13,9 +13,8 @@
 //! └──────────────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! etcd listens only on 198.18.0.100 inside its namespace, so nothing outside the test's
-//! namespaces can reach it (design.md convention 9). Readiness is `etcdctl endpoint health`,
-//! run inside the same namespace.
+//! etcd listens only on 198.18.0.100 inside its namespace, so nothing outside the test's namespaces
+//! can reach it. Readiness is `etcdctl endpoint health`, run inside the same namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

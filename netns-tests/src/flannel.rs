@@ -1,8 +1,8 @@
 //! A Linux node programmed exactly as flanneld's vxlan backend programs it, for weft to
 //! interoperate with: the `flannel.1` VTEP (VNI 1, port 8472, no learning), its /32 address,
 //! and per peer the onlink route, the permanent neighbour entry and the FDB entry
-//! (`reference/flannel.md`). Nothing is configured that flanneld does not configure, unless a
-//! test asks for the hand workaround users apply ([`KernelCsum::Off`]).
+//! (flannel's `pkg/backend/vxlan`). Nothing is configured that flanneld does not configure,
+//! unless a test asks for the hand workaround users apply ([`KernelCsum::Off`]).
 
 use std::path::Path;
 

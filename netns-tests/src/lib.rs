@@ -1,6 +1,6 @@
 //! Harness for weft's network-namespace integration tests: RAII namespaces, an underlay
 //! topology, the real `weft` daemon, and traffic tools (ping, iperf3, tcpdump, crafted
-//! datagrams), all on addresses that never leave the namespaces (design.md convention 9).
+//! datagrams), all on addresses that never leave the namespaces.
 //!
 //! Underlay addresses are in 198.18.0.0/15, overlay addresses in 10.244.0.0/16. Every external
 //! command has a deadline, and every namespace and daemon is removed on drop, also when a test

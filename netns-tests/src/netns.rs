@@ -3,7 +3,7 @@
 //!
 //! Names carry the test process's pid, `wt<pid>-<test>-<node>`, as wireguard-go's netns tests
 //! do, so a later run can tell a leftover of a killed run (pid gone) from a namespace that a
-//! concurrent run still uses (design.md convention 9).
+//! concurrent run still uses.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

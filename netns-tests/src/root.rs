@@ -1,7 +1,7 @@
 //! Deciding whether a netns test can run: it needs root (namespaces, veths, TUN).
 //!
 //! Without root the test fails under `CI=true` and otherwise skips with a printed reason; it is
-//! never a silent pass (design.md convention 9).
+//! never a silent pass.
 
 use anyhow::{Context, Result, bail};
 

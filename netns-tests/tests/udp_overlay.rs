@@ -85,7 +85,7 @@ fn drops_non_peer_and_foreign_source() {
     // 198.18.0.3:8285 is free to bind: datagrams from there are a real peer's, without spoofing.
     let n1 = topo.start_weft(NodeConfig::for_host(1).with_peers(&[2, 3])).expect("starting n1");
     let tun = Capture::start(n1.ns(), TUN, "ip", topo.dir(), "n1-weft0").expect("tcpdump weft0");
-    // S4: nothing may go back toward the senders (no reflection, no amplification).
+    // Nothing may go back toward the senders (no reflection, no amplification).
     let reflect = Capture::start(
         n1.ns(),
         "eth0",
@@ -125,7 +125,8 @@ fn drops_non_peer_and_foreign_source() {
     let unknown = n1.wait_counter("drops.unknown_sender", COUNTER_WAIT, |v| v >= unknown0 + N).unwrap();
     assert_eq!(unknown, unknown0 + N, "drops.unknown_sender");
 
-    // 2. Peer n3 sends packets whose inner source is in n2's subnet (security.md T3).
+    // 2. Peer n3 sends packets whose inner source is in n2's subnet (a peer impersonating a
+    //    third node's pods).
     topo.n(3)
         .ns()
         .exec_ok(

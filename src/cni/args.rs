@@ -1,9 +1,10 @@
 //! The CNI environment: `CNI_COMMAND`, `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`,
 //! `CNI_ARGS` and `CNI_PATH`, read through an injected `getenv` so tests need no process
-//! environment, and validated per command as SPEC.md's table and libcni's `utils` require
-//! (security.md T11): the container id matches `^[A-Za-z0-9][A-Za-z0-9_.\-]*$`, the interface
-//! name is 1–15 bytes, not `.`/`..`, without `/`, `:` or whitespace, the netns is an absolute
-//! path. An empty variable counts as missing, as in Go's skel.
+//! environment, and validated per command as the CNI spec's (SPEC.md) table and libcni's `utils`
+//! require, so that odd values cannot traverse paths in a store: the container id matches
+//! `^[A-Za-z0-9][A-Za-z0-9_.\-]*$`, the interface name is 1–15 bytes, not `.`/`..`, without
+//! `/`, `:` or whitespace, the netns is an absolute path. An empty variable counts as missing,
+//! as in Go's skel.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! DEL: detaches a container. Succeeds when repeated, when the netns is gone, when the
-//! interface or the address are already gone, and while the daemon is down (SPEC.md: DEL is
+//! interface or the address are already gone, and while the daemon is down (CNI SPEC.md: DEL is
 //! best effort and must not fail for missing resources; kubelet keeps a pod terminating until
 //! its DEL succeeds).
 //!

@@ -1,6 +1,6 @@
-//! The `cni_stdin` fuzz body (security.md S1/S7): a plain function that the cargo-fuzz target
-//! in `fuzz/` calls and that `tests/cni_corpus_replay.rs` replays over `tests/corpus/cni_stdin/`
-//! in every `cargo test`.
+//! The `cni_stdin` fuzz body (no input may crash the plugin; malformed input gets a CNI error with
+//! a stable code): a plain function that the cargo-fuzz target in `fuzz/` calls and that
+//! `tests/cni_corpus_replay.rs` replays over `tests/corpus/cni_stdin/` in every `cargo test`.
 //!
 //! Input: the network configuration as the runtime writes it on stdin, optionally followed by
 //! a NUL byte and the environment, one `KEY=VALUE` per line. Properties, not only "no panic":
@@ -166,7 +166,7 @@ fn check_env(
     seen
 }
 
-/// An accepted environment: the attachment rules hold (security.md T11, libcni's
+/// An accepted environment: the attachment rules hold (libcni's
 /// `ValidateContainerID`/`ValidateInterfaceName`), and it round-trips.
 fn check_args(args: &CniArgs) {
     if let Some(c) = &args.container_id {

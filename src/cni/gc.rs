@@ -8,7 +8,7 @@
 //! 1. Host veths of this network (by their alias) whose attachment is not valid are deleted,
 //!    which removes the container end and the host's route with them; veths younger than
 //!    [`VETH_GC_GRACE`] are spared, like the daemon spares young allocations, so an ADD racing
-//!    the runtime's listing keeps its interface (security.md R10c, antrea#8239).
+//!    the runtime's listing keeps its interface (antrea#8239).
 //! 2. The daemon frees every allocation not in the valid list (older than its own grace).
 //!
 //! GC continues past errors and reports them all in one error's details.

@@ -1,5 +1,5 @@
 //! Pod addresses from the weft daemon, over its API socket: the plugin keeps no IPAM state of
-//! its own, so only the daemon ever writes the store (design.md §2.4).
+//! its own, so only the daemon ever writes the store.
 //!
 //! Daemon answers map to CNI codes: unreachable or `not_ready` is 11 (try again later: the
 //! daemon is starting or its lease is not held), `exhausted` is 102, anything else 103. DEL

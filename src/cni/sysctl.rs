@@ -6,11 +6,11 @@
 //!   TUN (a fresh namespace starts with 0; ptp and bridge enable it the same way). Written only
 //!   when it is not already 1, because a write resets per-interface settings.
 //! - `net.ipv4.conf.<host veth>.rp_filter = 1`: strict reverse-path filtering, so a pod cannot
-//!   send with another pod's source address (security.md T4a; Calico does the same on its
-//!   workload interfaces). The host's /32 route to the pod makes the strict check exact.
+//!   send with another pod's source address (Calico does the same on its workload interfaces). The
+//!   host's /32 route to the pod makes the strict check exact.
 //! - `net.ipv6.conf.<host veth>.disable_ipv6 = 1`: weft's pods are IPv4; without IPv6 on the
-//!   host end a pod's router advertisements cannot reach the host's IPv6 stack (T6,
-//!   CVE-2020-10749). Best effort: a kernel without IPv6 has no such file.
+//!   host end a pod's router advertisements cannot reach the host's IPv6 stack
+//!   (CVE-2020-10749). Best effort: a kernel without IPv6 has no such file.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -61,8 +61,8 @@ const TTL_CONCURRENCY: usize = 32;
 pub const MAX_DECODE_BYTES: usize = 64 << 20;
 
 /// Largest value read as a lease record. flannel's lease JSON is about 150 bytes (with VXLAN
-/// `BackendData`); a bigger value is a writer's mistake or mischief (security.md T10), so it is
-/// reported unreadable instead of being kept in memory and routed to.
+/// `BackendData`); a bigger value is a writer's mistake or mischief (whoever can write to
+/// etcd), so it is reported unreadable instead of being kept in memory and routed to.
 pub const MAX_RECORD_BYTES: usize = 64 << 10;
 
 /// How to reach etcd and where the network lives in it.

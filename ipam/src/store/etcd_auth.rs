@@ -1,7 +1,7 @@
 //! Who we are to etcd: TLS files (flannel's `--etcd-cafile`, `--etcd-certfile`,
 //! `--etcd-keyfile`) and etcd's own user and password (`--etcd-username`, `--etcd-password`).
 //!
-//! Without them any host that reaches etcd's client port can write leases (security.md T10):
+//! Without them any host that reaches etcd's client port can write leases:
 //! a lease with another node's `PublicIP` hijacks its traffic. The files are read and checked
 //! up front ([`EtcdTls::check`]) so that a typo stops `weft run` with the file named, instead of
 //! every later call failing as "unavailable".

@@ -4,7 +4,8 @@
 //! embedded default), [`EtcdStore`] across machines (feature `etcd`), [`MemStore`] in tests.
 //! The trait uses `impl Future + Send` (native async, static dispatch) so the daemon can hold an
 //! [`AnyStore`] and run its futures on a multi-threaded runtime. [`PodStore`] is synchronous and
-//! local: pod addresses belong to one node, and only the daemon writes them (design.md §2.4).
+//! local: pod addresses belong to one node, and only the daemon writes them (`weft-cni` asks
+//! it over the API socket).
 //! [`PendingReleases`] is the one exception's mailbox: releases the CNI plugin could not hand
 //! to a daemon that was down, which the daemon carries out when it is back.
 

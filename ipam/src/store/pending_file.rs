@@ -1,11 +1,11 @@
 //! Address releases the CNI plugin could not hand to the daemon, kept on disk until the daemon
 //! frees them.
 //!
-//! CNI DEL must succeed while the weft daemon is down: it is best effort and must not fail for
-//! what is missing (SPEC.md, "DEL"), and kubelet keeps a pod terminating until it succeeds. The
-//! plugin then deletes the pod's veth itself, so no interface carries the address any more, and
-//! records here that the attachment's address is to be freed; the daemon frees it when it is
-//! back. This module is the record; the daemon's drain (`weft::daemon::pending`) acts on it.
+//! CNI DEL must succeed while the weft daemon is down: it is best effort and must not fail for what
+//! is missing (the CNI spec, SPEC.md "DEL"), and kubelet keeps a pod terminating until it succeeds.
+//! The plugin then deletes the pod's veth itself, so no interface carries the address any more, and
+//! records here that the attachment's address is to be freed; the daemon frees it when it is back.
+//! This module is the record; the daemon's drain (`weft::daemon::pending`) acts on it.
 //!
 //! ```text
 //! /var/lib/weft/pending-release/   0700, made by the first writer

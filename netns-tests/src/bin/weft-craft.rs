@@ -1,5 +1,5 @@
 //! `weft-craft`: sends crafted flannel-`udp` datagrams (the UDP payload is a bare inner IPv4
-//! packet) from inside a namespace, to test what weft's decapsulation drops (security.md S3).
+//! packet) from inside a namespace, to test what weft's decapsulation drops and counts.
 //!
 //! ```text
 //! ip netns exec wt<pid>-drops-atk weft-craft --bind 198.18.0.9:0 --to 198.18.0.1:8285 \
