@@ -5,7 +5,7 @@
 //! TUN write) that no interface avoids. Merging received segments used to add a fifth:
 //! every payload copied behind the first segment's headers. Now the headers go into a slot
 //! of their own, and one `writev` gathers them with the payloads from the receive slots
-//! (`reference/performance.md` §3–4). Measured on the send side too, and dropped there:
+//! (bench/README.md has the figures). Measured on the send side too, and dropped there:
 //! a scatter-gather `sendmsg` of each payload from the read buffer made the kernel's copy
 //! cost what weft's own copy had.
 //!

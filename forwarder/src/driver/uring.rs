@@ -7,25 +7,16 @@
 //!    and `RECVMSG`s in flight, each naming its own slot.)
 //! 2. Enter the kernel once per loop: submit everything queued and wait for at least one
 //!    completion (or a 100 ms tick to notice the stop flag).
-//! 3. Load the route table once, read the clock once, then run every completion through the
-//!    sans-IO core, queueing a `SENDMSG` or a TUN write for packets that go on.
-//! 4. A send or write completion returns its slot to the pool; the next loop re-arms reads.
+//! 3. Load the route table once, read the clock once, then hand every completion to the
+//!    shared dispatch (`dispatch.rs`), which runs the sans-IO core and asks, through
+//!    `UringIo`, for a `SENDMSG` or a TUN write for packets that go on.
+//! 4. A send or write completion goes back to the dispatch, which returns its slot to the
+//!    pool (or switches off an offload the kernel refused); the next loop re-arms reads.
 //!
-//! With offloads (`reference/performance.md` §2–4) the same loop moves 64 KiB per request:
-//! - TUN → wire: a read returns a virtio-net header and a TCP/UDP super-packet; the core
-//!   checks and encapsulates it whole, then it is cut into trains of segments in fresh
-//!   slots, each train one `SENDMSG` with a `UDP_SEGMENT` cmsg (one GSO send);
-//! - wire → TUN: with `UDP_GRO` a receive returns a train; every segment is checked by the
-//!   core on its own, then consecutive segments of one flow are merged
-//!   ([`crate::gro::Coalesced`], [`Merger`]) into one super-packet written to the TUN with
-//!   one `WRITEV`: the first segment's headers from a slot of their own, every payload from
-//!   where it was received.
-//!   Merging runs across all receive completions of one loop, so datagrams that arrive
-//!   separately (a Linux vxlan peer) are merged too.
-//!
-//! If the kernel refuses a GSO send (`EIO`/`EINVAL`: an underlay without checksum offload)
-//! the worker sends one segment per request from then on and clears the TUN's offload
-//! mask; if it refuses a GSO write to the TUN (the 6.6.44 regression) it stops merging.
+//! With offloads (TUN TSO/USO, UDP GSO/GRO) the same loop moves 64 KiB per request: a TUN
+//! read returns a super-packet that leaves as trains of `UDP_SEGMENT` sends, and a `UDP_GRO`
+//! receive returns a train whose checked segments are merged into one `WRITEV`; the
+//! dispatch decides all of it, identically for both backends.
 //!
 //! Nothing allocates after start.
 
@@ -41,15 +32,14 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use super::Offloads;
 use super::bufring::BufRing;
 use super::cmsg::{CTRL_LEN, Ctrl, gro_size};
+use super::dispatch::{Dispatch, Done, Io, Out, Sender, Span, VNET_AT};
 use super::pool::BufPool;
-use super::scatter::{Merger, Ready, Scatter};
 use super::sockaddr;
 use super::tun::TunQueue;
-use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
-use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
-use crate::gso::{self, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr};
+use crate::buf::{HEADROOM, SLOT_LEN};
+use crate::forwarder::PacketCore;
 use crate::route::{RouteTable, RouteTableHandle};
-use crate::stats::{DropReason, OffloadCounter};
+use crate::stats::DropReason;
 
 /// Without multishot: reads kept in flight on the TUN queue. Few, because every armed read
 /// wakes on every packet.
@@ -85,9 +75,6 @@ const TICK_NS: u32 = 100_000_000;
 const BATCH_WANT: usize = 8;
 /// ...but never waits longer than this for them (bounds the latency it adds).
 const BATCH_WAIT_NS: u32 = 40_000;
-/// Where a TUN read lands (and a TUN write starts) when every packet carries a virtio-net
-/// header: the header just in front of the packet's usual place.
-const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
 /// Registered-file index of the TUN queue (every SQE names its file by index, so the
 /// kernel skips the per-request file lookup and reference count).
 const TUN_FILE: u32 = 0;
@@ -259,28 +246,10 @@ impl Multishot {
     }
 }
 
-/// Packets read from the TUN one by one (small ones, no super-packet) for the same peer
-/// and socket, laid back to back in the first packet's slot behind it, so one GSO send
-/// carries them all: a flood of small datagrams costs one send per batch, not per packet.
-#[derive(Clone, Copy, Debug)]
-struct Train {
-    slot: u16,
-    head: usize,
-    len: usize,
-    /// The size of every packet but possibly the last (the GSO segment size).
-    seg: usize,
-    count: usize,
-    to: SocketAddr,
-    /// Registered-file index of the socket.
-    file: u32,
-    /// A shorter packet ends the train.
-    open: bool,
-}
-
-/// Everything of a worker but the ring.
-struct State<C: PacketCore> {
+/// The descriptors and message headers requests point at.
+struct Ports {
+    /// Per slot: the msghdr its `RECVMSG`/`SENDMSG` points at.
     msgs: Box<[MsgSlot]>,
-    pool: BufPool,
     tun: TunQueue,
     /// Owned so its registered descriptor stays open.
     _udp: UdpSocket,
@@ -288,16 +257,75 @@ struct State<C: PacketCore> {
     _send: Vec<UdpSocket>,
     /// How many flow-hashed send sockets follow `UDP_FILE` in the registered files.
     senders: u32,
-    fwd: C,
-    offloads: Offloads,
+}
+
+/// The [`Io`] of this backend for one step of the loop: requests become SQEs, submitted
+/// with the loop's next enter; their completions come back as CQEs.
+struct UringIo<'a, 'r> {
+    q: &'a mut Queue<'r>,
+    ports: &'a mut Ports,
+}
+
+impl Io for UringIo<'_, '_> {
+    fn flow_sockets(&self) -> u32 {
+        self.ports.senders
+    }
+
+    fn send(
+        &mut self,
+        pool: &BufPool,
+        span: Span,
+        to: SocketAddr,
+        from: Sender,
+        segment: Option<u16>,
+    ) -> io::Result<()> {
+        let msgs = &mut self.ports.msgs;
+        let m = arm_msg(msgs, pool, span, Some(to));
+        let op = match (segment, msgs.get_mut(usize::from(span.slot))) {
+            (Some(size), Some(ms)) => {
+                ms.set_segment_size(size);
+                Op::UdpSendTrain
+            }
+            _ => Op::UdpSend,
+        };
+        let file = UDP_FILE + from.0.min(self.ports.senders);
+        self.q.push(&opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(op, span.slot)))
+    }
+
+    fn write_tun(&mut self, pool: &BufPool, span: Span) -> io::Result<()> {
+        // SAFETY (pointer arithmetic): the span lies inside registered buffer `span.slot`.
+        let ptr = unsafe { pool.slot_ptr(span.slot).add(span.head) };
+        let e = opcode::WriteFixed::new(types::Fixed(TUN_FILE), ptr, span.len as u32, span.slot)
+            .build()
+            .user_data(user_data(Op::TunWrite, span.slot));
+        self.q.push(&e)
+    }
+
+    fn write_tun_gather(&mut self, out: u16, iov: *mut libc::iovec, n: usize, merged: bool) -> io::Result<()> {
+        let op = if merged { Op::TunWriteMerged } else { Op::TunWrite };
+        self.q.push(&opcode::Writev::new(types::Fixed(TUN_FILE), iov, n as u32).build().user_data(user_data(op, out)))
+    }
+
+    fn clear_tun_offloads(&mut self) -> io::Result<()> {
+        self.ports.tun.clear_offloads()
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        // The loop's next enter submits.
+        Ok(())
+    }
+
+    fn take_done(&mut self) -> Option<Done> {
+        None
+    }
+}
+
+/// Everything of a worker but the ring.
+struct State<C: PacketCore> {
+    d: Dispatch<C>,
+    ports: Ports,
     tun_reads: usize,
     udp_recvs: usize,
-    /// The super-packet being merged for the TUN.
-    merger: Merger,
-    /// Iovec lists of gathering sends and writes, per header slot.
-    sc: Scatter,
-    /// Equal-sized packets for one peer and socket, gathered into one GSO send.
-    train: Option<Train>,
     /// Multishot reads and receives, when the kernel has them.
     multi: Option<Multishot>,
 }
@@ -340,23 +368,8 @@ impl<C: PacketCore> UringWorker<C> {
         ring.submitter().register_files(&files)?;
         let senders = u32::try_from(send.len()).unwrap_or(0);
         let multi = Multishot::new(&ring.submitter(), &offloads);
-        let pool_len = pool.len();
-        let st = State {
-            msgs,
-            pool,
-            tun,
-            _udp: udp,
-            _send: send,
-            senders,
-            fwd,
-            offloads,
-            tun_reads: 0,
-            udp_recvs: 0,
-            merger: Merger::default(),
-            sc: Scatter::new(pool_len),
-            train: None,
-            multi,
-        };
+        let ports = Ports { msgs, tun, _udp: udp, _send: send, senders };
+        let st = State { d: Dispatch::new(pool, fwd, offloads), ports, tun_reads: 0, udp_recvs: 0, multi };
         Ok(Self { ring, st, routes, stop })
     }
 
@@ -404,11 +417,10 @@ impl<C: PacketCore> UringWorker<C> {
                     }
                     st.complete(&mut q, op, slot, cqe.result(), flags, &table, now)?;
                 }
-                st.fwd.stats().record_batch(packets);
+                st.d.fwd.stats().record_batch(packets);
                 // 4. What was merged in this batch goes to the TUN now, what was gathered
                 //    for a peer to the socket.
-                st.flush(&mut q)?;
-                st.send_train(&mut q)?;
+                st.d.end_batch(&mut UringIo { q: &mut q, ports: &mut st.ports })?;
             }
             Ok(())
         })();
@@ -434,12 +446,9 @@ impl<C: PacketCore> UringWorker<C> {
                         q.inflight -= 1;
                     }
                     match (op, cqueue::buffer_select(cqe.flags())) {
-                        (Op::TunReadMulti | Op::UdpRecvMulti, Some(bid)) => st.pool.release(bid),
+                        (Op::TunReadMulti | Op::UdpRecvMulti, Some(bid)) => st.d.pool.release(bid),
                         (Op::TunReadMulti | Op::UdpRecvMulti, None) => {}
-                        _ => {
-                            st.sc.release(&mut st.pool, slot);
-                            st.pool.release(slot);
-                        }
+                        _ => st.d.release_request(slot),
                     }
                 }
             }
@@ -453,25 +462,52 @@ impl<C: PacketCore> UringWorker<C> {
     }
 }
 
-impl<C: PacketCore> State<C> {
-    /// The registered file to send a packet of inner flow `flow` from: one of the send
-    /// sockets by hash, else the overlay-port socket.
-    fn sender(&self, flow: u32) -> u32 {
-        match self.senders {
-            0 => UDP_FILE,
-            n => UDP_FILE + 1 + flow % n,
+/// What a multishot completion means, decided from its result alone so that every branch
+/// (the fallback above all) is unit-tested without a ring.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum MultishotEvent {
+    /// A packet in the slot the completion names.
+    Packet(u16),
+    /// A packet but no slot named: counted as an I/O error.
+    NoBuffer,
+    /// `EINVAL` before any completion: the kernel does not take the request; arm single
+    /// reads instead.
+    Unsupported,
+    /// A transient error (`ENOBUFS` when the ring ran dry, …): re-armed next loop.
+    Transient,
+    /// The TUN is gone (`errno`): stop rather than spin.
+    TunGone(i32),
+    /// A receive failed otherwise: counted.
+    Failed,
+}
+
+impl MultishotEvent {
+    /// Classifies a completion of the TUN's (`tun`) or the socket's multishot request with
+    /// result `res` and buffer `bid`, given whether any completion arrived before (`proven`).
+    fn of(tun: bool, res: i32, bid: Option<u16>, proven: bool) -> Self {
+        match (res >= 0, bid) {
+            (true, Some(bid)) => Self::Packet(bid),
+            (true, None) => Self::NoBuffer,
+            _ if res == -libc::EINVAL && !proven => Self::Unsupported,
+            _ if super::is_transient(-res) => Self::Transient,
+            _ if tun => Self::TunGone(-res),
+            _ => Self::Failed,
         }
     }
+}
 
+impl<C: PacketCore> State<C> {
     /// Keeps the multishot requests armed and their rings stocked, or, without multishot,
     /// `TUN_READS` reads and `UDP_RECVS` receives in flight.
     fn arm(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
+        let read_at = self.d.tun_read_at();
+        let pool = &mut self.d.pool;
         if let Some(ms) = &mut self.multi {
             for ring in [&mut ms.tun, &mut ms.udp] {
                 let before = ring.lent;
                 while ring.lent < RING_LEND {
-                    let Some(slot) = self.pool.alloc() else { break };
-                    ring.lend(&self.pool, slot);
+                    let Some(slot) = pool.alloc() else { break };
+                    ring.lend(pool, slot);
                 }
                 if ring.lent != before {
                     ring.publish();
@@ -493,13 +529,12 @@ impl<C: PacketCore> State<C> {
             }
             return Ok(());
         }
-        let read_at = if self.offloads.tun_vnet { VNET_AT } else { HEADROOM };
         while self.tun_reads < TUN_READS {
-            let Some(slot) = self.pool.alloc() else { break };
+            let Some(slot) = pool.alloc() else { break };
             let entry = opcode::ReadFixed::new(
                 types::Fixed(TUN_FILE),
                 // SAFETY (pointer arithmetic): read_at < SLOT_LEN, inside the slot.
-                unsafe { self.pool.slot_ptr(slot).add(read_at) },
+                unsafe { pool.slot_ptr(slot).add(read_at) },
                 (SLOT_LEN - read_at) as u32,
                 slot,
             )
@@ -509,10 +544,11 @@ impl<C: PacketCore> State<C> {
             self.tun_reads += 1;
         }
         while self.udp_recvs < UDP_RECVS {
-            let Some(slot) = self.pool.alloc() else { break };
-            let m = arm_msg(&mut self.msgs, &self.pool, slot, HEADROOM, SLOT_LEN - HEADROOM, None);
-            if self.offloads.gro {
-                if let Some(ms) = self.msgs.get_mut(usize::from(slot)) {
+            let Some(slot) = pool.alloc() else { break };
+            let msgs = &mut self.ports.msgs;
+            let m = arm_msg(msgs, pool, Span::new(slot, HEADROOM, SLOT_LEN - HEADROOM), None);
+            if self.d.offloads.gro {
+                if let Some(ms) = msgs.get_mut(usize::from(slot)) {
                     ms.arm_ctrl_for_recv();
                 }
             }
@@ -535,40 +571,40 @@ impl<C: PacketCore> State<C> {
         routes: &RouteTable,
         now: Instant,
     ) -> io::Result<()> {
-        match op {
+        let out = match op {
             Op::TunReadMulti | Op::UdpRecvMulti => {
                 let Some(slot) = self.multishot_completed(op, res, flags)? else { return Ok(()) };
                 let n = usize::try_from(res).unwrap_or(0);
                 if op == Op::UdpRecvMulti {
                     return self.on_multishot_recv(q, slot, n, routes, now);
                 }
-                self.on_tun_read(q, slot, n, routes, now)
+                let mut io = UringIo { q, ports: &mut self.ports };
+                return self.d.on_tun_read(&mut io, slot, n, routes, now);
             }
             Op::TunRead => {
                 self.tun_reads -= 1;
                 let Ok(n) = usize::try_from(res) else {
-                    self.pool.release(slot);
+                    self.d.pool.release(slot);
                     if super::is_transient(-res) {
                         return Ok(());
                     }
                     // The TUN is gone (deleted under us): stop rather than spin.
                     return Err(io::Error::from_raw_os_error(-res));
                 };
-                self.on_tun_read(q, slot, n, routes, now)
+                let mut io = UringIo { q, ports: &mut self.ports };
+                return self.d.on_tun_read(&mut io, slot, n, routes, now);
             }
             Op::UdpRecv => {
                 self.udp_recvs -= 1;
-                self.on_udp_recv(q, slot, res, routes, now)
+                return self.on_udp_recv(q, slot, res, routes, now);
             }
-            Op::UdpSend | Op::TunWrite | Op::UdpSendTrain | Op::TunWriteMerged => {
-                if res < 0 {
-                    self.on_send_error(op, -res);
-                }
-                self.sc.release(&mut self.pool, slot);
-                self.pool.release(slot);
-                Ok(())
-            }
-        }
+            Op::UdpSend => Out::Send,
+            Op::UdpSendTrain => Out::SendTrain,
+            Op::TunWrite => Out::TunWrite,
+            Op::TunWriteMerged => Out::TunWriteMerged,
+        };
+        self.d.complete(&mut UringIo { q, ports: &mut self.ports }, Done { out, slot, res });
+        Ok(())
     }
 
     /// Bookkeeping of a multishot completion: notes when the request ended, takes back
@@ -588,30 +624,22 @@ impl<C: PacketCore> State<C> {
             let ring = if tun { &mut ms.tun } else { &mut ms.udp };
             ring.lent = ring.lent.saturating_sub(1);
         }
+        let event = MultishotEvent::of(tun, res, bid, ms.proven);
         if res >= 0 {
             ms.proven = true;
-            return Ok(bid.or_else(|| {
-                self.fwd.stats().count_drop(DropReason::IoError);
-                None
-            }));
+        } else if let Some(bid) = bid {
+            self.d.pool.release(bid);
         }
-        if let Some(bid) = bid {
-            self.pool.release(bid);
+        match event {
+            MultishotEvent::Packet(bid) => return Ok(Some(bid)),
+            MultishotEvent::Unsupported => {
+                tracing::warn!("multishot reads refused by the kernel; arming single reads instead");
+                self.multi = None;
+            }
+            MultishotEvent::NoBuffer | MultishotEvent::Failed => self.d.fwd.stats().count_drop(DropReason::IoError),
+            MultishotEvent::Transient => {}
+            MultishotEvent::TunGone(errno) => return Err(io::Error::from_raw_os_error(errno)),
         }
-        if res == -libc::EINVAL && !ms.proven {
-            // The kernel does not take this request: fall back to armed single reads.
-            tracing::warn!("multishot reads refused by the kernel; arming single reads instead");
-            self.multi = None;
-            return Ok(None);
-        }
-        if super::is_transient(-res) {
-            return Ok(None);
-        }
-        if tun {
-            // The TUN is gone (deleted under us): stop rather than spin.
-            return Err(io::Error::from_raw_os_error(-res));
-        }
-        self.fwd.stats().count_drop(DropReason::IoError);
         Ok(None)
     }
 
@@ -626,12 +654,12 @@ impl<C: PacketCore> State<C> {
         now: Instant,
     ) -> io::Result<()> {
         let Some(ms) = &self.multi else {
-            self.pool.release(slot);
+            self.d.pool.release(slot);
             return Ok(());
         };
         let at = ms.udp.offset();
         // SAFETY: the kernel filled the slot and handed it back with this completion.
-        let buf = unsafe { self.pool.slot_mut(slot) };
+        let buf = unsafe { self.d.pool.slot_mut(slot) };
         let base = buf.as_ptr() as usize;
         let parsed = buf.get(at..at + n).and_then(|b| types::RecvMsgOut::parse(b, &ms.tmpl).ok()).map(|out| {
             (
@@ -643,210 +671,20 @@ impl<C: PacketCore> State<C> {
             )
         });
         match parsed {
-            Some((Some(from), train, len, true)) => self.on_datagrams(q, slot, from, len, train, routes, now),
+            Some((Some(from), train, len, true)) => {
+                let train = if self.d.offloads.gro { train } else { None };
+                let mut io = UringIo { q, ports: &mut self.ports };
+                self.d.on_datagrams(&mut io, slot, from, len, train, routes, now)
+            }
             _ => {
-                self.fwd.stats().count_drop(DropReason::Truncated);
-                self.pool.release(slot);
+                self.d.fwd.stats().count_drop(DropReason::Truncated);
+                self.d.pool.release(slot);
                 Ok(())
             }
         }
     }
 
-    /// A failed send or write: counted, and an offload the kernel refuses is switched off.
-    fn on_send_error(&mut self, op: Op, errno: i32) {
-        let reason = if errno == libc::EMSGSIZE { DropReason::Oversize } else { DropReason::IoError };
-        self.fwd.stats().count_drop(reason);
-        match op {
-            Op::UdpSendTrain => super::train_refused(&mut self.offloads, &self.tun, self.fwd.stats(), errno),
-            Op::TunWriteMerged => super::merged_write_refused(&mut self.offloads, self.fwd.stats(), errno),
-            _ => {}
-        }
-    }
-
-    /// A TUN read of `n` bytes into `slot` completed (single or multishot).
-    fn on_tun_read(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        n: usize,
-        routes: &RouteTable,
-        now: Instant,
-    ) -> io::Result<()> {
-        if self.offloads.tun_vnet {
-            return self.on_tun_read_vnet(q, slot, n, routes, now);
-        }
-        // SAFETY: the read completed, so the slot is ours again.
-        let buf = unsafe { self.pool.slot_mut(slot) };
-        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
-            self.pool.release(slot);
-            return Ok(());
-        };
-        let verdict = self.fwd.from_tun(routes, &mut pkt, now);
-        let (head, len) = (pkt.head(), pkt.len());
-        self.on_tun_verdict(q, slot, verdict, head, len, routes)
-    }
-
-    /// A TUN read with a virtio-net header in front: completes a partial checksum or hands
-    /// a super-packet to the core whole.
-    fn on_tun_read_vnet(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        n: usize,
-        routes: &RouteTable,
-        now: Instant,
-    ) -> io::Result<()> {
-        // SAFETY: the read completed, so the slot is ours again.
-        let buf = unsafe { self.pool.slot_mut(slot) };
-        let (Some(hdr), Some(len)) = (buf.get(VNET_AT..).and_then(VnetHdr::parse), n.checked_sub(VNET_HDR_LEN)) else {
-            self.fwd.stats().count_drop(DropReason::BadOffload);
-            self.pool.release(slot);
-            return Ok(());
-        };
-        let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, len) else {
-            self.pool.release(slot);
-            return Ok(());
-        };
-        let seg = match gso::check_read(&hdr, pkt.as_mut_slice()) {
-            Ok(Some(seg)) => seg,
-            Ok(None) => {
-                let verdict = self.fwd.from_tun(routes, &mut pkt, now);
-                let (head, len) = (pkt.head(), pkt.len());
-                return self.on_tun_verdict(q, slot, verdict, head, len, routes);
-            }
-            Err(e) => {
-                self.fwd.stats().count_drop(e.reason());
-                self.pool.release(slot);
-                return Ok(());
-            }
-        };
-        self.fwd.stats().count_offload(OffloadCounter::SuperPacketsRead, 1);
-        let before = pkt.len();
-        let verdict = self.fwd.from_tun_segmented(routes, &mut pkt, &seg, now);
-        let (head, len) = (pkt.head(), pkt.len());
-        match verdict {
-            TunVerdict::Send { to, flow, .. } => {
-                self.send_train(q)?;
-                self.send_segmented(q, slot, head, len, len - before, &seg, to, flow)
-            }
-            other => self.on_tun_verdict(q, slot, other, head, len, routes),
-        }
-    }
-
-    /// Cuts the encapsulated super-packet at `head..head + len` of `slot` (`prefix` bytes of
-    /// encapsulation header, then the IP packet) into trains in fresh slots and queues one
-    /// send per train; releases `slot`.
-    #[allow(clippy::too_many_arguments)]
-    fn send_segmented(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        head: usize,
-        len: usize,
-        prefix: usize,
-        seg: &Segmentation,
-        to: SocketAddr,
-        flow: u32,
-    ) -> io::Result<()> {
-        let file = self.sender(flow);
-        let room = self.fwd.segment_trailer();
-        let per_train = if self.offloads.gso { seg.segments_per_train(prefix + room) } else { 1 };
-        let stride = prefix + seg.segment_len() + room;
-        let total = seg.segments();
-        let mut first = 0;
-        while first < total {
-            let range = first..(first + per_train).min(total);
-            first = range.end;
-            let Some(out) = self.pool.alloc() else {
-                self.fwd.stats().count_drop(DropReason::PoolExhausted);
-                break;
-            };
-            // SAFETY: `slot` completed its read and `out` was just allocated: both are ours.
-            let Some((src, dst)) = (unsafe { self.pool.pair_mut(slot, out) }) else {
-                self.pool.release(out);
-                break;
-            };
-            let cut = src
-                .get(head..head + len)
-                .map(|pkt| seg.write_segments_with_room(pkt, prefix, room, range.clone(), dst));
-            let Some(Ok(bytes)) = cut else {
-                self.fwd.stats().count_drop(DropReason::BadOffload);
-                self.pool.release(out);
-                break;
-            };
-            if !dst.get_mut(..bytes).is_some_and(|train| self.fwd.seal_train(train, stride)) {
-                self.pool.release(out);
-                break;
-            }
-            let segment = (range.len() > 1).then_some(stride as u16);
-            self.send(q, out, 0, bytes, to, file, segment)?;
-        }
-        self.pool.release(slot);
-        Ok(())
-    }
-
-    /// Performs what the core decided for a packet at `head..head + len` of `slot`.
-    fn on_tun_verdict(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        verdict: TunVerdict,
-        head: usize,
-        len: usize,
-        routes: &RouteTable,
-    ) -> io::Result<()> {
-        match verdict {
-            TunVerdict::Send { to, flow, .. } => {
-                let file = self.sender(flow);
-                if self.offloads.gso {
-                    return self.gather(q, slot, head, len, to, file);
-                }
-                self.send(q, slot, head, len, to, file, None)
-            }
-            TunVerdict::Reply => self.write_tun(q, slot, head, len),
-            TunVerdict::Flood => {
-                let mut peers = routes.peers().iter();
-                let Some(first) = peers.next() else {
-                    self.pool.release(slot);
-                    return Ok(());
-                };
-                // Copies for all peers but the first, which gets the original.
-                for p in peers {
-                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
-                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
-                        break;
-                    };
-                    self.send(q, copy, head, len, p.endpoint, UDP_FILE, None)?;
-                }
-                self.send(q, slot, head, len, first.endpoint, UDP_FILE, None)
-            }
-            TunVerdict::Drop(_) => {
-                self.pool.release(slot);
-                Ok(())
-            }
-        }
-    }
-
-    /// Writes the single packet at `head..head + len` of `slot` to the TUN, behind an
-    /// all-zero virtio-net header when the TUN expects one (there is always room: the
-    /// packet starts at least `HEADROOM` − 48 bytes in).
-    fn write_tun(&mut self, q: &mut Queue<'_>, slot: u16, head: usize, len: usize) -> io::Result<()> {
-        let (mut head, mut len) = (head, len);
-        if self.offloads.tun_vnet {
-            // SAFETY: the slot is ours (its read or receive completed, nothing in flight).
-            let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(h) = head.checked_sub(VNET_HDR_LEN).and_then(|at| buf.get_mut(at..head)) else {
-                self.pool.release(slot);
-                return Ok(());
-            };
-            VnetHdr::default().emit(h);
-            (head, len) = (head - VNET_HDR_LEN, len + VNET_HDR_LEN);
-        }
-        q.push(&tun_write(&self.pool, slot, head, len, Op::TunWrite))
-    }
-
-    /// A receive completed: checks every datagram of it (one, or a GRO train) and delivers,
-    /// answers or drops each; releases `slot` unless it was sent on.
+    /// A single receive completed into `slot`.
     fn on_udp_recv(
         &mut self,
         q: &mut Queue<'_>,
@@ -855,202 +693,26 @@ impl<C: PacketCore> State<C> {
         routes: &RouteTable,
         now: Instant,
     ) -> io::Result<()> {
-        let msg = self.msgs.get(usize::from(slot));
+        let msg = self.ports.msgs.get(usize::from(slot));
         let from = msg.and_then(|m| sockaddr::read(&m.addr));
-        let train = if self.offloads.gro { msg.and_then(MsgSlot::gro_size) } else { None };
+        let train = if self.d.offloads.gro { msg.and_then(MsgSlot::gro_size) } else { None };
         let (Ok(n), Some(from)) = (usize::try_from(res), from) else {
             // A source address that does not read as IPv4/IPv6 is no known peer's.
-            self.fwd.stats().count_drop(if res < 0 { DropReason::IoError } else { DropReason::UnknownSender });
-            self.pool.release(slot);
+            self.d.fwd.stats().count_drop(if res < 0 { DropReason::IoError } else { DropReason::UnknownSender });
+            self.d.pool.release(slot);
             return Ok(());
         };
-        self.on_datagrams(q, slot, from, n, train, routes, now)
-    }
-
-    /// `n` bytes from `from` at `HEADROOM` of `slot`: one datagram, or a GRO train of
-    /// `train`-byte datagrams. Checks each, then delivers, answers or drops it; releases
-    /// `slot` unless it was sent on.
-    #[allow(clippy::too_many_arguments)]
-    fn on_datagrams(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        from: SocketAddr,
-        n: usize,
-        train: Option<usize>,
-        routes: &RouteTable,
-        now: Instant,
-    ) -> io::Result<()> {
-        if !self.offloads.tun_vnet {
-            // One datagram, decapsulated and written in place.
-            // SAFETY: the receive completed, so the slot is ours again.
-            let buf = unsafe { self.pool.slot_mut(slot) };
-            let Some(mut pkt) = PacketBuf::new(buf, HEADROOM, n) else {
-                self.fwd.stats().count_drop(DropReason::Truncated);
-                self.pool.release(slot);
-                return Ok(());
-            };
-            let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
-            if let UnderlayVerdict::Deliver { .. } = verdict {
-                // No virtio-net header to say "partial": complete it here.
-                self.fwd.complete_partial(pkt.as_mut_slice());
-            }
-            let (head, len) = (pkt.head(), pkt.len());
-            return match verdict {
-                UnderlayVerdict::Deliver { .. } => self.write_tun(q, slot, head, len),
-                UnderlayVerdict::Reply { to } => self.send(q, slot, head, len, to, UDP_FILE, None),
-                UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {
-                    self.pool.release(slot);
-                    Ok(())
-                }
-            };
-        }
-        // Each datagram is checked within its own bytes (`check_datagram`); what passes
-        // joins the merge by reference.
-        if train.is_some() {
-            self.fwd.stats().count_offload(OffloadCounter::GroTrains, 1);
-        }
-        for d in super::datagrams(n, train) {
-            // SAFETY: the receive completed, so the slot is ours again.
-            let checked = unsafe { super::check_datagram(&mut self.pool, &mut self.fwd, routes, from, slot, d, now) };
-            let Some((verdict, head, len)) = checked else { break };
-            match verdict {
-                UnderlayVerdict::Deliver { .. } => self.merge(q, slot, head, len)?,
-                UnderlayVerdict::Reply { to } => {
-                    let Some(copy) = self.pool.clone_slot(slot, head, len) else {
-                        self.fwd.stats().count_drop(DropReason::PoolExhausted);
-                        continue;
-                    };
-                    self.send(q, copy, head, len, to, UDP_FILE, None)?;
-                }
-                UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {}
-            }
-        }
-        self.pool.release(slot);
-        Ok(())
-    }
-
-    /// Adds the checked inner packet at `head..head + len` of `slot` to the super-packet
-    /// being merged, or writes that one out and starts another.
-    fn merge(&mut self, q: &mut Queue<'_>, slot: u16, head: usize, len: usize) -> io::Result<()> {
-        let uso = self.offloads.tun_uso && self.offloads.coalesce;
-        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, self.fwd.stats(), slot, head, len, uso) {
-            self.write_merged(q, r)?;
-        }
-        if !self.offloads.coalesce {
-            self.flush(q)?;
-        }
-        Ok(())
-    }
-
-    /// Adds the encapsulated packet at `head..head + len` of `slot` to the train for `to` on
-    /// `fd`, or sends that train and starts another with it.
-    fn gather(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        head: usize,
-        len: usize,
-        to: SocketAddr,
-        file: u32,
-    ) -> io::Result<()> {
-        if let Some(t) = &mut self.train {
-            let fits = t.open
-                && t.to == to
-                && t.file == file
-                && len <= t.seg
-                && t.len + len <= MAX_TRAIN_BYTES
-                && t.count < MAX_TRAIN_SEGMENTS;
-            if fits {
-                let at = t.head + t.len;
-                // SAFETY: both slots are ours (read completed, nothing in flight on them).
-                if let Some((src, dst)) = unsafe { self.pool.pair_mut(slot, t.slot) } {
-                    if let (Some(from), Some(into)) = (src.get(head..head + len), dst.get_mut(at..at + len)) {
-                        into.copy_from_slice(from);
-                        t.len += len;
-                        t.count += 1;
-                        t.open = len == t.seg;
-                        self.pool.release(slot);
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        self.send_train(q)?;
-        self.train = Some(Train { slot, head, len, seg: len, count: 1, to, file, open: true });
-        Ok(())
-    }
-
-    /// Sends the gathered train, if any: one datagram, or one GSO send.
-    fn send_train(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
-        let Some(t) = self.train.take() else { return Ok(()) };
-        let segment = (t.count > 1).then_some(t.seg as u16);
-        self.send(q, t.slot, t.head, t.len, t.to, t.file, segment)
-    }
-
-    /// Queues a `SENDMSG` of `head..head + len` of `slot` to `to` from registered socket
-    /// `file`: one datagram, or with `segment` a GSO train of datagrams of that size (the
-    /// last may be shorter).
-    #[allow(clippy::too_many_arguments)]
-    fn send(
-        &mut self,
-        q: &mut Queue<'_>,
-        slot: u16,
-        head: usize,
-        len: usize,
-        to: SocketAddr,
-        file: u32,
-        segment: Option<u16>,
-    ) -> io::Result<()> {
-        let m = arm_msg(&mut self.msgs, &self.pool, slot, head, len, Some(to));
-        let op = match (segment, self.msgs.get_mut(usize::from(slot))) {
-            (Some(size), Some(ms)) => {
-                ms.set_segment_size(size);
-                self.fwd.stats().count_train(len.div_ceil(usize::from(size).max(1)));
-                Op::UdpSendTrain
-            }
-            _ => Op::UdpSend,
-        };
-        q.push(&opcode::SendMsg::new(types::Fixed(file), m).build().user_data(user_data(op, slot)))
-    }
-
-    /// Writes the super-packet being merged, if any, to the TUN.
-    fn flush(&mut self, q: &mut Queue<'_>) -> io::Result<()> {
-        match self.merger.finish(&mut self.pool, &mut self.sc) {
-            Some(r) => self.write_merged(q, r),
-            None => Ok(()),
-        }
-    }
-
-    /// Queues the gathering TUN write of a finished merge.
-    fn write_merged(&mut self, q: &mut Queue<'_>, r: Ready) -> io::Result<()> {
-        if r.partials > 0 {
-            self.fwd.stats().count_offload(OffloadCounter::CsumCompleted, r.partials as u64);
-        }
-        let op = if r.segments > 1 {
-            self.fwd.stats().count_merged(r.segments);
-            Op::TunWriteMerged
-        } else {
-            Op::TunWrite
-        };
-        let (iov, n) = self.sc.iovecs(r.out);
-        q.push(&opcode::Writev::new(types::Fixed(TUN_FILE), iov, n as u32).build().user_data(user_data(op, r.out)))
+        let mut io = UringIo { q, ports: &mut self.ports };
+        self.d.on_datagrams(&mut io, slot, from, n, train, routes, now)
     }
 }
 
-/// Points slot `slot`'s msghdr at `len` bytes from `head` in its buffer and, for a send,
-/// at the destination address; returns the msghdr for the SQE.
-fn arm_msg(
-    msgs: &mut [MsgSlot],
-    pool: &BufPool,
-    slot: u16,
-    head: usize,
-    len: usize,
-    to: Option<SocketAddr>,
-) -> *mut libc::msghdr {
-    let Some(m) = msgs.get_mut(usize::from(slot)) else { return std::ptr::null_mut() };
-    // SAFETY (pointer arithmetic): head + len ≤ SLOT_LEN, inside the slot.
-    m.iov = libc::iovec { iov_base: unsafe { pool.slot_ptr(slot).add(head) }.cast(), iov_len: len };
+/// Points `span.slot`'s msghdr at `span` and, for a send, at the destination address;
+/// returns the msghdr for the SQE.
+fn arm_msg(msgs: &mut [MsgSlot], pool: &BufPool, span: Span, to: Option<SocketAddr>) -> *mut libc::msghdr {
+    let Some(m) = msgs.get_mut(usize::from(span.slot)) else { return std::ptr::null_mut() };
+    // SAFETY (pointer arithmetic): the span lies inside the slot.
+    m.iov = libc::iovec { iov_base: unsafe { pool.slot_ptr(span.slot).add(span.head) }.cast(), iov_len: span.len };
     let namelen = match to {
         Some(a) => sockaddr::write(a, &mut m.addr),
         None => std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
@@ -1065,12 +727,6 @@ fn arm_msg(
     &mut m.hdr
 }
 
-fn tun_write(pool: &BufPool, slot: u16, head: usize, len: usize, op: Op) -> squeue::Entry {
-    // SAFETY (pointer arithmetic): head + len ≤ SLOT_LEN, inside registered buffer `slot`.
-    let ptr = unsafe { pool.slot_ptr(slot).add(head) };
-    opcode::WriteFixed::new(types::Fixed(TUN_FILE), ptr, len as u32, slot).build().user_data(user_data(op, slot))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1082,5 +738,23 @@ mod tests {
         }
         assert_eq!(decode(0), None);
         assert_eq!(decode(9 << 32), None);
+    }
+
+    /// Every branch of a multishot completion, the fallback to single reads above all: only
+    /// an `EINVAL` before anything arrived means the kernel lacks the request.
+    #[test]
+    fn multishot_completions_are_classified_by_result_alone() {
+        use MultishotEvent as E;
+        assert_eq!(E::of(true, 1500, Some(7), false), E::Packet(7));
+        assert_eq!(E::of(false, 0, Some(7), true), E::Packet(7), "an empty datagram is a packet");
+        assert_eq!(E::of(false, 1500, None, true), E::NoBuffer);
+        assert_eq!(E::of(true, -libc::EINVAL, None, false), E::Unsupported);
+        assert_eq!(E::of(false, -libc::EINVAL, None, false), E::Unsupported);
+        assert_eq!(E::of(false, -libc::EINVAL, None, true), E::Failed, "after a completion EINVAL is an error");
+        assert_eq!(E::of(true, -libc::EINVAL, None, true), E::TunGone(libc::EINVAL));
+        assert_eq!(E::of(true, -libc::ENOBUFS, None, true), E::Transient, "the ring ran dry");
+        assert_eq!(E::of(false, -libc::ECANCELED, None, true), E::Transient);
+        assert_eq!(E::of(true, -libc::EBADFD, None, true), E::TunGone(libc::EBADFD));
+        assert_eq!(E::of(false, -libc::ECONNREFUSED, Some(3), true), E::Failed);
     }
 }
