@@ -9,7 +9,7 @@
 //! address. Pure: time comes in as `now`, the MAC table is a fixed array.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -333,7 +333,8 @@ impl Bridge {
 }
 
 /// Whether `ip` is an ICMPv6 neighbour solicitation or advertisement (hop limit 255, as RFC
-/// 4861 requires). Router advertisements and redirects are not: they stay dropped (T6).
+/// 4861 requires). Router advertisements and redirects are not: they stay dropped, so no
+/// peer can forge them across the overlay (CVE-2020-10749).
 fn is_ndp<T: AsRef<[u8]>>(ip: &IpPacket<T>) -> bool {
     match ip {
         IpPacket::V6(p) => {

@@ -6,7 +6,7 @@
 //! virtio-net header, so TUN offloads fit without new buffer types.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 /// Bytes kept free in front of every packet: enough for a 10-byte virtio-net header plus

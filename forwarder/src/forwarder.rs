@@ -12,7 +12,7 @@
 //! 5. TTL (flannel udp decrements on both sides), then encapsulate and send.
 //!
 //! From the underlay (decapsulation side), cheapest check first, so garbage from strangers
-//! costs one hash probe (`reference/security.md` §1.3):
+//! costs one hash probe:
 //! 1. the datagram must carry something (`empty_payload`), and its outer source must be a
 //!    known peer's endpoint (`unknown_sender`);
 //! 2. the format's header (`truncated`, format-specific reasons);
@@ -27,7 +27,7 @@
 //! Nothing here allocates, locks, logs or reads a clock; `now` comes in for the ICMP limiter.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,7 +1,7 @@
 //! Fuzz bodies as plain functions: the cargo-fuzz targets in `forwarder/fuzz/` call them, and
 //! `tests/corpus_replay.rs` replays the seed corpus through them in every `cargo test`.
 //!
-//! Each body asserts properties, not only "no panic" (security.md S2): whatever the bytes, a
+//! Each body asserts properties, not only "no panic": whatever the bytes, a
 //! delivered packet is a well-formed IP packet no longer than the datagram, from the sending
 //! peer's subnet, to ours, and never to a martian address; a reply goes back to the sender.
 //! The offload bodies add theirs: every segment cut from a super-packet is well-formed, fits

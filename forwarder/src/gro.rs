@@ -1,7 +1,7 @@
 //! Coalescing, sans-IO: consecutive TCP segments of one flow, decapsulated from the
 //! underlay and checked by the forwarder, merged back into one super-packet that the driver
 //! writes to the TUN behind a virtio-net header — one write instead of dozens
-//! (`reference/performance.md` §4). Where the TUN takes USO (Linux ≥ 6.2), equal-sized UDP
+//! (bench/README.md has the figures). Where the TUN takes USO (Linux ≥ 6.2), equal-sized UDP
 //! datagrams of one flow are merged the same way (the kernel's UDP GRO rules: same
 //! addresses and ports, same size but a shorter last one, at most 64), which is what makes
 //! small-packet floods cheap.
@@ -23,7 +23,7 @@
 //! modulo 2^32 (RFC 9293 §3.4) and wrap.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::gso::{

@@ -1,7 +1,7 @@
 //! Segmentation offload, sans-IO: the virtio-net header a TUN opened with `IFF_VNET_HDR`
 //! puts in front of every packet, and the cut of a super-packet (up to 64 KiB, what the
 //! kernel hands over with TSO/USO enabled) into segments with their headers fixed up, as
-//! `reference/performance.md` §2–3 describes:
+//! the kernel's own GSO does it:
 //!
 //! - IPv4: identification + i, total length, header checksum; IPv6: payload length;
 //! - TCP: sequence number + i·MSS, FIN and PSH only on the last segment; UDP: length;
@@ -18,7 +18,7 @@
 //! and checksums are defined modulo 2^n by their RFCs, so they use `wrapping_*`.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::ops::Range;

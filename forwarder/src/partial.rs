@@ -21,7 +21,7 @@
 //! (see [`complete`]'s result).
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::gso::{F_NEEDS_CSUM, VnetHdr, pseudo_sum};

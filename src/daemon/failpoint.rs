@@ -1,6 +1,6 @@
 //! Test hooks: `WEFT_FAILPOINT=<name>[,<name>…]` makes the daemon fail on purpose at a named
 //! place, so that the netns tests can prove a dead worker or task stops the daemon instead of
-//! leaving it "ready" with nothing behind it (security.md R7 names the same mechanism).
+//! leaving it "ready" with nothing behind it.
 //!
 //! Read once per site at start-up, never on the packet path. Names:
 //! - `worker-exit`: worker 0 returns from its loop after two seconds, as if it had finished;

@@ -1,6 +1,6 @@
 //! The overlay MTU: the node's `mtu`, else the network config's `Backend.MTU`, else what the
 //! underlay interface carries after the encapsulation overhead (flannel: iface MTU − 28 for
-//! udp, − 50 for vxlan; `reference/flannel.md` "MTU handling"). An explicit value larger than
+//! udp, − 50 for vxlan, as flannel computes it). An explicit value larger than
 //! the underlay carries is refused, naming where it came from, rather than silently capped:
 //! a capped MTU would differ from the one the operator wrote into every node's config and
 //! `subnet.env`, and packets between the two sizes would be dropped or fragmented.

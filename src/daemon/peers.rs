@@ -1,6 +1,6 @@
 //! Leases → peers: which records of the lease store become routes, and why the others do not.
 //!
-//! A lease record is input like a packet (security.md T10): anyone who can write to the store
+//! A lease record is input like a packet: anyone who can write to the store
 //! can write one, and one record naming the whole cluster network with an attacker's PublicIP
 //! would otherwise capture every node's cross-node traffic. So each record is checked on its
 //! own against the network config, then against the others:

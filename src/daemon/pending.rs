@@ -10,7 +10,7 @@
 //!    entry. An address the attachment no longer holds (freed by GC, by a DEL whose answer
 //!    timed out, or handed to someone else since) is not touched; its entry just goes.
 //! 3. Allocate (the plugin's ADD) first removes the attachment's entry under the same lock,
-//!    then allocates. A runtime runs no two operations on one container at once (SPEC.md), so
+//!    then allocates. A runtime runs no two operations on one container at once (the CNI spec), so
 //!    the DEL wrote its entry before the ADD that follows it began. Either a drain freed the
 //!    address before that ADD allocated (which then gets a free address, maybe another), or the
 //!    ADD removed the entry first and keeps the address the attachment still held: a

@@ -6,7 +6,7 @@
 //! carries only IPv4; weft also carries IPv6 inner packets in this format between weft nodes.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::{Decapsulated, Encap, EncapKind};

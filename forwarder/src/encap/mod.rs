@@ -3,7 +3,7 @@
 //! and no per-packet `match` on the format; the daemon picks the format once at start.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 pub mod flannel_udp;

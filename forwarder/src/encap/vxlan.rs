@@ -10,7 +10,7 @@
 //! permanent neighbour entries still resolves us.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::{Decapsulated, Encap, EncapKind};

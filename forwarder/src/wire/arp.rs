@@ -2,7 +2,7 @@
 //! arrive over VXLAN, so a kernel VTEP without permanent neighbour entries still finds it.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv4Addr;

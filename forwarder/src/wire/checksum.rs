@@ -6,7 +6,7 @@
 //! instruction as `+`, so the lint costs the vectorised loop nothing.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 /// Adds `data` to a running one's-complement sum (not yet folded).

@@ -1,7 +1,7 @@
 //! Ethernet II frame view (IEEE 802.3 §3.1.1) and `MacAddr`: VXLAN carries whole frames.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;

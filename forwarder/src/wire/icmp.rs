@@ -9,7 +9,7 @@
 //! `proxy_amd64.c` applies them.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};

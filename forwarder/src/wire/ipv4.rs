@@ -1,7 +1,7 @@
 //! IPv4 header view (RFC 791), with the in-place TTL decrement flannel performs.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv4Addr;

@@ -17,7 +17,7 @@
 //! layout reads like the RFC's header diagram.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 pub mod arp;
@@ -31,7 +31,7 @@ pub mod ndp;
 pub mod vxlan;
 
 /// The `N` bytes at `at` of `b`, if it holds them: how code outside the views reads a field
-/// of an unchecked packet without indexing (design.md convention 4). A fixed-size array
+/// of an unchecked packet without indexing, so no length can panic. A fixed-size array
 /// comes back, so the caller converts it without a fallible `try_into`.
 #[inline]
 pub fn bytes<const N: usize>(b: &[u8], at: usize) -> Option<&[u8; N]> {

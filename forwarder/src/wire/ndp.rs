@@ -2,7 +2,7 @@
 //! answers neighbour solicitations for its own subnet that arrive over VXLAN.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::net::Ipv6Addr;

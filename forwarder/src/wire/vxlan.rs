@@ -11,7 +11,7 @@
 //! weft follows Linux.
 
 #![deny(unsafe_code)]
-// Untrusted bytes: every index and every length computation is checked (design.md 4).
+// Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;
