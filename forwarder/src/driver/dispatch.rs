@@ -16,11 +16,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::time::Instant;
 
 use super::Offloads;
 use super::pool::BufPool;
+pub(crate) use super::pool::Span;
 use super::scatter::{Merger, Ready, Scatter};
 use crate::buf::{HEADROOM, PacketBuf, SLOT_LEN};
 use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
@@ -32,27 +32,18 @@ use crate::stats::{DropReason, OffloadCounter};
 /// front of the packet's usual place, so the packet itself starts at `HEADROOM`.
 pub(super) const VNET_AT: usize = HEADROOM - VNET_HDR_LEN;
 
-/// Where a packet lies: bytes `head..head + len` of pool slot `slot`.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub(crate) struct Span {
-    /// The pool slot.
+/// What one UDP receive brought: `len` bytes from `from` at `HEADROOM` of `slot`, one
+/// datagram, or a GRO train of `train`-byte datagrams (the last may be shorter).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Received {
+    /// The slot the datagram (or train) landed in.
     pub slot: u16,
-    /// Offset of the first byte in the slot.
-    pub head: usize,
-    /// Length in bytes.
+    /// The outer source address.
+    pub from: SocketAddr,
+    /// Bytes received.
     pub len: usize,
-}
-
-impl Span {
-    /// `len` bytes from `head` of `slot`.
-    pub const fn new(slot: u16, head: usize, len: usize) -> Self {
-        Self { slot, head, len }
-    }
-
-    /// The span's bytes as a range of the slot.
-    pub const fn range(self) -> Range<usize> {
-        self.head..self.head + self.len
-    }
+    /// The GRO segment size, when the kernel coalesced a train.
+    pub train: Option<usize>,
 }
 
 /// The socket a datagram leaves from: 0 is the overlay port's, `k` ≥ 1 the `k`-th of the
@@ -320,23 +311,19 @@ impl<C: PacketCore> Dispatch<C> {
         }
     }
 
-    /// `n` bytes from `from` at `HEADROOM` of `slot` were received: one datagram, or a GRO
-    /// train of `train`-byte datagrams. Checks each within its own bytes, then delivers,
-    /// answers or drops it; takes `slot`.
+    /// `rx` was received: one datagram, or a GRO train. Checks each datagram within its own
+    /// bytes, then delivers, answers or drops it; takes the slot.
     ///
     /// # Errors
     /// The backend failed to queue a request.
-    #[allow(clippy::too_many_arguments)]
     pub fn on_datagrams(
         &mut self,
         io: &mut impl Io,
-        slot: u16,
-        from: SocketAddr,
-        n: usize,
-        train: Option<usize>,
+        rx: Received,
         routes: &RouteTable,
         now: Instant,
     ) -> io::Result<()> {
+        let Received { slot, from, len: n, train } = rx;
         if !self.offloads.tun_vnet {
             // One datagram, decapsulated and written (or answered) in place.
             // SAFETY: the receive completed, so the slot is ours.
@@ -411,7 +398,7 @@ impl<C: PacketCore> Dispatch<C> {
     fn merge(&mut self, io: &mut impl Io, span: Span) -> io::Result<()> {
         let uso = self.offloads.tun_uso && self.offloads.coalesce;
         let stats = self.fwd.stats();
-        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, stats, span.slot, span.head, span.len, uso) {
+        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, stats, span, uso) {
             self.write_merged(io, r)?;
         }
         if !self.offloads.coalesce {
@@ -648,7 +635,7 @@ mod tests {
         }
         let train = (datagrams.len() > 1).then(|| datagrams[0].len());
         let from = A_ENDPOINT.parse().unwrap();
-        d.on_datagrams(io, slot, from, at - HEADROOM, train, routes, Instant::now()).unwrap();
+        d.on_datagrams(io, Received { slot, from, len: at - HEADROOM, train }, routes, Instant::now()).unwrap();
     }
 
     /// Ends the batch, completes every request, and checks that no slot leaked.
@@ -840,7 +827,7 @@ mod tests {
         // A datagram from nobody we know goes nowhere.
         let from: SocketAddr = B_ENDPOINT.parse().unwrap();
         let slot = d.pool.alloc().unwrap();
-        d.on_datagrams(&mut io, slot, from, 100, None, &routes_b, Instant::now()).unwrap();
+        d.on_datagrams(&mut io, Received { slot, from, len: 100, train: None }, &routes_b, Instant::now()).unwrap();
         settle(&mut d, &mut io);
         assert_eq!(io.writes().len(), 1);
     }

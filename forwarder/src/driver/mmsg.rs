@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::cmsg::{CTRL_LEN, Ctrl};
-use super::dispatch::{Dispatch, Done, Io, Out, Sender, Span};
+use super::dispatch::{Dispatch, Done, Io, Out, Received, Sender, Span};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -388,7 +388,7 @@ impl<C: PacketCore> MmsgWorker<C> {
             let Some(from) = from else { continue };
             let train = if gro { c.gro_size(h.msg_hdr.msg_controllen) } else { None };
             let n = h.msg_len as usize;
-            self.d.on_datagrams(&mut self.io, slot, from, n, train, &routes, now)?;
+            self.d.on_datagrams(&mut self.io, Received { slot, from, len: n, train }, &routes, now)?;
         }
         self.d.end_batch(&mut self.io)
     }

@@ -11,9 +11,33 @@
 //! holder releases it.
 
 use std::io;
+use std::ops::Range;
 use std::ptr::NonNull;
 
 use crate::buf::SLOT_LEN;
+
+/// Where a packet lies: bytes `head..head + len` of pool slot `slot`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) struct Span {
+    /// The pool slot.
+    pub slot: u16,
+    /// Offset of the first byte in the slot.
+    pub head: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl Span {
+    /// `len` bytes from `head` of `slot`.
+    pub const fn new(slot: u16, head: usize, len: usize) -> Self {
+        Self { slot, head, len }
+    }
+
+    /// The span's bytes as a range of the slot.
+    pub const fn range(self) -> Range<usize> {
+        self.head..self.head + self.len
+    }
+}
 
 /// Fixed-size packet buffers for one worker.
 #[derive(Debug)]

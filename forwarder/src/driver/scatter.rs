@@ -14,7 +14,7 @@
 //! [`Merger`] builds super-packets this way from the checked segments the core delivers,
 //! following the rules of [`Coalesced`].
 
-use super::pool::BufPool;
+use super::pool::{BufPool, Span};
 use crate::gro::{Coalesced, MAX_SEGMENTS};
 use crate::stats::{DropReason, WorkerStats};
 
@@ -111,9 +111,8 @@ pub struct Ready {
 struct Pending {
     out: u16,
     c: Coalesced,
-    /// The first packet as received: slot, offset, length (its checksum is verified when
-    /// a second packet joins).
-    first: (u16, usize, usize),
+    /// The first packet as received (its checksum is verified when a second packet joins).
+    first: Span,
 }
 
 /// Merges the checked packets a worker delivers into super-packets for the TUN, by
@@ -124,26 +123,24 @@ pub struct Merger {
 }
 
 impl Merger {
-    /// Adds the checked IP packet at `head..head + len` of `slot` to the super-packet being
-    /// merged; when it cannot join, that one is finished and returned for writing, and a
-    /// new one starts with the packet. UDP datagrams merge only with `uso`. The caller
-    /// still holds `slot` and releases it as usual: a merge takes holds of its own.
-    #[allow(clippy::too_many_arguments)]
+    /// Adds the checked IP packet at `span` to the super-packet being merged; when it
+    /// cannot join, that one is finished and returned for writing, and a new one starts
+    /// with the packet. UDP datagrams merge only with `uso`. The caller still holds the
+    /// span's slot and releases it as usual: a merge takes holds of its own.
     pub fn add(
         &mut self,
         pool: &mut BufPool,
         sc: &mut Scatter,
         stats: &WorkerStats,
-        slot: u16,
-        head: usize,
-        len: usize,
+        span: Span,
         uso: bool,
     ) -> Option<Ready> {
+        let Span { slot, head, len } = span;
         // SAFETY: `slot` is held by the caller, the core bounded the packet within it.
-        let ip = unsafe { view(pool, slot, head, len) };
+        let ip = unsafe { view(pool, span) };
         if let Some(p) = &mut self.pending {
             // SAFETY: the merge holds the first packet's slot; nothing writes it meanwhile.
-            let first = unsafe { view(pool, p.first.0, p.first.1, p.first.2) };
+            let first = unsafe { view(pool, p.first) };
             // SAFETY: the header slot belongs to the merge, distinct from received slots.
             let out = unsafe { std::slice::from_raw_parts_mut(pool.slot_ptr(p.out), crate::buf::SLOT_LEN) };
             let hdrs = p.c.header_len();
@@ -172,7 +169,7 @@ impl Merger {
             sc.push(pool, out, out, 0, 0) && sc.push(pool, out, slot, head + c.header_len(), len - c.header_len())
         });
         match started {
-            Some(c) if listed => self.pending = Some(Pending { out, c, first: (slot, head, len) }),
+            Some(c) if listed => self.pending = Some(Pending { out, c, first: span }),
             _ => {
                 stats.count_drop(DropReason::Oversize);
                 sc.release(pool, out);
@@ -195,14 +192,15 @@ impl Merger {
     }
 }
 
-/// `n` bytes at `off` of slot `s`, read-only, for as long as the slot is held.
+/// The bytes of `span`, read-only, for as long as its slot is held.
 ///
 /// # Safety
-/// The caller must hold slot `s` (nothing in flight writes it) for the returned lifetime,
-/// and `off + n` must lie within the slot.
-unsafe fn view<'a>(pool: &BufPool, s: u16, off: usize, n: usize) -> &'a [u8] {
+/// The caller must hold the span's slot (nothing in flight writes it) for the returned
+/// lifetime, and the span must lie within the slot.
+unsafe fn view<'a>(pool: &BufPool, span: Span) -> &'a [u8] {
+    let n = span.len.min(crate::buf::SLOT_LEN.saturating_sub(span.head));
     // SAFETY: the caller's promise.
-    unsafe { std::slice::from_raw_parts(pool.slot_ptr(s).add(off), n.min(crate::buf::SLOT_LEN.saturating_sub(off))) }
+    unsafe { std::slice::from_raw_parts(pool.slot_ptr(span.slot).add(span.head), n) }
 }
 
 #[cfg(test)]
@@ -256,12 +254,12 @@ mod tests {
         let b = [seg(3000, 1000), seg(9999, 1000)];
         let (sa, wa) = receive(&mut pool, &a);
         let (sb, wb) = receive(&mut pool, &b);
-        assert!(m.add(&mut pool, &mut sc, &stats, sa, wa[0].0, wa[0].1, true).is_none());
-        assert!(m.add(&mut pool, &mut sc, &stats, sa, wa[1].0, wa[1].1, true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[0].0, wa[0].1), true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[1].0, wa[1].1), true).is_none());
         pool.release(sa); // the receive is done with its slot; the merge still holds it
-        assert!(m.add(&mut pool, &mut sc, &stats, sb, wb[0].0, wb[0].1, true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[0].0, wb[0].1), true).is_none());
         // A gap in the sequence: the first three go out as one write, the fourth starts anew.
-        let first = m.add(&mut pool, &mut sc, &stats, sb, wb[1].0, wb[1].1, true).unwrap();
+        let first = m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[1].0, wb[1].1), true).unwrap();
         pool.release(sb);
         assert_eq!(first.segments, 3);
         let bytes = gathered(&pool, &mut sc, first.out);

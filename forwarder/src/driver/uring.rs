@@ -32,7 +32,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use super::Offloads;
 use super::bufring::BufRing;
 use super::cmsg::{CTRL_LEN, Ctrl, gro_size};
-use super::dispatch::{Dispatch, Done, Io, Out, Sender, Span, VNET_AT};
+use super::dispatch::{Dispatch, Done, Io, Out, Received, Sender, Span, VNET_AT};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -97,6 +97,15 @@ enum Op {
     TunReadMulti = 7,
     /// The socket's multishot receive; the slot comes with each completion.
     UdpRecvMulti = 8,
+}
+
+/// One reaped completion: the request it ends, its slot, and the kernel's result and flags.
+#[derive(Clone, Copy, Debug)]
+struct Completion {
+    op: Op,
+    slot: u16,
+    res: i32,
+    flags: u32,
 }
 
 #[inline]
@@ -415,7 +424,7 @@ impl<C: PacketCore> UringWorker<C> {
                     if !cqueue::more(flags) {
                         q.inflight -= 1;
                     }
-                    st.complete(&mut q, op, slot, cqe.result(), flags, &table, now)?;
+                    st.complete(&mut q, Completion { op, slot, res: cqe.result(), flags }, &table, now)?;
                 }
                 st.d.fwd.stats().record_batch(packets);
                 // 4. What was merged in this batch goes to the TUN now, what was gathered
@@ -560,17 +569,8 @@ impl<C: PacketCore> State<C> {
     }
 
     /// Handles one completion.
-    #[allow(clippy::too_many_arguments)]
-    fn complete(
-        &mut self,
-        q: &mut Queue<'_>,
-        op: Op,
-        slot: u16,
-        res: i32,
-        flags: u32,
-        routes: &RouteTable,
-        now: Instant,
-    ) -> io::Result<()> {
+    fn complete(&mut self, q: &mut Queue<'_>, c: Completion, routes: &RouteTable, now: Instant) -> io::Result<()> {
+        let Completion { op, slot, res, flags } = c;
         let out = match op {
             Op::TunReadMulti | Op::UdpRecvMulti => {
                 let Some(slot) = self.multishot_completed(op, res, flags)? else { return Ok(()) };
@@ -674,7 +674,7 @@ impl<C: PacketCore> State<C> {
             Some((Some(from), train, len, true)) => {
                 let train = if self.d.offloads.gro { train } else { None };
                 let mut io = UringIo { q, ports: &mut self.ports };
-                self.d.on_datagrams(&mut io, slot, from, len, train, routes, now)
+                self.d.on_datagrams(&mut io, Received { slot, from, len, train }, routes, now)
             }
             _ => {
                 self.d.fwd.stats().count_drop(DropReason::Truncated);
@@ -703,7 +703,7 @@ impl<C: PacketCore> State<C> {
             return Ok(());
         };
         let mut io = UringIo { q, ports: &mut self.ports };
-        self.d.on_datagrams(&mut io, slot, from, n, train, routes, now)
+        self.d.on_datagrams(&mut io, Received { slot, from, len: n, train }, routes, now)
     }
 }
 
