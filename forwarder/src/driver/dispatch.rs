@@ -83,25 +83,36 @@ pub(crate) struct Done {
     pub res: i32,
 }
 
+/// How a span leaves: to `to`, from socket `from`, as one datagram or, with `segment`, as a
+/// GSO train of datagrams of that size (the last may be shorter).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) struct Datagram {
+    /// The peer's endpoint.
+    pub to: SocketAddr,
+    /// The socket it leaves from.
+    pub from: Sender,
+    /// The GSO segment size of a train.
+    pub segment: Option<u16>,
+}
+
+impl Datagram {
+    /// One datagram to `to` from the overlay port: replies and flooded copies.
+    pub const fn port(to: SocketAddr) -> Self {
+        Self { to, from: Sender::PORT, segment: None }
+    }
+}
+
 /// The I/O a [`Dispatch`] asks of its backend. Requests may complete at once (recvmmsg's
 /// backend, which hands back [`Done`]s through [`take_done`](Self::take_done)) or later
 /// (io_uring's, whose loop feeds completions to [`Dispatch::complete`]).
 pub(crate) trait Io {
     /// How many flow-hashed send sockets there are besides the overlay port's.
     fn flow_sockets(&self) -> u32;
-    /// Queues `span` as one datagram to `to` from socket `from` or, with `segment`, as a GSO
-    /// train of datagrams of that size (the last may be shorter). The request holds the slot.
+    /// Queues `span` as the datagram (or GSO train) `d` says. The request holds the slot.
     ///
     /// # Errors
     /// The backend cannot queue at all (the ring is gone): the worker stops.
-    fn send(
-        &mut self,
-        pool: &BufPool,
-        span: Span,
-        to: SocketAddr,
-        from: Sender,
-        segment: Option<u16>,
-    ) -> io::Result<()>;
+    fn send(&mut self, pool: &BufPool, span: Span, d: Datagram) -> io::Result<()>;
     /// Queues a TUN write of `span` (its virtio-net header, if the TUN wants one, included).
     ///
     /// # Errors
@@ -265,7 +276,7 @@ impl<C: PacketCore> Dispatch<C> {
                 break;
             }
             let segment = (range.len() > 1).then_some(stride as u16);
-            self.send(io, Span::new(out, 0, bytes), to, from, segment)?;
+            self.send(io, Span::new(out, 0, bytes), Datagram { to, from, segment })?;
         }
         self.pool.release(span.slot);
         Ok(())
@@ -285,7 +296,7 @@ impl<C: PacketCore> Dispatch<C> {
                 if self.offloads.gso {
                     return self.gather(io, span, to, from);
                 }
-                self.send(io, span, to, from, None)
+                self.send(io, span, Datagram { to, from, segment: None })
             }
             TunVerdict::Reply => self.write_tun(io, span),
             TunVerdict::Flood => {
@@ -300,9 +311,9 @@ impl<C: PacketCore> Dispatch<C> {
                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
                         break;
                     };
-                    self.send(io, Span { slot: copy, ..span }, p.endpoint, Sender::PORT, None)?;
+                    self.send(io, Span { slot: copy, ..span }, Datagram::port(p.endpoint))?;
                 }
-                self.send(io, span, first.endpoint, Sender::PORT, None)
+                self.send(io, span, Datagram::port(first.endpoint))
             }
             TunVerdict::Drop(_) => {
                 self.pool.release(span.slot);
@@ -341,7 +352,7 @@ impl<C: PacketCore> Dispatch<C> {
             let span = Span::new(slot, pkt.head(), pkt.len());
             return match verdict {
                 UnderlayVerdict::Deliver { .. } => self.write_tun(io, span),
-                UnderlayVerdict::Reply { to } => self.send(io, span, to, Sender::PORT, None),
+                UnderlayVerdict::Reply { to } => self.send(io, span, Datagram::port(to)),
                 UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {
                     self.pool.release(slot);
                     Ok(())
@@ -360,7 +371,7 @@ impl<C: PacketCore> Dispatch<C> {
                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
                         continue;
                     };
-                    self.send(io, Span { slot: copy, ..span }, to, Sender::PORT, None)?;
+                    self.send(io, Span { slot: copy, ..span }, Datagram::port(to))?;
                 }
                 UnderlayVerdict::Drop(_) | UnderlayVerdict::Consumed => {}
             }
@@ -483,22 +494,15 @@ impl<C: PacketCore> Dispatch<C> {
     fn send_train(&mut self, io: &mut impl Io) -> io::Result<()> {
         let Some(t) = self.train.take() else { return Ok(()) };
         let segment = (t.count > 1).then_some(t.seg as u16);
-        self.send(io, t.span, t.to, t.from, segment)
+        self.send(io, t.span, Datagram { to: t.to, from: t.from, segment })
     }
 
-    /// Queues a send of `span` (a GSO train with `segment`), counting trains.
-    fn send(
-        &mut self,
-        io: &mut impl Io,
-        span: Span,
-        to: SocketAddr,
-        from: Sender,
-        segment: Option<u16>,
-    ) -> io::Result<()> {
-        if let Some(size) = segment {
+    /// Queues a send of `span` as `d` says, counting trains.
+    fn send(&mut self, io: &mut impl Io, span: Span, d: Datagram) -> io::Result<()> {
+        if let Some(size) = d.segment {
             self.fwd.stats().count_train(span.len.div_ceil(usize::from(size).max(1)));
         }
-        io.send(&self.pool, span, to, from, segment)?;
+        io.send(&self.pool, span, d)?;
         self.reap(io);
         Ok(())
     }

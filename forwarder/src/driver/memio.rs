@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 
-use super::dispatch::{Done, Io, Out, Sender, Span};
+use super::dispatch::{Datagram, Done, Io, Out, Sender, Span};
 use super::pool::BufPool;
 
 /// One request as the dispatch made it, with a copy of its bytes.
@@ -90,14 +90,8 @@ impl Io for MemIo {
         self.flow_sockets
     }
 
-    fn send(
-        &mut self,
-        pool: &BufPool,
-        span: Span,
-        to: SocketAddr,
-        from: Sender,
-        segment: Option<u16>,
-    ) -> io::Result<()> {
+    fn send(&mut self, pool: &BufPool, span: Span, d: Datagram) -> io::Result<()> {
+        let Datagram { to, from, segment } = d;
         let out = if segment.is_some() { Out::SendTrain } else { Out::Send };
         let res = self.result(out, span.len);
         self.requests.push(Request::Send { to, from, segment, bytes: copy(pool, span) });

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::cmsg::{CTRL_LEN, Ctrl};
-use super::dispatch::{Dispatch, Done, Io, Out, Received, Sender, Span};
+use super::dispatch::{Datagram, Dispatch, Done, Io, Out, Received, Sender, Span};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -164,14 +164,8 @@ impl Io for MmsgIo {
         u32::try_from(self.send.len()).unwrap_or(0)
     }
 
-    fn send(
-        &mut self,
-        pool: &BufPool,
-        span: Span,
-        to: SocketAddr,
-        from: Sender,
-        segment: Option<u16>,
-    ) -> io::Result<()> {
+    fn send(&mut self, pool: &BufPool, span: Span, d: Datagram) -> io::Result<()> {
+        let Datagram { to, from, segment } = d;
         if self.staged == BATCH {
             self.flush();
         }

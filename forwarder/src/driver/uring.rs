@@ -32,7 +32,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use super::Offloads;
 use super::bufring::BufRing;
 use super::cmsg::{CTRL_LEN, Ctrl, gro_size};
-use super::dispatch::{Dispatch, Done, Io, Out, Received, Sender, Span, VNET_AT};
+use super::dispatch::{Datagram, Dispatch, Done, Io, Out, Received, Span, VNET_AT};
 use super::pool::BufPool;
 use super::sockaddr;
 use super::tun::TunQueue;
@@ -280,14 +280,8 @@ impl Io for UringIo<'_, '_> {
         self.ports.senders
     }
 
-    fn send(
-        &mut self,
-        pool: &BufPool,
-        span: Span,
-        to: SocketAddr,
-        from: Sender,
-        segment: Option<u16>,
-    ) -> io::Result<()> {
+    fn send(&mut self, pool: &BufPool, span: Span, d: Datagram) -> io::Result<()> {
+        let Datagram { to, from, segment } = d;
         let msgs = &mut self.ports.msgs;
         let m = arm_msg(msgs, pool, span, Some(to));
         let op = match (segment, msgs.get_mut(usize::from(span.slot))) {
