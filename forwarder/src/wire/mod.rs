@@ -28,6 +28,9 @@ pub mod ip;
 pub mod ipv4;
 pub mod ipv6;
 pub mod ndp;
+pub mod tcp;
+pub mod udp;
+pub mod virtio_net;
 pub mod vxlan;
 
 /// The `N` bytes at `at` of `b`, if it holds them: how code outside the views reads a field
