@@ -239,17 +239,18 @@ fn super_round<E: Encap + Send>(
             let start = k * stride;
             let len = stride.min(n - start);
             let Some(mut d) = PacketBuf::new(&mut bufs.trains[t][..start + len], start, len) else { return 0 };
-            let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d) else {
+            let UnderlayVerdict::Deliver { ip: Some(f), .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d)
+            else {
                 return 0;
             };
             let (at, dl) = (d.head(), d.len());
             let ip = &bufs.trains[t][at..at + dl];
             let appended = merge.as_mut().is_some_and(|(m, (ft, fs, fl))| {
                 let first_pkt = &bufs.trains[*ft][*fs..*fs + *fl];
-                m.append(ip, &mut bufs.head, first_pkt)
+                m.append(ip, &f, &mut bufs.head, first_pkt)
             });
             if !appended {
-                merge = Coalesced::start(ip, &mut bufs.head, true).map(|m| (m, (t, at, dl)));
+                merge = Coalesced::start(ip, &f, &mut bufs.head, true).map(|m| (m, (t, at, dl)));
                 merged = 0;
             }
             merged += dl - merge.as_ref().map_or(0, |(m, _)| m.header_len());

@@ -26,7 +26,7 @@ use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::ArpPacket;
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
 use crate::wire::icmp::IcmpKind;
-use crate::wire::ip::IpPacket;
+use crate::wire::ip::{IpFacts, IpPacket};
 use crate::wire::ipv6;
 use crate::wire::vxlan::{self, Vni, VxlanHeader};
 
@@ -328,7 +328,7 @@ impl Bridge {
         }
         self.macs.learn(fsrc, src, now);
         hop.counters.rx(self.worker, pkt.len());
-        UnderlayVerdict::Deliver { from: peer }
+        UnderlayVerdict::Deliver { from: peer, ip: None }
     }
 }
 
@@ -348,7 +348,8 @@ fn is_ndp<T: AsRef<[u8]>>(ip: &IpPacket<T>) -> bool {
 
 /// The flow hash of the IP packet inside an Ethernet frame (0 for non-IP frames).
 fn flow_hash_l2(frame: &[u8]) -> u32 {
-    frame.get(ethernet::HEADER_LEN..).map_or(0, crate::forwarder::flow_hash)
+    let Some(ip) = frame.get(ethernet::HEADER_LEN..) else { return 0 };
+    IpPacket::new_checked(ip).map_or(0, |p| crate::forwarder::flow_hash(&p.facts(), ip))
 }
 
 impl PacketCore for Bridge {
@@ -370,11 +371,14 @@ impl PacketCore for Bridge {
         &self.stats
     }
 
-    /// The IP packet of a delivered frame (no VLAN tags: the bridge forwards none).
-    fn complete_partial(&self, delivered: &mut [u8]) -> bool {
-        let ip = EthernetFrame::new_checked(&*delivered)
+    /// The IP packet of a delivered frame (no VLAN tags: the bridge forwards none), parsed
+    /// here: TAP runs without offloads, so this is the only place that wants its header.
+    fn complete_partial(&self, delivered: &mut [u8], _ip: Option<&IpFacts>) -> bool {
+        let is_ip = EthernetFrame::new_checked(&*delivered)
             .is_ok_and(|f| matches!(f.ethertype(), ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6));
-        ip && delivered.get_mut(ethernet::HEADER_LEN..).is_some_and(|p| repair_counted(&self.stats, p))
+        let Some(ip) = delivered.get_mut(ethernet::HEADER_LEN..).filter(|_| is_ip) else { return false };
+        let Ok(facts) = IpPacket::new_checked(&*ip).map(|p| p.facts()) else { return false };
+        repair_counted(&self.stats, ip, &facts)
     }
 }
 
@@ -462,11 +466,11 @@ mod tests {
         crate::fuzzing::raw::make_l4_checksum_partial(&mut ip);
         let mut f = frame(B_MAC, A_MAC, ethernet::ETHERTYPE_IPV4, &ip);
         f.extend_from_slice(&[0; 6]); // padding to 60 bytes
-        assert!(t.b.complete_partial(&mut f));
+        assert!(t.b.complete_partial(&mut f, None));
         assert_eq!(&f[..good.len()], &good[..]);
-        assert!(!t.b.complete_partial(&mut f), "complete now");
+        assert!(!t.b.complete_partial(&mut f, None), "complete now");
         let mut a = frame(MacAddr::BROADCAST, A_MAC, ethernet::ETHERTYPE_ARP, &arp(1, A_MAC, [0; 4], [0; 4]));
-        assert!(!t.b.complete_partial(&mut a));
+        assert!(!t.b.complete_partial(&mut a, None));
         assert_eq!(t.b.stats().offload_count(OffloadCounter::CsumCompleted), 1);
     }
 

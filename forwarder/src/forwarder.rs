@@ -43,9 +43,7 @@ use crate::route::{PeerId, RouteTable};
 use crate::stats::{DropReason, IcmpCounter, OffloadCounter, WorkerStats};
 use crate::wire::WireError;
 use crate::wire::icmp::{self, IcmpKind};
-use crate::wire::ip::IpPacket;
-use crate::wire::ipv4::Ipv4Packet;
-use crate::wire::ipv6::Ipv6Packet;
+use crate::wire::ip::{IpFacts, IpPacket};
 
 /// What to do with a packet read from the TUN.
 #[must_use]
@@ -78,6 +76,9 @@ pub enum UnderlayVerdict {
     Deliver {
         /// The sending peer.
         from: PeerId,
+        /// The inner IP header as the core checked it, so the driver's coalescing and
+        /// checksum repair need not parse it again; `None` for an Ethernet frame (TAP).
+        ip: Option<IpFacts>,
     },
     /// The buffer now holds the answer to a neighbour request; send it back to `to`.
     Reply {
@@ -144,15 +145,17 @@ pub trait PacketCore: Send {
     /// packet `from_underlay` delivered, counting it: what a driver does before writing to a
     /// TUN without a virtio-net header, which has no way to hand a packet over as partial.
     /// (With one, the merge path hands it over as partial instead, at no cost.)
-    fn complete_partial(&self, delivered: &mut [u8]) -> bool {
-        repair_counted(self.stats(), delivered)
+    /// `ip` is what the verdict said of the delivered packet.
+    fn complete_partial(&self, delivered: &mut [u8], ip: Option<&IpFacts>) -> bool {
+        ip.is_some_and(|f| repair_counted(self.stats(), delivered, f))
     }
 }
 
-/// [`crate::partial::repair`] on the IP packet `ip`, counted as `csum_completed` when it did
-/// repair: what every core's [`PacketCore::complete_partial`] comes down to.
-pub(crate) fn repair_counted(stats: &WorkerStats, ip: &mut [u8]) -> bool {
-    let done = crate::partial::repair(ip);
+/// [`crate::partial::repair`] on the IP packet `ip` (its header `f`), counted as
+/// `csum_completed` when it did repair: what every core's [`PacketCore::complete_partial`]
+/// comes down to.
+pub(crate) fn repair_counted(stats: &WorkerStats, ip: &mut [u8], f: &IpFacts) -> bool {
+    let done = crate::partial::repair(ip, f);
     if done {
         stats.count_offload(OffloadCounter::CsumCompleted, 1);
     }
@@ -258,14 +261,20 @@ impl<E: Encap> Forwarder<E> {
         if pkt.is_empty() {
             return self.drop_tun(DropReason::EmptyPayload);
         }
-        let (src, dst, total, dont_frag) = match IpPacket::new_checked(pkt.as_slice()) {
-            // The peer drops a bad IPv4 header checksum: don't spend the underlay on it. A
-            // super-packet's segments get headers of their own, so only single packets count.
-            Ok(ip) if seg.is_none() && !ip.header_checksum_ok() => return self.drop_tun(DropReason::BadInnerChecksum),
-            Ok(ip) => (ip.src(), ip.dst(), ip.total_len(), ip.dont_frag()),
-            Err(_) => return self.drop_tun(DropReason::BadIpHeader),
+        // A super-packet's header was parsed by `Segmentation::parse`; a single packet's is
+        // parsed here, once, and everything below reads the facts.
+        let ip = match seg {
+            Some(s) => *s.ip(),
+            None => match IpPacket::new_checked(pkt.as_slice()) {
+                // The peer drops a bad IPv4 header checksum: don't spend the underlay on it. A
+                // super-packet's segments get headers of their own, so only single packets count.
+                Ok(p) if !p.header_checksum_ok() => return self.drop_tun(DropReason::BadInnerChecksum),
+                Ok(p) => p.facts(),
+                Err(_) => return self.drop_tun(DropReason::BadIpHeader),
+            },
         };
-        pkt.truncate(total);
+        let IpFacts { src, dst, total_len, dont_frag, .. } = ip;
+        pkt.truncate(total_len);
         if is_link_local_chatter(src, dst) {
             return self.drop_tun(DropReason::Martian);
         }
@@ -289,11 +298,11 @@ impl<E: Encap> Forwarder<E> {
             }
             return self.drop_tun(DropReason::Oversize);
         }
-        if E::DECREMENTS_TTL && decrement_ttl(pkt) == 0 {
+        if E::DECREMENTS_TTL && ip.decrement_ttl(pkt.as_mut_slice()) == 0 {
             return self.drop_tun(DropReason::TtlExpired);
         }
         let inner_len = pkt.len();
-        let flow = if E::FLOW_SOURCE_PORT { flow_hash(pkt.as_slice()) } else { 0 };
+        let flow = if E::FLOW_SOURCE_PORT { flow_hash(&ip, pkt.as_slice()) } else { 0 };
         let encapsulated = match seg {
             Some(_) => self.encap.encap_segmented(pkt, hop),
             None => self.encap.encap(pkt, hop),
@@ -330,27 +339,27 @@ impl<E: Encap> Forwarder<E> {
             }
             Err(reason) => return self.drop_underlay(reason),
         }
-        let (inner_src, inner_dst, total) = match IpPacket::new_checked(pkt.as_slice()) {
-            Ok(ip) if !ip.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
-            Ok(ip) => (ip.src(), ip.dst(), ip.total_len()),
+        let ip = match IpPacket::new_checked(pkt.as_slice()) {
+            Ok(p) if !p.header_checksum_ok() => return self.drop_underlay(DropReason::BadInnerChecksum),
+            Ok(p) => p.facts(),
             Err(WireError::Truncated) => return self.drop_underlay(DropReason::Truncated),
             Err(WireError::Malformed) => return self.drop_underlay(DropReason::BadIpHeader),
         };
-        pkt.truncate(total);
-        if !hop.owns(inner_src) {
+        pkt.truncate(ip.total_len);
+        if !hop.owns(ip.src) {
             return self.drop_underlay(DropReason::ForeignSource);
         }
-        if self.local.is_martian_dst(inner_dst) {
+        if self.local.is_martian_dst(ip.dst) {
             return self.drop_underlay(DropReason::Martian);
         }
-        if !self.local.owns(inner_dst) {
+        if !self.local.owns(ip.dst) {
             return self.drop_underlay(DropReason::NotLocalDestination);
         }
-        if E::DECREMENTS_TTL && decrement_ttl(pkt) == 0 {
+        if E::DECREMENTS_TTL && ip.decrement_ttl(pkt.as_mut_slice()) == 0 {
             return self.drop_underlay(DropReason::TtlExpired);
         }
         hop.counters.rx(self.worker, pkt.len());
-        UnderlayVerdict::Deliver { from: peer }
+        UnderlayVerdict::Deliver { from: peer, ip: Some(ip) }
     }
 
     /// Counts `reason` and, where RFC 1812 and the rate limit allow, turns the packet into
@@ -430,26 +439,21 @@ pub(crate) fn write_icmp_error(
 }
 
 /// A cheap hash of the inner flow (addresses, protocol, ports of an unfragmented TCP/UDP
-/// packet), so one flow keeps one outer source port and different flows spread.
+/// packet `p`, whose header `f` describes), so one flow keeps one outer source port and
+/// different flows spread.
 #[inline]
-pub(crate) fn flow_hash(p: &[u8]) -> u32 {
-    let (addrs, proto, l4) = match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ihl = p.first().map_or(20, |b| usize::from(b & 0x0f) << 2);
-            let unfragmented = crate::wire::be16(p, 6).is_some_and(|f| f & 0x3fff == 0);
-            let ports = crate::wire::bytes::<4>(p, ihl).map(|a| a.as_slice());
-            (p.get(12..20), p.get(9).copied(), if unfragmented { ports } else { None })
-        }
-        Some(6) => (p.get(8..40), p.get(6).copied(), p.get(40..44)),
-        _ => (None, None, None),
-    };
+pub(crate) fn flow_hash(f: &IpFacts, p: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    let mut mix = |b: u8| h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    addrs.unwrap_or_default().iter().for_each(|b| mix(*b));
-    let proto = proto.unwrap_or(0);
-    mix(proto);
-    if matches!(proto, 6 | 17) {
-        l4.unwrap_or_default().iter().for_each(|b| mix(*b));
+    let mut mix = |b: &[u8]| b.iter().for_each(|b| h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
+    for a in [f.src, f.dst] {
+        match a {
+            IpAddr::V4(a) => mix(&a.octets()),
+            IpAddr::V6(a) => mix(&a.octets()),
+        }
+    }
+    mix(&[f.protocol]);
+    if matches!(f.protocol, 6 | 17) && !f.fragment {
+        mix(crate::wire::bytes::<4>(p, f.header_len).map_or(&[][..], |a| a.as_slice()));
     }
     h
 }
@@ -466,23 +470,13 @@ fn is_link_local_chatter(src: IpAddr, dst: IpAddr) -> bool {
     }
 }
 
-/// Decrements TTL / hop limit of the (already checked) packet in `pkt`; 0 means expired.
-#[inline]
-fn decrement_ttl(pkt: &mut PacketBuf<'_>) -> u8 {
-    let b = pkt.as_mut_slice();
-    match b.first().map(|v| v >> 4) {
-        Some(4) => Ipv4Packet::new_checked(b).map_or(0, |mut p| p.decrement_ttl()),
-        Some(6) => Ipv6Packet::new_checked(b).map_or(0, |mut p| p.decrement_hop_limit()),
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::encap::UdpEncap;
     use crate::testing::{Pair, icmp_echo, icmp_echo_v6};
+    use crate::wire::ipv4::Ipv4Packet;
     use std::net::Ipv4Addr;
 
     #[test]
@@ -697,9 +691,11 @@ mod tests {
         assert!(!crate::fuzzing::raw::l4_checksum_ok(&partial));
         let wire = net.a_encap(&partial).unwrap();
         let mut delivered = net.b_receives(&wire).unwrap();
-        assert!(PacketCore::complete_partial(&net.b, &mut delivered));
+        let f = IpPacket::new_checked(&delivered[..]).unwrap().facts();
+        assert!(!PacketCore::complete_partial(&net.b, &mut delivered, None), "no facts, no repair");
+        assert!(PacketCore::complete_partial(&net.b, &mut delivered, Some(&f)));
         assert_eq!(delivered, good);
-        assert!(!PacketCore::complete_partial(&net.b, &mut delivered), "a complete checksum is left alone");
+        assert!(!PacketCore::complete_partial(&net.b, &mut delivered, Some(&f)), "a complete checksum is left alone");
         assert_eq!(net.b.stats().offload_count(OffloadCounter::CsumCompleted), 1);
         assert_eq!(net.drops_total(), 0);
     }

@@ -50,9 +50,10 @@ fn check_underlay<E: Encap>(mut net: Pair<E>, data: &[u8]) -> UnderlayVerdict {
     let from: SocketAddr = A_ENDPOINT.parse().unwrap();
     let v = net.b.from_underlay(&net.routes_b, from, &mut pkt);
     match v {
-        UnderlayVerdict::Deliver { .. } => {
+        UnderlayVerdict::Deliver { ip: facts, .. } => {
             assert!(pkt.len() <= n, "delivered more than was received");
             let ip = IpPacket::new_checked(pkt.as_slice()).expect("delivered packet is well-formed IP");
+            assert_eq!(facts, Some(ip.facts()), "the facts handed along are the delivered packet's");
             assert_eq!(ip.total_len(), pkt.len(), "padding was trimmed");
             assert!(ip.header_checksum_ok(), "delivered an IPv4 header whose checksum fails");
             let peer = &net.routes_b.peers()[0];
@@ -246,6 +247,7 @@ pub fn merge_underlay(data: &[u8]) -> usize {
     let mut net = Pair::vxlan();
     let from: SocketAddr = A_ENDPOINT.parse().unwrap();
     let mut delivered: Vec<Vec<u8>> = Vec::new();
+    let mut facts = Vec::new();
     while let [hi, lo, flags, tail @ ..] = rest {
         let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
         let (ip, next) = tail.split_at(len);
@@ -260,16 +262,17 @@ pub fn merge_underlay(data: &[u8]) -> usize {
         let mut slot = vec![0u8; HEADROOM + wire.len()];
         slot[HEADROOM..].copy_from_slice(&wire);
         let mut pkt = PacketBuf::new(&mut slot, HEADROOM, wire.len()).unwrap();
-        if let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from, &mut pkt) {
+        if let UnderlayVerdict::Deliver { ip: Some(f), .. } = net.b.from_underlay(&net.routes_b, from, &mut pkt) {
             delivered.push(pkt.as_slice().to_vec());
+            facts.push(f);
         }
     }
     let mut head = vec![0u8; 256];
     let mut merged = 0;
     let mut current: Option<(Coalesced, Vec<usize>)> = None;
-    for (idx, ip) in delivered.iter().enumerate() {
+    for (idx, (ip, f)) in delivered.iter().zip(&facts).enumerate() {
         if let Some((c, members)) = &mut current {
-            if c.append(ip, &mut head, &delivered[members[0]]) {
+            if c.append(ip, f, &mut head, &delivered[members[0]]) {
                 members.push(idx);
                 continue;
             }
@@ -277,7 +280,7 @@ pub fn merge_underlay(data: &[u8]) -> usize {
         if let Some((c, members)) = current.take() {
             merged += usize::from(check_merged(&c, &mut head, &members, &delivered, uso));
         }
-        let c = Coalesced::start(ip, &mut head, uso).expect("256 bytes hold any packet's headers");
+        let c = Coalesced::start(ip, f, &mut head, uso).expect("256 bytes hold any packet's headers");
         current = Some((c, vec![idx]));
     }
     if let Some((c, members)) = current.take() {
@@ -317,7 +320,8 @@ fn check_merged(c: &Coalesced, head: &mut [u8], members: &[usize], delivered: &[
     let vh = VnetHdr::parse(&bytes).unwrap();
     let first = &delivered[members[0]];
     if members.len() == 1 {
-        let want = crate::partial::verified(first).map_or_else(VnetHdr::default, |p| p.vnet_hdr());
+        let f = IpPacket::new_checked(&first[..]).expect("delivered IP").facts();
+        let want = crate::partial::verified(first, &f).map_or_else(VnetHdr::default, |p| p.vnet_hdr());
         assert_eq!(vh, want, "a lone packet: an all-zero header, or NEEDS_CSUM when partial");
         assert_eq!(&bytes[VNET_HDR_LEN..], &first[..], "a lone packet goes out unchanged");
         if vh.flags & F_NEEDS_CSUM != 0 {

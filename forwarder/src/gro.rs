@@ -26,63 +26,51 @@
 // Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use crate::gso::{
-    F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_TRAIN_SEGMENTS, VNET_HDR_LEN, VnetHdr, pseudo_sum,
-};
+use crate::gso::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_TRAIN_SEGMENTS, VNET_HDR_LEN, VnetHdr};
 use crate::partial::{self, Partial};
-use crate::wire::{self, checksum, ipv6};
+use crate::wire::ip::IpFacts;
+use crate::wire::ipv4::Ipv4Packet;
+use crate::wire::ipv6::{self, Ipv6Packet};
+use crate::wire::tcp::{self, TcpPacket};
+use crate::wire::udp::{self, UdpPacket};
+use crate::wire::{self, checksum};
 
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
 /// Largest IPv4 total length / IPv6 payload length.
 const MAX_IP_LEN: usize = 65_535;
-/// Length of a UDP header.
-const UDP_HEADER_LEN: usize = 8;
 /// Most packets one merge takes: a gathering write has one iovec per packet, and UDP
 /// super-packets are capped at 64 datagrams like GSO sends.
 pub const MAX_SEGMENTS: usize = MAX_TRAIN_SEGMENTS;
 
-/// An IPv4 header without options, or IPv6 without extension headers, carrying `proto`,
-/// not a fragment: `Some((v6, l4))`.
-fn plain_ip(ip: &[u8], proto: u8) -> Option<(bool, usize)> {
-    let first = *ip.first()?;
-    match first >> 4 {
-        4 => {
-            let frag = wire::be16(ip, 6)?;
-            (first & 0x0f == 5 && *ip.get(9)? == proto && frag & 0x3fff == 0).then_some((false, 20))
-        }
-        6 => (*ip.get(6)? == proto).then_some((true, ipv6::HEADER_LEN)),
-        _ => None,
-    }
-}
-
-/// Whether the L4 checksum of `ip` (protocol `proto`, L4 header at `l4`) verifies. An IPv4
-/// UDP datagram may carry none (zero). A valid checksum sums, with the pseudo-header, to all
+/// Whether the L4 checksum of `ip` (its header described by `f`) verifies. An IPv4 UDP
+/// datagram may carry none (zero). A valid checksum sums, with the pseudo-header, to all
 /// ones, so its complement is 0.
 ///
 /// Only packets that are actually merged are verified: a packet written on its own keeps its
 /// checksum, which the kernel checks, so verifying it here would be work done twice.
-fn l4_checksum_ok(ip: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
-    let Some(l4_bytes) = ip.get(l4..) else { return false };
-    if proto == 17 && !v6 && l4_bytes.get(6..8) == Some(&[0, 0]) {
+fn l4_checksum_ok(ip: &[u8], f: &IpFacts) -> bool {
+    let Some(l4_bytes) = f.l4(ip) else { return false };
+    if f.protocol == udp::PROTOCOL
+        && !f.is_v6()
+        && UdpPacket::new_checked_header(l4_bytes).is_ok_and(|u| u.checksum() == 0)
+    {
         return true;
     }
-    checksum::fold(checksum::sum(pseudo_sum(ip, v6, proto, l4_bytes.len()), l4_bytes)) == 0
+    checksum::fold(checksum::sum(f.pseudo_sum(l4_bytes.len()), l4_bytes)) == 0
 }
 
-/// A UDP datagram eligible for merging (USO): `Some((v6, l4))`. The checksum is not
-/// verified here (see [`l4_checksum_ok`]).
-fn udp_datagram(ip: &[u8]) -> Option<(bool, usize)> {
-    let (v6, l4) = plain_ip(ip, 17)?;
-    let udp = ip.get(l4..)?;
-    let ulen = usize::from(wire::be16(udp, 4)?);
-    (ulen == udp.len() && ulen > UDP_HEADER_LEN).then_some((v6, l4))
+/// A UDP datagram eligible for merging (USO): a plain IP header, a length field that is
+/// the whole L4 payload and a non-empty payload. The checksum is not verified here (see
+/// [`l4_checksum_ok`]).
+fn udp_datagram(ip: &[u8], f: &IpFacts) -> bool {
+    f.is_plain(udp::PROTOCOL)
+        && f.l4(ip).is_some_and(|l4| {
+            UdpPacket::new_checked(l4).is_ok_and(|u| u.len() == l4.len() && u.len() > udp::HEADER_LEN)
+        })
 }
 
 /// What [`tcp_segment`] learns about a packet that may be merged.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
-    v6: bool,
     /// IP header length.
     l4: usize,
     /// IP + TCP header length.
@@ -93,17 +81,16 @@ struct Segment {
 
 /// A TCP segment eligible for merging, or `None`. The checksum is not verified here (see
 /// [`l4_checksum_ok`]).
-fn tcp_segment(ip: &[u8]) -> Option<Segment> {
-    let (v6, l4) = plain_ip(ip, 6)?;
-    let tcp = ip.get(l4..)?;
-    let tcp_len = usize::from(tcp.get(12)? >> 4) << 2;
-    let flags = *tcp.get(13)?;
-    // At least one payload byte: a bare ACK is never merged.
-    if tcp_len < 20 || tcp_len >= tcp.len() || flags & !TCP_PSH != TCP_ACK {
+fn tcp_segment(ip: &[u8], f: &IpFacts) -> Option<Segment> {
+    if !f.is_plain(tcp::PROTOCOL) {
         return None;
     }
-    let seq = wire::be32(tcp, 4)?;
-    Some(Segment { v6, l4, hdrs: l4.checked_add(tcp_len)?, seq, flags })
+    let t = TcpPacket::new_checked(f.l4(ip)?).ok()?;
+    // At least one payload byte: a bare ACK is never merged.
+    if t.payload().is_empty() || t.flags() & !tcp::PSH != tcp::ACK {
+        return None;
+    }
+    Some(Segment { l4: f.header_len, hdrs: f.header_len.checked_add(t.header_len())?, seq: t.seq(), flags: t.flags() })
 }
 
 /// Whether the IP headers of `a` and `b` (same version) agree on everything that must not
@@ -129,10 +116,10 @@ fn same<const N: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
 /// Whether the headers of `a` and `b` (same version, same header length) agree on
 /// everything that must not change within one merged TCP packet.
 #[inline]
-fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
+fn same_flow(a: &[u8], b: &[u8], s: &Segment, v6: bool) -> bool {
     let (Some(ta), Some(tb)) = (a.get(s.l4..s.hdrs), b.get(s.l4..s.hdrs)) else { return false };
     // Ports; ACK number; data offset; options.
-    same_ip(a, b, s.v6) && same::<4>(ta, tb, 0) && same::<5>(ta, tb, 8) && ta.get(20..) == tb.get(20..)
+    same_ip(a, b, v6) && same::<4>(ta, tb, 0) && same::<5>(ta, tb, 8) && ta.get(20..) == tb.get(20..)
 }
 
 /// A super-packet being merged **by reference**: the first packet's IP and L4 headers are
@@ -143,10 +130,12 @@ fn same_flow(a: &[u8], b: &[u8], s: &Segment) -> bool {
 /// copied or summed here, except the checksums verified before a merge.
 #[derive(Clone, Copy, Debug)]
 pub struct Coalesced {
+    /// The first packet's IP header, as the forwarder parsed it.
+    ip: IpFacts,
     /// `Some` when the first packet is a mergeable TCP segment.
     tcp: Option<Segment>,
-    /// `Some((v6, l4))` when it is a mergeable UDP datagram (and the TUN takes USO).
-    udp: Option<(bool, usize)>,
+    /// Whether it is a mergeable UDP datagram (and the TUN takes USO).
+    udp: bool,
     /// Header bytes copied into `head` (0 for a packet nothing can join: it is all payload).
     hdrs: usize,
     /// Payload bytes per segment (the first segment's).
@@ -166,24 +155,36 @@ pub struct Coalesced {
 
 impl Coalesced {
     /// Starts a super-packet with the IP packet `ip` (which passed every check of the
-    /// forwarder): copies its headers into `head` behind room for the virtio-net header.
-    /// UDP datagrams are merged only when `uso` (the TUN takes UDP super-packets). `None`
-    /// when `head` cannot hold the headers.
-    pub fn start(ip: &[u8], head: &mut [u8], uso: bool) -> Option<Self> {
-        let tcp = tcp_segment(ip);
-        let udp = if tcp.is_none() && uso { udp_datagram(ip) } else { None };
-        let hdrs = match (tcp, udp) {
-            (Some(s), _) => s.hdrs,
-            (None, Some((_, l4))) => l4.checked_add(UDP_HEADER_LEN)?,
-            (None, None) => 0,
+    /// forwarder, its header `f`): copies its headers into `head` behind room for the
+    /// virtio-net header. UDP datagrams are merged only when `uso` (the TUN takes UDP
+    /// super-packets). `None` when `head` cannot hold the headers.
+    pub fn start(ip: &[u8], f: &IpFacts, head: &mut [u8], uso: bool) -> Option<Self> {
+        let tcp = tcp_segment(ip, f);
+        let udp = tcp.is_none() && uso && udp_datagram(ip, f);
+        let hdrs = match tcp {
+            Some(s) => s.hdrs,
+            None if udp => f.header_len.checked_add(udp::HEADER_LEN)?,
+            None => 0,
         };
         let (h, payload) = ip.split_at_checked(hdrs)?;
         head.get_mut(VNET_HDR_LEN..)?.get_mut(..hdrs)?.copy_from_slice(h);
         let mss = payload.len();
-        let open = tcp.is_some_and(|s| s.flags & TCP_PSH == 0) || udp.is_some();
+        let open = tcp.is_some_and(|s| s.flags & tcp::PSH == 0) || udp;
         let next_seq = tcp.map_or(0, |s| s.seq.wrapping_add(mss as u32));
-        let first_partial = partial::verified(ip);
-        Some(Self { tcp, udp, hdrs, mss, len: ip.len(), next_seq, segments: 1, open, first_partial, partials: 0 })
+        let first_partial = partial::verified(ip, f);
+        Some(Self {
+            ip: *f,
+            tcp,
+            udp,
+            hdrs,
+            mss,
+            len: ip.len(),
+            next_seq,
+            segments: 1,
+            open,
+            first_partial,
+            partials: 0,
+        })
     }
 
     /// The copied headers in `head`, where [`start`](Self::start) put them.
@@ -198,40 +199,42 @@ impl Coalesced {
         self.hdrs
     }
 
-    /// Appends `ip` if the merge rules allow; `false` leaves the merge untouched (the
-    /// caller finishes it and starts another with `ip`). `first` is the first packet, as
-    /// received, whose checksum is verified when the first packet joins it.
-    pub fn append(&mut self, ip: &[u8], head: &mut [u8], first: &[u8]) -> bool {
-        if !self.open || self.segments >= MAX_SEGMENTS {
+    /// The largest merged IP packet: 64 KiB of IP payload.
+    fn limit(&self) -> usize {
+        if self.ip.is_v6() { MAX_IP_LEN + ipv6::HEADER_LEN } else { MAX_IP_LEN }
+    }
+
+    /// Appends `ip` (its header `f`) if the merge rules allow; `false` leaves the merge
+    /// untouched (the caller finishes it and starts another with `ip`). `first` is the
+    /// first packet, as received, whose checksum is verified when the first packet joins it.
+    pub fn append(&mut self, ip: &[u8], f: &IpFacts, head: &mut [u8], first: &[u8]) -> bool {
+        if !self.open || self.segments >= MAX_SEGMENTS || f.is_v6() != self.ip.is_v6() {
             return false;
         }
-        if let Some((v6, l4)) = self.udp {
-            return self.append_udp(ip, head, first, v6, l4);
+        if self.udp {
+            return self.append_udp(ip, f, head, first);
         }
         let Some(first_seg) = self.tcp else { return false };
-        let Some(s) = tcp_segment(ip) else { return false };
+        let Some(s) = tcp_segment(ip, f) else { return false };
         // `tcp_segment` guarantees `hdrs < ip.len()`.
         let payload = ip.len().saturating_sub(s.hdrs);
-        let limit = if first_seg.v6 { MAX_IP_LEN + ipv6::HEADER_LEN } else { MAX_IP_LEN };
         let Some(hdr) = self.headers(head) else { return false };
-        if s.v6 != first_seg.v6
-            || s.hdrs != first_seg.hdrs
+        if s.hdrs != first_seg.hdrs
             || s.seq != self.next_seq
             || payload > self.mss
-            || self.len.saturating_add(payload) > limit
-            || !same_flow(hdr, ip, &first_seg)
-            || !self.checksums_ok(ip, first, first_seg.v6, first_seg.l4, 6)
+            || self.len.saturating_add(payload) > self.limit()
+            || !same_flow(hdr, ip, &first_seg, f.is_v6())
+            || !self.checksums_ok(ip, f, first)
         {
             return false;
         }
         self.len = self.len.saturating_add(payload);
         self.next_seq = self.next_seq.wrapping_add(payload as u32);
         self.segments = self.segments.saturating_add(1);
-        if s.flags & TCP_PSH != 0 {
-            let flags =
-                head.get_mut(VNET_HDR_LEN..).and_then(|h| h.get_mut(first_seg.l4..)).and_then(|t| t.get_mut(13));
-            if let Some(f) = flags {
-                *f |= TCP_PSH;
+        if s.flags & tcp::PSH != 0 {
+            let tcp_hdr = head.get_mut(VNET_HDR_LEN..).and_then(|h| h.get_mut(first_seg.l4..first_seg.hdrs));
+            if let Some(mut t) = tcp_hdr.and_then(|t| TcpPacket::new_checked(t).ok()) {
+                t.set_flags(t.flags() | tcp::PSH);
             }
             self.open = false;
         }
@@ -241,19 +244,20 @@ impl Coalesced {
         true
     }
 
-    fn append_udp(&mut self, ip: &[u8], head: &[u8], first: &[u8], v6: bool, l4: usize) -> bool {
-        let Some((v6b, l4b)) = udp_datagram(ip) else { return false };
-        // `udp_datagram` guarantees more than a UDP header after `l4b`.
-        let payload = ip.len().saturating_sub(l4b).saturating_sub(UDP_HEADER_LEN);
-        let limit = if v6 { MAX_IP_LEN + ipv6::HEADER_LEN } else { MAX_IP_LEN };
+    fn append_udp(&mut self, ip: &[u8], f: &IpFacts, head: &[u8], first: &[u8]) -> bool {
+        if !udp_datagram(ip, f) {
+            return false;
+        }
+        let l4 = self.ip.header_len;
+        // `udp_datagram` guarantees more than a UDP header after the IP header.
+        let payload = ip.len().saturating_sub(f.header_len).saturating_sub(udp::HEADER_LEN);
         let Some(hdr) = self.headers(head) else { return false };
-        if v6b != v6
-            || l4b != l4
+        if f.header_len != l4
             || payload > self.mss
-            || self.len.saturating_add(payload) > limit
-            || !same_ip(hdr, ip, v6)
+            || self.len.saturating_add(payload) > self.limit()
+            || !same_ip(hdr, ip, f.is_v6())
             || !same::<4>(hdr, ip, l4)
-            || !self.checksums_ok(ip, first, v6, l4, 17)
+            || !self.checksums_ok(ip, f, first)
         {
             return false;
         }
@@ -268,18 +272,18 @@ impl Coalesced {
     /// Verifies `ip`'s checksum and, before the first merge, that of the `first` packet
     /// (known from [`start`](Self::start) when it is partial). A first packet that fails
     /// closes the super-packet: it goes out alone. A partial checksum passes, counted.
-    fn checksums_ok(&mut self, ip: &[u8], first: &[u8], v6: bool, l4: usize, proto: u8) -> bool {
+    fn checksums_ok(&mut self, ip: &[u8], f: &IpFacts, first: &[u8]) -> bool {
         if self.segments == 1
-            && (first.len() != self.len || (self.first_partial.is_none() && !l4_checksum_ok(first, v6, l4, proto)))
+            && (first.len() != self.len || (self.first_partial.is_none() && !l4_checksum_ok(first, &self.ip)))
         {
             self.open = false;
             return false;
         }
-        if l4_checksum_ok(ip, v6, l4, proto) {
+        if l4_checksum_ok(ip, f) {
             return true;
         }
         // It failed: partial if the field holds the pseudo-header sum.
-        let partial = partial::find(ip).is_some();
+        let partial = partial::find(ip, f).is_some();
         self.partials = self.partials.saturating_add(usize::from(partial));
         partial
     }
@@ -302,66 +306,53 @@ impl Coalesced {
     /// filled.
     pub fn finish(&self, head: &mut [u8]) -> usize {
         let n = VNET_HDR_LEN.saturating_add(self.hdrs);
-        if let (Some((v6, l4)), true) = (self.udp, self.segments > 1) {
-            return self.finish_udp(head, v6, l4).map_or(0, |()| n);
-        }
-        let (Some(s), true) = (self.tcp, self.segments > 1) else {
-            self.first_partial.map_or_else(VnetHdr::default, |p| p.vnet_hdr()).emit(head);
-            return n;
+        let (l4, gso_type, csum_offset) = match self.tcp {
+            // One packet goes out as it came.
+            _ if self.segments < 2 || (self.tcp.is_none() && !self.udp) => {
+                self.first_partial.map_or_else(VnetHdr::default, |p| p.vnet_hdr()).emit(head);
+                return n;
+            }
+            Some(s) => (s.l4, if self.ip.is_v6() { GSO_TCPV6 } else { GSO_TCPV4 }, tcp::CHECKSUM_OFFSET),
+            None => (self.ip.header_len, GSO_UDP_L4, udp::CHECKSUM_OFFSET),
         };
-        let fixed = head.get_mut(VNET_HDR_LEN..n).and_then(|ip| {
-            fix_ip_lengths(ip, s.v6, self.len)?;
-            let (ip_hdr, tcp_hdr) = ip.split_at_mut_checked(s.l4)?;
-            // NEEDS_CSUM: the field holds the pseudo-header sum, uncomplemented.
-            let partial = !checksum::fold(pseudo_sum(ip_hdr, s.v6, 6, self.len.saturating_sub(s.l4)));
-            wire::set_be16(tcp_hdr, 16, partial)
-        });
-        if fixed.is_none() {
+        if self.fix_headers(head, l4).is_none() {
             return 0;
         }
         VnetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: if s.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
-            hdr_len: s.hdrs as u16,
+            gso_type,
+            hdr_len: self.hdrs as u16,
             gso_size: self.mss as u16,
-            csum_start: s.l4 as u16,
-            csum_offset: 16,
+            csum_start: l4 as u16,
+            csum_offset: csum_offset as u16,
         }
         .emit(head);
         n
     }
 
-    fn finish_udp(&self, head: &mut [u8], v6: bool, l4: usize) -> Option<()> {
+    /// Sets the merged packet's IP lengths (and IPv4 header checksum), the UDP length, and
+    /// the L4 checksum field to the pseudo-header sum, uncomplemented (`NEEDS_CSUM`).
+    fn fix_headers(&self, head: &mut [u8], l4: usize) -> Option<()> {
         let ip = head.get_mut(VNET_HDR_LEN..)?.get_mut(..self.hdrs)?;
-        fix_ip_lengths(ip, v6, self.len)?;
-        let (ip_hdr, udp_hdr) = ip.split_at_mut_checked(l4)?;
-        let ulen = self.len.checked_sub(l4)?;
-        wire::set_be16(udp_hdr, 4, u16::try_from(ulen).ok()?)?;
-        let partial = !checksum::fold(pseudo_sum(ip_hdr, v6, 17, ulen));
-        wire::set_be16(udp_hdr, 6, partial)?;
-        VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_UDP_L4,
-            hdr_len: self.hdrs as u16,
-            gso_size: self.mss as u16,
-            csum_start: l4 as u16,
-            csum_offset: 6,
+        let (ip_hdr, l4_hdr) = ip.split_at_mut_checked(l4)?;
+        if self.ip.is_v6() {
+            let payload_len = u16::try_from(self.len.checked_sub(ipv6::HEADER_LEN)?).ok()?;
+            Ipv6Packet::new_checked_header(ip_hdr).ok()?.set_payload_len(payload_len);
+        } else {
+            let mut h = Ipv4Packet::new_checked_header(ip_hdr).ok()?;
+            h.set_total_len(u16::try_from(self.len).ok()?);
+            h.fill_checksum();
         }
-        .emit(head);
+        let l4_len = self.len.checked_sub(l4)?;
+        let partial = !checksum::fold(self.ip.pseudo_sum(l4_len));
+        if self.tcp.is_some() {
+            TcpPacket::new_checked(l4_hdr).ok()?.set_checksum(partial);
+        } else {
+            let mut u = UdpPacket::new_checked_header(l4_hdr).ok()?;
+            u.set_len(u16::try_from(l4_len).ok()?);
+            u.set_checksum(partial);
+        }
         Some(())
-    }
-}
-
-/// Sets the IPv4 total length and header checksum, or the IPv6 payload length, for an IP
-/// packet of `len` bytes (at most 64 KiB of IP payload: [`Coalesced::append`]'s limit).
-fn fix_ip_lengths(ip: &mut [u8], v6: bool, len: usize) -> Option<()> {
-    if v6 {
-        wire::set_be16(ip, 4, u16::try_from(len.checked_sub(ipv6::HEADER_LEN)?).ok()?)
-    } else {
-        wire::set_be16(ip, 2, u16::try_from(len).ok()?)?;
-        wire::set_be16(ip, 10, 0)?;
-        let c = checksum::checksum(ip.get(..20)?);
-        wire::set_be16(ip, 10, c)
     }
 }
 
@@ -396,6 +387,11 @@ mod tests {
         pieces: Vec<u8>,
     }
 
+    /// The facts the forwarder hands along with a delivered packet.
+    fn facts(ip: &[u8]) -> Option<IpFacts> {
+        crate::wire::ip::IpPacket::new_checked(ip).ok().map(|p| p.facts())
+    }
+
     impl Merge {
         fn start(ip: &[u8], uso: bool) -> Option<Self> {
             Self::start_in(ip, uso, 200)
@@ -403,14 +399,16 @@ mod tests {
 
         fn start_in(ip: &[u8], uso: bool, room: usize) -> Option<Self> {
             let mut head = vec![0u8; room];
-            let c = Coalesced::start(ip, &mut head, uso)?;
+            let c = Coalesced::start(ip, &facts(ip)?, &mut head, uso)?;
             let pieces = ip[c.header_len()..].to_vec();
             Some(Self { head, c, first: ip.to_vec(), pieces })
         }
 
         fn append(&mut self, ip: &[u8]) -> bool {
             let before = self.head.clone();
-            if !self.c.append(ip, &mut self.head, &self.first) {
+            // What the forwarder would have dropped never reaches a merge.
+            let Some(f) = facts(ip) else { return false };
+            if !self.c.append(ip, &f, &mut self.head, &self.first) {
                 assert_eq!(self.head, before, "a refused packet leaves the headers alone");
                 return false;
             }
@@ -578,7 +576,7 @@ mod tests {
         let v6 = ip[0] >> 4 == 6;
         let (l4, proto) = if v6 { (40, ip[6]) } else { (20, ip[9]) };
         let at = l4 + if proto == 6 { 16 } else { 6 };
-        let p = !checksum::fold(pseudo_sum(ip, v6, proto, ip.len() - l4));
+        let p = !checksum::fold(facts(ip).unwrap().pseudo_sum(ip.len() - l4));
         ip[at..at + 2].copy_from_slice(&p.to_be_bytes());
     }
 

@@ -24,7 +24,12 @@
 use std::ops::Range;
 
 use crate::stats::DropReason;
-use crate::wire::{self, checksum, ipv6};
+use crate::wire::ip::{IpFacts, IpPacket};
+use crate::wire::ipv4::Ipv4Packet;
+use crate::wire::ipv6::{self, Ipv6Packet};
+use crate::wire::tcp::{self, TcpPacket};
+use crate::wire::udp::{self, UdpPacket};
+use crate::wire::{self, checksum};
 // The virtio-net header lives with the other headers in `wire`; these paths stay for the
 // drivers and tests that name them here.
 pub use crate::wire::virtio_net::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VNET_HDR_LEN, VnetHdr};
@@ -33,9 +38,6 @@ pub use crate::wire::virtio_net::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, 
 pub const MAX_TRAIN_BYTES: usize = 65_507;
 /// Most segments one GSO send may carry: 128 since Linux 6.9, 64 before; 64 works on both.
 pub const MAX_TRAIN_SEGMENTS: usize = 64;
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// Why a packet from the TUN could not be segmented or completed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -99,25 +101,12 @@ pub fn complete_checksum(pkt: &mut [u8], csum_start: usize, csum_offset: usize) 
     wire::set_be16(pkt, field, c).ok_or(GsoError::Malformed)
 }
 
-/// The one's-complement sum of the pseudo-header of an `l4_len`-byte segment of protocol
-/// `proto` in the IP packet `ip` (version from its first byte; the addresses are read from
-/// their fixed places).
-pub(crate) fn pseudo_sum(ip: &[u8], v6: bool, proto: u8, l4_len: usize) -> u32 {
-    let acc = if v6 {
-        let a = checksum::sum(0, ip.get(8..40).unwrap_or_default());
-        checksum::sum(a, &(l4_len as u32).to_be_bytes())
-    } else {
-        let a = checksum::sum(0, ip.get(12..20).unwrap_or_default());
-        checksum::sum(a, &(l4_len as u16).to_be_bytes())
-    };
-    checksum::sum(acc, &[0, proto])
-}
-
 /// A super-packet read from the TUN, checked against its virtio-net header: where its
 /// headers end and how it is cut.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Segmentation {
-    v6: bool,
+    /// The super-packet's IP header, parsed once here and used by the forwarder too.
+    ip: IpFacts,
     tcp: bool,
     /// IP header length (where L4 starts).
     l4: usize,
@@ -139,54 +128,48 @@ impl Segmentation {
     /// [`GsoError::Unsupported`] for GSO types weft does not cut.
     pub fn parse(hdr: &VnetHdr, ip: &[u8]) -> Result<Self, GsoError> {
         let version = ip.first().map(|b| b >> 4);
-        let (v6, tcp) = match (hdr.gso_type, version) {
-            (GSO_TCPV4, Some(4)) => (false, true),
-            (GSO_TCPV6, Some(6)) => (true, true),
-            (GSO_UDP_L4, Some(4)) => (false, false),
-            (GSO_UDP_L4, Some(6)) => (true, false),
+        let tcp = match (hdr.gso_type, version) {
+            (GSO_TCPV4, Some(4)) | (GSO_TCPV6, Some(6)) => true,
+            (GSO_UDP_L4, Some(4 | 6)) => false,
             (GSO_TCPV4 | GSO_TCPV6, _) | (GSO_UDP_L4, _) => return Err(GsoError::Malformed),
             _ => return Err(GsoError::Unsupported),
         };
-        let be16 = |at: usize| wire::be16(ip, at).map_or(0, usize::from);
-        let (l4, proto, ip_total) = if v6 {
-            (ipv6::HEADER_LEN, ip.get(6).copied(), be16(4).saturating_add(ipv6::HEADER_LEN))
-        } else {
-            // IHL < 5 and fragments are refused here, before any offset is derived from them.
-            let ihl = ip.first().map_or(0, |b| usize::from(b & 0x0f) << 2);
-            if ihl < 20 || be16(6) & 0x3fff != 0 {
-                return Err(GsoError::BadIpHeader);
-            }
-            (ihl, ip.get(9).copied(), be16(2))
-        };
-        if ip_total != ip.len() {
+        // The kernel's TSO/USO hands over a whole packet (total length = what was read) that
+        // is not a fragment; the version now matches the GSO type, so any refusal of the
+        // IP view is the IP header's fault.
+        let facts = IpPacket::new_checked(ip).map_err(|_| GsoError::BadIpHeader)?.facts();
+        if facts.total_len != ip.len() || facts.fragment {
             return Err(GsoError::BadIpHeader);
         }
-        let l4_hdr = ip.get(l4..).ok_or(GsoError::BadIpHeader)?;
-        let want_proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
-        let csum_offset = if tcp { 16 } else { 6 };
-        if proto != Some(want_proto) || usize::from(hdr.csum_start) != l4 || hdr.csum_offset != csum_offset {
+        let l4 = facts.header_len;
+        let (want_proto, csum_offset) =
+            if tcp { (tcp::PROTOCOL, tcp::CHECKSUM_OFFSET) } else { (udp::PROTOCOL, udp::CHECKSUM_OFFSET) };
+        if facts.protocol != want_proto
+            || usize::from(hdr.csum_start) != l4
+            || usize::from(hdr.csum_offset) != csum_offset
+        {
             return Err(GsoError::Malformed);
         }
+        let l4_bytes = ip.get(l4..).ok_or(GsoError::BadIpHeader)?;
         let l4_len = if tcp {
             // The data offset comes from the packet: below 5 the "header" would end before the
             // flags and the checksum that every segment's header gets written into.
-            let off = l4_hdr.get(12).ok_or(GsoError::BadL4Header)?;
-            let len = usize::from(off >> 4) << 2;
-            if len < 20 {
-                return Err(GsoError::BadL4Header);
-            }
-            len
+            TcpPacket::new_checked(l4_bytes).map_err(|_| GsoError::BadL4Header)?.header_len()
         } else {
-            8
+            UdpPacket::new_checked_header(l4_bytes).map_err(|_| GsoError::BadIpHeader)?;
+            udp::HEADER_LEN
         };
-        let Some(payload) = l4_hdr.len().checked_sub(l4_len) else {
-            return Err(if tcp { GsoError::BadL4Header } else { GsoError::BadIpHeader });
-        };
+        let payload = l4_bytes.len().saturating_sub(l4_len);
         let mss = usize::from(hdr.gso_size);
         if mss == 0 {
             return Err(GsoError::Malformed);
         }
-        Ok(Self { v6, tcp, l4, hdrs: l4.saturating_add(l4_len), mss, payload })
+        Ok(Self { ip: facts, tcp, l4, hdrs: l4.saturating_add(l4_len), mss, payload })
+    }
+
+    /// The super-packet's IP header, as [`parse`](Self::parse) read it.
+    pub fn ip(&self) -> &IpFacts {
+        &self.ip
     }
 
     /// How many segments the super-packet makes (at least one).
@@ -279,6 +262,12 @@ impl Segmentation {
         Ok(written)
     }
 
+    /// The L4 checksum of a segment: pseudo-header, its header (checksum field zeroed), its
+    /// payload. L4 headers have even length, so the payload's sum chains on.
+    fn l4_checksum(&self, l4_hdr: &[u8], l4_len: usize, payload: &[u8]) -> u16 {
+        checksum::fold(checksum::sum(checksum::sum(self.ip.pseudo_sum(l4_len), l4_hdr), payload))
+    }
+
     /// `range` after checking it, and `pkt`, against what [`parse`](Self::parse) saw.
     fn checked(&self, pkt: &[u8], prefix: usize, range: &Range<usize>) -> Result<Range<usize>, GsoError> {
         let ip_len = pkt.len().checked_sub(prefix).ok_or(GsoError::Malformed)?;
@@ -296,43 +285,42 @@ impl Segmentation {
         let src = pkt.get(..prefix.checked_add(self.hdrs)?)?;
         (src.len() == out.len()).then_some(())?;
         out.copy_from_slice(src);
-        let ip = pkt.get(prefix..)?;
         let (ip_hdr, l4_hdr) = out.get_mut(prefix..)?.split_at_mut_checked(self.l4)?;
         let ip_len = self.hdrs.checked_add(chunk.len())?;
         let l4_len = ip_len.checked_sub(self.l4)?;
-        if self.v6 {
-            wire::set_be16(ip_hdr, 4, u16::try_from(ip_len.checked_sub(ipv6::HEADER_LEN)?).ok()?)?;
+        if self.ip.is_v6() {
+            let payload_len = u16::try_from(ip_len.checked_sub(ipv6::HEADER_LEN)?).ok()?;
+            Ipv6Packet::new_checked_header(ip_hdr).ok()?.set_payload_len(payload_len);
         } else {
+            let mut h = Ipv4Packet::new_checked_header(ip_hdr).ok()?;
             // The identification counts up per segment, modulo 2^16 (RFC 6864).
-            let id = wire::be16(ip, 4)?.wrapping_add(i as u16);
-            wire::set_be16(ip_hdr, 2, u16::try_from(ip_len).ok()?)?;
-            wire::set_be16(ip_hdr, 4, id)?;
-            wire::set_be16(ip_hdr, 10, 0)?;
-            let c = checksum::checksum(ip_hdr);
-            wire::set_be16(ip_hdr, 10, c)?;
+            let id = h.ident().wrapping_add(i as u16);
+            h.set_total_len(u16::try_from(ip_len).ok()?);
+            h.set_ident(id);
+            h.fill_checksum();
         }
-        let csum_at = if self.tcp {
+        if self.tcp {
+            let mut t = TcpPacket::new_checked(&mut *l4_hdr).ok()?;
             // Sequence numbers are modulo 2^32 (RFC 9293 §3.4).
-            let seq0 = wire::be32(ip.get(self.l4..)?, 4)?;
-            wire::set_be32(l4_hdr, 4, seq0.wrapping_add(i.wrapping_mul(self.mss) as u32))?;
+            t.set_seq(t.seq().wrapping_add(i.wrapping_mul(self.mss) as u32));
             // FIN and PSH belong to the last segment only.
             if i.checked_add(1)? != self.segments() {
-                *l4_hdr.get_mut(13)? &= !0x09;
+                t.set_flags(t.flags() & !(tcp::FIN | tcp::PSH));
             }
-            16
+            t.set_checksum(0);
+            let c = self.l4_checksum(l4_hdr, l4_len, chunk);
+            TcpPacket::new_unchecked(l4_hdr).set_checksum(c);
         } else {
-            wire::set_be16(l4_hdr, 4, u16::try_from(l4_len).ok()?)?;
-            6
-        };
-        wire::set_be16(l4_hdr, csum_at, 0)?;
-        let proto = if self.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
-        // L4 headers have even length, so the payload's sum chains on.
-        let acc = checksum::sum(pseudo_sum(ip_hdr, self.v6, proto, l4_len), l4_hdr);
-        let mut c = checksum::fold(checksum::sum(acc, chunk));
-        if !self.tcp && c == 0 {
-            c = 0xffff; // RFC 768: a computed zero is sent as all ones.
+            let mut u = UdpPacket::new_checked_header(&mut *l4_hdr).ok()?;
+            u.set_len(u16::try_from(l4_len).ok()?);
+            u.set_checksum(0);
+            let c = match self.l4_checksum(l4_hdr, l4_len, chunk) {
+                0 => 0xffff, // RFC 768: a computed zero is sent as all ones.
+                c => c,
+            };
+            UdpPacket::new_unchecked(l4_hdr).set_checksum(c);
         }
-        wire::set_be16(l4_hdr, csum_at, c)
+        Some(())
     }
 }
 

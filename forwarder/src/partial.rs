@@ -24,15 +24,9 @@
 // Untrusted bytes: every index and every length computation is checked.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use crate::gso::{F_NEEDS_CSUM, VnetHdr, pseudo_sum};
-use crate::wire::{self, checksum, ipv6};
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-/// Offset of the checksum field in a TCP header.
-const TCP_CSUM_OFFSET: usize = 16;
-/// Offset of the checksum field in a UDP header.
-const UDP_CSUM_OFFSET: usize = 6;
+use crate::gso::{F_NEEDS_CSUM, VnetHdr};
+use crate::wire::ip::IpFacts;
+use crate::wire::{self, checksum, tcp, udp};
 
 /// Where a partial checksum lives in an IP packet.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -73,46 +67,37 @@ impl Partial {
     }
 }
 
-/// `Some` when `ip` (one whole IPv4 or IPv6 packet, already checked by the forwarder, possibly
-/// followed by padding) is TCP or UDP, not a fragment, and its checksum field holds exactly the
-/// pseudo-header sum: a partial checksum (see the module doc). IPv6 extension headers are not walked (a kernel VTEP
-/// leaves those packets' checksums complete in practice, and they then go as they are). An
-/// IPv4 UDP field of 0 means "no checksum" and is left alone.
+/// `Some` when `ip` (one whole IPv4 or IPv6 packet, already checked by the forwarder, which
+/// read its header into `f`; possibly followed by padding) is TCP or UDP, not a fragment, and
+/// its checksum field holds exactly the pseudo-header sum: a partial checksum (see the module
+/// doc). IPv6 extension headers are not walked (a kernel VTEP leaves those packets' checksums
+/// complete in practice, and they then go as they are). An IPv4 UDP field of 0 means "no
+/// checksum" and is left alone.
 #[must_use]
-pub fn find(ip: &[u8]) -> Option<Partial> {
-    let first = *ip.first()?;
-    let (v6, l4, proto, end) = match first >> 4 {
-        4 => {
-            let frag = wire::be16(ip, 6)?;
-            if frag & 0x3fff != 0 {
-                return None;
-            }
-            (false, usize::from(first & 0x0f).checked_mul(4)?, *ip.get(9)?, usize::from(wire::be16(ip, 2)?))
-        }
-        6 => (true, ipv6::HEADER_LEN, *ip.get(6)?, usize::from(wire::be16(ip, 4)?).checked_add(ipv6::HEADER_LEN)?),
+pub fn find(ip: &[u8], f: &IpFacts) -> Option<Partial> {
+    if f.fragment {
+        return None;
+    }
+    let (offset, min_len) = match f.protocol {
+        tcp::PROTOCOL => (tcp::CHECKSUM_OFFSET, tcp::HEADER_LEN),
+        udp::PROTOCOL => (udp::CHECKSUM_OFFSET, udp::HEADER_LEN),
         _ => return None,
     };
-    let ip = ip.get(..end)?;
-    let (offset, min_len) = match proto {
-        TCP => (TCP_CSUM_OFFSET, 20),
-        UDP => (UDP_CSUM_OFFSET, 8),
-        _ => return None,
-    };
-    let l4_len = ip.len().checked_sub(l4)?;
-    let field = wire::be16(ip, l4.checked_add(offset)?)?;
-    if l4_len < min_len || (proto == UDP && !v6 && field == 0) {
+    let l4 = f.l4(ip)?;
+    let field = wire::be16(l4, offset)?;
+    if l4.len() < min_len || (f.protocol == udp::PROTOCOL && !f.is_v6() && field == 0) {
         return None;
     }
     // The partial field is the folded pseudo-header sum, not complemented (`fold` complements).
-    let pseudo = pseudo_sum(ip, v6, proto, l4_len);
-    (field == !checksum::fold(pseudo)).then_some(Partial { start: l4, offset, end, pseudo })
+    let pseudo = f.pseudo_sum(l4.len());
+    (field == !checksum::fold(pseudo)).then_some(Partial { start: f.header_len, offset, end: f.total_len, pseudo })
 }
 
 /// [`find`], confirmed by the full sum: `Some` only when the checksum does not verify, so the
 /// field really is partial. Costs a pass over the L4 bytes only for packets [`find`] picks.
 #[must_use]
-pub fn verified(ip: &[u8]) -> Option<Partial> {
-    let p = find(ip)?;
+pub fn verified(ip: &[u8], f: &IpFacts) -> Option<Partial> {
+    let p = find(ip, f)?;
     (checksum::fold(checksum::sum(p.pseudo, ip.get(p.start..p.end)?)) != 0).then_some(p)
 }
 
@@ -133,8 +118,8 @@ pub fn complete(ip: &mut [u8], p: Partial) -> bool {
 }
 
 /// [`find`] then [`complete`]: `true` when `ip` held a partial checksum, now completed.
-pub fn repair(ip: &mut [u8]) -> bool {
-    find(ip).is_some_and(|p| complete(ip, p))
+pub fn repair(ip: &mut [u8], f: &IpFacts) -> bool {
+    find(ip, f).is_some_and(|p| complete(ip, p))
 }
 
 #[cfg(test)]
@@ -142,7 +127,29 @@ pub fn repair(ip: &mut [u8]) -> bool {
 mod tests {
     use super::*;
     use crate::fuzzing::raw;
+    use crate::wire::ip::IpPacket;
     use etherparse::PacketBuilder;
+
+    const TCP: u8 = tcp::PROTOCOL;
+    const UDP: u8 = udp::PROTOCOL;
+
+    /// The facts the forwarder would hand over with `ip`.
+    fn facts(ip: &[u8]) -> IpFacts {
+        IpPacket::new_checked(ip).unwrap().facts()
+    }
+
+    fn find(ip: &[u8]) -> Option<Partial> {
+        IpPacket::new_checked(ip).ok().and_then(|p| super::find(ip, &p.facts()))
+    }
+
+    fn verified(ip: &[u8]) -> Option<Partial> {
+        super::verified(ip, &facts(ip))
+    }
+
+    fn repair(ip: &mut [u8]) -> bool {
+        let f = facts(ip);
+        super::repair(ip, &f)
+    }
 
     fn tcp4(payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -158,7 +165,9 @@ mod tests {
     /// sum of the packet's own addresses and L4 length.
     fn make_partial(ip: &mut [u8], start: usize, offset: usize, proto: u8, v6: bool) {
         let l4_len = ip.len() - start;
-        let p = !checksum::fold(pseudo_sum(ip, v6, proto, l4_len));
+        let f = facts(ip);
+        assert_eq!((f.protocol, f.is_v6(), f.header_len), (proto, v6, start));
+        let p = !checksum::fold(f.pseudo_sum(l4_len));
         ip[start + offset..start + offset + 2].copy_from_slice(&p.to_be_bytes());
     }
 

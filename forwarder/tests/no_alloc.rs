@@ -133,17 +133,18 @@ fn cutting_and_merging_super_packets_allocates_nothing() {
                 let start = k * stride;
                 let len = stride.min(n - start);
                 let mut d = PacketBuf::new(&mut trains[t][..start + len], start, len).unwrap();
-                let UnderlayVerdict::Deliver { .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d) else {
+                let UnderlayVerdict::Deliver { ip: Some(f), .. } = net.b.from_underlay(&net.routes_b, from_a, &mut d)
+                else {
                     panic!("segment dropped");
                 };
                 let (at, dl) = (d.head(), d.len());
                 let ip = &trains[t][at..at + dl];
                 let appended = merge.as_mut().is_some_and(|(m, (ft, fs, fl))| {
                     let first_pkt = &trains[*ft][*fs..*fs + *fl];
-                    m.append(ip, &mut head, first_pkt)
+                    m.append(ip, &f, &mut head, first_pkt)
                 });
                 if !appended {
-                    merge = Coalesced::start(ip, &mut head, true).map(|m| (m, (t, at, dl)));
+                    merge = Coalesced::start(ip, &f, &mut head, true).map(|m| (m, (t, at, dl)));
                     merged_bytes = 0;
                 }
                 merged_bytes += dl - merge.as_ref().map_or(0, |(m, _)| m.header_len());

@@ -27,6 +27,7 @@ use crate::forwarder::{PacketCore, TunVerdict, UnderlayVerdict};
 use crate::gso::{self, MAX_TRAIN_BYTES, MAX_TRAIN_SEGMENTS, Segmentation, VNET_HDR_LEN, VnetHdr};
 use crate::route::RouteTable;
 use crate::stats::{DropReason, OffloadCounter};
+use crate::wire::ip::IpFacts;
 
 /// Where a TUN read lands when every packet carries a virtio-net header: the header just in
 /// front of the packet's usual place, so the packet itself starts at `HEADROOM`.
@@ -345,9 +346,9 @@ impl<C: PacketCore> Dispatch<C> {
                 return Ok(());
             };
             let verdict = self.fwd.from_underlay(routes, from, &mut pkt, now);
-            if let UnderlayVerdict::Deliver { .. } = verdict {
+            if let UnderlayVerdict::Deliver { ip, .. } = verdict {
                 // No virtio-net header to say "partial": complete it here.
-                self.fwd.complete_partial(pkt.as_mut_slice());
+                self.fwd.complete_partial(pkt.as_mut_slice(), ip.as_ref());
             }
             let span = Span::new(slot, pkt.head(), pkt.len());
             return match verdict {
@@ -365,7 +366,11 @@ impl<C: PacketCore> Dispatch<C> {
         for d in datagrams(n, train) {
             let Some((verdict, span)) = self.check_datagram(routes, from, slot, d, now) else { break };
             match verdict {
-                UnderlayVerdict::Deliver { .. } => self.merge(io, span)?,
+                UnderlayVerdict::Deliver { ip: Some(ip), .. } => self.merge(io, span, &ip)?,
+                // Only a TAP's core delivers frames, and a TAP never runs with a virtio-net
+                // header (`tun::open`), so this does not happen: were it to, a frame is not
+                // merged as if it were IP, it is dropped and counted.
+                UnderlayVerdict::Deliver { ip: None, .. } => self.fwd.stats().count_drop(DropReason::BadOffload),
                 UnderlayVerdict::Reply { to } => {
                     let Some(copy) = self.pool.clone_slot(slot, span.head, span.len) else {
                         self.fwd.stats().count_drop(DropReason::PoolExhausted);
@@ -406,10 +411,10 @@ impl<C: PacketCore> Dispatch<C> {
     /// Adds the checked inner packet at `span` to the super-packet being merged, or writes
     /// that one out and starts another. The caller keeps `span`'s slot: a merge takes holds
     /// of its own.
-    fn merge(&mut self, io: &mut impl Io, span: Span) -> io::Result<()> {
+    fn merge(&mut self, io: &mut impl Io, span: Span, ip: &IpFacts) -> io::Result<()> {
         let uso = self.offloads.tun_uso && self.offloads.coalesce;
         let stats = self.fwd.stats();
-        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, stats, span, uso) {
+        if let Some(r) = self.merger.add(&mut self.pool, &mut self.sc, stats, span, ip, uso) {
             self.write_merged(io, r)?;
         }
         if !self.offloads.coalesce {

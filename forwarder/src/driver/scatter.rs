@@ -17,6 +17,7 @@
 use super::pool::{BufPool, Span};
 use crate::gro::{Coalesced, MAX_SEGMENTS};
 use crate::stats::{DropReason, WorkerStats};
+use crate::wire::ip::IpFacts;
 
 /// Most iovecs in one list: the headers, then a payload per merged packet.
 pub const MAX_IOVS: usize = 1 + MAX_SEGMENTS;
@@ -133,6 +134,7 @@ impl Merger {
         sc: &mut Scatter,
         stats: &WorkerStats,
         span: Span,
+        ip_facts: &IpFacts,
         uso: bool,
     ) -> Option<Ready> {
         let Span { slot, head, len } = span;
@@ -145,7 +147,7 @@ impl Merger {
             let out = unsafe { std::slice::from_raw_parts_mut(pool.slot_ptr(p.out), crate::buf::SLOT_LEN) };
             let hdrs = p.c.header_len();
             let mut c = p.c;
-            if c.append(ip, out, first) {
+            if c.append(ip, ip_facts, out, first) {
                 if sc.push(pool, p.out, slot, head + hdrs, len - hdrs) {
                     p.c = c;
                     return None;
@@ -163,7 +165,7 @@ impl Merger {
         };
         // SAFETY: `out` was just allocated: ours alone.
         let head_buf = unsafe { std::slice::from_raw_parts_mut(pool.slot_ptr(out), crate::buf::SLOT_LEN) };
-        let started = Coalesced::start(ip, head_buf, uso);
+        let started = Coalesced::start(ip, ip_facts, head_buf, uso);
         // The header iovec's length is set at finish; the first payload follows it.
         let listed = started.is_some_and(|c| {
             sc.push(pool, out, out, 0, 0) && sc.push(pool, out, slot, head + c.header_len(), len - c.header_len())
@@ -233,6 +235,10 @@ mod tests {
         (slot, where_)
     }
 
+    fn facts(ip: &[u8]) -> IpFacts {
+        crate::wire::ip::IpPacket::new_checked(ip).unwrap().facts()
+    }
+
     fn gathered(pool: &BufPool, sc: &mut Scatter, out: u16) -> Vec<u8> {
         let (iov, n) = sc.iovecs(out);
         // SAFETY: the list points into live, held slots.
@@ -254,12 +260,12 @@ mod tests {
         let b = [seg(3000, 1000), seg(9999, 1000)];
         let (sa, wa) = receive(&mut pool, &a);
         let (sb, wb) = receive(&mut pool, &b);
-        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[0].0, wa[0].1), true).is_none());
-        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[1].0, wa[1].1), true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[0].0, wa[0].1), &facts(&a[0]), true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sa, wa[1].0, wa[1].1), &facts(&a[1]), true).is_none());
         pool.release(sa); // the receive is done with its slot; the merge still holds it
-        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[0].0, wb[0].1), true).is_none());
+        assert!(m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[0].0, wb[0].1), &facts(&b[0]), true).is_none());
         // A gap in the sequence: the first three go out as one write, the fourth starts anew.
-        let first = m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[1].0, wb[1].1), true).unwrap();
+        let first = m.add(&mut pool, &mut sc, &stats, Span::new(sb, wb[1].0, wb[1].1), &facts(&b[1]), true).unwrap();
         pool.release(sb);
         assert_eq!(first.segments, 3);
         let bytes = gathered(&pool, &mut sc, first.out);

@@ -42,6 +42,26 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         Self { buffer }
     }
 
+    /// Checks version and header length against the buffer, not the total length: for a
+    /// header being written ahead of its payload (segmentation and coalescing build their
+    /// headers apart from the bytes they describe).
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`] when the buffer is shorter than the header,
+    /// [`WireError::Malformed`] for a version other than 4 or a header below 20 bytes.
+    pub fn new_checked_header(buffer: T) -> Result<Self, WireError> {
+        let b = buffer.as_ref();
+        let ihl = match b.first() {
+            Some(v) if v >> 4 != 4 || usize::from(v & 0x0f) * 4 < HEADER_LEN => return Err(WireError::Malformed),
+            Some(v) => usize::from(v & 0x0f) * 4,
+            None => return Err(WireError::Truncated),
+        };
+        if ihl > b.len() {
+            return Err(WireError::Truncated);
+        }
+        Ok(Self { buffer })
+    }
+
     /// Checks version, header length and total length against the buffer.
     ///
     /// # Errors
@@ -108,6 +128,17 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         self.flags_offset() & 0x4000 != 0
     }
 
+    /// Whether this is a fragment: more-fragments set or a non-zero offset.
+    pub fn is_fragment(&self) -> bool {
+        self.flags_offset() & 0x3fff != 0
+    }
+
+    /// The identification field (RFC 6864).
+    pub fn ident(&self) -> u16 {
+        let b = self.buffer.as_ref();
+        u16::from_be_bytes([b[field::IDENT.start], b[field::IDENT.start + 1]])
+    }
+
     /// Fragment offset in bytes; non-zero for every fragment but the first.
     pub fn frag_offset(&self) -> usize {
         usize::from(self.flags_offset() & 0x1fff) * 8
@@ -148,6 +179,25 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         b[field::TTL] = new_ttl;
         b[field::CHECKSUM].copy_from_slice(&new_check.to_be_bytes());
         new_ttl
+    }
+
+    /// Sets the total length field (the checksum is left to [`fill_checksum`](Self::fill_checksum)).
+    pub fn set_total_len(&mut self, len: u16) {
+        self.buffer.as_mut()[field::LENGTH].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Sets the identification field (the checksum is left to [`fill_checksum`](Self::fill_checksum)).
+    pub fn set_ident(&mut self, ident: u16) {
+        self.buffer.as_mut()[field::IDENT].copy_from_slice(&ident.to_be_bytes());
+    }
+
+    /// Recomputes the header checksum over the header, options included.
+    pub fn fill_checksum(&mut self) {
+        let len = self.header_len();
+        let b = self.buffer.as_mut();
+        b[field::CHECKSUM].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&b[..len]);
+        b[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
     }
 
     /// Writes a 20-byte header without options and fills in its checksum.
@@ -238,6 +288,28 @@ mod tests {
         b[0] = 0x47; // 28-byte header == total length: legal, empty payload
         let p = Ipv4Packet::new_checked(&b[..]).unwrap();
         assert!(p.payload().is_empty());
+    }
+
+    #[test]
+    fn a_header_alone_is_checked_and_its_setters_keep_it_valid() {
+        let mut h = ECHO[..20].to_vec();
+        assert!(Ipv4Packet::new_checked(&h[..]).is_err(), "the total length reaches past a bare header");
+        let mut p = Ipv4Packet::new_checked_header(&mut h[..]).unwrap();
+        assert!(!p.is_fragment());
+        p.set_total_len(1500);
+        p.set_ident(p.ident().wrapping_add(1));
+        p.fill_checksum();
+        assert_eq!((p.total_len(), p.ident()), (1500, 0x5c1e));
+        assert!(p.verify_checksum());
+        assert_eq!(Ipv4Packet::new_checked_header(&ECHO[..19]).err(), Some(WireError::Truncated));
+        assert_eq!(Ipv4Packet::new_checked_header(&[][..]).err(), Some(WireError::Truncated));
+        let mut b = ECHO.to_vec();
+        b[0] = 0x44;
+        assert_eq!(Ipv4Packet::new_checked_header(&b[..]).err(), Some(WireError::Malformed));
+        b[0] = 0x46;
+        assert_eq!(Ipv4Packet::new_checked_header(&b[..20]).err(), Some(WireError::Truncated), "options cut");
+        b[6] = 0x20;
+        assert!(Ipv4Packet::new_checked_header(&b[..]).unwrap().is_fragment());
     }
 
     #[test]

@@ -41,6 +41,21 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         Self { buffer }
     }
 
+    /// Checks the version and that the buffer holds the fixed header, not the payload: for
+    /// a header being written ahead of its payload.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`] below 40 bytes, [`WireError::Malformed`] when the version
+    /// is not 6.
+    pub fn new_checked_header(buffer: T) -> Result<Self, WireError> {
+        let b = buffer.as_ref();
+        match b.first() {
+            _ if b.len() < HEADER_LEN => Err(WireError::Truncated),
+            Some(v) if v >> 4 == 6 => Ok(Self { buffer }),
+            _ => Err(WireError::Malformed),
+        }
+    }
+
     /// Checks the version and that the payload length fits the buffer.
     ///
     /// # Errors
@@ -106,6 +121,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
         let h = b[field::HOP_LIMIT].saturating_sub(1);
         b[field::HOP_LIMIT] = h;
         h
+    }
+
+    /// Sets the payload length (everything after the fixed header).
+    pub fn set_payload_len(&mut self, len: u16) {
+        self.buffer.as_mut()[field::PAYLOAD_LEN].copy_from_slice(&len.to_be_bytes());
     }
 
     /// Writes a fixed header with traffic class and flow label zero.
