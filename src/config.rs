@@ -628,64 +628,37 @@ impl Loaded {
 /// A [`ConfigError`] if the combination is invalid (e.g. a vtep_mac with a udp network, or
 /// `Backend.DirectRouting` with `device = "tap"`).
 pub fn resolve_leased(raw: &RawConfig, net: &weft_ipam::NetworkConfig, subnet: Ipv4Net) -> Result<Config, ConfigError> {
-    let b = &net.backend;
-    let vxlan = matches!(b.kind, weft_ipam::BackendKind::Vxlan);
-    let mut cfg = Config::validate(RawConfig {
-        network: Some(net.network.to_string()),
-        backend: Some(b.kind.as_str().to_string()),
-        port: Some(b.port()),
-        vni: vxlan.then(|| b.vni()),
-        subnet: Some(subnet.to_string()),
-        peers: Vec::new(),
-        // Set for a network that turns out not to be wireguard (rootless sets it by default).
-        wireguard_key_file: raw.wireguard_key_file.clone().filter(|_| b.kind == weft_ipam::BackendKind::WireGuard),
-        ..raw.clone()
-    })?;
-    if b.direct_routing() && cfg.device == Device::Tap {
-        // A TAP routes every peer subnet onlink through itself; a direct route for the same
-        // prefix would replace it, and which one wins would depend on the order of events.
-        return Err(invalid(
-            "Backend.DirectRouting",
-            "true does not work with device = \"tap\" on this node (use device = \"tun\")",
-        ));
-    }
-    if let (None, Some(m)) = (cfg.mtu, b.mtu) {
-        cfg.mtu = Some(m);
-        cfg.mtu_field = "Backend.MTU";
-    }
-    Ok(cfg)
+    let node = NodeSettings::validate(raw)?;
+    let net = NetworkParams::leased(raw, &node, net, subnet)?;
+    Ok(Config { node, net, peers: PeerSource::Leases })
 }
 
-/// A validated configuration.
+/// A validated configuration, in the three parts that come from different places and change
+/// for different reasons.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Config {
+    /// This node: who it is and how it runs. Always from its own file and flags.
+    pub node: NodeSettings,
+    /// The overlay this node is part of and its place in it. Static mode: the file; lease
+    /// mode: the store's network config and the leased subnet ([`resolve_leased`]).
+    pub net: NetworkParams,
+    /// Where the other nodes come from.
+    pub peers: PeerSource,
+}
+
+/// The settings of this node alone, whatever network it joins.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct NodeSettings {
     /// This node's name.
     pub node_name: String,
     /// Underlay address.
     pub public_ip: IpAddr,
     /// The underlay interface as configured (a name or an address), if any.
     pub iface: Option<String>,
-    /// Wire format.
-    pub backend: Backend,
-    /// Underlay port.
-    pub port: u16,
-    /// Cluster network.
-    pub network: Ipv4Net,
-    /// Our subnet.
-    pub subnet: Ipv4Net,
-    /// IPv6 cluster network.
-    pub network_v6: Option<Ipv6Net>,
-    /// Our IPv6 subnet.
-    pub subnet_v6: Option<Ipv6Net>,
     /// TUN/TAP name.
     pub tun_name: String,
     /// TUN or TAP.
     pub device: Device,
-    /// Explicit overlay MTU.
-    pub mtu: Option<u16>,
-    /// Where `mtu` came from, for messages: `mtu` (this node) or `Backend.MTU` (the network
-    /// config).
-    pub mtu_field: &'static str,
     /// Worker count.
     pub workers: usize,
     /// I/O backend preference.
@@ -706,8 +679,48 @@ pub struct Config {
     pub ip_masq: bool,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; `None`: off.
     pub healthz: Option<SocketAddr>,
-    /// Static peers.
-    pub peers: Vec<Peer>,
+}
+
+/// The overlay: the cluster network, this node's subnet in it, and the wire format.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct NetworkParams {
+    /// Wire format.
+    pub backend: Backend,
+    /// Underlay port.
+    pub port: u16,
+    /// Cluster network.
+    pub network: Ipv4Net,
+    /// Our subnet.
+    pub subnet: Ipv4Net,
+    /// IPv6 cluster network.
+    pub network_v6: Option<Ipv6Net>,
+    /// Our IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// Explicit overlay MTU.
+    pub mtu: Option<u16>,
+    /// Where `mtu` came from, for messages: `mtu` (this node) or `Backend.MTU` (the network
+    /// config).
+    pub mtu_field: &'static str,
+}
+
+/// Where the peers come from.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum PeerSource {
+    /// `[[peers]]` in the file, validated against this node and its network; a SIGHUP
+    /// re-reads them.
+    Static(Vec<Peer>),
+    /// The lease store: peers follow its leases (`daemon::lease`).
+    Leases,
+}
+
+impl PeerSource {
+    /// The static peers; none for [`PeerSource::Leases`] (those live in the lease task).
+    pub fn configured(&self) -> &[Peer] {
+        match self {
+            Self::Static(p) => p,
+            Self::Leases => &[],
+        }
+    }
 }
 
 /// Default `healthz_ip`: the endpoints are local unless asked otherwise.
@@ -785,15 +798,69 @@ fn check_name(field: &str, s: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
-    /// Validates a raw configuration.
+    /// Validates a raw configuration: this node's settings, then its network, then its
+    /// static peers against both.
     ///
     /// # Errors
     /// The first [`ConfigError`] found, naming its field.
     pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
-        let healthz = healthz_addr(&raw)?;
-        let node_name = raw.node_name.ok_or(ConfigError::Missing { field: "node_name", flag: "node-name" })?;
+        let node = NodeSettings::validate(&raw)?;
+        let net = NetworkParams::validate(&raw, &node)?;
+        let peers = static_peers(raw.peers, &node, &net)?;
+        Ok(Self { node, net, peers: PeerSource::Static(peers) })
+    }
+
+    /// The networks routed into the TUN.
+    pub fn cluster_networks(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(IpNet::V4(self.net.network)).chain(self.net.network_v6.map(IpNet::V6))
+    }
+
+    /// Fields whose change needs a restart, named, when comparing with a reloaded config.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        macro_rules! cmp {
+            ($($part:ident . $f:ident),*) => {
+                $( if self.$part.$f != new.$part.$f { out.push(stringify!($f)); } )*
+            };
+        }
+        cmp!(
+            node.node_name,
+            node.public_ip,
+            node.iface,
+            net.backend,
+            net.port,
+            net.network,
+            net.subnet,
+            net.network_v6,
+            net.subnet_v6,
+            node.tun_name,
+            node.device,
+            net.mtu,
+            node.workers,
+            node.io,
+            node.offload,
+            node.gro,
+            node.api_socket,
+            node.pod_dir,
+            node.pod_gc_grace,
+            node.pending_release_dir,
+            node.ip_masq,
+            node.healthz
+        );
+        out
+    }
+}
+
+impl NodeSettings {
+    /// Validates this node's own settings.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found, naming its field.
+    pub fn validate(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let healthz = healthz_addr(raw)?;
+        let node_name = raw.node_name.clone().ok_or(ConfigError::Missing { field: "node_name", flag: "node-name" })?;
         check_name("node_name", &node_name)?;
-        let ip_s = raw.public_ip.ok_or(ConfigError::Missing { field: "public_ip", flag: "public-ip" })?;
+        let ip_s = raw.public_ip.as_deref().ok_or(ConfigError::Missing { field: "public_ip", flag: "public-ip" })?;
         let public_ip: IpAddr =
             ip_s.parse().map_err(|_| invalid("public_ip", format!("{ip_s:?} is not an IP address")))?;
         if public_ip.is_unspecified() || public_ip.is_multicast() {
@@ -809,41 +876,63 @@ impl Config {
                 ));
             }
         }
-        let backend = match raw.backend.as_deref().unwrap_or("udp") {
-            "udp" => {
-                for (field, set) in [("vni", raw.vni.is_some()), ("vtep_mac", raw.vtep_mac.is_some())] {
-                    if set {
-                        return Err(invalid(field, "only applies to backend = \"vxlan\""));
-                    }
-                }
-                Backend::Udp
-            }
-            "vxlan" => {
-                let v = raw.vni.unwrap_or(1);
-                let vni =
-                    Vni::new(v).ok_or_else(|| invalid("vni", format!("{v} does not fit 24 bits (0..=16777215)")))?;
-                let vtep_mac = match raw.vtep_mac.as_deref() {
-                    Some(m) => parse_mac("vtep_mac", m)?,
-                    None => derived_vtep_mac(&node_name),
-                };
-                Backend::Vxlan { vni, vtep_mac, udp_checksum: raw.udp_checksum.unwrap_or(false) }
-            }
-            "wireguard" => {
-                for (field, set) in [
-                    ("vni", raw.vni.is_some()),
-                    ("vtep_mac", raw.vtep_mac.is_some()),
-                    ("udp_checksum", raw.udp_checksum.is_some()),
-                ] {
-                    if set {
-                        return Err(invalid(field, "only applies to backend = \"vxlan\""));
-                    }
-                }
-                Backend::WireGuard { key_file: wireguard_key_file(raw.wireguard_key_file.as_deref(), &node_name) }
-            }
-            other => {
-                return Err(invalid("backend", format!("{other:?} must be \"udp\", \"vxlan\" or \"wireguard\"")));
-            }
+        let tun_name = raw.tun_name.clone().unwrap_or_else(|| DEFAULT_TUN.to_string());
+        if !is_ifname(&tun_name) {
+            return Err(invalid(
+                "tun_name",
+                format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
+            ));
+        }
+        let device = match raw.device.as_deref().unwrap_or("tun") {
+            "tun" => Device::Tun,
+            "tap" => Device::Tap,
+            other => return Err(invalid("device", format!("{other:?} must be \"tun\" or \"tap\""))),
         };
+        let workers = raw.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(invalid("workers", format!("{workers} must be between 1 and {MAX_WORKERS}")));
+        }
+        let io = match raw.io.as_deref().unwrap_or("auto") {
+            "auto" => IoPreference::Auto,
+            "uring" => IoPreference::Uring,
+            "mmsg" => IoPreference::Mmsg,
+            other => return Err(invalid("io", format!("{other:?} must be \"auto\", \"uring\" or \"mmsg\""))),
+        };
+        let api_socket = raw.api_socket.clone().unwrap_or_else(|| DEFAULT_API_SOCKET.into());
+        // One directory per node by default, so several daemons on one host never share one.
+        let pod_dir = raw.pod_dir.clone().unwrap_or_else(|| Path::new(DEFAULT_POD_DIR).join(&node_name));
+        let pod_gc_grace = std::time::Duration::from_secs(raw.pod_gc_grace_secs.unwrap_or(60));
+        // One directory for all daemons on a host by default, unlike pod_dir: the plugin cannot
+        // know the node's name, and each entry names the socket of the daemon it is for.
+        let pending_release_dir =
+            raw.pending_release_dir.clone().unwrap_or_else(|| weft_ipam::PendingReleases::DEFAULT_DIR.into());
+        Ok(Self {
+            node_name,
+            public_ip,
+            iface: raw.iface.clone(),
+            tun_name,
+            device,
+            workers,
+            io,
+            offload: raw.offload.unwrap_or(true),
+            gro: raw.gro.unwrap_or(true),
+            api_socket,
+            pod_dir,
+            pod_gc_grace,
+            pending_release_dir,
+            ip_masq: raw.ip_masq.unwrap_or(false),
+            healthz,
+        })
+    }
+}
+
+impl NetworkParams {
+    /// Validates the network as the file (static mode) sets it.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found, naming its field.
+    pub fn validate(raw: &RawConfig, node: &NodeSettings) -> Result<Self, ConfigError> {
+        let backend = backend(raw.backend.as_deref().unwrap_or("udp"), raw.vni, raw, &node.node_name)?;
         if raw.wireguard_key_file.is_some() && !matches!(backend, Backend::WireGuard { .. }) {
             return Err(invalid("wireguard_key_file", "only applies to backend = \"wireguard\""));
         }
@@ -852,16 +941,62 @@ impl Config {
             Backend::Vxlan { .. } => vxlan::DEFAULT_PORT,
             Backend::WireGuard { .. } => WIREGUARD_DEFAULT_PORT,
         };
-        let port = raw.port.unwrap_or(default_port);
+        let network = parse_v4("network", raw.network.as_deref().unwrap_or(DEFAULT_NETWORK))?;
+        let subnet_s = raw.subnet.as_deref().ok_or(ConfigError::Missing { field: "subnet", flag: "subnet" })?;
+        let subnet = parse_v4("subnet", subnet_s)?;
+        Self::checked(backend, raw.port.unwrap_or(default_port), network, subnet, raw, node)
+    }
+
+    /// The network from the store's network config `net` (already validated by the store
+    /// layer) and our leased `subnet`, taken as typed values; this node's file adds only what
+    /// is its own (VTEP MAC, UDP checksums, IPv6, MTU). The network's `Backend.MTU` is the
+    /// overlay MTU unless this node sets its own `mtu` (a node with a smaller underlay may).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] if the combination is invalid (e.g. a vtep_mac with a udp network,
+    /// or `Backend.DirectRouting` with `device = "tap"`).
+    pub fn leased(
+        raw: &RawConfig,
+        node: &NodeSettings,
+        net: &weft_ipam::NetworkConfig,
+        subnet: Ipv4Net,
+    ) -> Result<Self, ConfigError> {
+        let b = &net.backend;
+        let vxlan = matches!(b.kind, weft_ipam::BackendKind::Vxlan);
+        // A wireguard_key_file set for a network that turns out not to be wireguard is not
+        // an error here (rootless sets one by default): it is unused.
+        let backend = backend(b.kind.as_str(), vxlan.then(|| b.vni()), raw, &node.node_name)?;
+        let mut params = Self::checked(backend, b.port(), net.network, subnet, raw, node)?;
+        if b.direct_routing() && node.device == Device::Tap {
+            // A TAP routes every peer subnet onlink through itself; a direct route for the same
+            // prefix would replace it, and which one wins would depend on the order of events.
+            return Err(invalid(
+                "Backend.DirectRouting",
+                "true does not work with device = \"tap\" on this node (use device = \"tun\")",
+            ));
+        }
+        if let (None, Some(m)) = (params.mtu, b.mtu) {
+            params.mtu = Some(m);
+            params.mtu_field = "Backend.MTU";
+        }
+        Ok(params)
+    }
+
+    /// The checks both sources share, and this node's own IPv6 and MTU settings.
+    fn checked(
+        backend: Backend,
+        port: u16,
+        network: Ipv4Net,
+        subnet: Ipv4Net,
+        raw: &RawConfig,
+        node: &NodeSettings,
+    ) -> Result<Self, ConfigError> {
         if port == 0 {
             return Err(invalid("port", "0 is not a port peers can send to"));
         }
-        let network = parse_v4("network", raw.network.as_deref().unwrap_or(DEFAULT_NETWORK))?;
         if network.prefix_len() > 28 {
             return Err(invalid("network", format!("{network} is too small to hold node subnets (at most /28)")));
         }
-        let subnet_s = raw.subnet.ok_or(ConfigError::Missing { field: "subnet", flag: "subnet" })?;
-        let subnet = parse_v4("subnet", &subnet_s)?;
         if !network.contains(&subnet) || subnet.prefix_len() <= network.prefix_len() {
             return Err(invalid(
                 "subnet",
@@ -887,197 +1022,141 @@ impl Config {
                 Some(sub)
             }
         };
-        let tun_name = raw.tun_name.unwrap_or_else(|| DEFAULT_TUN.to_string());
-        if !is_ifname(&tun_name) {
+        if node.device == Device::Tap && !matches!(backend, Backend::Vxlan { .. }) {
             return Err(invalid(
-                "tun_name",
-                format!("{tun_name:?} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)"),
+                "device",
+                "\"tap\" needs backend = \"vxlan\" (udp and wireguard carry IP packets only)",
             ));
         }
-        let device = match raw.device.as_deref().unwrap_or("tun") {
-            "tun" => Device::Tun,
-            "tap" if matches!(backend, Backend::Vxlan { .. }) => Device::Tap,
-            "tap" => {
-                return Err(invalid(
-                    "device",
-                    "\"tap\" needs backend = \"vxlan\" (udp and wireguard carry IP packets only)",
-                ));
-            }
-            other => return Err(invalid("device", format!("{other:?} must be \"tun\" or \"tap\""))),
-        };
         let min_mtu: u16 = if subnet_v6.is_some() { 1280 } else { 576 };
         if let Some(m) = raw.mtu {
             if m < min_mtu {
                 return Err(invalid("mtu", format!("{m} is below the minimum of {min_mtu} bytes")));
             }
         }
-        let workers = raw.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if workers == 0 || workers > MAX_WORKERS {
-            return Err(invalid("workers", format!("{workers} must be between 1 and {MAX_WORKERS}")));
+        Ok(Self { backend, port, network, subnet, network_v6, subnet_v6, mtu: raw.mtu, mtu_field: "mtu" })
+    }
+}
+
+/// The wire format `kind` with its options: `vni` (the file's, or the store's for a leased
+/// vxlan network) and this node's `vtep_mac`, `udp_checksum` and `wireguard_key_file`.
+fn backend(kind: &str, vni: Option<u32>, raw: &RawConfig, node_name: &str) -> Result<Backend, ConfigError> {
+    let only_vxlan = |fields: &[(&'static str, bool)]| match fields.iter().find(|(_, set)| *set) {
+        Some((field, _)) => Err(invalid(*field, "only applies to backend = \"vxlan\"")),
+        None => Ok(()),
+    };
+    match kind {
+        "udp" => {
+            only_vxlan(&[("vni", vni.is_some()), ("vtep_mac", raw.vtep_mac.is_some())])?;
+            Ok(Backend::Udp)
         }
-        let io = match raw.io.as_deref().unwrap_or("auto") {
-            "auto" => IoPreference::Auto,
-            "uring" => IoPreference::Uring,
-            "mmsg" => IoPreference::Mmsg,
-            other => return Err(invalid("io", format!("{other:?} must be \"auto\", \"uring\" or \"mmsg\""))),
+        "vxlan" => {
+            let v = vni.unwrap_or(1);
+            let vni = Vni::new(v).ok_or_else(|| invalid("vni", format!("{v} does not fit 24 bits (0..=16777215)")))?;
+            let vtep_mac = match raw.vtep_mac.as_deref() {
+                Some(m) => parse_mac("vtep_mac", m)?,
+                None => derived_vtep_mac(node_name),
+            };
+            Ok(Backend::Vxlan { vni, vtep_mac, udp_checksum: raw.udp_checksum.unwrap_or(false) })
+        }
+        "wireguard" => {
+            only_vxlan(&[
+                ("vni", vni.is_some()),
+                ("vtep_mac", raw.vtep_mac.is_some()),
+                ("udp_checksum", raw.udp_checksum.is_some()),
+            ])?;
+            Ok(Backend::WireGuard { key_file: wireguard_key_file(raw.wireguard_key_file.as_deref(), node_name) })
+        }
+        other => Err(invalid("backend", format!("{other:?} must be \"udp\", \"vxlan\" or \"wireguard\""))),
+    }
+}
+
+/// The file's `[[peers]]`, each checked against this node and its network.
+fn static_peers(raw: Vec<RawPeer>, node: &NodeSettings, net: &NetworkParams) -> Result<Vec<Peer>, ConfigError> {
+    let (network, subnet, network_v6, subnet_v6) = (net.network, net.subnet, net.network_v6, net.subnet_v6);
+    let (node_name, public_ip, port, backend) = (&node.node_name, node.public_ip, net.port, &net.backend);
+    let own = SocketAddr::new(public_ip, port);
+    let mut names = HashSet::new();
+    let mut peers = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("peers[{i}].{name}");
+        check_name(&f("name"), &p.name)?;
+        if p.name == *node_name || !names.insert(p.name.clone()) {
+            return Err(invalid(f("name"), format!("{:?} is this node or another peer already", p.name)));
+        }
+        let psub = parse_v4(&f("subnet"), &p.subnet)?;
+        if !network.contains(&psub) {
+            return Err(invalid(f("subnet"), format!("{psub} lies outside the cluster network {network}")));
+        }
+        if psub.contains(&subnet) || subnet.contains(&psub) {
+            return Err(invalid(f("subnet"), format!("{psub} overlaps this node's subnet {subnet}")));
+        }
+        let psub6 = match (&p.ipv6_subnet, network_v6) {
+            (None, _) => None,
+            (Some(_), None) => return Err(invalid(f("ipv6_subnet"), "set, but this node has no ipv6_network")),
+            (Some(s), Some(n6)) => {
+                let s6 = parse_v6(&f("ipv6_subnet"), s)?;
+                if !n6.contains(&s6) {
+                    return Err(invalid(f("ipv6_subnet"), format!("{s6} lies outside ipv6_network {n6}")));
+                }
+                if subnet_v6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)) {
+                    return Err(invalid(f("ipv6_subnet"), format!("{s6} overlaps this node's IPv6 subnet")));
+                }
+                Some(s6)
+            }
         };
-        let api_socket = raw.api_socket.unwrap_or_else(|| DEFAULT_API_SOCKET.into());
-        // One directory per node by default, so several daemons on one host never share one.
-        let pod_dir = raw.pod_dir.unwrap_or_else(|| Path::new(DEFAULT_POD_DIR).join(&node_name));
-        let pod_gc_grace = std::time::Duration::from_secs(raw.pod_gc_grace_secs.unwrap_or(60));
-        // One directory for all daemons on a host by default, unlike pod_dir: the plugin cannot
-        // know the node's name, and each entry names the socket of the daemon it is for.
-        let pending_release_dir =
-            raw.pending_release_dir.unwrap_or_else(|| weft_ipam::PendingReleases::DEFAULT_DIR.into());
-        let own = SocketAddr::new(public_ip, port);
-        let mut names = HashSet::new();
-        let mut peers = Vec::with_capacity(raw.peers.len());
-        for (i, p) in raw.peers.into_iter().enumerate() {
-            let f = |name: &str| format!("peers[{i}].{name}");
-            check_name(&f("name"), &p.name)?;
-            if p.name == node_name || !names.insert(p.name.clone()) {
-                return Err(invalid(f("name"), format!("{:?} is this node or another peer already", p.name)));
-            }
-            let psub = parse_v4(&f("subnet"), &p.subnet)?;
-            if !network.contains(&psub) {
-                return Err(invalid(f("subnet"), format!("{psub} lies outside the cluster network {network}")));
-            }
-            if psub.contains(&subnet) || subnet.contains(&psub) {
-                return Err(invalid(f("subnet"), format!("{psub} overlaps this node's subnet {subnet}")));
-            }
-            let psub6 = match (&p.ipv6_subnet, network_v6) {
-                (None, _) => None,
-                (Some(_), None) => return Err(invalid(f("ipv6_subnet"), "set, but this node has no ipv6_network")),
-                (Some(s), Some(n6)) => {
-                    let s6 = parse_v6(&f("ipv6_subnet"), s)?;
-                    if !n6.contains(&s6) {
-                        return Err(invalid(f("ipv6_subnet"), format!("{s6} lies outside ipv6_network {n6}")));
-                    }
-                    if subnet_v6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)) {
-                        return Err(invalid(f("ipv6_subnet"), format!("{s6} overlaps this node's IPv6 subnet")));
-                    }
-                    Some(s6)
-                }
-            };
-            let endpoint = match p.endpoint.parse::<SocketAddr>() {
-                Ok(a) => a,
-                Err(_) => match p.endpoint.parse::<IpAddr>() {
-                    Ok(ip) => SocketAddr::new(ip, port),
-                    Err(_) => {
-                        return Err(invalid(
-                            f("endpoint"),
-                            format!("{:?} is not ip:port or ip (example: \"198.18.0.2:8285\")", p.endpoint),
-                        ));
-                    }
-                },
-            };
-            if endpoint.is_ipv4() != public_ip.is_ipv4() {
-                return Err(invalid(
-                    f("endpoint"),
-                    format!("{endpoint} is not in the same address family as public_ip {public_ip}"),
-                ));
-            }
-            if endpoint == own || endpoint.port() == 0 || endpoint.ip().is_unspecified() {
-                return Err(invalid(
-                    f("endpoint"),
-                    format!("{endpoint} is this node's own address or not a usable endpoint"),
-                ));
-            }
-            if let Some(m) = p.mtu {
-                if m < 576 {
-                    return Err(invalid(f("mtu"), format!("{m} is below the minimum of 576 bytes")));
-                }
-            }
-            let mac = p.mac.as_deref().map(|m| parse_mac(&f("mac"), m)).transpose()?;
-            let public_key = match (&backend, p.public_key.as_deref()) {
-                (Backend::WireGuard { .. }, None) => {
+        let endpoint = match p.endpoint.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match p.endpoint.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(_) => {
                     return Err(invalid(
-                        f("public_key"),
-                        "required with backend = \"wireguard\" (the peer's `wg pubkey`)",
+                        f("endpoint"),
+                        format!("{:?} is not ip:port or ip (example: \"198.18.0.2:8285\")", p.endpoint),
                     ));
                 }
-                (Backend::WireGuard { .. }, Some(k)) => {
-                    Some(k.parse().map_err(|e| invalid(f("public_key"), format!("{k:?}: {e}")))?)
-                }
-                (_, Some(_)) => return Err(invalid(f("public_key"), "only applies to backend = \"wireguard\"")),
-                (_, None) => None,
-            };
-            if let Backend::Vxlan { vtep_mac, .. } = backend {
-                match mac {
-                    None => return Err(invalid(f("mac"), "required with backend = \"vxlan\" (the peer's VTEP MAC)")),
-                    Some(m) if m == vtep_mac => {
-                        return Err(invalid(f("mac"), format!("{m} is this node's own VTEP MAC")));
-                    }
-                    Some(_) => {}
-                }
+            },
+        };
+        if endpoint.is_ipv4() != public_ip.is_ipv4() {
+            return Err(invalid(
+                f("endpoint"),
+                format!("{endpoint} is not in the same address family as public_ip {public_ip}"),
+            ));
+        }
+        if endpoint == own || endpoint.port() == 0 || endpoint.ip().is_unspecified() {
+            return Err(invalid(
+                f("endpoint"),
+                format!("{endpoint} is this node's own address or not a usable endpoint"),
+            ));
+        }
+        if let Some(m) = p.mtu {
+            if m < 576 {
+                return Err(invalid(f("mtu"), format!("{m} is below the minimum of 576 bytes")));
             }
-            peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mac, public_key, mtu: p.mtu });
         }
-        Ok(Self {
-            node_name,
-            public_ip,
-            iface: raw.iface,
-            backend,
-            port,
-            network,
-            subnet,
-            network_v6,
-            subnet_v6,
-            tun_name,
-            device,
-            mtu: raw.mtu,
-            mtu_field: "mtu",
-            workers,
-            io,
-            offload: raw.offload.unwrap_or(true),
-            gro: raw.gro.unwrap_or(true),
-            api_socket,
-            pod_dir,
-            pod_gc_grace,
-            pending_release_dir,
-            ip_masq: raw.ip_masq.unwrap_or(false),
-            healthz,
-            peers,
-        })
-    }
-
-    /// The networks routed into the TUN.
-    pub fn cluster_networks(&self) -> impl Iterator<Item = IpNet> {
-        std::iter::once(IpNet::V4(self.network)).chain(self.network_v6.map(IpNet::V6))
-    }
-
-    /// Fields whose change needs a restart, named, when comparing with a reloaded config.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        macro_rules! cmp {
-            ($($f:ident),*) => { $( if self.$f != new.$f { out.push(stringify!($f)); } )* };
+        let mac = p.mac.as_deref().map(|m| parse_mac(&f("mac"), m)).transpose()?;
+        let public_key = match (backend, p.public_key.as_deref()) {
+            (Backend::WireGuard { .. }, None) => {
+                return Err(invalid(f("public_key"), "required with backend = \"wireguard\" (the peer's `wg pubkey`)"));
+            }
+            (Backend::WireGuard { .. }, Some(k)) => {
+                Some(k.parse().map_err(|e| invalid(f("public_key"), format!("{k:?}: {e}")))?)
+            }
+            (_, Some(_)) => return Err(invalid(f("public_key"), "only applies to backend = \"wireguard\"")),
+            (_, None) => None,
+        };
+        if let Backend::Vxlan { vtep_mac, .. } = *backend {
+            match mac {
+                None => return Err(invalid(f("mac"), "required with backend = \"vxlan\" (the peer's VTEP MAC)")),
+                Some(m) if m == vtep_mac => {
+                    return Err(invalid(f("mac"), format!("{m} is this node's own VTEP MAC")));
+                }
+                Some(_) => {}
+            }
         }
-        cmp!(
-            node_name,
-            public_ip,
-            iface,
-            backend,
-            port,
-            network,
-            subnet,
-            network_v6,
-            subnet_v6,
-            tun_name,
-            device,
-            mtu,
-            workers,
-            io,
-            offload,
-            gro,
-            api_socket,
-            pod_dir,
-            pod_gc_grace,
-            pending_release_dir,
-            ip_masq,
-            healthz
-        );
-        out
+        peers.push(Peer { name: p.name, subnet: psub, subnet_v6: psub6, endpoint, mac, public_key, mtu: p.mtu });
     }
+    Ok(peers)
 }
 
 #[cfg(test)]
@@ -1109,11 +1188,11 @@ mtu = 1200
     #[test]
     fn good_config_with_defaults() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.port, 8285);
-        assert_eq!(c.network.to_string(), "10.244.0.0/16");
-        assert_eq!(c.tun_name, "weft0");
-        assert_eq!(c.peers[1].endpoint, "198.18.0.3:8285".parse().unwrap());
-        assert_eq!(c.peers[1].mtu, Some(1200));
+        assert_eq!(c.net.port, 8285);
+        assert_eq!(c.net.network.to_string(), "10.244.0.0/16");
+        assert_eq!(c.node.tun_name, "weft0");
+        assert_eq!(c.peers.configured()[1].endpoint, "198.18.0.3:8285".parse().unwrap());
+        assert_eq!(c.peers.configured()[1].mtu, Some(1200));
     }
 
     /// Each bad value is refused with a message naming its field.
@@ -1161,9 +1240,9 @@ mtu = 1200
             ..RawConfig::default()
         };
         let c = Config::validate(file.merge(flags)).unwrap();
-        assert_eq!(c.port, 9000);
-        assert_eq!(c.peers.len(), 1);
-        assert_eq!(c.peers[0].mtu, Some(1300));
+        assert_eq!(c.net.port, 9000);
+        assert_eq!(c.peers.configured().len(), 1);
+        assert_eq!(c.peers.configured()[0].mtu, Some(1300));
         assert!(RawPeer::from_flag("name=x,subnet=10.244.9.0/24").unwrap_err().contains("endpoint"));
         assert!(RawPeer::from_flag("name=x,color=red").unwrap_err().contains("color"));
     }
@@ -1177,8 +1256,8 @@ mtu = 1200
         assert!(err.starts_with("peers[1].mac: required with backend = \"vxlan\""), "{err}");
         let text = text.replace("mtu = 1200", "mtu = 1200\nmac = \"02:00:00:00:00:03\"");
         let c = parse(&text).unwrap();
-        assert_eq!(c.port, 8472);
-        let Backend::Vxlan { vni, vtep_mac, udp_checksum } = c.backend else { panic!("not vxlan") };
+        assert_eq!(c.net.port, 8472);
+        let Backend::Vxlan { vni, vtep_mac, udp_checksum } = c.net.backend else { panic!("not vxlan") };
         assert_eq!((vni.get(), udp_checksum), (1, false));
         assert_eq!(vtep_mac, derived_vtep_mac("n1"));
         assert_ne!(derived_vtep_mac("n1"), derived_vtep_mac("n2"));
@@ -1215,10 +1294,10 @@ mtu = 1200
         assert!(err.starts_with("peers[1].public_key: required with backend = \"wireguard\""), "{err}");
         let text = text.replace("mtu = 1200", &format!("mtu = 1200\npublic_key = \"{K3}\""));
         let c = parse(&text).unwrap();
-        assert_eq!(c.port, 51820);
-        assert_eq!(c.peers[0].public_key.map(|k| k.to_string()).as_deref(), Some(K2));
-        assert_eq!(c.peers[1].endpoint.port(), 51820, "a bare address takes our port");
-        let Backend::WireGuard { key_file } = &c.backend else { panic!("not wireguard") };
+        assert_eq!(c.net.port, 51820);
+        assert_eq!(c.peers.configured()[0].public_key.map(|k| k.to_string()).as_deref(), Some(K2));
+        assert_eq!(c.peers.configured()[1].endpoint.port(), 51820, "a bare address takes our port");
+        let Backend::WireGuard { key_file } = &c.net.backend else { panic!("not wireguard") };
         assert_eq!(key_file, &PathBuf::from("/var/lib/weft/keys/n1.key"));
         for (from, to, want) in [
             (K3, "not-a-key", "peers[1].public_key: \"not-a-key\": not a WireGuard key"),
@@ -1276,9 +1355,9 @@ mtu = 1200
             "10.244.9.0/24".parse().unwrap(),
         )
         .unwrap();
-        assert_eq!((c.subnet.to_string(), c.port), ("10.244.9.0/24".to_string(), 8472));
-        assert!(matches!(c.backend, Backend::Vxlan { .. }));
-        assert_eq!((c.mtu, c.mtu_field), (None, "mtu"));
+        assert_eq!((c.net.subnet.to_string(), c.net.port), ("10.244.9.0/24".to_string(), 8472));
+        assert!(matches!(c.net.backend, Backend::Vxlan { .. }));
+        assert_eq!((c.net.mtu, c.net.mtu_field), (None, "mtu"));
     }
 
     /// flannel's etcd TLS and user options: each bad combination or unusable file is refused
@@ -1350,17 +1429,17 @@ mtu = 1200
     #[test]
     fn ip_masq_and_healthz_fields() {
         let c = parse(GOOD).unwrap();
-        assert!(!c.ip_masq, "ip_masq is off by default");
-        assert_eq!(c.healthz, None, "the endpoints are off by default");
+        assert!(!c.node.ip_masq, "ip_masq is off by default");
+        assert_eq!(c.node.healthz, None, "the endpoints are off by default");
         let c = parse(&GOOD.replace("workers = 1", "workers = 1\nip_masq = true\nhealthz_port = 8081")).unwrap();
-        assert!(c.ip_masq);
-        assert_eq!(c.healthz, Some("127.0.0.1:8081".parse().unwrap()), "127.0.0.1 when only a port is set");
+        assert!(c.node.ip_masq);
+        assert_eq!(c.node.healthz, Some("127.0.0.1:8081".parse().unwrap()), "127.0.0.1 when only a port is set");
         let c =
             parse(&GOOD.replace("workers = 1", "workers = 1\nhealthz_ip = \"0.0.0.0\"\nhealthz_port = 8081")).unwrap();
-        assert_eq!(c.healthz, Some("0.0.0.0:8081".parse().unwrap()));
+        assert_eq!(c.node.healthz, Some("0.0.0.0:8081".parse().unwrap()));
         let c =
             parse(&GOOD.replace("workers = 1", "workers = 1\nhealthz_ip = \"198.18.0.1\"\nhealthz_port = 0")).unwrap();
-        assert_eq!(c.healthz, None, "port 0 is off, as flannel's --healthz-port 0");
+        assert_eq!(c.node.healthz, None, "port 0 is off, as flannel's --healthz-port 0");
         for (extra, want) in [
             ("healthz_ip = \"localhost\"\nhealthz_port = 8081", "healthz_ip: \"localhost\" is not an IP address"),
             ("healthz_ip = \"224.0.0.1\"", "healthz_ip: 224.0.0.1 is a multicast address"),
@@ -1379,9 +1458,11 @@ mtu = 1200
     fn restart_only_fields_are_named() {
         let a = parse(GOOD).unwrap();
         let mut b = a.clone();
-        b.peers.pop();
+        if let PeerSource::Static(p) = &mut b.peers {
+            p.pop();
+        }
         assert!(a.restart_only_changes(&b).is_empty());
-        b.port = 1;
+        b.net.port = 1;
         assert_eq!(a.restart_only_changes(&b), vec!["port"]);
     }
 
@@ -1398,14 +1479,43 @@ mtu = 1200
         };
         let sub = "10.244.9.0/24".parse().unwrap();
         let c = resolve_leased(&raw(""), &net(r#"{"Type":"vxlan","MTU":1400}"#), sub).unwrap();
-        assert_eq!((c.mtu, c.mtu_field), (Some(1400), "Backend.MTU"));
+        assert_eq!((c.net.mtu, c.net.mtu_field), (Some(1400), "Backend.MTU"));
         let c = resolve_leased(&raw("mtu = 1300"), &net(r#"{"Type":"vxlan","MTU":1400}"#), sub).unwrap();
-        assert_eq!((c.mtu, c.mtu_field), (Some(1300), "mtu"));
+        assert_eq!((c.net.mtu, c.net.mtu_field), (Some(1300), "mtu"));
         let err = resolve_leased(&raw("device = \"tap\""), &net(r#"{"Type":"vxlan","DirectRouting":true}"#), sub)
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("Backend.DirectRouting: true does not work with device = \"tap\""), "{err}");
         assert!(resolve_leased(&raw("device = \"tap\""), &net(r#"{"Type":"vxlan"}"#), sub).is_ok());
+    }
+
+    /// A leased config is the static one's node settings with the store's typed network: the
+    /// node part is the same whichever source the network came from, the peers follow the
+    /// store, and this node's options are still checked against the leased backend.
+    #[test]
+    fn leased_network_comes_typed_from_the_store() {
+        let text = "node_name = \"n1\"\npublic_ip = \"198.18.0.1\"\nworkers = 1\nvtep_mac = \"02:00:00:00:00:07\"";
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        let store = weft_ipam::NetworkConfig::from_json(
+            r#"{"Network":"10.250.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4790}}"#,
+        )
+        .unwrap();
+        let c = resolve_leased(&raw, &store, "10.250.3.0/24".parse().unwrap()).unwrap();
+        let static_raw =
+            RawConfig { subnet: Some("10.244.1.0/24".into()), backend: Some("vxlan".into()), ..raw.clone() };
+        assert_eq!(c.node, Config::validate(static_raw).unwrap().node);
+        assert_eq!(c.peers, PeerSource::Leases);
+        assert!(c.peers.configured().is_empty());
+        assert_eq!(
+            (c.net.network.to_string(), c.net.subnet.to_string(), c.net.port),
+            ("10.250.0.0/16".into(), "10.250.3.0/24".into(), 4790)
+        );
+        let Backend::Vxlan { vni, vtep_mac, .. } = c.net.backend else { panic!("vxlan") };
+        assert_eq!((vni.get(), vtep_mac.to_string()), (42, "02:00:00:00:00:07".to_string()));
+        let udp =
+            weft_ipam::NetworkConfig::from_json(r#"{"Network":"10.250.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+        let err = resolve_leased(&raw, &udp, "10.250.3.0/24".parse().unwrap()).unwrap_err().to_string();
+        assert!(err.starts_with("vtep_mac: only applies to backend = \"vxlan\""), "{err}");
     }
 
     /// `flannel_paths` moves subnet.env to where flannel's CNI plugin reads it; an explicit
@@ -1432,7 +1542,7 @@ mtu = 1200
     fn iface_is_a_name_or_an_address() {
         for ok in ["iface = \"eth0\"", "iface = \"198.18.0.1\"", "iface = \"enp0s31f6.100\""] {
             let c = parse(&GOOD.replace("workers = 1", &format!("workers = 1\n{ok}"))).unwrap();
-            assert!(c.iface.is_some(), "{ok}");
+            assert!(c.node.iface.is_some(), "{ok}");
         }
         for bad in ["iface = \"\"", "iface = \"eth/0\"", "iface = \"a-very-long-interface\""] {
             let err = parse(&GOOD.replace("workers = 1", &format!("workers = 1\n{bad}"))).unwrap_err().to_string();

@@ -178,8 +178,9 @@ impl ApiState {
                 self.ready()?;
                 let who = a.parse()?;
                 // An ADD after a DEL that was recorded while we were down wins over that record.
-                let spool = weft_ipam::PendingReleases::new(&self.cfg.pending_release_dir);
-                let p = super::pending::allocate(&spool, &self.pods, &self.cfg.api_socket, &who).map_err(store_err)?;
+                let spool = weft_ipam::PendingReleases::new(&self.cfg.node.pending_release_dir);
+                let p =
+                    super::pending::allocate(&spool, &self.pods, &self.cfg.node.api_socket, &who).map_err(store_err)?;
                 json(serde_json::to_value(to_alloc(&who, &p)))
             }
             Request::Get(a) => {
@@ -256,15 +257,15 @@ impl ApiState {
             .iter()
             .map(|c| (c.as_str().to_string(), self.stats.iter().map(|s| s.icmp_count(*c)).sum()))
             .collect();
-        let gw = weft_forwarder::LocalNode { subnet_v4: Some(self.cfg.subnet), subnet_v6: None }.gateway_v4();
+        let gw = weft_forwarder::LocalNode { subnet_v4: Some(self.cfg.net.subnet), subnet_v6: None }.gateway_v4();
         Status {
-            node_name: self.cfg.node_name.clone(),
-            backend: self.cfg.backend.as_str().into(),
-            vni: match self.cfg.backend {
+            node_name: self.cfg.node.node_name.clone(),
+            backend: self.cfg.net.backend.as_str().into(),
+            vni: match self.cfg.net.backend {
                 crate::config::Backend::Vxlan { vni, .. } => Some(vni.get()),
                 crate::config::Backend::Udp | crate::config::Backend::WireGuard { .. } => None,
             },
-            vtep_mac: match self.cfg.backend {
+            vtep_mac: match self.cfg.net.backend {
                 crate::config::Backend::Vxlan { vtep_mac, .. } => Some(vtep_mac.to_string()),
                 crate::config::Backend::Udp | crate::config::Backend::WireGuard { .. } => None,
             },
@@ -276,18 +277,18 @@ impl ApiState {
                 .iter()
                 .map(|c| (c.as_str().to_owned(), self.stats.iter().map(|s| s.offload_count(*c)).sum()))
                 .collect(),
-            workers: self.cfg.workers,
-            network: self.cfg.network.to_string(),
-            subnet: self.cfg.subnet.to_string(),
+            workers: self.cfg.node.workers,
+            network: self.cfg.net.network.to_string(),
+            subnet: self.cfg.net.subnet.to_string(),
             gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
-            tun: self.cfg.tun_name.clone(),
-            device: match self.cfg.device {
+            tun: self.cfg.node.tun_name.clone(),
+            device: match self.cfg.node.device {
                 crate::config::Device::Tun => "tun".into(),
                 crate::config::Device::Tap => "tap".into(),
             },
             mtu: self.mtu,
-            public_ip: self.cfg.public_ip.to_string(),
-            port: self.cfg.port,
+            public_ip: self.cfg.node.public_ip.to_string(),
+            port: self.cfg.net.port,
             underlay_interface: self.underlay.name.clone(),
             underlay_mtu: self.underlay.mtu,
             uptime_secs: self.started.elapsed().as_secs(),

@@ -8,7 +8,7 @@
 //! 1. "Directly reachable" is flannel's test (`pkg/ip/route.go` `DirectRouting`): the kernel's
 //!    own lookup for the PublicIP (`ip route get`) has no gateway, and here also leaves by our
 //!    underlay interface (a `via PublicIP dev <underlay>` route would be wrong otherwise).
-//! 2. After every change of the peer set ([`hook`], on the lease task's `on_peers`), the wanted
+//! 2. After every change of the peer set ([`super::control::Peering::apply`]), the wanted
 //!    routes are compared with the installed ones ([`plan`], pure) and only the difference is
 //!    sent to the kernel.
 //! 3. weft's routes carry their own routing protocol number ([`PROTOCOL`], `proto 87` in
@@ -24,7 +24,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -33,7 +32,6 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage,
 use tracing::{info, warn};
 use weft_ipam::NetworkConfig;
 
-use super::lease::PeersChanged;
 use super::netlink::{Netlink, NetlinkError};
 use crate::config::Peer;
 
@@ -225,34 +223,19 @@ impl DirectRoutes {
     }
 }
 
-/// Wraps the lease task's `on_peers` hook (TAP routes, or none) so that direct routes follow
-/// every peer change, when the network config has `Backend.DirectRouting`. Without it, removes
-/// direct routes an earlier run left and returns `inner` unchanged.
-pub async fn hook(
-    inner: Option<PeersChanged>,
-    network: &NetworkConfig,
-    nl: &Netlink,
-    underlay: u32,
-) -> Option<PeersChanged> {
+/// The direct routes for a node of `network`, when its config has `Backend.DirectRouting`
+/// (IPv4 forwarding is turned on, for direct peers to reach this host's pods). Without it,
+/// removes the direct routes an earlier run left and returns `None`.
+pub async fn for_network(network: &NetworkConfig, nl: &Netlink, underlay: u32) -> Option<DirectRoutes> {
     if !network.backend.direct_routing() {
         remove_all(nl).await;
-        return inner;
+        return None;
     }
     if let Err(e) = crate::cni::sysctl::enable_ipv4_forwarding() {
         warn!(error = %e, "DirectRouting: cannot enable IPv4 forwarding; direct peers cannot reach this host's pods");
     }
     info!(underlay, "DirectRouting: peers on this L2 subnet are routed without encapsulation");
-    let state = Arc::new(tokio::sync::Mutex::new(DirectRoutes::adopt(nl.clone(), underlay).await));
-    let inner = inner.map(Arc::new);
-    Some(Box::new(move |old: Vec<Peer>, new: Vec<Peer>| {
-        let (state, inner) = (Arc::clone(&state), inner.clone());
-        Box::pin(async move {
-            if let Some(f) = inner {
-                f(old, new.clone()).await;
-            }
-            state.lock().await.sync(&new).await;
-        })
-    }))
+    Some(DirectRoutes::adopt(nl.clone(), underlay).await)
 }
 
 #[cfg(test)]

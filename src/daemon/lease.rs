@@ -23,7 +23,6 @@ use futures::StreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
-use weft_forwarder::RouteTableHandle;
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_forwarder::wireguard::PublicKey;
 use weft_ipam::{
@@ -31,10 +30,11 @@ use weft_ipam::{
     LeaseSnapshot, LeaseStore, NetworkConfig, StoreError, SubnetEnv, SubnetLease, lease_loop,
 };
 
+use super::DaemonError;
+use super::control::{ApplyError, Peering};
 use super::netlink::Netlink;
 use super::peers::{LeasePeers, PeerRules, RefusedLease};
-use super::{DaemonError, control};
-use crate::config::{Config, ConfigError, LeaseSettings, Peer, RawConfig, StoreSettings};
+use crate::config::{Config, ConfigError, LeaseSettings, RawConfig, StoreSettings};
 
 /// Least time between two writes of the lease cache (a burst of store events is written once).
 const CACHE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
@@ -418,27 +418,14 @@ impl LeaseView {
     }
 }
 
-/// Called with (old, new) peers after each change: TAP mode reconciles its per-peer routes.
-pub type PeersChanged = Box<dyn Fn(Vec<Peer>, Vec<Peer>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
-
-/// Everything the lease task needs from the daemon.
+/// Everything the lease task needs from the daemon, besides its [`LeaseTask`].
 pub struct LeaseContext {
-    /// The route table to keep up to date.
-    pub routes: RouteTableHandle,
-    /// Our overlay MTU.
-    pub mtu: u16,
-    /// Workers (counter slots per peer).
-    pub workers: usize,
-    /// The wire format's peer identity rule.
-    pub source_port_matters: bool,
     /// Where `subnet.env` is written, and its contents.
     pub subnet_env: (PathBuf, SubnetEnv),
     /// The lease settings (cache path, release on exit).
     pub settings: LeaseSettings,
     /// Shared status.
     pub view: Arc<Mutex<LeaseView>>,
-    /// TAP mode: called with (old, new) peers to reconcile per-peer kernel routes.
-    pub on_peers: Option<PeersChanged>,
 }
 
 /// The rules lease records are held to, from the network config and our own lease.
@@ -456,33 +443,39 @@ pub fn rules(network: &NetworkConfig, ours: Ipv4Net, public_ip: Ipv4Addr, public
     }
 }
 
-/// Swaps in the table for the accepted peers, keeping the running one if the new one is
-/// refused (and saying so in status). Returns the peers now in force.
-fn apply(peers: &LeasePeers, ctx: &LeaseContext, in_force: &[Peer]) -> Vec<Peer> {
+/// Applies the accepted peers ([`Peering::apply`]): a refused table keeps the running one,
+/// and says so in status; per-peer routes that could not follow are logged.
+async fn apply(peers: &LeasePeers, peering: &mut Peering, view: &Mutex<LeaseView>) {
     let wanted = peers.peers();
-    match control::apply_peers(&ctx.routes, &wanted, ctx.mtu, ctx.workers, ctx.source_port_matters) {
-        Ok(()) => wanted,
-        Err(e) => {
-            error!(error = %e, peers = wanted.len(), "route table refused; the last good table stays in force");
-            if let Ok(mut v) = ctx.view.lock() {
+    let n = wanted.len();
+    match peering.apply(wanted).await {
+        Ok(()) => {}
+        Err(ApplyError::Table(e)) => {
+            error!(error = %e, peers = n, "route table refused; the last good table stays in force");
+            if let Ok(mut v) = view.lock() {
                 v.table_refusals += 1;
                 v.last_table_error = Some(e.to_string());
             }
-            in_force.to_vec()
         }
+        Err(ApplyError::TapRoutes(e)) => error!(error = %e, "could not update the per-peer routes"),
     }
 }
 
 /// Builds the first route table from `leases` before the workers start; returns the peer set
-/// the lease task continues from and the peers in force.
-pub fn first_table(rules: PeerRules, leases: &[SubnetLease], ctx: &LeaseContext) -> (LeasePeers, Vec<Peer>) {
+/// the lease task continues from.
+pub async fn first_table(
+    rules: PeerRules,
+    leases: &[SubnetLease],
+    peering: &mut Peering,
+    ctx: &LeaseContext,
+) -> LeasePeers {
     let mut peers = LeasePeers::new(rules);
     peers.replace_all(leases);
-    let in_force = apply(&peers, ctx, &[]);
+    apply(&peers, peering, &ctx.view).await;
     if let Ok(mut v) = ctx.view.lock() {
         v.peers(&peers);
     }
-    (peers, in_force)
+    peers
 }
 
 /// Lists the store until it answers (the watch starts from that snapshot).
@@ -543,8 +536,8 @@ pub struct LeaseTask {
     pub ours: Ipv4Net,
     /// The records known and what each is to us.
     pub peers: LeasePeers,
-    /// The peers in the running table.
-    pub in_force: Vec<Peer>,
+    /// The peers in force, the route table and the kernel routes that follow them.
+    pub peering: Peering,
     /// The snapshot the watch starts from; `None` for a cached start (listed once confirmed).
     pub snapshot: Option<LeaseSnapshot>,
     /// Our lease, once held.
@@ -617,11 +610,7 @@ async fn confirm(
         error!(error = %e, "cannot rewrite subnet.env");
     }
     if task.peers.replace_all(&snapshot.leases) {
-        let new = apply(&task.peers, ctx, &task.in_force);
-        if let Some(f) = &ctx.on_peers {
-            f(task.in_force.clone(), new.clone()).await;
-        }
-        task.in_force = new;
+        apply(&task.peers, &mut task.peering, &ctx.view).await;
     }
     if let Ok(mut v) = ctx.view.lock() {
         v.provisional = false;
@@ -693,11 +682,7 @@ pub async fn run(mut task: LeaseTask, ctx: LeaseContext, mut stop: oneshot::Rece
                                 task.keeper.on_lease_event(e, SystemTime::now());
                             }
                             if task.peers.apply(&batch.events) {
-                                let new = apply(&task.peers, &ctx, &task.in_force);
-                                if let Some(f) = &ctx.on_peers {
-                                    f(task.in_force.clone(), new.clone()).await;
-                                }
-                                task.in_force = new;
+                                apply(&task.peers, &mut task.peering, &ctx.view).await;
                             }
                             cache_due.get_or_insert_with(Instant::now);
                             if let Ok(mut v) = ctx.view.lock() {

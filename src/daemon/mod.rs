@@ -3,11 +3,12 @@
 //! Start-up order: validated config → healthz/metrics endpoints (when a port is set; they
 //! answer "not ready" until the end) → (lease mode: store and lease cache; with a usable cache
 //! its network config and subnet, else the store's network config, the fail-closed route, and
-//! the lease) → the fail-closed `unreachable` route for the cluster network → underlay
-//! interface and MTU → I/O backend probe → TUN queues → UDP sockets → TUN address, link and
-//! routes → masquerade rules (`ip_masq`) → (lease mode: `subnet.env`, the first route table
-//! from the store's list or the cache, the lease task) → workers → pending CNI releases
-//! drained → API socket.
+//! the lease) → then the stages of [`start`]: underlay (the fail-closed `unreachable` route for
+//! the cluster network, underlay interface and MTU) → data plane (I/O backend probe, TUN
+//! queues, UDP sockets, TUN address, link and routes) → masquerade rules (`ip_masq`) → control
+//! plane (static peers, or `subnet.env`, the first route table from the store's list or the
+//! cache, and the lease task; TAP's per-peer and DirectRouting's routes follow the table,
+//! [`control::Peering`]) → workers → pending CNI releases drained → API socket.
 //!
 //! In static mode SIGHUP re-reads the peers and swaps the route table while traffic flows; in
 //! lease mode peers follow the store. SIGTERM or SIGINT stop the workers and the lease task;
@@ -31,6 +32,7 @@ pub mod netlink;
 pub mod peers;
 pub mod pending;
 pub mod rootless;
+mod start;
 pub mod takeover;
 pub mod underlay;
 pub mod wireguard;
@@ -42,16 +44,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, info_span, warn};
-use weft_forwarder::driver::udp::OuterChecksum;
-use weft_forwarder::driver::{self, DriverError, Offloads, WorkerIo};
+use tracing::{error, info, warn};
+use weft_forwarder::driver::DriverError;
 use weft_forwarder::wire::ethernet::MacAddr;
 use weft_forwarder::{
-    Bridge, Encap, EncapKind, Forwarder, LocalNode, PacketCore, RouteError, RouteTableHandle, UdpEncap, VxlanEncap,
-    WorkerStats, wireguard::WireGuardEncap,
+    Bridge, Encap, EncapKind, Forwarder, LocalNode, PacketCore, RouteError, UdpEncap, VxlanEncap, WorkerStats,
+    wireguard::WireGuardEncap,
 };
 
 use crate::config::{Backend, Config, ConfigError, Device, Loaded, Peer, RawConfig};
@@ -172,6 +172,15 @@ impl From<rootless::RootlessError> for DaemonError {
     }
 }
 
+impl From<control::ApplyError> for DaemonError {
+    fn from(e: control::ApplyError) -> Self {
+        match e {
+            control::ApplyError::Table(e) => Self::Peers(e),
+            control::ApplyError::TapRoutes(e) => e.into(),
+        }
+    }
+}
+
 impl From<NetlinkError> for DaemonError {
     fn from(e: NetlinkError) -> Self {
         if e.is_permission() { Self::NotPermitted(e.to_string()) } else { Self::Netlink(e) }
@@ -254,7 +263,7 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
     let source = underlay::pin_public_ip(source, &nl).await?;
     let loaded = source.load()?;
     let (healthz, masq_wanted, lease_mode) = match &loaded {
-        Loaded::Static(c) => (c.healthz, c.ip_masq, false),
+        Loaded::Static(c) => (c.node.healthz, c.node.ip_masq, false),
         Loaded::Lease { raw, .. } => (crate::config::healthz_addr(raw)?, raw.ip_masq.unwrap_or(false), true),
     };
     if overlay.is_some() && masq_wanted {
@@ -302,7 +311,7 @@ pub async fn run(source: ConfigSource, overlay: Option<rootless::Overlay>) -> Re
     }
     let overlay = overlay.map(Arc::new);
     let start = Start { cfg, source, leased, nl, signals, health, http: http_task, overlay, wg: None };
-    match (start.cfg.backend.clone(), start.cfg.device) {
+    match (start.cfg.net.backend.clone(), start.cfg.node.device) {
         (Backend::Udp, Device::Tun) => {
             run_with(Wire::of::<UdpEncap>(None), start, |i, local, stats| Forwarder::new(UdpEncap, local, i, stats))
                 .await
@@ -400,23 +409,7 @@ impl Wire {
 /// Send sockets per worker for formats whose outer source port follows the inner flow.
 const FLOW_SENDERS_PER_WORKER: usize = 8;
 
-/// Which offloads the workers use, from what the TUN got, what the sockets accept and the
-/// configuration.
-fn choose_offloads(cfg: &Config, tun: driver::tun::TunOffloads, sockets: &[std::net::UdpSocket]) -> Offloads {
-    let tso = tun.tso;
-    let gso = tso && sockets.first().is_some_and(driver::udp::gso_supported);
-    let gro = tso
-        && cfg.gro
-        && sockets.iter().all(|s| match driver::udp::enable_gro(s) {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(error = %e, "UDP GRO unavailable; receiving one datagram at a time");
-                false
-            }
-        });
-    Offloads { tun_vnet: tso, gso, gro, coalesce: tso && cfg.gro, tun_uso: tun.uso && cfg.gro }
-}
-
+/// Start-up in its stages ([`start`]), then the API, the signal loop and shutdown.
 async fn run_with<C: PacketCore + 'static>(
     wire: Wire,
     start: Start,
@@ -424,282 +417,45 @@ async fn run_with<C: PacketCore + 'static>(
 ) -> Result<(), DaemonError> {
     let Start { cfg, source, leased, nl, mut signals, health, http: mut http_task, overlay, wg } = start;
     let started = Instant::now();
-    // Fail closed first: from here on, pod traffic for the cluster network is either
-    // encapsulated or refused, never sent out of the default route (lease mode installed it
-    // already, as soon as it knew the network).
-    for net in cfg.cluster_networks() {
-        nl.add_fail_closed(net).await?;
-    }
-    if let (Backend::Vxlan { vni, .. }, None) = (&cfg.backend, &overlay) {
-        takeover::remove_flannel_vtep(&nl, vni.get(), cfg.port).await?;
-    }
-    let underlay = nl.underlay_for(cfg.public_ip).await?;
-    let mtu = mtu::overlay_mtu(&cfg, &underlay, wire.kind)?;
-    let probe = match &overlay {
-        // io_uring's registered buffers count against an unprivileged user's RLIMIT_MEMLOCK.
-        Some(_) => match rootless::memlock_allows(cfg.workers.saturating_mul(driver::POOL_BYTES)) {
-            Ok(()) => driver::probe(cfg.io)?,
-            Err(why) if cfg.io != driver::IoPreference::Uring => {
-                driver::ProbeResult { backend: driver::Backend::Mmsg, fallback_reason: Some(why) }
-            }
-            Err(why) => return Err(DriverError::UringUnavailable(io::Error::other(why)).into()),
-        },
-        None => driver::probe(cfg.io)?,
-    };
-    match &probe.fallback_reason {
-        Some(reason) => warn!(backend = "mmsg", reason = %reason, "io_uring unavailable, falling back"),
-        None => info!(backend = probe.backend.as_str(), "io backend chosen"),
-    }
-
-    // Offloads need a TUN (the TAP path forwards frame by frame); both I/O backends use them.
-    let want_offload = cfg.offload && wire.tap.is_none();
-    let (name, workers, tap) = (cfg.tun_name.clone(), cfg.workers, wire.tap.is_some());
-    let opened = match &overlay {
-        // A TUN belongs to the namespace of the thread that opened /dev/net/tun.
-        Some(o) => o.run(move || driver::tun::open(&name, workers, tap, want_offload))?,
-        None => driver::tun::open(&name, workers, tap, want_offload),
-    };
-    let queues = opened.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => DaemonError::NoTunDevice(e),
-        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("create TUN {}: {e}", cfg.tun_name)),
-        _ => DaemonError::Tun { name: cfg.tun_name.clone(), source: e },
-    })?;
-    let bind_addr = SocketAddr::new(cfg.public_ip, cfg.port);
-    let tun_offloads = queues.first().map(driver::TunQueue::offloads).unwrap_or_default();
-    // A GSO send needs the outer checksum (SO_NO_CHECK + UDP_SEGMENT is EINVAL), so with
-    // offloads VXLAN sends checksummed outer UDP, which every receiver accepts.
-    let csum = match cfg.backend {
-        Backend::Vxlan { udp_checksum: false, .. } if !tun_offloads.tso => OuterChecksum::Zero,
-        _ => OuterChecksum::On,
-    };
-    let sockets = driver::udp::bind(bind_addr, cfg.workers, csum).map_err(|e| match e.kind() {
-        io::ErrorKind::AddrInUse => DaemonError::AddressInUse(bind_addr),
-        io::ErrorKind::PermissionDenied => DaemonError::NotPermitted(format!("bind {bind_addr}: {e}")),
-        _ => DaemonError::Bind { addr: bind_addr, source: e },
-    })?;
-
-    let senders = if wire.flow_source_port { FLOW_SENDERS_PER_WORKER } else { 0 };
-    let mut send_sets = Vec::with_capacity(cfg.workers);
-    for _ in 0..cfg.workers {
-        send_sets.push(
-            driver::udp::bind_senders(cfg.public_ip, senders, csum)
-                .map_err(|e| DaemonError::Bind { addr: SocketAddr::new(cfg.public_ip, 0), source: e })?,
-        );
-    }
-    let offloads = choose_offloads(&cfg, tun_offloads, &sockets);
-    info!(
-        tun_tso = offloads.tun_vnet,
-        tun_uso = tun_offloads.uso,
-        udp_gso = offloads.gso,
-        udp_gro = offloads.gro,
-        coalesce = offloads.coalesce,
-        "offloads"
-    );
-    let local = LocalNode { subnet_v4: Some(cfg.subnet), subnet_v6: cfg.subnet_v6 };
-    let gateways: Vec<IpAddr> =
-        local.gateway_v4().map(IpAddr::V4).into_iter().chain(local.gateway_v6().map(IpAddr::V6)).collect();
-    let tun_index = nl.link_index(&cfg.tun_name).await?;
-    nl.configure_tun(tun_index, &cfg.tun_name, mtu, wire.tap, &gateways).await?;
-    if wire.tap.is_none() {
-        for (net, gw) in cfg.cluster_networks().zip(gateways.iter()) {
-            nl.add_device_route(net, tun_index, *gw).await?;
-        }
-    }
-    if wire.tap.is_some() {
-        sync_tap_routes(&nl, tun_index, &[], &cfg.peers).await?;
-    }
-    info!(tun = %cfg.tun_name, mtu, gateway = ?gateways, underlay = %underlay.name, underlay_mtu = underlay.mtu, "tun configured");
+    let rootless = overlay.is_some();
+    let underlay = start::Underlay::discover(&cfg, &nl, wire, rootless).await?;
+    let mtu = underlay.mtu;
+    let mut plane = start::DataPlane::open(&cfg, &nl, wire, &underlay, overlay.as_deref()).await?;
     health.tun_up.store(true, Ordering::Relaxed);
+    let masq_keeper = start::masquerade(&cfg, rootless, &health).await?;
 
-    // Masquerade: our table replaced in one transaction; without ip_masq, one left by an
-    // earlier run (a plain stop keeps it) is removed, so turning it off takes effect.
-    let masq_table = masq::table_name(&cfg.tun_name);
-    let masq_keeper = if cfg.ip_masq {
-        let m = masq::Masq::install(masq_table.clone(), cfg.network, cfg.subnet).await?;
-        health.set_masq(m.state());
-        Some(m)
-    } else {
-        // Rootless has no table of its own in the host's firewall to clean.
-        if overlay.is_none() {
-            if let Err(e) = masq::remove(&masq_table).await {
-                debug!(error = %e, "no masquerade table to remove");
-            }
-        }
-        None
+    // The peers and what follows them: TAP's per-peer routes; in lease mode DirectRouting's
+    // host routes (rootless refused DirectRouting at start, and has no host routes to clean).
+    let tap = wire.tap.map(|_| control::TapRoutes::new(nl.clone(), plane.tun_index));
+    let direct = match (&leased, rootless) {
+        (Some(p), false) => direct::for_network(&p.network, &nl, underlay.link.index).await,
+        _ => None,
     };
-
-    // Lease mode: subnet.env, and the leases the store (or the cache) holds, before anyone is
-    // told we are up.
-    let mut lease_parts = None;
-    if let Some(prepared) = leased {
-        let env = weft_ipam::SubnetEnv {
-            network: cfg.network,
-            subnet: cfg.subnet,
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: u32::from(mtu),
-            ipmasq: cfg.ip_masq,
-        };
-        lease::write_subnet_env(&prepared.settings.subnet_file, &env)?;
-        health.subnet_env.store(true, Ordering::Relaxed);
-        let snapshot = match &prepared.start {
-            lease::Start::Held { .. } => {
-                let mut stop = Box::pin(signals.stopped());
+    let peering = control::Peering::new(mtu, cfg.node.workers, wire.source_port_matters, tap, direct)?;
+    let control = match leased {
+        None => start::ControlPlane::start_static(&cfg, peering).await?,
+        Some(prepared) => {
+            let key = wg.as_ref().map(|w| w.key.public_key());
+            match start::ControlPlane::start_leased(prepared, &cfg, mtu, peering, &mut signals, key, &health).await? {
+                Some(c) => c,
                 // Stopped before the store answered: the fail-closed route stays, as on any stop.
-                let Some(snapshot) = lease::first_snapshot(&prepared.store, &mut stop).await else { return Ok(()) };
-                Some(snapshot)
+                None => return Ok(()),
             }
-            lease::Start::Cached { .. } => None,
-        };
-        lease_parts = Some((prepared, env, snapshot));
-    }
-    let pods = weft_ipam::FilePodStore::open(cfg.pod_dir.clone())
-        .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
+        }
+    };
+    let pods = weft_ipam::FilePodStore::open(cfg.node.pod_dir.clone())
+        .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.node.pod_dir.display())))
         .and_then(|store| {
-            weft_ipam::PodAllocator::new(store, cfg.subnet)
-                .map(|a| a.with_gc_grace(cfg.pod_gc_grace))
-                .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.pod_dir.display())))
+            weft_ipam::PodAllocator::new(store, cfg.net.subnet)
+                .map(|a| a.with_gc_grace(cfg.node.pod_gc_grace))
+                .map_err(|e| DaemonError::Pods(format!("{}: {e}", cfg.node.pod_dir.display())))
         })?;
-
-    let table = control::build_table(&cfg.peers, mtu, cfg.workers, None, wire.source_port_matters)?;
-    for p in table.peers() {
-        info!(peer = %p.name, subnet = ?p.subnet_v4, endpoint = %p.endpoint, "peer added");
-    }
-    let routes = RouteTableHandle::new(table);
-    let mut lease_task = None;
-    let mut lease_view = None;
-    let mut release_on_exit = false;
-    if let Some((prepared, env, snapshot)) = lease_parts {
-        release_on_exit = prepared.settings.release_on_exit;
-        let public_ip = match cfg.public_ip {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-        };
-        let provisional = matches!(prepared.start, lease::Start::Cached { .. });
-        let view = Arc::new(std::sync::Mutex::new(lease::LeaseView::new(
-            cfg.subnet,
-            prepared.settings.store.kind(),
-            provisional,
-            prepared.cache_note.clone(),
-        )));
-        let on_peers: Option<lease::PeersChanged> = wire.tap.map(|_| {
-            let nl = nl.clone();
-            let f: lease::PeersChanged = Box::new(move |old: Vec<Peer>, new: Vec<Peer>| {
-                let nl = nl.clone();
-                Box::pin(async move {
-                    if let Err(e) = sync_tap_routes(&nl, tun_index, &old, &new).await {
-                        error!(error = %e, "could not update the per-peer routes");
-                    }
-                })
-            });
-            f
-        });
-        // Rootless refused DirectRouting above, and has no host routes of weft's to clean.
-        let on_peers = if overlay.is_some() {
-            on_peers
-        } else {
-            direct::hook(on_peers, &prepared.network, &nl, underlay.index).await
-        };
-        let ctx = lease::LeaseContext {
-            routes: routes.clone(),
-            mtu,
-            workers: cfg.workers,
-            source_port_matters: wire.source_port_matters,
-            subnet_env: (prepared.settings.subnet_file.clone(), env),
-            settings: prepared.settings.clone(),
-            view: Arc::clone(&view),
-            on_peers,
-        };
-        // The first table, before the workers start: from the store's list, or from the cache.
-        let rules = lease::rules(&prepared.network, cfg.subnet, public_ip, wg.as_ref().map(|w| w.key.public_key()));
-        let (keeper, lease, leases) = match prepared.start {
-            lease::Start::Held { keeper, lease } => {
-                (keeper, Some(lease), snapshot.as_ref().map(|s| s.leases.clone()).unwrap_or_default())
-            }
-            lease::Start::Cached { keeper, cache } => (keeper, None, cache.peers),
-        };
-        let (peers, in_force) = lease::first_table(rules, &leases, &ctx);
-        if let (Some(s), Ok(mut v)) = (&snapshot, view.lock()) {
-            v.unreadable_leases = s.unreadable.len();
-        }
-        if let Some(f) = &ctx.on_peers {
-            f(Vec::new(), in_force.clone()).await;
-        }
-        let task = lease::LeaseTask {
-            store: prepared.store,
-            keeper,
-            network: prepared.network,
-            ours: cfg.subnet,
-            peers,
-            in_force,
-            snapshot,
-            lease,
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lease_task = Some((tx, futures::FutureExt::fuse(tokio::spawn(lease::run(task, ctx, rx)))));
-        lease_view = Some(view);
-    }
     // The first table is in force (lease mode started from its cache: not synced with the
     // store until the lease task confirms it, which readiness reads from the lease view).
     health.routes_synced.store(true, Ordering::Relaxed);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers).map(|_| Arc::new(WorkerStats::default())).collect();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, WorkerEnd)>();
-    let mut threads = Vec::with_capacity(cfg.workers + 1);
-    // WireGuard's control thread sends handshakes from our port, through a clone of the first
-    // worker's socket; it reports its end as "worker <workers>", and its end stops the daemon
-    // as a worker's would (no handshakes means no sessions).
     let wg_status = wg.as_ref().map(|w| (w.key.public_key(), Arc::clone(&w.counters)));
-    if let Some(setup) = wg {
-        let socket = sockets.first().map(std::net::UdpSocket::try_clone).transpose().map_err(DaemonError::Thread)?;
-        let Some(socket) = socket else { return Err(DaemonError::NotPermitted("wireguard: no socket".into())) };
-        let (routes, done, stop, id) = (routes.clone(), done_tx.clone(), Arc::clone(&stop), cfg.workers);
-        let t = std::thread::Builder::new()
-            .name("weft-wireguard".into())
-            .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| wireguard::run(setup, socket, routes, &stop));
-                let end = match std::panic::catch_unwind(run) {
-                    Ok(Ok(())) => WorkerEnd::Returned,
-                    Ok(Err(e)) => WorkerEnd::Failed(DriverError::Loop(e)),
-                    Err(p) => WorkerEnd::Panicked(panic_message(p.as_ref())),
-                };
-                let _ = done.send((id, end));
-            })
-            .map_err(DaemonError::Thread)?;
-        threads.push(t);
-    }
-    for (i, ((tun, udp), send)) in queues.into_iter().zip(sockets).zip(send_sets).enumerate() {
-        let fwd = make_core(i, local, Arc::clone(&stats[i]));
-        let (routes, done, backend) = (routes.clone(), done_tx.clone(), probe.backend);
-        let worker_stop = worker_stop_flag(i, &stop);
-        let panic_after = i == 0 && failpoint::armed("worker-panic");
-        let t = std::thread::Builder::new()
-            .name(format!("weft-worker-{i}"))
-            .spawn(move || {
-                let span = info_span!("worker", id = i, io = backend.as_str());
-                let _g = span.enter();
-                let run = std::panic::AssertUnwindSafe(|| {
-                    let r =
-                        driver::run_worker(backend, WorkerIo { tun, udp, send, offloads }, fwd, routes, worker_stop);
-                    if panic_after {
-                        #[allow(clippy::panic)] // A test hook: proves a dead worker stops the daemon.
-                        {
-                            panic!("failpoint worker-panic");
-                        }
-                    }
-                    r
-                });
-                let end = match std::panic::catch_unwind(run) {
-                    Ok(Ok(())) => WorkerEnd::Returned,
-                    Ok(Err(e)) => WorkerEnd::Failed(e),
-                    Err(p) => WorkerEnd::Panicked(panic_message(p.as_ref())),
-                };
-                let _ = done.send((i, end));
-            })
-            .map_err(DaemonError::Thread)?;
-        threads.push(t);
-    }
-    drop(done_tx);
+    let io = std::mem::take(&mut plane.io);
+    let mut workers = start::Workers::start(io, plane.probe.backend, plane.local, &control.routes, wg, make_core)?;
     health.workers_running.store(true, Ordering::Relaxed);
 
     let (leave_tx, mut leave_rx) = mpsc::unbounded_channel::<()>();
@@ -711,26 +467,20 @@ async fn run_with<C: PacketCore + 'static>(
     let state = Arc::new(api::ApiState {
         cfg: cfg.clone(),
         mtu,
-        underlay,
-        backend: probe.backend,
-        fallback_reason: probe.fallback_reason,
+        underlay: underlay.link,
+        backend: plane.probe.backend,
+        fallback_reason: plane.probe.fallback_reason.clone(),
         rootless: overlay.as_ref().map(|o| {
             let (userns, netns) = o.ns_paths();
             crate::status::RootlessStatus { userns: userns.display().to_string(), netns: netns.display().to_string() }
         }),
-        offloads: vec![
-            ("tun_tso", offloads.tun_vnet),
-            ("tun_uso", tun_offloads.uso),
-            ("udp_gso", offloads.gso),
-            ("udp_gro", offloads.gro),
-            ("coalesce", offloads.coalesce),
-        ],
-        routes: routes.clone(),
-        stats,
+        offloads: plane.offload_names(),
+        routes: control.routes.clone(),
+        stats: workers.stats.clone(),
         started,
         reloads: AtomicU64::new(0),
         reload_failures: AtomicU64::new(0),
-        lease: lease_view,
+        lease: control.lease.as_ref().map(|l| Arc::clone(&l.view)),
         pods: Arc::new(pods),
         leave: leave_tx,
         wireguard: wg_status,
@@ -738,18 +488,22 @@ async fn run_with<C: PacketCore + 'static>(
     health.set_state(Arc::clone(&state));
     let mut masq_task = masq_keeper.map(|m| tokio::spawn(m.keep()));
     let mut pending_task = pending::start(Arc::clone(&state)).await;
-    let listener =
-        api::bind(&cfg.api_socket).map_err(|source| DaemonError::Api { path: cfg.api_socket.clone(), source })?;
+    let listener = api::bind(&cfg.node.api_socket)
+        .map_err(|source| DaemonError::Api { path: cfg.node.api_socket.clone(), source })?;
     let mut api_task = tokio::spawn(api::serve(listener, Arc::clone(&state)));
-    info!(node = %cfg.node_name, subnet = %cfg.subnet, public_ip = %cfg.public_ip, port = cfg.port, workers = cfg.workers,
-        backend = wire.kind.as_str(), io = probe.backend.as_str(), api = %cfg.api_socket.display(), "weft ready");
+    info!(node = %cfg.node.node_name, subnet = %cfg.net.subnet, public_ip = %cfg.node.public_ip, port = cfg.net.port, workers = cfg.node.workers,
+        backend = wire.kind.as_str(), io = plane.probe.backend.as_str(), api = %cfg.node.api_socket.display(), "weft ready");
 
-    let mut ctl =
-        Control { cfg: &cfg, source: &source, state: &state, mtu, wire, nl: &nl, tun_index, peers: cfg.peers.clone() };
+    let start::ControlPlane { peering, lease: lease_run, .. } = control;
+    let (lease_exit, mut lease_task, release_on_exit) = match lease_run {
+        Some(l) => (Some(l.exit), Some(l.task), l.release_on_exit),
+        None => (None, None, false),
+    };
+    let mut ctl = Control { cfg: &cfg, source: &source, state: &state, peering };
     let (exit, mut outcome) = {
         let mut watched = Watched {
-            done: &mut done_rx,
-            lease: lease_task.as_mut().map(|(_, t)| t),
+            done: &mut workers.done,
+            lease: lease_task.as_mut(),
             api: &mut api_task,
             pending: &mut pending_task,
             http: http_task.as_mut(),
@@ -764,16 +518,13 @@ async fn run_with<C: PacketCore + 'static>(
         (Ok(()), Exit::Stop) => "stop requested".to_owned(),
     });
 
-    stop.store(true, Ordering::Relaxed);
     api_task.abort();
     pending_task.abort();
     if let Some(t) = &masq_task {
         t.abort();
     }
-    for t in threads {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
-    if let Some((tx, task)) = lease_task {
+    workers.stop().await;
+    if let (Some(tx), Some(task)) = (lease_exit, lease_task) {
         let _ = tx.send(if exit == Exit::Leave { lease::Exit::Leave } else { lease::Exit::Stop });
         if !futures::future::FusedFuture::is_terminated(&task) {
             if let Ok(Err(e)) = task.await {
@@ -788,35 +539,42 @@ async fn run_with<C: PacketCore + 'static>(
     // fail-closed route stays unless the node leaves: a restart, a crash or a failed start must
     // not let pod traffic out of the default route unencapsulated.
     if left {
-        for net in cfg.cluster_networks() {
-            if let Err(e) = nl.del_fail_closed(net).await {
-                warn!(error = %e, "could not remove fail-closed route");
-            }
-        }
-        if overlay.is_none() {
-            direct::remove_all(&nl).await;
-        }
-        if cfg.ip_masq {
-            match masq::remove(&masq_table).await {
-                Ok(()) => info!(table = %format!("ip {masq_table}"), "masquerade table removed"),
-                Err(e) => warn!(error = %e, "could not remove the masquerade table"),
-            }
-        }
+        leave_host(&cfg, &nl, rootless).await;
     }
     if let Some(t) = &http_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&cfg.api_socket);
+    let _ = std::fs::remove_file(&cfg.node.api_socket);
     let s = state.status();
     let dropped: Vec<String> = s.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let (rx, tx) = s.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_packets, t + p.tx_packets));
     if left {
         info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), "weft left the cluster; tun and routes removed");
     } else {
-        info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), network = %cfg.network,
+        info!(rx_packets = rx, tx_packets = tx, drops = %dropped.join(","), network = %cfg.net.network,
             "weft stopped; tun removed, fail-closed route kept until weft is back or `weft leave`");
     }
     outcome
+}
+
+/// A leave: removes what outlives the process on a plain stop (the fail-closed routes, the
+/// direct routes, the masquerade table).
+async fn leave_host(cfg: &Config, nl: &Netlink, rootless: bool) {
+    for net in cfg.cluster_networks() {
+        if let Err(e) = nl.del_fail_closed(net).await {
+            warn!(error = %e, "could not remove fail-closed route");
+        }
+    }
+    if !rootless {
+        direct::remove_all(nl).await;
+    }
+    if cfg.node.ip_masq {
+        let table = masq::table_name(&cfg.node.tun_name);
+        match masq::remove(&table).await {
+            Ok(()) => info!(table = %format!("ip {table}"), "masquerade table removed"),
+            Err(e) => warn!(error = %e, "could not remove the masquerade table"),
+        }
+    }
 }
 
 /// How a worker thread ended.
@@ -869,12 +627,8 @@ struct Control<'a> {
     cfg: &'a Config,
     source: &'a ConfigSource,
     state: &'a api::ApiState,
-    mtu: u16,
-    wire: Wire,
-    nl: &'a Netlink,
-    tun_index: u32,
-    /// The peers in force (TAP mode reconciles its routes against them on reload).
-    peers: Vec<Peer>,
+    /// Static mode: the peers in force, which a reload replaces. `None` in lease mode.
+    peering: Option<control::Peering>,
 }
 
 /// The lease task, fused so that it can be awaited once more after the signal loop saw it end.
@@ -983,69 +737,52 @@ fn join_why(j: tokio::task::JoinError) -> String {
     }
 }
 
-/// TAP mode: makes the kernel's per-peer routes (`<peer subnet> via <peer gateway> onlink`)
-/// match `new`, removing those of peers in `old` that are gone.
-///
-/// A route depends on the subnet alone, so only subnets that came or went cost a request.
-async fn sync_tap_routes(nl: &Netlink, index: u32, old: &[Peer], new: &[Peer]) -> Result<(), NetlinkError> {
-    let before: std::collections::HashSet<ipnet::Ipv4Net> = old.iter().map(|p| p.subnet).collect();
-    let after: std::collections::HashSet<ipnet::Ipv4Net> = new.iter().map(|p| p.subnet).collect();
-    for s in before.difference(&after) {
-        nl.del_onlink_route(IpNet::V4(*s), gateway_of(*s).into(), index).await?;
-    }
-    for s in after.difference(&before) {
-        nl.add_onlink_route(IpNet::V4(*s), gateway_of(*s).into(), index).await?;
-    }
-    Ok(())
-}
-
-/// A node's gateway: the first usable address of its subnet, which its TUN or TAP holds.
-fn gateway_of(subnet: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1))
-}
-
 /// SIGHUP: re-reads the configuration and swaps in a new route table. Anything wrong is
 /// logged and the running table is kept; fields that need a restart are named and ignored.
 /// Returns whether the new peers were applied.
 async fn reload(ctl: &mut Control<'_>) -> bool {
-    let (cfg, routes) = (ctl.cfg, &ctl.state.routes);
-    let new = match ctl.source.load() {
-        Ok(Loaded::Static(c)) if ctl.state.lease.is_none() => *c,
-        Ok(Loaded::Lease { .. }) if ctl.state.lease.is_some() => {
+    let cfg = ctl.cfg;
+    let new = match (ctl.source.load(), &mut ctl.peering) {
+        (Ok(Loaded::Static(c)), Some(peering)) => (*c, peering),
+        (Ok(Loaded::Lease { .. }), None) => {
             info!("reload: lease mode, peers follow the store; nothing to reload");
             return true;
         }
-        Ok(_) => {
+        (Ok(_), _) => {
             error!("reload refused: switching between static and lease mode needs a restart");
             return false;
         }
-        Err(e) => {
+        (Err(e), _) => {
             error!(error = %e, "reload refused, keeping the running configuration");
             return false;
         }
     };
+    let (new, peering) = new;
     let ignored = cfg.restart_only_changes(&new);
     if !ignored.is_empty() {
         warn!(fields = ?ignored, "reload: these fields need a restart and keep their running values");
     }
-    if let Err(e) = control::apply_peers(routes, &new.peers, ctl.mtu, cfg.workers, ctl.wire.source_port_matters) {
-        error!(error = %e, "reload refused, keeping the running peers");
-        return false;
-    }
-    let before: std::collections::HashSet<&str> = ctl.peers.iter().map(|p| p.name.as_str()).collect();
-    let after: std::collections::HashSet<&str> = new.peers.iter().map(|p| p.name.as_str()).collect();
-    for p in new.peers.iter().filter(|p| !before.contains(p.name.as_str())) {
+    let old: Vec<Peer> = peering.in_force().to_vec();
+    let count = new.peers.configured().len();
+    let tap_routes = match peering.apply(new.peers.configured().to_vec()).await {
+        Err(control::ApplyError::Table(e)) => {
+            error!(error = %e, "reload refused, keeping the running peers");
+            return false;
+        }
+        other => other,
+    };
+    let (old, new) = (&old, peering.in_force());
+    let before: std::collections::HashSet<&str> = old.iter().map(|p| p.name.as_str()).collect();
+    let after: std::collections::HashSet<&str> = new.iter().map(|p| p.name.as_str()).collect();
+    for p in new.iter().filter(|p| !before.contains(p.name.as_str())) {
         info!(peer = %p.name, subnet = %p.subnet, endpoint = %p.endpoint, "peer added");
     }
-    for p in ctl.peers.iter().filter(|o| !after.contains(o.name.as_str())) {
+    for p in old.iter().filter(|o| !after.contains(o.name.as_str())) {
         info!(peer = %p.name, "peer removed");
     }
-    if ctl.wire.tap.is_some() {
-        if let Err(e) = sync_tap_routes(ctl.nl, ctl.tun_index, &ctl.peers, &new.peers).await {
-            error!(error = %e, "reload: could not update the per-peer routes");
-        }
+    if let Err(e) = tap_routes {
+        error!(error = %e, "reload: could not update the per-peer routes");
     }
-    info!(peers = new.peers.len(), "reloaded");
-    ctl.peers = new.peers;
+    info!(peers = count, "reloaded");
     true
 }

@@ -17,14 +17,14 @@ use crate::config::Config;
 /// [`DaemonError::Mtu`] naming `mtu` or `Backend.MTU` when the value exceeds what the underlay
 /// carries, or when the underlay leaves less than IPv4's 576 bytes (1280 with IPv6 pods).
 pub fn overlay_mtu(cfg: &Config, underlay: &UnderlayLink, kind: EncapKind) -> Result<u16, DaemonError> {
-    let overhead = kind.overhead(cfg.public_ip.is_ipv6());
+    let overhead = kind.overhead(cfg.node.public_ip.is_ipv6());
     let max = underlay.mtu.saturating_sub(u32::try_from(overhead).unwrap_or(u32::MAX));
     let max = u16::try_from(max).unwrap_or(u16::MAX);
-    let mtu = match cfg.mtu {
+    let mtu = match cfg.net.mtu {
         Some(m) if m > max => {
             return Err(DaemonError::Mtu(format!(
                 "{}: {m} exceeds what {} (MTU {}) carries after {overhead} bytes of {} encapsulation: at most {max}",
-                cfg.mtu_field,
+                cfg.net.mtu_field,
                 underlay.name,
                 underlay.mtu,
                 kind.as_str()
@@ -33,11 +33,11 @@ pub fn overlay_mtu(cfg: &Config, underlay: &UnderlayLink, kind: EncapKind) -> Re
         Some(m) => m,
         None => max,
     };
-    let min = if cfg.subnet_v6.is_some() { 1280 } else { 576 };
+    let min = if cfg.net.subnet_v6.is_some() { 1280 } else { 576 };
     if mtu < min {
         return Err(DaemonError::Mtu(format!(
             "{}: underlay {} has MTU {}, leaving only {mtu} for the overlay (at least {min} needed)",
-            cfg.mtu_field, underlay.name, underlay.mtu
+            cfg.net.mtu_field, underlay.name, underlay.mtu
         )));
     }
     Ok(mtu)
@@ -54,7 +54,10 @@ mod tests {
         )
         .unwrap();
         let Ok(Loaded::Static(c)) = Loaded::from_raw(raw) else { panic!("static config") };
-        Config { mtu, mtu_field: field, ..*c }
+        let mut c = *c;
+        c.net.mtu = mtu;
+        c.net.mtu_field = field;
+        c
     }
 
     fn eth(mtu: u32) -> UnderlayLink {

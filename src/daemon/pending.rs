@@ -155,9 +155,9 @@ pub async fn start(state: Arc<ApiState>) -> JoinHandle<()> {
 /// files already warned about, so a file left in the directory is not logged every 30 s.
 async fn drain_and_log(state: &Arc<ApiState>, warned: &mut HashSet<PathBuf>) {
     let st = Arc::clone(state);
-    let dir = state.cfg.pending_release_dir.clone();
+    let dir = state.cfg.node.pending_release_dir.clone();
     let result = tokio::task::spawn_blocking(move || {
-        drain(&PendingReleases::new(&st.cfg.pending_release_dir), &st.pods, &st.cfg.api_socket)
+        drain(&PendingReleases::new(&st.cfg.node.pending_release_dir), &st.pods, &st.cfg.node.api_socket)
     })
     .await;
     let report = match result {
