@@ -71,8 +71,6 @@ fn udp_datagram(ip: &[u8], f: &IpFacts) -> bool {
 /// What [`tcp_segment`] learns about a packet that may be merged.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
-    /// IP header length.
-    l4: usize,
     /// IP + TCP header length.
     hdrs: usize,
     seq: u32,
@@ -90,7 +88,7 @@ fn tcp_segment(ip: &[u8], f: &IpFacts) -> Option<Segment> {
     if t.payload().is_empty() || t.flags() & !tcp::PSH != tcp::ACK {
         return None;
     }
-    Some(Segment { l4: f.header_len, hdrs: f.header_len.checked_add(t.header_len())?, seq: t.seq(), flags: t.flags() })
+    Some(Segment { hdrs: f.header_len.checked_add(t.header_len())?, seq: t.seq(), flags: t.flags() })
 }
 
 /// Whether the IP headers of `a` and `b` (same version) agree on everything that must not
@@ -113,11 +111,12 @@ fn same<const N: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
     matches!((wire::bytes::<N>(a, at), wire::bytes::<N>(b, at)), (Some(x), Some(y)) if x == y)
 }
 
-/// Whether the headers of `a` and `b` (same version, same header length) agree on
-/// everything that must not change within one merged TCP packet.
+/// Whether the headers of `a` and `b` (same version, same header lengths: the TCP header
+/// from `l4` to `s.hdrs`) agree on everything that must not change within one merged TCP
+/// packet.
 #[inline]
-fn same_flow(a: &[u8], b: &[u8], s: &Segment, v6: bool) -> bool {
-    let (Some(ta), Some(tb)) = (a.get(s.l4..s.hdrs), b.get(s.l4..s.hdrs)) else { return false };
+fn same_flow(a: &[u8], b: &[u8], l4: usize, s: &Segment, v6: bool) -> bool {
+    let (Some(ta), Some(tb)) = (a.get(l4..s.hdrs), b.get(l4..s.hdrs)) else { return false };
     // Ports; ACK number; data offset; options.
     same_ip(a, b, v6) && same::<4>(ta, tb, 0) && same::<5>(ta, tb, 8) && ta.get(20..) == tb.get(20..)
 }
@@ -223,7 +222,7 @@ impl Coalesced {
             || s.seq != self.next_seq
             || payload > self.mss
             || self.len.saturating_add(payload) > self.limit()
-            || !same_flow(hdr, ip, &first_seg, f.is_v6())
+            || !same_flow(hdr, ip, self.ip.header_len, &first_seg, f.is_v6())
             || !self.checksums_ok(ip, f, first)
         {
             return false;
@@ -232,7 +231,7 @@ impl Coalesced {
         self.next_seq = self.next_seq.wrapping_add(payload as u32);
         self.segments = self.segments.saturating_add(1);
         if s.flags & tcp::PSH != 0 {
-            let tcp_hdr = head.get_mut(VNET_HDR_LEN..).and_then(|h| h.get_mut(first_seg.l4..first_seg.hdrs));
+            let tcp_hdr = head.get_mut(VNET_HDR_LEN..).and_then(|h| h.get_mut(self.ip.header_len..first_seg.hdrs));
             if let Some(mut t) = tcp_hdr.and_then(|t| TcpPacket::new_checked(t).ok()) {
                 t.set_flags(t.flags() | tcp::PSH);
             }
@@ -306,16 +305,17 @@ impl Coalesced {
     /// filled.
     pub fn finish(&self, head: &mut [u8]) -> usize {
         let n = VNET_HDR_LEN.saturating_add(self.hdrs);
-        let (l4, gso_type, csum_offset) = match self.tcp {
+        let (gso_type, csum_offset) = match self.tcp {
             // One packet goes out as it came.
             _ if self.segments < 2 || (self.tcp.is_none() && !self.udp) => {
                 self.first_partial.map_or_else(VnetHdr::default, |p| p.vnet_hdr()).emit(head);
                 return n;
             }
-            Some(s) => (s.l4, if self.ip.is_v6() { GSO_TCPV6 } else { GSO_TCPV4 }, tcp::CHECKSUM_OFFSET),
-            None => (self.ip.header_len, GSO_UDP_L4, udp::CHECKSUM_OFFSET),
+            Some(_) => (if self.ip.is_v6() { GSO_TCPV6 } else { GSO_TCPV4 }, tcp::CHECKSUM_OFFSET),
+            None => (GSO_UDP_L4, udp::CHECKSUM_OFFSET),
         };
-        if self.fix_headers(head, l4).is_none() {
+        let l4 = self.ip.header_len;
+        if self.fix_headers(head).is_none() {
             return 0;
         }
         VnetHdr {
@@ -332,7 +332,8 @@ impl Coalesced {
 
     /// Sets the merged packet's IP lengths (and IPv4 header checksum), the UDP length, and
     /// the L4 checksum field to the pseudo-header sum, uncomplemented (`NEEDS_CSUM`).
-    fn fix_headers(&self, head: &mut [u8], l4: usize) -> Option<()> {
+    fn fix_headers(&self, head: &mut [u8]) -> Option<()> {
+        let l4 = self.ip.header_len;
         let ip = head.get_mut(VNET_HDR_LEN..)?.get_mut(..self.hdrs)?;
         let (ip_hdr, l4_hdr) = ip.split_at_mut_checked(l4)?;
         if self.ip.is_v6() {

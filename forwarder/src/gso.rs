@@ -108,8 +108,6 @@ pub struct Segmentation {
     /// The super-packet's IP header, parsed once here and used by the forwarder too.
     ip: IpFacts,
     tcp: bool,
-    /// IP header length (where L4 starts).
-    l4: usize,
     /// IP + L4 header length, copied in front of every segment.
     hdrs: usize,
     /// Payload bytes per segment.
@@ -164,7 +162,7 @@ impl Segmentation {
         if mss == 0 {
             return Err(GsoError::Malformed);
         }
-        Ok(Self { ip: facts, tcp, l4, hdrs: l4.saturating_add(l4_len), mss, payload })
+        Ok(Self { ip: facts, tcp, hdrs: l4.saturating_add(l4_len), mss, payload })
     }
 
     /// The super-packet's IP header, as [`parse`](Self::parse) read it.
@@ -285,9 +283,9 @@ impl Segmentation {
         let src = pkt.get(..prefix.checked_add(self.hdrs)?)?;
         (src.len() == out.len()).then_some(())?;
         out.copy_from_slice(src);
-        let (ip_hdr, l4_hdr) = out.get_mut(prefix..)?.split_at_mut_checked(self.l4)?;
+        let (ip_hdr, l4_hdr) = out.get_mut(prefix..)?.split_at_mut_checked(self.ip.header_len)?;
         let ip_len = self.hdrs.checked_add(chunk.len())?;
-        let l4_len = ip_len.checked_sub(self.l4)?;
+        let l4_len = ip_len.checked_sub(self.ip.header_len)?;
         if self.ip.is_v6() {
             let payload_len = u16::try_from(ip_len.checked_sub(ipv6::HEADER_LEN)?).ok()?;
             Ipv6Packet::new_checked_header(ip_hdr).ok()?.set_payload_len(payload_len);

@@ -87,18 +87,15 @@ impl Peering {
     /// slots per peer; `source_port_matters` the wire format's
     /// [`Encap::SOURCE_PORT_MATTERS`](weft_forwarder::Encap::SOURCE_PORT_MATTERS); `tap` and
     /// `direct` the kernel routes that follow the peers, where the mode has them.
-    ///
-    /// # Errors
-    /// [`RouteError`] if even an empty table cannot be built (it always can).
     pub fn new(
         mtu: u16,
         workers: usize,
         source_port_matters: bool,
         tap: Option<TapRoutes>,
         direct: Option<DirectRoutes>,
-    ) -> Result<Self, RouteError> {
-        let routes = RouteTableHandle::new(build_table(&[], mtu, workers, None, source_port_matters)?);
-        Ok(Self { routes, mtu, workers, source_port_matters, in_force: Vec::new(), tap, direct })
+    ) -> Self {
+        let routes = RouteTableHandle::new(RouteTable::empty(source_port_matters));
+        Self { routes, mtu, workers, source_port_matters, in_force: Vec::new(), tap, direct }
     }
 
     /// The table the workers read (and status reports).
@@ -193,7 +190,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_table_keeps_the_running_one() {
-        let mut p = Peering::new(1472, 1, true, None, None).unwrap();
+        let mut p = Peering::new(1472, 1, true, None, None);
         assert!(names(&p).is_empty() && p.in_force().is_empty());
         p.apply(vec![peer("n2", 2)]).await.unwrap();
         let mut clash = peer("n9", 9);
@@ -209,7 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn more_peers_than_a_table_holds_keep_the_last_good_table() {
-        let mut p = Peering::new(1472, 1, true, None, None).unwrap();
+        let mut p = Peering::new(1472, 1, true, None, None);
         p.apply(vec![peer("n2", 2)]).await.unwrap();
         let many: Vec<Peer> = (0..65_537u32)
             .map(|i| Peer {

@@ -431,7 +431,7 @@ async fn run_with<C: PacketCore + 'static>(
         (Some(p), false) => direct::for_network(&p.network, &nl, underlay.link.index).await,
         _ => None,
     };
-    let peering = control::Peering::new(mtu, cfg.node.workers, wire.source_port_matters, tap, direct)?;
+    let peering = control::Peering::new(mtu, cfg.node.workers, wire.source_port_matters, tap, direct);
     let control = match leased {
         None => start::ControlPlane::start_static(&cfg, peering).await?,
         Some(prepared) => {
